@@ -1,0 +1,142 @@
+//! Tunables of one node's control plane, with the defaults a cluster gets.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Most direct connections one entry can list and still fit one datagram.
+pub const MAX_CONN_LIMIT: usize = 128;
+
+/// Configuration of one [`Router`](crate::Router).
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The node's name as people know it (Kubernetes node name, hostname).
+    pub nickname: String,
+    /// The underlay address other peers reach this node on (UDP 6783).
+    pub address: SocketAddr,
+    /// How often a heartbeat goes to every connected peer.
+    pub heartbeat_interval: Duration,
+    /// A connection with no heartbeat for this long is dead.
+    pub dead_after: Duration,
+    /// First retry delay for an address that does not answer; doubles per
+    /// attempt (with jitter) up to `retry_max`.
+    pub retry_base: Duration,
+    pub retry_max: Duration,
+    /// Most peers this node keeps direct connections to.
+    pub conn_limit: usize,
+    /// How many random peers each push round of news goes to.
+    pub gossip_fanout: usize,
+    /// How often news is pushed while there is news.
+    pub gossip_interval: Duration,
+    /// How many rounds each piece of news is pushed before anti-entropy
+    /// is left to repair whatever the push missed.
+    pub rumor_rounds: u8,
+    /// Least time between two anti-entropy exchanges with the same peer.
+    pub anti_entropy_interval: Duration,
+    /// A peer that is unreachable and that no reachable peer lists as a
+    /// connection is forgotten after this long.
+    pub forget_after: Duration,
+    /// Shared secret: when set, every datagram is encrypted and authenticated.
+    pub secret: Option<Vec<u8>>,
+}
+
+impl Config {
+    pub fn new(nickname: impl Into<String>, address: SocketAddr) -> Config {
+        Config {
+            nickname: nickname.into(),
+            address,
+            heartbeat_interval: Duration::from_secs(1),
+            dead_after: Duration::from_secs(5),
+            retry_base: Duration::from_secs(1),
+            retry_max: Duration::from_secs(30),
+            conn_limit: 100,
+            gossip_fanout: 3,
+            gossip_interval: Duration::from_millis(200),
+            rumor_rounds: 3,
+            anti_entropy_interval: Duration::from_secs(3),
+            forget_after: Duration::from_secs(60),
+            secret: None,
+        }
+    }
+
+    pub fn with_secret(mut self, secret: impl Into<Vec<u8>>) -> Config {
+        self.secret = Some(secret.into());
+        self
+    }
+
+    /// Checks the settings that would otherwise make the node misbehave.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.conn_limit == 0 || self.conn_limit > MAX_CONN_LIMIT {
+            return Err(ConfigError::ConnLimit(self.conn_limit));
+        }
+        if self.heartbeat_interval.is_zero() || self.gossip_interval.is_zero() {
+            return Err(ConfigError::ZeroInterval);
+        }
+        if self.dead_after <= self.heartbeat_interval {
+            return Err(ConfigError::DeadAfter {
+                dead_after: self.dead_after,
+                heartbeat: self.heartbeat_interval,
+            });
+        }
+        if self.retry_base.is_zero() || self.retry_max < self.retry_base {
+            return Err(ConfigError::Retry);
+        }
+        if self.secret.as_ref().is_some_and(|s| s.is_empty()) {
+            return Err(ConfigError::EmptySecret);
+        }
+        Ok(())
+    }
+}
+
+/// A configuration the router refuses, with what to change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("connection limit {0} is out of range: use 1..={MAX_CONN_LIMIT}")]
+    ConnLimit(usize),
+    #[error("heartbeat and gossip intervals must be greater than zero")]
+    ZeroInterval,
+    #[error(
+        "dead-after ({dead_after:?}) must be longer than the heartbeat interval ({heartbeat:?}), \
+         or every connection would be declared dead between two heartbeats"
+    )]
+    DeadAfter {
+        dead_after: Duration,
+        heartbeat: Duration,
+    },
+    #[error("retry delays must be greater than zero, and the maximum at least the base")]
+    Retry,
+    #[error("the shared secret is empty: give a non-empty secret or none at all")]
+    EmptySecret,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config::new("node1", "192.168.1.11:6783".parse().unwrap())
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        assert_eq!(config().validate(), Ok(()));
+    }
+
+    #[test]
+    fn refusals_say_what_to_change() {
+        let mut c = config();
+        c.conn_limit = 0;
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "connection limit 0 is out of range: use 1..=128"
+        );
+        let mut c = config();
+        c.dead_after = c.heartbeat_interval;
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "dead-after (1s) must be longer than the heartbeat interval (1s), \
+             or every connection would be declared dead between two heartbeats"
+        );
+        let c = config().with_secret(Vec::new());
+        assert_eq!(c.validate(), Err(ConfigError::EmptySecret));
+    }
+}

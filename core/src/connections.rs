@@ -1,0 +1,382 @@
+//! Direct connections to other peers, confirmed by heartbeats both ways,
+//! and the addresses this node keeps trying to reach.
+//!
+//! A connection counts only once both ends have heard each other within the
+//! dead interval: a peer's heartbeat carries `heard_you`, so each end learns
+//! that its own heartbeats arrive. A one-way link (a firewall that drops one
+//! direction, a peer whose replies are lost) never becomes a route.
+
+use crate::peer::PeerName;
+use crate::random::Random;
+use crate::time::Time;
+use crate::wire::Heartbeat;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// One peer this node has heard from.
+#[derive(Clone, Debug)]
+pub struct Link {
+    pub address: SocketAddr,
+    pub last_heard: Time,
+    /// The peer's latest heartbeat token, echoed in ours.
+    pub token: u64,
+    /// Last heartbeat in which the peer echoed one of our current tokens.
+    pub confirmed_at: Option<Time>,
+    /// The peer's topology summary from its last heartbeat.
+    pub summary: u64,
+    pub last_anti_entropy: Option<Time>,
+}
+
+impl Link {
+    pub fn is_established(&self, now: Time, dead_after: Duration) -> bool {
+        now.saturating_since(self.last_heard) <= dead_after
+            && self
+                .confirmed_at
+                .is_some_and(|t| now.saturating_since(t) <= dead_after)
+    }
+}
+
+/// An address to keep connecting to: given by the operator (`configured`)
+/// or learnt from gossip.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub configured: bool,
+    pub attempts: u32,
+    pub next_try: Time,
+}
+
+/// What became of a heartbeat from a peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Heard {
+    /// A peer not linked before: answer at once so the handshake completes
+    /// in one round trip.
+    NewLink,
+    /// A known peer that does not know yet that we hear it: answer at once.
+    Unconfirmed,
+    Known,
+    /// At the connection limit: the heartbeat is ignored.
+    Refused,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Connections {
+    links: BTreeMap<PeerName, Link>,
+    targets: BTreeMap<SocketAddr, Target>,
+    /// Addresses that turned out to be this node itself.
+    own_addresses: BTreeSet<SocketAddr>,
+}
+
+/// State of one connection as shown in status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkState {
+    /// Both ends hear each other: the link carries routes.
+    Established,
+    /// We hear the peer, but it has not confirmed hearing us.
+    Pending,
+}
+
+impl Connections {
+    pub fn link(&self, peer: PeerName) -> Option<&Link> {
+        self.links.get(&peer)
+    }
+
+    pub fn link_mut(&mut self, peer: PeerName) -> Option<&mut Link> {
+        self.links.get_mut(&peer)
+    }
+
+    pub fn links(&self) -> impl Iterator<Item = (PeerName, &Link)> + '_ {
+        self.links.iter().map(|(p, l)| (*p, l))
+    }
+
+    pub fn targets(&self) -> impl Iterator<Item = (SocketAddr, &Target)> + '_ {
+        self.targets.iter().map(|(a, t)| (*a, t))
+    }
+
+    pub fn established(&self, now: Time, dead_after: Duration) -> Vec<PeerName> {
+        self.links
+            .iter()
+            .filter(|(_, l)| l.is_established(now, dead_after))
+            .map(|(p, _)| *p)
+            .collect()
+    }
+
+    /// Records a heartbeat from `peer` at `address`.
+    pub fn heard(
+        &mut self,
+        now: Time,
+        peer: PeerName,
+        address: SocketAddr,
+        heartbeat: &Heartbeat,
+        heard_you: bool,
+        conn_limit: usize,
+    ) -> Heard {
+        let (token, summary) = (heartbeat.token, heartbeat.topology_summary);
+        // A wiped node comes back at the same address under a new name: the
+        // old link is gone for good, not merely silent.
+        self.links
+            .retain(|name, link| *name == peer || link.address != address);
+        let at_limit = self.links.len() >= conn_limit;
+        let outcome = match self.links.get_mut(&peer) {
+            Some(link) => {
+                link.address = address;
+                if link.confirmed_at.is_some() || heard_you {
+                    Heard::Known
+                } else {
+                    Heard::Unconfirmed
+                }
+            }
+            None if at_limit => return Heard::Refused,
+            None => {
+                self.links.insert(
+                    peer,
+                    Link {
+                        address,
+                        last_heard: now,
+                        token,
+                        confirmed_at: None,
+                        summary,
+                        last_anti_entropy: None,
+                    },
+                );
+                Heard::NewLink
+            }
+        };
+        if let Some(link) = self.links.get_mut(&peer) {
+            link.last_heard = now;
+            link.token = token;
+            link.summary = summary;
+            if heard_you {
+                link.confirmed_at = Some(now);
+            }
+        }
+        if let Some(target) = self.targets.get_mut(&address) {
+            target.attempts = 0;
+        }
+        outcome
+    }
+
+    /// Drops links silent for longer than `dead_after`; their addresses are
+    /// retried from the first backoff step.
+    pub fn expire(&mut self, now: Time, dead_after: Duration) -> Vec<PeerName> {
+        let dead: Vec<PeerName> = self
+            .links
+            .iter()
+            .filter(|(_, l)| now.saturating_since(l.last_heard) > dead_after)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in &dead {
+            if let Some(link) = self.links.remove(peer)
+                && let Some(target) = self.targets.get_mut(&link.address)
+            {
+                target.attempts = 0;
+                target.next_try = now;
+            }
+        }
+        dead
+    }
+
+    /// This node reached itself at `address`: never try it again.
+    pub fn is_own_address(&mut self, address: SocketAddr) {
+        self.own_addresses.insert(address);
+        self.targets.remove(&address);
+    }
+
+    pub fn add_target(&mut self, now: Time, address: SocketAddr, configured: bool) {
+        if self.own_addresses.contains(&address) {
+            return;
+        }
+        let target = self.targets.entry(address).or_insert(Target {
+            configured,
+            attempts: 0,
+            next_try: now,
+        });
+        target.configured |= configured;
+    }
+
+    pub fn remove_target(&mut self, address: SocketAddr) {
+        self.targets.remove(&address);
+    }
+
+    /// Keeps the gossip-learnt targets equal to `addresses` (configured
+    /// targets stay whatever gossip says).
+    pub fn sync_learnt_targets(&mut self, now: Time, addresses: &BTreeSet<SocketAddr>) {
+        self.targets
+            .retain(|a, t| t.configured || addresses.contains(a));
+        for address in addresses {
+            self.add_target(now, *address, false);
+        }
+    }
+
+    fn is_linked(&self, address: SocketAddr) -> bool {
+        self.links.values().any(|l| l.address == address)
+    }
+
+    /// Addresses to try now: due, not linked, at most as many as free
+    /// connection slots, configured ones first, the rest in random order.
+    pub fn due_targets(&self, now: Time, conn_limit: usize, rng: &mut Random) -> Vec<SocketAddr> {
+        let slots = conn_limit.saturating_sub(self.links.len());
+        if slots == 0 {
+            return Vec::new();
+        }
+        let linked: BTreeSet<SocketAddr> = self.links.values().map(|l| l.address).collect();
+        let due = |configured: bool| -> Vec<SocketAddr> {
+            self.targets
+                .iter()
+                .filter(|(a, t)| {
+                    t.configured == configured && t.next_try <= now && !linked.contains(a)
+                })
+                .map(|(a, _)| *a)
+                .collect()
+        };
+        let mut chosen = rng.pick(&due(true), slots);
+        let rest = slots - chosen.len();
+        chosen.extend(rng.pick(&due(false), rest));
+        chosen
+    }
+
+    /// Schedules the next attempt at `address` with jittered exponential
+    /// backoff: base·2^attempts capped at `max`, then a uniform pick in
+    /// [half, all] of it, so restarted nodes do not retry in lockstep.
+    pub fn attempted(
+        &mut self,
+        now: Time,
+        address: SocketAddr,
+        base: Duration,
+        max: Duration,
+        rng: &mut Random,
+    ) {
+        if let Some(target) = self.targets.get_mut(&address) {
+            let step = base
+                .checked_mul(1u32 << target.attempts.min(16))
+                .unwrap_or(max)
+                .min(max);
+            target.attempts = target.attempts.saturating_add(1);
+            target.next_try = now + rng.duration_between(step / 2, step);
+        }
+    }
+
+    /// Earliest time a target is due (only meaningful while slots are free).
+    pub fn next_attempt(&self, conn_limit: usize) -> Option<Time> {
+        if self.links.len() >= conn_limit {
+            return None;
+        }
+        self.targets
+            .iter()
+            .filter(|(a, _)| !self.is_linked(**a))
+            .map(|(_, t)| t.next_try)
+            .min()
+    }
+
+    pub fn state_of(&self, peer: PeerName, now: Time, dead_after: Duration) -> Option<LinkState> {
+        self.links.get(&peer).map(|l| {
+            if l.is_established(now, dead_after) {
+                LinkState::Established
+            } else {
+                LinkState::Pending
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEAD: Duration = Duration::from_secs(5);
+    const HB: Heartbeat = Heartbeat {
+        token: 0,
+        echo: None,
+        topology_summary: 0,
+    };
+
+    fn addr(i: u8) -> SocketAddr {
+        SocketAddr::from(([192, 168, 1, i], 6783))
+    }
+
+    #[test]
+    fn a_link_is_established_only_when_both_ends_hear() {
+        let mut c = Connections::default();
+        let t0 = Time::ZERO;
+        assert_eq!(
+            c.heard(t0, PeerName(2), addr(2), &HB, false, 100),
+            Heard::NewLink
+        );
+        assert!(c.established(t0, DEAD).is_empty(), "one-way so far");
+        assert_eq!(
+            c.heard(t0, PeerName(2), addr(2), &HB, true, 100),
+            Heard::Known
+        );
+        assert_eq!(c.established(t0, DEAD), vec![PeerName(2)]);
+        // Still heard, but the peer stopped confirming us: not established.
+        let t6 = Time::from_millis(6000);
+        c.heard(t6, PeerName(2), addr(2), &HB, false, 100);
+        assert!(c.established(t6, DEAD).is_empty());
+    }
+
+    #[test]
+    fn silent_links_expire_and_their_address_is_retried() {
+        let mut c = Connections::default();
+        c.add_target(Time::ZERO, addr(2), true);
+        c.heard(Time::ZERO, PeerName(2), addr(2), &HB, true, 100);
+        assert!(c.expire(Time::from_millis(5000), DEAD).is_empty());
+        assert_eq!(c.expire(Time::from_millis(5001), DEAD), vec![PeerName(2)]);
+        let mut rng = Random::from_seed([0; 32]);
+        assert_eq!(
+            c.due_targets(Time::from_millis(5001), 100, &mut rng),
+            vec![addr(2)]
+        );
+    }
+
+    #[test]
+    fn the_connection_limit_refuses_new_peers() {
+        let mut c = Connections::default();
+        assert_eq!(
+            c.heard(Time::ZERO, PeerName(2), addr(2), &HB, false, 1),
+            Heard::NewLink
+        );
+        assert_eq!(
+            c.heard(Time::ZERO, PeerName(3), addr(3), &HB, false, 1),
+            Heard::Refused
+        );
+        let mut rng = Random::from_seed([0; 32]);
+        c.add_target(Time::ZERO, addr(4), true);
+        assert!(
+            c.due_targets(Time::ZERO, 1, &mut rng).is_empty(),
+            "no free slot"
+        );
+    }
+
+    #[test]
+    fn a_new_name_at_a_known_address_replaces_the_old_link() {
+        let mut c = Connections::default();
+        c.heard(Time::ZERO, PeerName(2), addr(2), &HB, true, 100);
+        c.heard(Time::ZERO, PeerName(9), addr(2), &HB, false, 100);
+        assert!(c.link(PeerName(2)).is_none());
+        assert!(c.link(PeerName(9)).is_some());
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_is_capped() {
+        let mut c = Connections::default();
+        let mut rng = Random::from_seed([3; 32]);
+        c.add_target(Time::ZERO, addr(2), true);
+        let (base, max) = (Duration::from_secs(1), Duration::from_secs(30));
+        let mut delays = Vec::new();
+        for _ in 0..10 {
+            c.attempted(Time::ZERO, addr(2), base, max, &mut rng);
+            delays.push(c.targets[&addr(2)].next_try.since_epoch());
+        }
+        for (i, d) in delays.iter().enumerate() {
+            let step = (base * (1 << i.min(16))).min(max);
+            assert!(
+                *d >= step / 2 && *d <= step,
+                "attempt {i}: {d:?} not in [{:?}, {step:?}]",
+                step / 2
+            );
+        }
+        assert!(delays[9] <= max);
+    }
+}

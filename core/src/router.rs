@@ -1,0 +1,729 @@
+//! One node's control plane: the state machine the agent and the simulator
+//! drive. See the crate docs for the calling rule.
+
+use crate::config::{Config, ConfigError};
+use crate::connections::{Connections, Heard};
+use crate::peer::{PeerName, clamp_nickname};
+use crate::random::Random;
+use crate::routes::Routes;
+use crate::seal::{ReplayWindow, SealNonce, Sealer};
+use crate::status::{ConnectionStatus, DropReason, PeerStatus, Status, TargetStatus, Traffic};
+use crate::time::Time;
+use crate::topology::{Merge, PeerEntry, Topology};
+use crate::wire::{self, Digest, Frame, Heartbeat, Message, WireError};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::SocketAddr;
+
+/// What a node must keep across restarts. Restoring it makes the node the
+/// same peer; starting without it makes a new peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersistedState {
+    pub name: PeerName,
+    /// Starts counted so far. Each start's entry versions and seal nonces
+    /// are above every earlier start's, so peers take the new entry at once
+    /// and refuse replays of an older boot's datagrams.
+    pub restarts: u32,
+}
+
+/// A datagram to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    pub destination: SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+/// Something the node's surroundings may act on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A connection is now confirmed both ways.
+    ConnectionUp {
+        peer: PeerName,
+        address: SocketAddr,
+    },
+    /// A confirmed connection was lost.
+    ConnectionDown {
+        peer: PeerName,
+    },
+    PeerDiscovered {
+        peer: PeerName,
+        nickname: String,
+    },
+    PeerForgotten {
+        peer: PeerName,
+    },
+    /// Traffic to `peer` now goes via `next_hop` (itself when direct), or
+    /// nowhere: `None` means unreachable.
+    Route {
+        peer: PeerName,
+        next_hop: Option<PeerName>,
+    },
+}
+
+/// The control plane of one node.
+#[derive(Debug)]
+pub struct Router {
+    config: Config,
+    me: PeerName,
+    restarts: u32,
+    /// Seal epoch: restarts in the high half, random low half, so that even
+    /// a start whose `restarts` was not persisted never reuses a nonce.
+    epoch: u64,
+    send_counter: u64,
+    /// Version of our latest entry; starts at `restarts << 40` so that every
+    /// start outbids the previous one's entries.
+    own_version: u64,
+    /// Our heartbeat tokens of the last dead interval, newest last; a peer
+    /// confirms a connection by echoing one of them.
+    tokens: VecDeque<(u64, Time)>,
+    /// Topology or connections changed since routes were computed.
+    routes_dirty: bool,
+    /// The set of known peers changed since learnt addresses were synced.
+    peers_dirty: bool,
+    topology: Topology,
+    routes: Routes,
+    connections: Connections,
+    /// Entries being pushed, with the rounds each has left.
+    news: BTreeMap<PeerName, u8>,
+    /// Forgotten peers and the version they had, so stale copies are not
+    /// learnt again; kept until the time given.
+    forgotten: BTreeMap<PeerName, (u64, Time)>,
+    unreachable_since: BTreeMap<PeerName, Time>,
+    sealer: Option<Sealer>,
+    replay: BTreeMap<PeerName, ReplayWindow>,
+    rng: Random,
+    next_tick: Time,
+    next_gossip: Option<Time>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+    traffic: Traffic,
+    dropped: BTreeMap<DropReason, u64>,
+}
+
+const VERSION_BITS: u32 = 40;
+
+impl Router {
+    /// A node from its persisted state, or a brand-new peer when `state` is
+    /// `None`. Persist [`Router::state`] before sending its first datagram.
+    pub fn new(
+        config: Config,
+        state: Option<PersistedState>,
+        seed: [u8; 32],
+        now: Time,
+    ) -> Result<Router, ConfigError> {
+        config.validate()?;
+        let mut config = config;
+        config.nickname = clamp_nickname(&config.nickname);
+        let mut rng = Random::from_seed(seed);
+        let (me, restarts) = match state {
+            Some(s) => (s.name, s.restarts.saturating_add(1)),
+            None => (PeerName(rng.next_u64()), 0),
+        };
+        let epoch = (u64::from(restarts) << 32) | (rng.next_u64() >> 32);
+        let own = PeerEntry {
+            version: u64::from(restarts) << VERSION_BITS,
+            name: me,
+            nickname: config.nickname.clone(),
+            address: config.address,
+            connections: Vec::new(),
+        };
+        let sealer = config.secret.as_deref().map(Sealer::new);
+        Ok(Router {
+            me,
+            restarts,
+            epoch,
+            send_counter: 0,
+            own_version: u64::from(restarts) << VERSION_BITS,
+            tokens: VecDeque::new(),
+            routes_dirty: true,
+            peers_dirty: true,
+            topology: Topology::new(own),
+            routes: Routes::compute(me, &BTreeMap::new()),
+            connections: Connections::default(),
+            news: BTreeMap::from([(me, config.rumor_rounds)]),
+            forgotten: BTreeMap::new(),
+            unreachable_since: BTreeMap::new(),
+            sealer,
+            replay: BTreeMap::new(),
+            rng,
+            next_tick: now,
+            next_gossip: None,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            traffic: Traffic::default(),
+            dropped: BTreeMap::new(),
+            config,
+        })
+    }
+
+    pub fn name(&self) -> PeerName {
+        self.me
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The value to persist (and to pass to [`Router::new`] on restart).
+    pub fn state(&self) -> PersistedState {
+        PersistedState {
+            name: self.me,
+            restarts: self.restarts,
+        }
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    pub fn routes(&self) -> &Routes {
+        &self.routes
+    }
+
+    /// Peers with a connection confirmed both ways.
+    pub fn established(&self, now: Time) -> Vec<PeerName> {
+        self.connections.established(now, self.config.dead_after)
+    }
+
+    // ---- inputs -------------------------------------------------------
+
+    /// An operator-given peer address (`--peer`): kept and retried forever.
+    pub fn add_peer_address(&mut self, now: Time, address: SocketAddr) {
+        if address != self.config.address {
+            self.connections.add_target(now, address, true);
+        }
+        self.attempt_due(now);
+    }
+
+    /// Stops trying an operator-given address (learnt ones stay).
+    pub fn remove_peer_address(&mut self, address: SocketAddr) {
+        self.connections.remove_target(address);
+    }
+
+    /// A datagram from the network: untrusted bytes.
+    pub fn handle_datagram(&mut self, now: Time, from: SocketAddr, bytes: &[u8]) {
+        self.traffic.received_datagrams += 1;
+        self.traffic.received_bytes += bytes.len() as u64;
+        match self.open(bytes) {
+            Ok((sender, message)) => self.dispatch(now, from, sender, message),
+            Err(reason) => *self.dropped.entry(reason).or_default() += 1,
+        }
+        self.settle(now);
+    }
+
+    /// Time has passed: run whatever is due.
+    pub fn handle_timeout(&mut self, now: Time) {
+        if now >= self.next_tick {
+            self.tick(now);
+        }
+        if self.next_gossip.is_some_and(|t| now >= t) {
+            self.push_news(now);
+        }
+        self.attempt_due(now);
+        self.settle(now);
+    }
+
+    // ---- outputs ------------------------------------------------------
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When to call [`Router::handle_timeout`] next.
+    pub fn poll_timeout(&self) -> Option<Time> {
+        let mut next = self.next_tick;
+        if let Some(g) = self.next_gossip {
+            next = next.min(g);
+        }
+        if let Some(a) = self.connections.next_attempt(self.config.conn_limit) {
+            next = next.min(a);
+        }
+        Some(next)
+    }
+
+    // ---- receiving ----------------------------------------------------
+
+    /// Authenticates and decodes a datagram, or says why it is dropped.
+    fn open(&mut self, bytes: &[u8]) -> Result<(PeerName, Message), DropReason> {
+        let frame = Frame::parse(bytes).map_err(drop_reason)?;
+        let message = match (&self.sealer, frame.nonce) {
+            (Some(sealer), Some(nonce)) => {
+                let message = frame.open_message(sealer).map_err(drop_reason)?;
+                // Only authentic datagrams touch the replay state, so a
+                // forger cannot advance a sender's window.
+                self.replay
+                    .entry(frame.sender)
+                    .or_default()
+                    .check_and_update(nonce.epoch, nonce.counter)
+                    .map_err(|_| DropReason::Replayed)?;
+                message
+            }
+            (Some(_), None) => return Err(DropReason::Unencrypted),
+            (None, Some(_)) => return Err(DropReason::NoSecret),
+            (None, None) => frame.plain_message().map_err(drop_reason)?,
+        };
+        Ok((frame.sender, message))
+    }
+
+    fn dispatch(&mut self, now: Time, from: SocketAddr, sender: PeerName, message: Message) {
+        if sender == self.me {
+            // We reached ourselves through a configured address.
+            self.connections.is_own_address(from);
+            return;
+        }
+        if let Message::Heartbeat(hb) = message {
+            return self.on_heartbeat(now, from, sender, hb);
+        }
+        if self.connections.link(sender).is_none() {
+            *self.dropped.entry(DropReason::NotConnected).or_default() += 1;
+            return;
+        }
+        match message {
+            Message::Heartbeat(_) => {}
+            Message::Gossip(entries) => entries.into_iter().for_each(|e| self.learn(now, e)),
+            Message::Digest(digest) => self.on_digest(sender, digest),
+            Message::Request(names) => {
+                let entries: Vec<PeerEntry> = names
+                    .iter()
+                    .filter_map(|n| self.topology.get(*n).cloned())
+                    .collect();
+                self.send_entries(sender, &entries);
+            }
+        }
+    }
+
+    fn on_heartbeat(&mut self, now: Time, from: SocketAddr, sender: PeerName, hb: Heartbeat) {
+        let echoes_us = hb
+            .echo
+            .is_some_and(|echo| self.tokens.iter().any(|(t, _)| *t == echo));
+        let heard =
+            self.connections
+                .heard(now, sender, from, &hb, echoes_us, self.config.conn_limit);
+        match heard {
+            Heard::Refused => *self.dropped.entry(DropReason::ConnectionLimit).or_default() += 1,
+            Heard::NewLink | Heard::Unconfirmed => self.send_heartbeat(from, Some(hb.token)),
+            Heard::Known => {}
+        }
+    }
+
+    /// Merges one gossiped entry.
+    fn learn(&mut self, now: Time, entry: PeerEntry) {
+        if entry.name == self.me {
+            // Someone holds an entry of ours at least as new as the one we
+            // announce (we restarted without our state): outbid it.
+            if entry.version >= self.own_version && entry != *self.own_entry() {
+                self.own_version = entry.version;
+                self.announce_self(self.own_entry().connections.clone());
+            }
+            return;
+        }
+        if let Some((version, _)) = self.forgotten.get(&entry.name) {
+            if entry.version <= *version {
+                return;
+            }
+            self.forgotten.remove(&entry.name);
+        }
+        let (name, nickname) = (entry.name, entry.nickname.clone());
+        match self.topology.merge(entry) {
+            Merge::New => {
+                self.events.push_back(Event::PeerDiscovered {
+                    peer: name,
+                    nickname,
+                });
+                self.unreachable_since.insert(name, now);
+                self.news.insert(name, self.config.rumor_rounds);
+                self.routes_dirty = true;
+                self.peers_dirty = true;
+            }
+            Merge::Updated {
+                connections_changed,
+            } => {
+                self.news.insert(name, self.config.rumor_rounds);
+                self.routes_dirty |= connections_changed;
+                self.peers_dirty = true;
+            }
+            Merge::Unchanged => {}
+        }
+    }
+
+    /// Anti-entropy, receiving side: send what the peer lacks, ask for what
+    /// we lack.
+    fn on_digest(&mut self, sender: PeerName, digest: Digest) {
+        let theirs: BTreeMap<PeerName, u64> = digest.versions.iter().copied().collect();
+        let mut give = Vec::new();
+        for (name, version) in self.topology.versions_in(digest.first, digest.last) {
+            if theirs.get(&name).is_none_or(|v| *v < version)
+                && let Some(entry) = self.topology.get(name)
+            {
+                give.push(entry.clone());
+            }
+        }
+        let want: Vec<PeerName> = digest
+            .versions
+            .iter()
+            .filter(|(name, version)| {
+                *name != self.me
+                    && self.topology.version(*name).is_none_or(|v| v < *version)
+                    && self.forgotten.get(name).is_none_or(|(v, _)| v < version)
+            })
+            .map(|(name, _)| *name)
+            .collect();
+        self.send_entries(sender, &give);
+        for chunk in want.chunks(wire::MAX_NAMES) {
+            self.send_to_peer(sender, &Message::Request(chunk.to_vec()));
+        }
+    }
+
+    // ---- timers -------------------------------------------------------
+
+    /// The heartbeat tick: liveness, heartbeats, forgetting, anti-entropy.
+    fn tick(&mut self, now: Time) {
+        let dead_after = self.config.dead_after;
+        // Replay windows outlive the link: an old datagram replayed after a
+        // link died must still be refused.
+        self.connections.expire(now, dead_after);
+        self.tokens
+            .retain(|(_, t)| now.saturating_since(*t) <= dead_after);
+        self.tokens.push_back((self.rng.next_u64(), now));
+        let links: Vec<(SocketAddr, u64)> = self
+            .connections
+            .links()
+            .map(|(_, l)| (l.address, l.token))
+            .collect();
+        for (address, token) in links {
+            self.send_heartbeat(address, Some(token));
+        }
+        self.forget_stale(now);
+        self.start_anti_entropy(now);
+        // ±10% jitter keeps a cluster restarted at once from ticking in step.
+        let interval = self.config.heartbeat_interval;
+        self.next_tick = now
+            + self
+                .rng
+                .duration_between(interval * 9 / 10, interval * 11 / 10);
+    }
+
+    /// Tries due addresses, within the connection limit.
+    fn attempt_due(&mut self, now: Time) {
+        let due = self
+            .connections
+            .due_targets(now, self.config.conn_limit, &mut self.rng);
+        for address in due {
+            self.send_heartbeat(address, None);
+            let (base, max) = (self.config.retry_base, self.config.retry_max);
+            self.connections
+                .attempted(now, address, base, max, &mut self.rng);
+        }
+    }
+
+    /// Starts one digest exchange per tick, with a random connected peer
+    /// whose summary differs and that we have not synced with lately. In
+    /// steady state summaries agree and nothing is sent: the cost does not
+    /// grow with the cluster.
+    fn start_anti_entropy(&mut self, now: Time) {
+        let summary = self.topology.summary();
+        let interval = self.config.anti_entropy_interval;
+        let candidates: Vec<PeerName> = self
+            .connections
+            .links()
+            .filter(|(_, l)| {
+                l.summary != summary
+                    && l.last_anti_entropy
+                        .is_none_or(|t| now.saturating_since(t) >= interval)
+            })
+            .map(|(p, _)| p)
+            .collect();
+        let Some(peer) = self.rng.pick(&candidates, 1).pop() else {
+            return;
+        };
+        if let Some(link) = self.connections.link_mut(peer) {
+            link.last_anti_entropy = Some(now);
+        }
+        let versions: Vec<(PeerName, u64)> = self
+            .topology
+            .versions_in(PeerName(0), PeerName(u64::MAX))
+            .collect();
+        for digest in wire::pack_digests(&versions) {
+            self.send_to_peer(peer, &digest);
+        }
+    }
+
+    /// Pushes news to a few random connected peers.
+    fn push_news(&mut self, now: Time) {
+        self.next_gossip = None;
+        let established = self.connections.established(now, self.config.dead_after);
+        let fanout = self.config.gossip_fanout;
+        let targets = self.rng.pick(&established, fanout);
+        if targets.is_empty() {
+            // Nobody to tell yet: keep the news for when someone connects.
+            return;
+        }
+        let entries: Vec<PeerEntry> = self
+            .news
+            .keys()
+            .filter_map(|n| self.topology.get(*n).cloned())
+            .collect();
+        for peer in targets {
+            self.send_entries(peer, &entries);
+        }
+        self.news.retain(|_, rounds| {
+            *rounds = rounds.saturating_sub(1);
+            *rounds > 0
+        });
+    }
+
+    /// Forgets peers that have been unreachable, and listed by no reachable
+    /// peer, for `forget_after`.
+    fn forget_stale(&mut self, now: Time) {
+        self.forgotten.retain(|_, (_, until)| *until > now);
+        let referenced: BTreeSet<PeerName> = self
+            .topology
+            .entries()
+            .filter(|e| self.routes.is_reachable(e.name))
+            .flat_map(|e| e.connections.iter().copied())
+            .collect();
+        let stale: Vec<PeerName> = self
+            .unreachable_since
+            .iter()
+            .filter(|(n, since)| {
+                !referenced.contains(n) && now.saturating_since(**since) >= self.config.forget_after
+            })
+            .map(|(n, _)| *n)
+            .collect();
+        for name in stale {
+            self.unreachable_since.remove(&name);
+            self.news.remove(&name);
+            self.replay.remove(&name);
+            self.routes_dirty = true;
+            self.peers_dirty = true;
+            if let Some(entry) = self.topology.remove(name) {
+                let keep_until = now + self.config.forget_after * 2;
+                self.forgotten.insert(name, (entry.version, keep_until));
+                self.events.push_back(Event::PeerForgotten { peer: name });
+            }
+        }
+    }
+
+    // ---- after every input --------------------------------------------
+
+    /// Brings derived state up to date: our own entry, routes, learnt
+    /// addresses, the gossip timer.
+    fn settle(&mut self, now: Time) {
+        let before: BTreeSet<PeerName> = self.own_entry().connections.iter().copied().collect();
+        let mut established = self.connections.established(now, self.config.dead_after);
+        established.truncate(crate::config::MAX_CONN_LIMIT);
+        let after: BTreeSet<PeerName> = established.iter().copied().collect();
+        if before != after {
+            for peer in after.difference(&before) {
+                if let Some(link) = self.connections.link(*peer) {
+                    let address = link.address;
+                    self.events.push_back(Event::ConnectionUp {
+                        peer: *peer,
+                        address,
+                    });
+                }
+            }
+            for peer in before.difference(&after) {
+                self.events.push_back(Event::ConnectionDown { peer: *peer });
+            }
+            self.announce_self(established);
+        }
+        if std::mem::take(&mut self.routes_dirty) {
+            self.update_routes(now);
+        }
+        if std::mem::take(&mut self.peers_dirty) {
+            let learnt: BTreeSet<SocketAddr> = self
+                .topology
+                .entries()
+                .filter(|e| e.name != self.me)
+                .map(|e| e.address)
+                .collect();
+            self.connections.sync_learnt_targets(now, &learnt);
+        }
+        if !self.news.is_empty() && self.next_gossip.is_none() {
+            self.next_gossip = Some(now + self.config.gossip_interval);
+        }
+    }
+
+    fn update_routes(&mut self, now: Time) {
+        let routes = Routes::compute(self.me, &self.topology.announced());
+        if routes == self.routes {
+            return;
+        }
+        let names: BTreeSet<PeerName> = self.topology.names().filter(|n| *n != self.me).collect();
+        let previously: BTreeSet<PeerName> = self.routes.iter().map(|(n, _)| n).collect();
+        for name in names.union(&previously) {
+            let (old, new) = (self.routes.next_hop(*name), routes.next_hop(*name));
+            if old != new {
+                self.events.push_back(Event::Route {
+                    peer: *name,
+                    next_hop: new,
+                });
+            }
+        }
+        for name in names {
+            if routes.is_reachable(name) {
+                self.unreachable_since.remove(&name);
+            } else {
+                self.unreachable_since.entry(name).or_insert(now);
+            }
+        }
+        self.routes = routes;
+    }
+
+    fn own_entry(&self) -> &PeerEntry {
+        self.topology
+            .get(self.me)
+            .expect("the topology always holds our own entry")
+    }
+
+    fn announce_self(&mut self, connections: Vec<PeerName>) {
+        self.own_version += 1;
+        let mut entry = self.own_entry().clone();
+        entry.version = self.own_version;
+        entry.connections = connections;
+        entry.connections.sort_unstable();
+        self.topology.merge(entry);
+        self.news.insert(self.me, self.config.rumor_rounds);
+        self.routes_dirty = true;
+    }
+
+    // ---- sending ------------------------------------------------------
+
+    /// A heartbeat to `to`, echoing `echo` (the token we last heard from
+    /// it, or `None` when we have not heard from it).
+    fn send_heartbeat(&mut self, to: SocketAddr, echo: Option<u64>) {
+        if self.tokens.is_empty() {
+            self.tokens.push_back((self.rng.next_u64(), self.next_tick));
+        }
+        let token = self.tokens.back().map_or(0, |(t, _)| *t);
+        let message = Message::Heartbeat(Heartbeat {
+            token,
+            echo,
+            topology_summary: self.topology.summary(),
+        });
+        self.send(to, &message);
+    }
+
+    fn send_entries(&mut self, peer: PeerName, entries: &[PeerEntry]) {
+        for message in wire::pack_gossip(entries) {
+            self.send_to_peer(peer, &message);
+        }
+    }
+
+    fn send_to_peer(&mut self, peer: PeerName, message: &Message) {
+        if let Some(address) = self.connections.link(peer).map(|l| l.address) {
+            self.send(address, message);
+        }
+    }
+
+    fn send(&mut self, destination: SocketAddr, message: &Message) {
+        let encoded = match &self.sealer {
+            Some(sealer) => {
+                self.send_counter += 1;
+                let nonce = SealNonce {
+                    sender: self.me.0,
+                    epoch: self.epoch,
+                    counter: self.send_counter,
+                };
+                message.encode_sealed(sealer, nonce)
+            }
+            None => message.encode_plain(self.me),
+        };
+        // Everything we build is packed to fit; an oversize message would be
+        // a bug in packing, not something a peer can cause.
+        let Ok(payload) = encoded else {
+            debug_assert!(false, "unencodable message {message:?}");
+            return;
+        };
+        self.traffic.sent_datagrams += 1;
+        self.traffic.sent_bytes += payload.len() as u64;
+        self.transmits.push_back(Transmit {
+            destination,
+            payload,
+        });
+    }
+
+    // ---- status -------------------------------------------------------
+
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.dropped.get(&reason).copied().unwrap_or(0)
+    }
+
+    pub fn traffic(&self) -> Traffic {
+        self.traffic
+    }
+
+    pub fn status(&self, now: Time) -> Status {
+        let dead_after = self.config.dead_after;
+        let own = self.own_entry();
+        let peers = self
+            .topology
+            .entries()
+            .map(|e| PeerStatus {
+                name: e.name,
+                nickname: e.nickname.clone(),
+                address: e.address,
+                version: e.version,
+                reachable: self.routes.is_reachable(e.name),
+                next_hop: self.routes.next_hop(e.name),
+                hops: self.routes.hops(e.name),
+                connections: e.connections.len(),
+            })
+            .collect();
+        let connections = self
+            .connections
+            .links()
+            .filter_map(|(peer, link)| {
+                Some(ConnectionStatus {
+                    peer,
+                    nickname: self.topology.get(peer).map(|e| e.nickname.clone()),
+                    address: link.address,
+                    state: self.connections.state_of(peer, now, dead_after)?,
+                    last_heard_ms_ago: now.saturating_since(link.last_heard).as_millis() as u64,
+                })
+            })
+            .collect();
+        let linked: BTreeSet<SocketAddr> =
+            self.connections.links().map(|(_, l)| l.address).collect();
+        let targets = self
+            .connections
+            .targets()
+            .filter(|(a, _)| !linked.contains(a))
+            .map(|(address, t)| TargetStatus {
+                address,
+                configured: t.configured,
+                attempts: t.attempts,
+                next_try_in_ms: t.next_try.saturating_since(now).as_millis() as u64,
+            })
+            .collect();
+        Status {
+            name: self.me,
+            nickname: own.nickname.clone(),
+            address: own.address,
+            version: own.version,
+            encrypted: self.sealer.is_some(),
+            peers,
+            connections,
+            targets,
+            traffic: self.traffic,
+            dropped: self.dropped.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "router_tests.rs"]
+mod tests;
+
+fn drop_reason(e: WireError) -> DropReason {
+    match e {
+        WireError::UnsupportedVersion(_) => DropReason::UnsupportedVersion,
+        WireError::Auth(_) => DropReason::Authentication,
+        _ => DropReason::Malformed,
+    }
+}

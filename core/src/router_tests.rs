@@ -1,0 +1,325 @@
+//! Multi-peer behaviour of the router, driven by the in-crate harness.
+
+use crate::harness::{Net, address};
+use crate::router::Event;
+use crate::status::DropReason;
+use crate::time::Time;
+use crate::wire::{Heartbeat, Message};
+use crate::{Config, PeerName, Router};
+use std::time::Duration;
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+fn plain(_: usize, _: &mut Config) {}
+
+#[test]
+fn three_peers_converge_with_direct_routes() {
+    let mut net = Net::new(3, 1, plain);
+    net.run_for(secs(5));
+    assert!(net.converged(), "topologies differ after 5 s");
+    for i in 0..3 {
+        assert_eq!(net.established(i).len(), 2, "node {i} connections");
+        let r = net.router(i);
+        assert_eq!(r.topology().len(), 3);
+        for j in (0..3).filter(|j| *j != i) {
+            assert_eq!(r.routes().next_hop(net.name(j)), Some(net.name(j)));
+        }
+    }
+}
+
+#[test]
+fn a_cut_link_is_detected_and_routes_go_through_a_relay() {
+    let mut net = Net::new(3, 2, plain);
+    net.run_for(secs(5));
+    let (a, b, c) = (net.name(0), net.name(1), net.name(2));
+    let cut_at = net.now;
+    net.cut(0, 2);
+    net.run_for(secs(10));
+    // Detected within dead_after plus one (jittered) heartbeat interval.
+    let down_at = net
+        .events
+        .iter()
+        .find(|(_, i, e)| *i == 0 && *e == Event::ConnectionDown { peer: c })
+        .map(|(t, _, _)| *t)
+        .expect("node1 saw its link to node3 go down");
+    let bound = cut_at + secs(5) + Duration::from_millis(1100);
+    assert!(down_at <= bound, "detected at {down_at}, bound {bound}");
+    assert_eq!(net.router(0).routes().next_hop(c), Some(b));
+    assert_eq!(net.router(0).routes().hops(c), Some(2));
+    assert_eq!(net.router(2).routes().next_hop(a), Some(b));
+    assert!(
+        net.events.contains(&(
+            down_at,
+            0,
+            Event::Route {
+                peer: c,
+                next_hop: Some(b)
+            }
+        )) || net.events.iter().any(|(_, i, e)| *i == 0
+            && *e
+                == Event::Route {
+                    peer: c,
+                    next_hop: Some(b)
+                })
+    );
+    assert!(net.converged());
+
+    // Healing brings the direct route back.
+    net.heal();
+    net.run_for(secs(35));
+    assert_eq!(net.router(0).routes().next_hop(c), Some(c));
+}
+
+#[test]
+fn a_one_way_link_is_never_a_route() {
+    let mut net = Net::new(3, 3, plain);
+    net.cut_one_way(0, 2);
+    net.run_for(secs(20));
+    let (b, c) = (net.name(1), net.name(2));
+    assert!(!net.established(0).contains(&c));
+    assert!(!net.established(2).contains(&net.name(0)));
+    assert_eq!(net.router(0).routes().next_hop(c), Some(b));
+}
+
+#[test]
+fn a_peer_with_the_wrong_secret_is_never_admitted() {
+    let mut net = Net::new(3, 4, |i, c| {
+        c.secret = Some(if i == 2 {
+            b"wrong".to_vec()
+        } else {
+            b"s3cret".to_vec()
+        });
+    });
+    net.run_for(secs(30));
+    let intruder = net.name(2);
+    for i in 0..2 {
+        assert_eq!(
+            net.established(i).len(),
+            1,
+            "node {i} keeps only its honest peer"
+        );
+        assert!(net.router(i).topology().get(intruder).is_none());
+        assert!(net.router(i).dropped(DropReason::Authentication) > 0);
+    }
+    assert!(net.established(2).is_empty());
+    assert_eq!(net.router(2).topology().len(), 1);
+}
+
+#[test]
+fn plain_and_encrypted_nodes_do_not_mix() {
+    let mut net = Net::new(2, 5, |i, c| {
+        if i == 0 {
+            c.secret = Some(b"s3cret".to_vec());
+        }
+    });
+    net.run_for(secs(10));
+    assert!(net.established(0).is_empty());
+    assert!(net.router(0).dropped(DropReason::Unencrypted) > 0);
+    assert!(net.router(1).dropped(DropReason::NoSecret) > 0);
+}
+
+#[test]
+fn a_replayed_datagram_is_rejected() {
+    let mut net = Net::new(2, 6, |_, c| c.secret = Some(b"s3cret".to_vec()));
+    net.run_for(secs(5));
+    assert_eq!(net.established(0).len(), 1);
+    let (_, from, _, bytes) = net
+        .sent
+        .iter()
+        .rev()
+        .find(|(_, f, to, _)| *f == 0 && *to == address(1))
+        .cloned()
+        .expect("node1 sent to node2");
+    let before = net.router(1).dropped(DropReason::Replayed);
+    net.inject(from, 1, &bytes);
+    assert_eq!(net.router(1).dropped(DropReason::Replayed), before + 1);
+
+    // A heartbeat captured early and replayed after the link died still
+    // cannot bring the link back.
+    let (_, _, _, early) = net
+        .sent
+        .iter()
+        .find(|(_, f, to, p)| *f == 0 && *to == address(1) && p.len() < 100)
+        .cloned()
+        .expect("an early heartbeat");
+    net.cut(0, 1);
+    net.run_for(secs(8));
+    assert!(net.established(1).is_empty());
+    net.inject(0, 1, &early);
+    net.run_for(Duration::from_millis(10));
+    assert!(net.established(1).is_empty());
+}
+
+#[test]
+fn a_spoofed_plain_heartbeat_does_not_make_a_connection() {
+    let mut net = Net::new(1, 7, plain);
+    net.run_for(secs(1));
+    // Someone claiming to be a peer, echoing a guessed token.
+    let forged = Message::Heartbeat(Heartbeat {
+        token: 1,
+        echo: Some(42),
+        topology_summary: 0,
+    })
+    .encode_plain(PeerName(99))
+    .unwrap();
+    net.inject(5, 0, &forged);
+    assert!(
+        net.established(0).is_empty(),
+        "an unechoed heartbeat is not a confirmation"
+    );
+}
+
+#[test]
+fn garbage_is_counted_and_changes_nothing() {
+    let mut net = Net::new(2, 8, plain);
+    net.run_for(secs(5));
+    let before: Vec<_> = net.router(1).topology().entries().cloned().collect();
+    for junk in [
+        &b""[..],
+        b"WEFT",
+        b"WEFT\x01\x00\x00\x00\x00\x00\x00\x00\x00\x01\xff\xff",
+        &[0xff; 1500],
+    ] {
+        net.inject(0, 1, junk);
+    }
+    let after: Vec<_> = net.router(1).topology().entries().cloned().collect();
+    assert_eq!(before, after);
+    assert_eq!(net.router(1).dropped(DropReason::Malformed), 4);
+}
+
+#[test]
+fn a_restored_node_is_the_same_peer_and_a_wiped_node_is_new() {
+    let mut net = Net::new(3, 9, |_, c| c.forget_after = secs(20));
+    net.run_for(secs(5));
+    let old = net.name(2);
+    let old_version = net.router(0).topology().version(old).unwrap();
+    net.restart(2);
+    assert_eq!(net.name(2), old);
+    net.run_for(secs(5));
+    assert!(net.converged());
+    assert!(net.router(0).topology().version(old).unwrap() > old_version);
+    assert_eq!(net.established(0).len(), 2);
+
+    net.wipe(2);
+    let new = net.name(2);
+    assert_ne!(new, old);
+    net.run_for(secs(60));
+    assert!(net.converged());
+    let r = net.router(0);
+    assert!(r.topology().get(new).is_some());
+    assert!(
+        r.topology().get(old).is_none(),
+        "the wiped identity is forgotten"
+    );
+    assert!(
+        net.events.contains(&(
+            net.events
+                .iter()
+                .find(|(_, i, e)| *i == 0 && *e == Event::PeerForgotten { peer: old })
+                .map(|(t, _, _)| *t)
+                .expect("forgotten event"),
+            0,
+            Event::PeerForgotten { peer: old }
+        ))
+    );
+}
+
+#[test]
+fn a_crashed_peer_is_forgotten_after_the_timeout() {
+    let mut net = Net::new(3, 10, |_, c| c.forget_after = secs(30));
+    net.run_for(secs(5));
+    let gone = net.name(2);
+    net.crash(2);
+    net.run_for(secs(20));
+    assert!(
+        net.router(0).topology().get(gone).is_some(),
+        "too early to forget"
+    );
+    assert!(!net.router(0).routes().is_reachable(gone));
+    net.run_for(secs(30));
+    assert!(net.router(0).topology().get(gone).is_none());
+    assert!(net.router(1).topology().get(gone).is_none());
+}
+
+#[test]
+fn the_connection_limit_is_respected() {
+    let mut net = Net::new(8, 11, |_, c| c.conn_limit = 3);
+    net.run_for(secs(30));
+    for (i, r) in net.running() {
+        let links = r.status(net.now).connections.len();
+        assert!(links <= 3, "node {i} has {links} links");
+    }
+}
+
+#[test]
+fn ten_peers_converge_over_a_lossy_network() {
+    let mut net = Net::new(10, 12, plain);
+    net.loss = 0.2;
+    net.run_for(secs(30));
+    assert!(net.converged());
+    for (_, r) in net.running() {
+        assert_eq!(r.routes().len(), 9);
+    }
+}
+
+#[test]
+fn gossip_reaches_peers_that_are_not_directly_configured() {
+    // A line of introductions: each node is told only the next one's address.
+    let peers = (0..6)
+        .map(|i| if i < 5 { vec![i + 1] } else { vec![] })
+        .collect();
+    let mut net = Net::with_peers(6, 13, peers, plain);
+    net.run_for(secs(20));
+    assert!(net.converged());
+    for (_, r) in net.running() {
+        assert_eq!(r.topology().len(), 6);
+        assert_eq!(r.routes().len(), 5);
+        // Learnt addresses are tried too, so the line becomes a mesh.
+        assert_eq!(r.established(net.now).len(), 5);
+    }
+}
+
+#[test]
+fn same_seed_same_bytes() {
+    let run = |seed| {
+        let mut net = Net::new(4, seed, plain);
+        net.loss = 0.1;
+        net.run_for(secs(15));
+        net.sent
+    };
+    assert_eq!(run(14), run(14));
+    assert_ne!(run(14), run(15));
+}
+
+#[test]
+fn steady_state_traffic_per_node_stays_flat_as_the_cluster_grows() {
+    let per_node_per_s = |n: usize| {
+        let mut net = Net::new(n, 16, |_, c| c.conn_limit = 8);
+        net.run_for(secs(60));
+        assert!(net.converged(), "{n} nodes did not converge");
+        let from = net.now;
+        net.run_for(secs(20));
+        let total: u64 = (0..n).map(|i| net.bytes_sent(i, from, net.now)).sum();
+        total as f64 / n as f64 / 20.0
+    };
+    let small = per_node_per_s(16);
+    let large = per_node_per_s(96);
+    assert!(
+        large < small * 1.5,
+        "{small:.0} B/s at 16 nodes, {large:.0} B/s at 96"
+    );
+    assert!(large < 2_000.0, "{large:.0} B/s per node");
+}
+
+#[test]
+fn invalid_config_is_refused_at_construction() {
+    let mut c = Config::new("n", address(0));
+    c.conn_limit = 1000;
+    let err = Router::new(c, None, [0; 32], Time::ZERO).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "connection limit 1000 is out of range: use 1..=128"
+    );
+}

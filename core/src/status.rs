@@ -1,0 +1,87 @@
+//! A serializable view of one node for the agent's status API and the
+//! simulator's reports.
+
+use crate::connections::LinkState;
+use crate::peer::PeerName;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    pub name: PeerName,
+    pub nickname: String,
+    pub address: SocketAddr,
+    pub version: u64,
+    pub encrypted: bool,
+    /// Every known peer, this node included.
+    pub peers: Vec<PeerStatus>,
+    pub connections: Vec<ConnectionStatus>,
+    /// Addresses being tried that no connection uses yet.
+    pub targets: Vec<TargetStatus>,
+    pub traffic: Traffic,
+    /// Datagrams refused, by reason.
+    pub dropped: BTreeMap<DropReason, u64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PeerStatus {
+    pub name: PeerName,
+    pub nickname: String,
+    pub address: SocketAddr,
+    pub version: u64,
+    pub reachable: bool,
+    /// The peer traffic to it goes through first (itself when direct).
+    pub next_hop: Option<PeerName>,
+    pub hops: Option<u32>,
+    /// Peers it says it is connected to.
+    pub connections: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ConnectionStatus {
+    pub peer: PeerName,
+    pub nickname: Option<String>,
+    pub address: SocketAddr,
+    pub state: LinkState,
+    pub last_heard_ms_ago: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TargetStatus {
+    pub address: SocketAddr,
+    pub configured: bool,
+    pub attempts: u32,
+    pub next_try_in_ms: u64,
+}
+
+/// Control-plane traffic since start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Traffic {
+    pub sent_datagrams: u64,
+    pub sent_bytes: u64,
+    pub received_datagrams: u64,
+    pub received_bytes: u64,
+}
+
+/// Why an incoming datagram was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropReason {
+    /// Not a weft datagram, or a corrupt one.
+    Malformed,
+    /// From a weft speaking another wire version.
+    UnsupportedVersion,
+    /// Plain datagram while this node requires encryption.
+    Unencrypted,
+    /// Encrypted datagram while this node has no secret.
+    NoSecret,
+    /// Failed authentication: wrong secret, forged or tampered.
+    Authentication,
+    /// Authentic but seen before (or from an older boot of the sender).
+    Replayed,
+    /// Gossip from a peer that has no connection with this node.
+    NotConnected,
+    /// A new peer's heartbeat while at the connection limit.
+    ConnectionLimit,
+}

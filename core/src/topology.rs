@@ -1,0 +1,305 @@
+//! The cluster as this node knows it: every peer's own entry, merged by
+//! version.
+//!
+//! Each peer is the only author of its entry and bumps the version on every
+//! change. Merging keeps, per peer, the greatest entry under the order
+//! (version, content), so merge is a join: idempotent, commutative and
+//! associative, and nodes converge whatever order gossip arrives in.
+
+use crate::peer::PeerName;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+
+/// What one peer says about itself.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PeerEntry {
+    // Field order matters: the derived Ord compares version first.
+    pub version: u64,
+    pub name: PeerName,
+    pub nickname: String,
+    pub address: SocketAddr,
+    /// Peers this one has a confirmed connection with, ascending, no repeats.
+    pub connections: Vec<PeerName>,
+}
+
+impl PeerEntry {
+    /// Fingerprint of the whole entry: equal entries give equal values on
+    /// every node (no random hasher), so digests can be compared.
+    pub fn fingerprint(&self) -> u64 {
+        let mut h = Fnv::default();
+        h.write_u64(self.version);
+        h.write_u64(self.name.0);
+        h.write(self.nickname.as_bytes());
+        h.write(self.address.to_string().as_bytes());
+        for c in &self.connections {
+            h.write_u64(c.0);
+        }
+        h.finish()
+    }
+}
+
+/// The result of merging one entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Merge {
+    /// A peer not known before.
+    New,
+    /// A newer entry for a known peer; `connections_changed` tells whether
+    /// routes need recomputing.
+    Updated { connections_changed: bool },
+    /// Nothing new: the same or an older entry.
+    Unchanged,
+}
+
+/// All known peers' entries, including this node's own.
+#[derive(Clone, Debug)]
+pub struct Topology {
+    entries: BTreeMap<PeerName, Stored>,
+    /// Order-free sum of the entries' fingerprints: two nodes with the same
+    /// entries have the same summary, so a heartbeat can carry it and
+    /// anti-entropy runs only where summaries differ.
+    summary: u64,
+}
+
+#[derive(Clone, Debug)]
+struct Stored {
+    entry: PeerEntry,
+    mixed: u64,
+}
+
+impl Topology {
+    pub fn new(own: PeerEntry) -> Topology {
+        let mut t = Topology {
+            entries: BTreeMap::new(),
+            summary: 0,
+        };
+        t.merge(own);
+        t
+    }
+
+    /// Merges `entry`, keeping whichever of the two is greater.
+    pub fn merge(&mut self, entry: PeerEntry) -> Merge {
+        let mixed = mix(entry.fingerprint());
+        match self.entries.get_mut(&entry.name) {
+            None => {
+                self.summary = self.summary.wrapping_add(mixed);
+                self.entries.insert(entry.name, Stored { entry, mixed });
+                Merge::New
+            }
+            Some(stored) if entry > stored.entry => {
+                let connections_changed = stored.entry.connections != entry.connections;
+                self.summary = self.summary.wrapping_sub(stored.mixed).wrapping_add(mixed);
+                *stored = Stored { entry, mixed };
+                Merge::Updated {
+                    connections_changed,
+                }
+            }
+            Some(_) => Merge::Unchanged,
+        }
+    }
+
+    /// Drops a peer's entry (a forgotten peer).
+    pub fn remove(&mut self, name: PeerName) -> Option<PeerEntry> {
+        let stored = self.entries.remove(&name)?;
+        self.summary = self.summary.wrapping_sub(stored.mixed);
+        Some(stored.entry)
+    }
+
+    pub fn get(&self, name: PeerName) -> Option<&PeerEntry> {
+        self.entries.get(&name).map(|s| &s.entry)
+    }
+
+    pub fn version(&self, name: PeerName) -> Option<u64> {
+        self.get(name).map(|e| e.version)
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = &PeerEntry> + '_ {
+        self.entries.values().map(|s| &s.entry)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = PeerName> + '_ {
+        self.entries.keys().copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn summary(&self) -> u64 {
+        self.summary
+    }
+
+    /// Every peer's announced connections, the input of route computation.
+    pub fn announced(&self) -> BTreeMap<PeerName, BTreeSet<PeerName>> {
+        self.entries()
+            .map(|e| (e.name, e.connections.iter().copied().collect()))
+            .collect()
+    }
+
+    /// (name, version) of every entry from `first` to `last` inclusive.
+    pub fn versions_in(
+        &self,
+        first: PeerName,
+        last: PeerName,
+    ) -> impl Iterator<Item = (PeerName, u64)> + '_ {
+        self.entries
+            .range(first..=last)
+            .map(|(n, s)| (*n, s.entry.version))
+    }
+}
+
+/// splitmix64's finaliser: spreads fingerprints so that their sum is a good
+/// summary of the set.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// FNV-1a: tiny, fixed and the same everywhere, which is all a fingerprint
+/// of trusted-after-decoding data needs.
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+        // Length-delimit so ("ab","c") and ("a","bc") differ.
+        self.0 ^= bytes.len() as u64;
+        self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.write(&v.to_le_bytes());
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn entry(name: u64, version: u64, conns: &[u64]) -> PeerEntry {
+        PeerEntry {
+            version,
+            name: PeerName(name),
+            nickname: format!("node{name}"),
+            address: SocketAddr::from(([192, 168, 1, name as u8], 6783)),
+            connections: conns.iter().map(|c| PeerName(*c)).collect(),
+        }
+    }
+
+    fn arb_entry() -> impl Strategy<Value = PeerEntry> {
+        (
+            0u64..6,
+            0u64..5,
+            proptest::collection::btree_set(0u64..6, 0..4),
+        )
+            .prop_map(|(name, version, conns)| {
+                let conns: Vec<u64> = conns.into_iter().collect();
+                entry(name, version, &conns)
+            })
+    }
+
+    fn merged(entries: &[PeerEntry]) -> Vec<PeerEntry> {
+        let mut t = Topology::new(entry(100, 1, &[]));
+        for e in entries {
+            t.merge(e.clone());
+        }
+        t.entries().cloned().collect()
+    }
+
+    fn summary_of(entries: &[PeerEntry]) -> u64 {
+        let mut t = Topology::new(entry(100, 1, &[]));
+        for e in entries {
+            t.merge(e.clone());
+        }
+        t.summary()
+    }
+
+    proptest! {
+        #[test]
+        fn merge_is_idempotent(es in proptest::collection::vec(arb_entry(), 0..20)) {
+            let twice: Vec<_> = es.iter().chain(es.iter()).cloned().collect();
+            prop_assert_eq!(merged(&es), merged(&twice));
+        }
+
+        #[test]
+        fn merge_is_commutative(es in proptest::collection::vec(arb_entry(), 0..20), seed in any::<u64>()) {
+            let mut shuffled = es.clone();
+            // A deterministic permutation derived from the seed.
+            let mut s = seed;
+            for i in (1..shuffled.len()).rev() {
+                s = mix(s.wrapping_add(i as u64));
+                shuffled.swap(i, (s % (i as u64 + 1)) as usize);
+            }
+            prop_assert_eq!(merged(&es), merged(&shuffled));
+            prop_assert_eq!(summary_of(&es), summary_of(&shuffled));
+        }
+
+        #[test]
+        fn merge_is_associative(a in proptest::collection::vec(arb_entry(), 0..10),
+                                b in proptest::collection::vec(arb_entry(), 0..10),
+                                c in proptest::collection::vec(arb_entry(), 0..10)) {
+            // (a ∪ b) ∪ c == a ∪ (b ∪ c), merging whole states into each other.
+            let ab: Vec<_> = merged(&[a.clone(), b.clone()].concat());
+            let left = merged(&[ab, c.clone()].concat());
+            let bc: Vec<_> = merged(&[b, c].concat());
+            let right = merged(&[a, bc].concat());
+            prop_assert_eq!(left, right);
+        }
+
+        #[test]
+        fn summary_tracks_content(es in proptest::collection::vec(arb_entry(), 0..20)) {
+            // The incrementally kept summary equals one computed from scratch.
+            let mut t = Topology::new(entry(100, 1, &[]));
+            for e in &es { t.merge(e.clone()); }
+            let fresh = t.entries().fold(0u64, |s, e| s.wrapping_add(mix(e.fingerprint())));
+            prop_assert_eq!(t.summary(), fresh);
+        }
+    }
+
+    #[test]
+    fn newer_version_wins_and_older_is_ignored() {
+        let mut t = Topology::new(entry(100, 1, &[]));
+        assert_eq!(t.merge(entry(1, 2, &[2])), Merge::New);
+        assert_eq!(t.merge(entry(1, 1, &[3])), Merge::Unchanged);
+        assert_eq!(
+            t.merge(entry(1, 3, &[2])),
+            Merge::Updated {
+                connections_changed: false
+            }
+        );
+        assert_eq!(
+            t.merge(entry(1, 4, &[2, 3])),
+            Merge::Updated {
+                connections_changed: true
+            }
+        );
+        assert_eq!(t.version(PeerName(1)), Some(4));
+    }
+
+    #[test]
+    fn removal_restores_the_summary() {
+        let mut t = Topology::new(entry(100, 1, &[]));
+        let before = t.summary();
+        t.merge(entry(1, 2, &[2]));
+        assert_ne!(t.summary(), before);
+        t.remove(PeerName(1));
+        assert_eq!(t.summary(), before);
+    }
+}

@@ -1,0 +1,591 @@
+//! The wire format: every datagram weft sends between agents.
+//!
+//! ```text
+//! plain:  "WEFT" | version u8 | kind 0 | sender u64 BE | body
+//! sealed: "WEFT" | version u8 | kind 1 | sender u64 BE | epoch u64 BE | counter u64 BE | sealed body + tag
+//! ```
+//!
+//! The body is one [`Message`] in postcard (serde) encoding. Decoding takes
+//! untrusted bytes: it never panics, bounds every length and count, refuses
+//! trailing bytes, and says what was wrong with a typed [`WireError`]. A
+//! sealed datagram authenticates its header as associated data, so the
+//! sender name and nonce cannot be altered either.
+
+use crate::config::MAX_CONN_LIMIT;
+use crate::peer::{MAX_NICKNAME, PeerName};
+use crate::seal::{OpenError, SealNonce, Sealer, TAG_LEN};
+use crate::topology::PeerEntry;
+use serde::{Deserialize, Serialize};
+
+pub const MAGIC: [u8; 4] = *b"WEFT";
+/// Bumped on any incompatible change; peers of another version are refused.
+pub const VERSION: u8 = 1;
+/// Largest datagram weft sends or accepts: fits any underlay MTU of 1,500
+/// with room for IP, UDP and overlay headers, so nothing is fragmented.
+pub const MAX_DATAGRAM: usize = 1400;
+
+const KIND_PLAIN: u8 = 0;
+const KIND_SEALED: u8 = 1;
+const PLAIN_HEADER: usize = 4 + 1 + 1 + 8;
+const SEALED_HEADER: usize = PLAIN_HEADER + 8 + 8;
+/// Largest encoded body; the same whether or not the datagram is sealed, so
+/// one packing decision holds for both.
+pub const MAX_BODY: usize = MAX_DATAGRAM - SEALED_HEADER - TAG_LEN;
+
+/// Most entries in one gossip datagram, and most names in a digest or
+/// request (each is bounded by `MAX_BODY` in practice; these bound decoding).
+pub const MAX_ENTRIES: usize = 64;
+pub const MAX_NAMES: usize = 128;
+
+/// One control message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// Connection liveness and handshake; sent to every connected peer each
+    /// heartbeat interval and to addresses being tried.
+    Heartbeat(Heartbeat),
+    /// Peer entries: news being pushed, or answers to a digest or request.
+    Gossip(Vec<PeerEntry>),
+    /// Anti-entropy: the versions the sender holds for names in a range.
+    Digest(Digest),
+    /// "Send me these entries": the receiver answers with `Gossip`.
+    Request(Vec<PeerName>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// A fresh random value; the receiver echoes it back.
+    pub token: u64,
+    /// The last token the sender received from the receiver, if it heard
+    /// from it within the dead interval. A current echo proves our
+    /// heartbeats arrive: the second half of the two-way confirmation, which
+    /// a replayed or spoofed heartbeat cannot supply.
+    pub echo: Option<u64>,
+    /// The sender's topology summary; a difference starts anti-entropy.
+    pub topology_summary: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Digest {
+    /// The name range this digest covers, inclusive: names in it that the
+    /// digest does not list are ones the sender lacks.
+    pub first: PeerName,
+    pub last: PeerName,
+    /// (name, version), ascending by name, all within `first..=last`.
+    pub versions: Vec<(PeerName, u64)>,
+}
+
+/// Why a datagram was not accepted. Each is counted in status.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("datagram of {0} bytes is shorter than a weft header")]
+    TooShort(usize),
+    #[error("datagram of {0} bytes exceeds the {MAX_DATAGRAM}-byte limit")]
+    Oversized(usize),
+    #[error("not a weft datagram (bad magic)")]
+    BadMagic,
+    #[error("wire version {0} is not supported (this node speaks {VERSION})")]
+    UnsupportedVersion(u8),
+    #[error("unknown datagram kind {0}")]
+    UnknownKind(u8),
+    #[error("malformed message body: {0}")]
+    Malformed(postcard::Error),
+    #[error("{0} trailing bytes after the message")]
+    TrailingBytes(usize),
+    #[error("too many {what}: {count} (at most {max})")]
+    TooMany {
+        what: &'static str,
+        count: usize,
+        max: usize,
+    },
+    #[error("invalid message: {0}")]
+    Invalid(&'static str),
+    #[error("message of {0} bytes does not fit one datagram")]
+    BodyTooLarge(usize),
+    #[error(transparent)]
+    Auth(#[from] OpenError),
+}
+
+/// A datagram whose header has been parsed but whose body is still opaque.
+#[derive(Debug)]
+pub struct Frame<'a> {
+    pub sender: PeerName,
+    /// Present when the datagram is sealed.
+    pub nonce: Option<SealNonce>,
+    header: &'a [u8],
+    body: &'a [u8],
+}
+
+impl<'a> Frame<'a> {
+    /// Parses the header of untrusted bytes.
+    pub fn parse(bytes: &'a [u8]) -> Result<Frame<'a>, WireError> {
+        if bytes.len() > MAX_DATAGRAM {
+            return Err(WireError::Oversized(bytes.len()));
+        }
+        if bytes.len() < PLAIN_HEADER {
+            return Err(WireError::TooShort(bytes.len()));
+        }
+        if bytes[..4] != MAGIC {
+            return Err(WireError::BadMagic);
+        }
+        if bytes[4] != VERSION {
+            return Err(WireError::UnsupportedVersion(bytes[4]));
+        }
+        let sender = PeerName(be_u64(&bytes[6..14]));
+        match bytes[5] {
+            KIND_PLAIN => Ok(Frame {
+                sender,
+                nonce: None,
+                header: &bytes[..PLAIN_HEADER],
+                body: &bytes[PLAIN_HEADER..],
+            }),
+            KIND_SEALED if bytes.len() < SEALED_HEADER + TAG_LEN => {
+                Err(WireError::TooShort(bytes.len()))
+            }
+            KIND_SEALED => Ok(Frame {
+                sender,
+                nonce: Some(SealNonce {
+                    sender: sender.0,
+                    epoch: be_u64(&bytes[14..22]),
+                    counter: be_u64(&bytes[22..30]),
+                }),
+                header: &bytes[..SEALED_HEADER],
+                body: &bytes[SEALED_HEADER..],
+            }),
+            other => Err(WireError::UnknownKind(other)),
+        }
+    }
+
+    /// Decodes the body of a plain frame.
+    pub fn plain_message(&self) -> Result<Message, WireError> {
+        Message::decode(self.body)
+    }
+
+    /// Opens and decodes the body of a sealed frame.
+    pub fn open_message(&self, sealer: &Sealer) -> Result<Message, WireError> {
+        let nonce = self
+            .nonce
+            .ok_or(WireError::Invalid("frame is not sealed"))?;
+        let body = sealer.open(self.header, nonce, self.body)?;
+        Message::decode(&body)
+    }
+}
+
+fn be_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}
+
+fn header(sender: PeerName, kind: u8) -> Vec<u8> {
+    let mut out = Vec::with_capacity(MAX_DATAGRAM);
+    out.extend_from_slice(&MAGIC);
+    out.push(VERSION);
+    out.push(kind);
+    out.extend_from_slice(&sender.0.to_be_bytes());
+    out
+}
+
+impl Message {
+    /// Encodes the body, refusing one that would not fit a datagram.
+    pub fn encode_body(&self) -> Result<Vec<u8>, WireError> {
+        let body = postcard::to_allocvec(self).map_err(WireError::Malformed)?;
+        if body.len() > MAX_BODY {
+            return Err(WireError::BodyTooLarge(body.len()));
+        }
+        Ok(body)
+    }
+
+    /// A plain datagram from `sender`.
+    pub fn encode_plain(&self, sender: PeerName) -> Result<Vec<u8>, WireError> {
+        let body = self.encode_body()?;
+        let mut out = header(sender, KIND_PLAIN);
+        out.extend_from_slice(&body);
+        Ok(out)
+    }
+
+    /// A sealed datagram from `nonce.sender`.
+    pub fn encode_sealed(&self, sealer: &Sealer, nonce: SealNonce) -> Result<Vec<u8>, WireError> {
+        let body = self.encode_body()?;
+        let mut out = header(PeerName(nonce.sender), KIND_SEALED);
+        out.extend_from_slice(&nonce.epoch.to_be_bytes());
+        out.extend_from_slice(&nonce.counter.to_be_bytes());
+        let sealed = sealer.seal(&out, nonce, &body);
+        out.extend_from_slice(&sealed);
+        Ok(out)
+    }
+
+    /// Decodes and validates a body of untrusted bytes.
+    pub fn decode(body: &[u8]) -> Result<Message, WireError> {
+        if body.len() > MAX_BODY {
+            return Err(WireError::BodyTooLarge(body.len()));
+        }
+        let (message, rest) =
+            postcard::take_from_bytes::<Message>(body).map_err(WireError::Malformed)?;
+        if !rest.is_empty() {
+            return Err(WireError::TrailingBytes(rest.len()));
+        }
+        message.validate()?;
+        Ok(message)
+    }
+
+    fn validate(&self) -> Result<(), WireError> {
+        match self {
+            Message::Heartbeat(_) => Ok(()),
+            Message::Gossip(entries) => {
+                at_most("entries", entries.len(), MAX_ENTRIES)?;
+                entries.iter().try_for_each(validate_entry)
+            }
+            Message::Digest(d) => {
+                at_most("digest names", d.versions.len(), MAX_NAMES)?;
+                if d.first > d.last {
+                    return Err(WireError::Invalid("digest range is empty"));
+                }
+                let names = d.versions.iter().map(|(n, _)| *n);
+                if !strictly_ascending(names.clone())
+                    || names.clone().any(|n| n < d.first || n > d.last)
+                {
+                    return Err(WireError::Invalid("digest names unordered or out of range"));
+                }
+                Ok(())
+            }
+            Message::Request(names) => at_most("requested names", names.len(), MAX_NAMES),
+        }
+    }
+}
+
+fn validate_entry(e: &PeerEntry) -> Result<(), WireError> {
+    if e.nickname.len() > MAX_NICKNAME {
+        return Err(WireError::Invalid("nickname longer than 63 bytes"));
+    }
+    at_most(
+        "connections in an entry",
+        e.connections.len(),
+        MAX_CONN_LIMIT,
+    )?;
+    if !strictly_ascending(e.connections.iter().copied()) {
+        return Err(WireError::Invalid(
+            "entry connections unordered or repeated",
+        ));
+    }
+    if e.connections.contains(&e.name) {
+        return Err(WireError::Invalid("entry lists a connection to itself"));
+    }
+    Ok(())
+}
+
+fn at_most(what: &'static str, count: usize, max: usize) -> Result<(), WireError> {
+    if count > max {
+        return Err(WireError::TooMany { what, count, max });
+    }
+    Ok(())
+}
+
+fn strictly_ascending(mut names: impl Iterator<Item = PeerName>) -> bool {
+    let Some(mut prev) = names.next() else {
+        return true;
+    };
+    names.all(|n| {
+        let ok = n > prev;
+        prev = n;
+        ok
+    })
+}
+
+/// Splits entries into as few `Gossip` messages as fit one datagram each.
+pub fn pack_gossip<'a>(entries: impl IntoIterator<Item = &'a PeerEntry>) -> Vec<Message> {
+    // Room for the enum tag and the vector's length prefix.
+    const OVERHEAD: usize = 1 + 5;
+    let mut messages = Vec::new();
+    let mut batch: Vec<PeerEntry> = Vec::new();
+    let mut size = OVERHEAD;
+    for entry in entries {
+        // An entry is bounded (nickname, connection count), so it always
+        // fits a datagram on its own; the size is only an estimate if
+        // encoding failed, which it cannot for these plain types.
+        let entry_size = postcard::experimental::serialized_size(entry).unwrap_or(MAX_BODY);
+        if !batch.is_empty() && (size + entry_size > MAX_BODY || batch.len() == MAX_ENTRIES) {
+            messages.push(Message::Gossip(std::mem::take(&mut batch)));
+            size = OVERHEAD;
+        }
+        size += entry_size;
+        batch.push(entry.clone());
+    }
+    if !batch.is_empty() {
+        messages.push(Message::Gossip(batch));
+    }
+    messages
+}
+
+/// Splits (name, version) pairs, ascending by name, into digests that
+/// together cover the whole name space, each fitting one datagram.
+pub fn pack_digests(versions: &[(PeerName, u64)]) -> Vec<Message> {
+    // 64 pairs of 8 name bytes + at most 10 varint bytes stay under MAX_BODY.
+    const PER_DIGEST: usize = 64;
+    let chunks: Vec<&[(PeerName, u64)]> = if versions.is_empty() {
+        vec![&[]]
+    } else {
+        versions.chunks(PER_DIGEST).collect()
+    };
+    let count = chunks.len();
+    chunks
+        .iter()
+        .enumerate()
+        .map(|(i, chunk)| {
+            // Adjacent digests share no names and leave no gaps, so absence
+            // from a digest reliably means "the sender lacks it".
+            let first = if i == 0 { PeerName(0) } else { chunk[0].0 };
+            let last = if i + 1 == count {
+                PeerName(u64::MAX)
+            } else {
+                PeerName(chunks[i + 1][0].0.0 - 1)
+            };
+            Message::Digest(Digest {
+                first,
+                last,
+                versions: chunk.to_vec(),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::net::SocketAddr;
+
+    fn entry(name: u64, conns: &[u64]) -> PeerEntry {
+        PeerEntry {
+            version: 7,
+            name: PeerName(name),
+            nickname: "node1".into(),
+            address: SocketAddr::from(([192, 168, 1, 11], 6783)),
+            connections: conns.iter().map(|c| PeerName(*c)).collect(),
+        }
+    }
+
+    fn examples() -> Vec<(&'static str, Message)> {
+        vec![
+            (
+                "heartbeat",
+                Message::Heartbeat(Heartbeat {
+                    token: 0x1111_2222_3333_4444,
+                    echo: Some(0x5555_6666_7777_8888),
+                    topology_summary: 0x0123_4567_89ab_cdef,
+                }),
+            ),
+            ("gossip", Message::Gossip(vec![entry(1, &[2, 3])])),
+            (
+                "digest",
+                Message::Digest(Digest {
+                    first: PeerName(0),
+                    last: PeerName(u64::MAX),
+                    versions: vec![(PeerName(1), 7), (PeerName(2), 300)],
+                }),
+            ),
+            ("request", Message::Request(vec![PeerName(1), PeerName(2)])),
+        ]
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes
+            .chunks(16)
+            .map(|line| {
+                line.iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The encoding of every message, byte for byte: a wire change shows up
+    /// in review as a snapshot diff.
+    #[test]
+    fn encodings_are_stable() {
+        let mut settings = insta::Settings::clone_current();
+        settings.set_snapshot_path("../../snapshots/wire");
+        settings.set_prepend_module_to_snapshot(false);
+        settings.bind(|| {
+            for (name, message) in examples() {
+                let plain = message
+                    .encode_plain(PeerName(0xfeed_beef_0000_0001))
+                    .unwrap();
+                insta::assert_snapshot!(name, hex(&plain));
+            }
+            let sealer = Sealer::new(b"s3cret");
+            let nonce = SealNonce {
+                sender: 0xfeed_beef_0000_0001,
+                epoch: 1 << 32,
+                counter: 5,
+            };
+            let sealed = examples()[0].1.encode_sealed(&sealer, nonce).unwrap();
+            insta::assert_snapshot!("heartbeat_sealed", hex(&sealed));
+        });
+    }
+
+    #[test]
+    fn every_example_round_trips_plain_and_sealed() {
+        let sealer = Sealer::new(b"s3cret");
+        for (_, message) in examples() {
+            let bytes = message.encode_plain(PeerName(9)).unwrap();
+            let frame = Frame::parse(&bytes).unwrap();
+            assert_eq!(frame.sender, PeerName(9));
+            assert_eq!(frame.plain_message().unwrap(), message);
+
+            let nonce = SealNonce {
+                sender: 9,
+                epoch: 1,
+                counter: 2,
+            };
+            let bytes = message.encode_sealed(&sealer, nonce).unwrap();
+            let frame = Frame::parse(&bytes).unwrap();
+            assert_eq!(frame.nonce, Some(nonce));
+            assert_eq!(frame.open_message(&sealer).unwrap(), message);
+            assert!(matches!(
+                frame.open_message(&Sealer::new(b"other")),
+                Err(WireError::Auth(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn header_errors_are_typed() {
+        let good = examples()[0].1.encode_plain(PeerName(1)).unwrap();
+        assert_eq!(
+            Frame::parse(&good[..3]).unwrap_err(),
+            WireError::TooShort(3)
+        );
+        let mut bad = good.clone();
+        bad[0] = b'X';
+        assert_eq!(Frame::parse(&bad).unwrap_err(), WireError::BadMagic);
+        let mut bad = good.clone();
+        bad[4] = 9;
+        assert_eq!(
+            Frame::parse(&bad).unwrap_err().to_string(),
+            "wire version 9 is not supported (this node speaks 1)"
+        );
+        let mut bad = good.clone();
+        bad[5] = 7;
+        assert_eq!(Frame::parse(&bad).unwrap_err(), WireError::UnknownKind(7));
+        let big = vec![0u8; MAX_DATAGRAM + 1];
+        assert_eq!(Frame::parse(&big).unwrap_err(), WireError::Oversized(1401));
+        let mut trailing = good.clone();
+        trailing.push(0);
+        assert_eq!(
+            Frame::parse(&trailing)
+                .unwrap()
+                .plain_message()
+                .unwrap_err(),
+            WireError::TrailingBytes(1)
+        );
+    }
+
+    #[test]
+    fn invalid_contents_are_refused() {
+        let unordered = Message::Gossip(vec![entry(1, &[3, 2])]);
+        let bytes = unordered.encode_plain(PeerName(1)).unwrap();
+        assert_eq!(
+            Frame::parse(&bytes).unwrap().plain_message().unwrap_err(),
+            WireError::Invalid("entry connections unordered or repeated")
+        );
+        let self_loop = Message::Gossip(vec![entry(1, &[1])]);
+        let bytes = self_loop.encode_plain(PeerName(1)).unwrap();
+        assert!(Frame::parse(&bytes).unwrap().plain_message().is_err());
+        let too_many = Message::Request((0..150).map(PeerName).collect());
+        let bytes = too_many.encode_plain(PeerName(1)).unwrap();
+        assert_eq!(
+            Frame::parse(&bytes)
+                .unwrap()
+                .plain_message()
+                .unwrap_err()
+                .to_string(),
+            "too many requested names: 150 (at most 128)"
+        );
+    }
+
+    #[test]
+    fn a_full_entry_fits_one_datagram() {
+        let conns: Vec<u64> = (0..MAX_CONN_LIMIT as u64)
+            .map(|i| u64::MAX - i)
+            .rev()
+            .collect();
+        let mut e = entry(1, &conns);
+        e.nickname = "n".repeat(MAX_NICKNAME);
+        e.version = u64::MAX;
+        e.address = "[ffff::ffff]:65535".parse().unwrap();
+        let packed = pack_gossip([&e]);
+        assert_eq!(packed.len(), 1);
+        let sealed = packed[0]
+            .encode_sealed(
+                &Sealer::new(b"k"),
+                SealNonce {
+                    sender: u64::MAX,
+                    epoch: u64::MAX,
+                    counter: u64::MAX,
+                },
+            )
+            .unwrap();
+        assert!(sealed.len() <= MAX_DATAGRAM);
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1500)) {
+            if let Ok(frame) = Frame::parse(&bytes) {
+                let _ = frame.plain_message();
+                let _ = frame.open_message(&Sealer::new(b"k"));
+            }
+            let _ = Message::decode(&bytes);
+        }
+
+        #[test]
+        fn valid_header_with_random_body_never_panics(body in proptest::collection::vec(any::<u8>(), 0..1386)) {
+            let mut bytes = header(PeerName(1), KIND_PLAIN);
+            bytes.extend_from_slice(&body);
+            let _ = Frame::parse(&bytes).and_then(|f| f.plain_message());
+        }
+
+        #[test]
+        fn gossip_packs_into_datagrams_and_round_trips(
+            conns in proptest::collection::vec(proptest::collection::btree_set(0u64..u64::MAX, 0..MAX_CONN_LIMIT), 1..40)
+        ) {
+            let entries: Vec<PeerEntry> = conns.iter().enumerate().map(|(i, c)| {
+                let c: Vec<u64> = c.iter().copied().filter(|n| *n != i as u64).collect();
+                entry(i as u64, &c)
+            }).collect();
+            let packed = pack_gossip(&entries);
+            let mut back = Vec::new();
+            for m in &packed {
+                let bytes = m.encode_plain(PeerName(1)).unwrap();
+                prop_assert!(bytes.len() <= MAX_DATAGRAM);
+                match Frame::parse(&bytes).unwrap().plain_message().unwrap() {
+                    Message::Gossip(es) => back.extend(es),
+                    other => prop_assert!(false, "unexpected {:?}", other),
+                }
+            }
+            prop_assert_eq!(back, entries);
+        }
+
+        #[test]
+        fn digests_cover_the_name_space_without_gaps(names in proptest::collection::btree_set(any::<u64>(), 0..500)) {
+            let versions: Vec<(PeerName, u64)> = names.iter().map(|n| (PeerName(*n), u64::MAX)).collect();
+            let digests = pack_digests(&versions);
+            let mut expected_first = 0u64;
+            let mut listed = Vec::new();
+            for (i, m) in digests.iter().enumerate() {
+                let bytes = m.encode_plain(PeerName(1)).unwrap();
+                prop_assert!(bytes.len() <= MAX_DATAGRAM);
+                let Message::Digest(d) = Frame::parse(&bytes).unwrap().plain_message().unwrap() else {
+                    panic!("not a digest");
+                };
+                prop_assert_eq!(d.first.0, expected_first);
+                if i + 1 == digests.len() { prop_assert_eq!(d.last.0, u64::MAX); }
+                expected_first = d.last.0.wrapping_add(1);
+                listed.extend(d.versions);
+            }
+            prop_assert_eq!(listed, versions);
+        }
+    }
+}
