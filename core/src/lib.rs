@@ -55,8 +55,9 @@ pub mod time;
 pub mod topology;
 pub mod wire;
 
-#[cfg(test)]
-mod harness;
+/// A tiny in-memory network for tests and examples (feature `harness`).
+#[cfg(any(test, feature = "harness"))]
+pub mod harness;
 
 pub use config::{Config, ConfigError};
 pub use peer::PeerName;

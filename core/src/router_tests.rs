@@ -49,21 +49,11 @@ fn a_cut_link_is_detected_and_routes_go_through_a_relay() {
     assert_eq!(net.router(0).routes().next_hop(c), Some(b));
     assert_eq!(net.router(0).routes().hops(c), Some(2));
     assert_eq!(net.router(2).routes().next_hop(a), Some(b));
-    assert!(
-        net.events.contains(&(
-            down_at,
-            0,
-            Event::Route {
-                peer: c,
-                next_hop: Some(b)
-            }
-        )) || net.events.iter().any(|(_, i, e)| *i == 0
-            && *e
-                == Event::Route {
-                    peer: c,
-                    next_hop: Some(b)
-                })
-    );
+    let rerouted = Event::Route {
+        peer: c,
+        next_hop: Some(b),
+    };
+    assert!(net.events.iter().any(|(_, i, e)| *i == 0 && *e == rerouted));
     assert!(net.converged());
 
     // Healing brings the direct route back.
@@ -213,16 +203,11 @@ fn a_restored_node_is_the_same_peer_and_a_wiped_node_is_new() {
         r.topology().get(old).is_none(),
         "the wiped identity is forgotten"
     );
+    let forgotten = Event::PeerForgotten { peer: old };
     assert!(
-        net.events.contains(&(
-            net.events
-                .iter()
-                .find(|(_, i, e)| *i == 0 && *e == Event::PeerForgotten { peer: old })
-                .map(|(t, _, _)| *t)
-                .expect("forgotten event"),
-            0,
-            Event::PeerForgotten { peer: old }
-        ))
+        net.events
+            .iter()
+            .any(|(_, i, e)| *i == 0 && *e == forgotten)
     );
 }
 
@@ -306,6 +291,9 @@ fn steady_state_traffic_per_node_stays_flat_as_the_cluster_grows() {
     };
     let small = per_node_per_s(16);
     let large = per_node_per_s(96);
+    eprintln!(
+        "steady-state control traffic: {small:.0} B/s per node at 16 nodes, {large:.0} at 96"
+    );
     assert!(
         large < small * 1.5,
         "{small:.0} B/s at 16 nodes, {large:.0} B/s at 96"
