@@ -31,7 +31,11 @@ impl PeerEntry {
         h.write_u64(self.version);
         h.write_u64(self.name.0);
         h.write(self.nickname.as_bytes());
-        h.write(self.address.to_string().as_bytes());
+        match self.address.ip() {
+            std::net::IpAddr::V4(ip) => h.write(&ip.octets()),
+            std::net::IpAddr::V6(ip) => h.write(&ip.octets()),
+        }
+        h.write(&self.address.port().to_be_bytes());
         for c in &self.connections {
             h.write_u64(c.0);
         }
@@ -79,14 +83,16 @@ impl Topology {
 
     /// Merges `entry`, keeping whichever of the two is greater.
     pub fn merge(&mut self, entry: PeerEntry) -> Merge {
-        let mixed = mix(entry.fingerprint());
         match self.entries.get_mut(&entry.name) {
             None => {
+                let mixed = mix(entry.fingerprint());
                 self.summary = self.summary.wrapping_add(mixed);
                 self.entries.insert(entry.name, Stored { entry, mixed });
                 Merge::New
             }
+            // Most gossip repeats what we have: compare before hashing.
             Some(stored) if entry > stored.entry => {
+                let mixed = mix(entry.fingerprint());
                 let connections_changed = stored.entry.connections != entry.connections;
                 self.summary = self.summary.wrapping_sub(stored.mixed).wrapping_add(mixed);
                 *stored = Stored { entry, mixed };
