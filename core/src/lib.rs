@@ -45,6 +45,8 @@
 
 pub mod config;
 pub mod connections;
+pub mod forward;
+pub mod ipam;
 pub mod peer;
 pub mod random;
 pub mod router;

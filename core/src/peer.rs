@@ -7,7 +7,7 @@ use std::str::FromStr;
 /// A peer's identity: 64 random bits chosen at first start and persisted by
 /// the caller. Weave derived names from the machine-id, so cloned VMs shared
 /// one name; a random name makes every install (and every wipe) a new peer.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PeerName(pub u64);
 
 /// On the wire a name is 8 fixed bytes (random names gain nothing from

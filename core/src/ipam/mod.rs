@@ -1,0 +1,789 @@
+//! IP address management: the ring of address ownership, seeding it by
+//! quorum, allocating addresses to containers, and moving free space
+//! between peers by donation.
+//!
+//! Everything here travels by gossip: each peer announces an [`IpamInfo`]
+//! in its topology entry (its ring, free space, whether it needs space, its
+//! seeding state), and ring changes spread as ring updates. A peer short of
+//! space sets `wants_space`; the peer with the most free space (as each
+//! donor sees it) gives it an empty aligned block of up to half its free
+//! space. No request/response is needed, and retrying is inherent: the want
+//! stays announced until it is met.
+
+pub mod ring;
+pub mod seeding;
+pub mod space;
+
+use crate::peer::PeerName;
+use crate::random::Random;
+use crate::time::Time;
+use ipnet::Ipv4Net;
+use ring::{Block, Label, Ring, RingError, Seed};
+use seeding::{Paxos, Seeding};
+use serde::{Deserialize, Serialize};
+use space::{GATEWAY_ID, MAX_CONTAINER_ID, Space};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+/// How this node gets address space.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IpamMode {
+    /// Share `range` with the other peers through the ring.
+    Ring(IpamInit),
+    /// Own exactly this podCIDR (Kubernetes `node.spec.podCIDR`); `None`
+    /// until it is known.
+    NodeCidr(Option<Ipv4Net>),
+}
+
+/// How the ring is first created (Weave's `--ipalloc-init`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IpamInit {
+    /// Seed once a quorum of this many initial peers agree; `None` counts
+    /// the configured peer addresses plus this node.
+    Consensus(Option<usize>),
+    /// Never take part in seeding; wait for a ring from the others.
+    Observer,
+}
+
+/// What a peer announces about its address space in its topology entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct IpamInfo {
+    /// Seed id of the ring this peer holds.
+    pub ring: Option<u64>,
+    /// Free addresses in its space.
+    pub free: u64,
+    /// It has allocations waiting for space.
+    pub wants_space: bool,
+    /// Its seeding state, while there is no ring (not for observers).
+    pub seeding: Option<Paxos>,
+    /// Its podCIDR, in node-cidr mode.
+    pub pod_cidr: Option<Ipv4Net>,
+}
+
+/// The result of an allocation request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Allocation {
+    Ready(Ipv4Addr),
+    /// Not possible yet; it completes by itself (an
+    /// [`Event::Allocated`](crate::Event::Allocated) follows) or fails.
+    Pending(PendingReason),
+}
+
+/// Why an allocation waits.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, thiserror::Error)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum PendingReason {
+    #[error(
+        "waiting for the IPAM ring to be seeded: {reachable} of the {quorum} peers needed for a quorum are reachable"
+    )]
+    AwaitingQuorum { quorum: usize, reachable: usize },
+    #[error("waiting for the IPAM ring from a peer (this node is an observer and never seeds)")]
+    AwaitingRing,
+    #[error("waiting for this node's podCIDR")]
+    AwaitingPodCidr,
+    #[error("waiting for a peer with free addresses to donate some")]
+    AwaitingDonation,
+    #[error(
+        "every free address is owned by unreachable peers; if they were deleted from the cluster, remove them to reclaim their space"
+    )]
+    OwnersUnreachable,
+}
+
+/// An IPAM request refused, with the message users see.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, thiserror::Error)]
+#[serde(tag = "error", rename_all = "snake_case")]
+pub enum IpamError {
+    #[error("invalid container ID {0:?}: must be 1 to 256 printable ASCII characters without ':'")]
+    InvalidContainerId(String),
+    #[error("address {addr} is outside the allocation range {range}")]
+    OutOfRange { addr: Ipv4Addr, range: Ipv4Net },
+    #[error("address {addr} is owned by peer {owner}, not by this node")]
+    OwnedByOtherPeer { addr: Ipv4Addr, owner: PeerName },
+    #[error("address {addr} is already allocated to {holder}")]
+    InUse { addr: Ipv4Addr, holder: String },
+    #[error("address {addr} is reserved (network, broadcast or gateway address)")]
+    Reserved { addr: Ipv4Addr },
+    #[error("the allocation range {range} is exhausted: every address is in use")]
+    Exhausted { range: Ipv4Net },
+    #[error("cannot remove peer {0}: it is this node")]
+    RemoveSelf(PeerName),
+    #[error(
+        "refusing to reclaim the space of peer {0}: it is reachable, so it may still be using its addresses; remove it only after its node is deleted"
+    )]
+    PeerReachable(PeerName),
+    #[error(
+        "peer removal applies to ring mode only; in node-cidr mode a node's podCIDR goes with its Node object"
+    )]
+    NotRingMode,
+}
+
+/// A change the dataplane or the agent may act on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IpamEvent {
+    Allocated {
+        container: String,
+        address: Ipv4Addr,
+    },
+    AllocationFailed {
+        container: String,
+        error: IpamError,
+    },
+    RingSeeded {
+        seed: u64,
+        first_owner: PeerName,
+    },
+    /// An allocation of ours is now in space the ring gives another peer.
+    Conflict {
+        container: String,
+        address: Ipv4Addr,
+        owner: Option<PeerName>,
+    },
+}
+
+/// How one peer looks to IPAM: its announcement and whether we reach it.
+#[derive(Clone, Copy, Debug)]
+pub struct PeerView<'a> {
+    pub info: &'a IpamInfo,
+    pub reachable: bool,
+}
+
+/// What must survive a restart.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpamState {
+    pub ring: Ring,
+    pub allocations: Space,
+    pub seeding: Paxos,
+}
+
+/// Least time between two donations to the same peer: long enough for the
+/// first to reach it and its updated announcement to come back.
+const DONATION_INTERVAL: Duration = Duration::from_secs(2);
+/// Most ring errors remembered (one per peer), so a flood of misconfigured
+/// peers cannot grow memory without bound.
+const MAX_RING_ERRORS: usize = 64;
+
+#[derive(Clone, Debug)]
+pub struct Ipam {
+    me: PeerName,
+    mode: IpamMode,
+    ring: Ring,
+    seeding: Seeding,
+    space: Space,
+    pending: BTreeSet<String>,
+    pending_claims: BTreeMap<String, Ipv4Addr>,
+    donated: BTreeMap<PeerName, Time>,
+    ring_errors: BTreeMap<PeerName, RingError>,
+    conflicts: BTreeMap<String, Ipv4Addr>,
+    /// Regions of the ring changed since they were last pushed, with the
+    /// push rounds left.
+    ring_news: BTreeMap<Ipv4Net, u8>,
+    tombstone_news: u8,
+    events: VecDeque<IpamEvent>,
+}
+
+impl Ipam {
+    pub fn new(
+        me: PeerName,
+        range: Ipv4Net,
+        mode: IpamMode,
+        expected_peers: usize,
+        state: Option<IpamState>,
+    ) -> Ipam {
+        let (ring, space, paxos) = match state {
+            Some(s) => (s.ring, s.allocations.restored(), s.seeding),
+            None => (Ring::new(range), Space::default(), Paxos::default()),
+        };
+        let mut ipam = Ipam {
+            me,
+            mode,
+            ring,
+            seeding: Seeding::new(me, expected_peers, paxos),
+            space,
+            pending: BTreeSet::new(),
+            pending_claims: BTreeMap::new(),
+            donated: BTreeMap::new(),
+            ring_errors: BTreeMap::new(),
+            conflicts: BTreeMap::new(),
+            ring_news: BTreeMap::new(),
+            tombstone_news: 0,
+            events: VecDeque::new(),
+        };
+        ipam.pending.insert(GATEWAY_ID.to_string());
+        ipam.complete_pending();
+        ipam
+    }
+
+    pub fn state(&self) -> IpamState {
+        IpamState {
+            ring: self.ring.clone(),
+            allocations: self.space.clone(),
+            seeding: self.seeding.state(),
+        }
+    }
+
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    pub fn mode(&self) -> &IpamMode {
+        &self.mode
+    }
+
+    pub fn range(&self) -> Ipv4Net {
+        self.ring.universe()
+    }
+
+    pub fn allocations(&self) -> &Space {
+        &self.space
+    }
+
+    pub fn poll_event(&mut self) -> Option<IpamEvent> {
+        self.events.pop_front()
+    }
+
+    /// The bridge gateway address, once this node has space.
+    pub fn gateway(&self) -> Option<Ipv4Addr> {
+        self.space.get(GATEWAY_ID)
+    }
+
+    pub fn set_pod_cidr(&mut self, cidr: Ipv4Net) {
+        if let IpamMode::NodeCidr(current) = &mut self.mode {
+            *current = Some(cidr.trunc());
+            self.complete_pending();
+        }
+    }
+
+    /// Blocks this node owns.
+    pub fn own_blocks(&self) -> Vec<Ipv4Net> {
+        match &self.mode {
+            IpamMode::Ring(_) => self.ring.blocks_of(self.me),
+            IpamMode::NodeCidr(cidr) => cidr.iter().copied().collect(),
+        }
+    }
+
+    /// Addresses never handed out: the range's (or podCIDR's) network and
+    /// broadcast addresses.
+    fn reserved(&self) -> Vec<Ipv4Addr> {
+        let outer = match &self.mode {
+            IpamMode::Ring(_) => Some(self.ring.universe()),
+            IpamMode::NodeCidr(cidr) => *cidr,
+        };
+        outer
+            .filter(|n| n.prefix_len() < 31)
+            .map(|n| vec![n.network(), n.broadcast()])
+            .unwrap_or_default()
+    }
+
+    pub fn free(&self) -> u64 {
+        self.space.free_in(&self.own_blocks(), &self.reserved())
+    }
+
+    /// What we announce in our topology entry.
+    pub fn info(&self) -> IpamInfo {
+        let seeding_now =
+            matches!(self.mode, IpamMode::Ring(IpamInit::Consensus(_))) && !self.ring.is_seeded();
+        IpamInfo {
+            ring: self.ring.seed().map(|s| s.id),
+            free: self.free(),
+            wants_space: !self.pending.is_empty() && self.ring.is_seeded() && self.free() == 0,
+            seeding: seeding_now.then(|| self.seeding.state()),
+            pod_cidr: match &self.mode {
+                IpamMode::NodeCidr(c) => *c,
+                IpamMode::Ring(_) => None,
+            },
+        }
+    }
+
+    // ---- requests ---------------------------------------------------------
+
+    /// An address for `container`: the same one every time it asks.
+    pub fn allocate(
+        &mut self,
+        container: &str,
+        peers: &BTreeMap<PeerName, PeerView>,
+    ) -> Result<Allocation, IpamError> {
+        validate_container_id(container)?;
+        if let Some(addr) = self.space.get(container) {
+            return Ok(Allocation::Ready(addr));
+        }
+        self.pending.insert(container.to_string());
+        self.complete_pending();
+        match self.space.get(container) {
+            Some(addr) => Ok(Allocation::Ready(addr)),
+            None => {
+                let reason = self.pending_reason(peers);
+                if let Err(error) = self.check_exhausted(peers) {
+                    self.pending.remove(container);
+                    return Err(error);
+                }
+                Ok(Allocation::Pending(reason))
+            }
+        }
+    }
+
+    /// Frees `container`'s address (or its pending request). Releasing an
+    /// unknown container is not an error: release is idempotent.
+    pub fn release(&mut self, container: &str) -> Result<Option<Ipv4Addr>, IpamError> {
+        validate_container_id(container)?;
+        self.pending.remove(container);
+        self.pending_claims.remove(container);
+        self.conflicts.remove(container);
+        Ok(self.space.remove(container))
+    }
+
+    /// Re-registers an address `container` already holds (after a
+    /// restart that lost the allocation record).
+    pub fn claim(&mut self, container: &str, addr: Ipv4Addr) -> Result<Allocation, IpamError> {
+        validate_container_id(container)?;
+        let range = self.outer_range();
+        if !range.is_some_and(|r| r.contains(&addr))
+            && !matches!(self.mode, IpamMode::NodeCidr(None))
+        {
+            return Err(IpamError::OutOfRange {
+                addr,
+                range: range.unwrap_or(self.ring.universe()),
+            });
+        }
+        if self.space.get(container) == Some(addr) {
+            return Ok(Allocation::Ready(addr));
+        }
+        if let Some(holder) = self.space.holder(addr) {
+            return Err(IpamError::InUse {
+                addr,
+                holder: holder.to_string(),
+            });
+        }
+        if self.reserved().contains(&addr) {
+            return Err(IpamError::Reserved { addr });
+        }
+        let own = self.own_blocks();
+        if own.iter().any(|b| b.contains(&addr)) {
+            self.space.insert(container, addr);
+            return Ok(Allocation::Ready(addr));
+        }
+        match (&self.mode, self.ring.owner_of(addr)) {
+            (IpamMode::Ring(_), Some(owner)) => Err(IpamError::OwnedByOtherPeer { addr, owner }),
+            (IpamMode::Ring(init), None) => {
+                self.pending_claims.insert(container.to_string(), addr);
+                Ok(Allocation::Pending(match init {
+                    IpamInit::Observer => PendingReason::AwaitingRing,
+                    IpamInit::Consensus(_) => PendingReason::AwaitingQuorum {
+                        quorum: self.seeding.quorum(),
+                        reachable: 0,
+                    },
+                }))
+            }
+            (IpamMode::NodeCidr(None), _) => {
+                self.pending_claims.insert(container.to_string(), addr);
+                Ok(Allocation::Pending(PendingReason::AwaitingPodCidr))
+            }
+            (IpamMode::NodeCidr(Some(range)), _) => Err(IpamError::OutOfRange {
+                addr,
+                range: *range,
+            }),
+        }
+    }
+
+    /// `peer` was deleted from the cluster for good: its space becomes ours.
+    /// Refused while the peer is reachable. Returns how many addresses we
+    /// took over (0 when it was already removed).
+    pub fn remove_peer(&mut self, peer: PeerName, reachable: bool) -> Result<u64, IpamError> {
+        if !matches!(self.mode, IpamMode::Ring(_)) {
+            return Err(IpamError::NotRingMode);
+        }
+        if peer == self.me {
+            return Err(IpamError::RemoveSelf(peer));
+        }
+        if reachable {
+            return Err(IpamError::PeerReachable(peer));
+        }
+        if self.ring.is_removed(peer) {
+            return Ok(0);
+        }
+        let taken: u64 = self
+            .ring
+            .blocks_of(peer)
+            .iter()
+            .map(|b| 1u64 << (32 - b.prefix_len()))
+            .sum();
+        self.ring.merge_tombstone(peer, self.me);
+        self.tombstone_news = u8::MAX;
+        self.complete_pending();
+        Ok(taken)
+    }
+
+    // ---- gossip -----------------------------------------------------------
+
+    /// Merges part of a peer's ring. An incompatible ring is refused and
+    /// remembered as an error for status.
+    pub fn merge_ring(&mut self, from: PeerName, update: &RingUpdate) -> Result<bool, RingError> {
+        if !matches!(self.mode, IpamMode::Ring(_)) {
+            return Ok(false);
+        }
+        let adopted = match self.ring.check_compatible(update.universe, update.seed) {
+            Ok(adopted) => adopted,
+            Err(e) => {
+                if self.ring_errors.len() < MAX_RING_ERRORS || self.ring_errors.contains_key(&from)
+                {
+                    self.ring_errors.insert(from, e.clone());
+                }
+                return Err(e);
+            }
+        };
+        self.ring_errors.remove(&from);
+        let mut changed = adopted;
+        for (removed, heir) in &update.tombstones {
+            if self.ring.merge_tombstone(*removed, *heir) {
+                changed = true;
+                self.tombstone_news = u8::MAX;
+            }
+        }
+        for block in &update.blocks {
+            if self.ring.merge_block(*block) {
+                changed = true;
+                self.ring_news.insert(block.prefix.trunc(), u8::MAX);
+            }
+        }
+        if changed {
+            self.after_ring_change();
+        }
+        Ok(changed)
+    }
+
+    /// Ring updates to push this round: the regions that changed, plus the
+    /// tombstones if they did. `rounds` is how many rounds news is pushed.
+    pub fn take_ring_news(&mut self, rounds: u8) -> Option<RingUpdate> {
+        if self.ring_news.is_empty() && self.tombstone_news == 0 {
+            return None;
+        }
+        let mut blocks = Vec::new();
+        for (region, left) in self.ring_news.iter_mut() {
+            *left = (*left).min(rounds).saturating_sub(1);
+            blocks.extend(
+                self.ring
+                    .blocks()
+                    .filter(|b| region.contains(&b.prefix) || b.prefix.contains(region)),
+            );
+        }
+        self.ring_news.retain(|_, left| *left > 0);
+        blocks.sort_by_key(|b| b.prefix);
+        blocks.dedup();
+        let tombstones = if self.tombstone_news > 0 {
+            self.tombstone_news = self.tombstone_news.min(rounds).saturating_sub(1);
+            self.ring.tombstones().collect()
+        } else {
+            Vec::new()
+        };
+        Some(RingUpdate {
+            universe: self.ring.universe(),
+            seed: self.ring.seed(),
+            blocks,
+            tombstones,
+        })
+    }
+
+    pub fn full_ring(&self) -> RingUpdate {
+        RingUpdate {
+            universe: self.ring.universe(),
+            seed: self.ring.seed(),
+            blocks: self.ring.blocks().collect(),
+            tombstones: self.ring.tombstones().collect(),
+        }
+    }
+
+    pub fn ring_errors(&self) -> impl Iterator<Item = (PeerName, &RingError)> + '_ {
+        self.ring_errors.iter().map(|(p, e)| (*p, e))
+    }
+
+    // ---- the periodic step ------------------------------------------------
+
+    /// Seeds, donates and completes pending allocations as the peers'
+    /// announcements allow. Returns whether our announcement may have changed.
+    pub fn step(
+        &mut self,
+        now: Time,
+        peers: &BTreeMap<PeerName, PeerView>,
+        targets: usize,
+        rng: &mut Random,
+    ) {
+        if let IpamMode::Ring(init) = self.mode
+            && !self.ring.is_seeded()
+        {
+            self.seed(now, init, peers, targets, rng);
+        }
+        self.donate(now, peers);
+        self.complete_pending();
+        if let Err(error) = self.check_exhausted(peers) {
+            for container in std::mem::take(&mut self.pending) {
+                self.events.push_back(IpamEvent::AllocationFailed {
+                    container,
+                    error: error.clone(),
+                });
+            }
+        }
+    }
+
+    fn seed(
+        &mut self,
+        now: Time,
+        init: IpamInit,
+        peers: &BTreeMap<PeerName, PeerView>,
+        targets: usize,
+        rng: &mut Random,
+    ) {
+        let IpamInit::Consensus(expected) = init else {
+            return;
+        };
+        if peers.values().any(|p| p.info.ring.is_some()) {
+            return; // a ring exists already: it will reach us by gossip
+        }
+        let expected = expected.unwrap_or(targets + 1);
+        if self.seeding.quorum() != seeding::quorum(expected) {
+            self.seeding = Seeding::new(self.me, expected, self.seeding.state());
+        }
+        let states: BTreeMap<PeerName, Paxos> = peers
+            .iter()
+            .filter(|(_, p)| p.reachable)
+            .filter_map(|(n, p)| Some((*n, p.info.seeding?)))
+            .collect();
+        self.seeding
+            .step(now, &states, !self.pending.is_empty(), rng);
+        let mut all = states;
+        all.insert(self.me, self.seeding.state());
+        if let Some(decision) = self.seeding.decided(&all) {
+            let seed = Seed {
+                id: seed_id(
+                    decision.ballot.round,
+                    decision.ballot.proposer,
+                    decision.first_owner,
+                ),
+                first_owner: decision.first_owner,
+            };
+            self.ring = Ring::seeded(self.ring.universe(), seed);
+            self.ring_news.insert(self.ring.universe(), u8::MAX);
+            self.events.push_back(IpamEvent::RingSeeded {
+                seed: seed.id,
+                first_owner: seed.first_owner,
+            });
+            self.after_ring_change();
+        }
+    }
+
+    /// Gives space to one needy peer this step, if we are the one it
+    /// should come from: the reachable peer with the most free space.
+    fn donate(&mut self, now: Time, peers: &BTreeMap<PeerName, PeerView>) {
+        let Some(ring_id) = self.ring.seed().map(|s| s.id) else {
+            return;
+        };
+        let free = self.free();
+        if free < 2 {
+            return;
+        }
+        let same_ring = |p: &PeerView| p.reachable && p.info.ring == Some(ring_id);
+        let needy: Vec<PeerName> = peers
+            .iter()
+            .filter(|(n, p)| **n != self.me && same_ring(p) && p.info.wants_space)
+            .filter(|(n, _)| {
+                self.donated
+                    .get(n)
+                    .is_none_or(|t| now.saturating_since(*t) >= DONATION_INTERVAL)
+            })
+            .map(|(n, _)| *n)
+            .collect();
+        for recipient in needy {
+            let richest = peers
+                .iter()
+                .filter(|(n, p)| **n != recipient && **n != self.me && same_ring(p))
+                .map(|(n, p)| (p.info.free, *n))
+                .chain([(free, self.me)])
+                .max();
+            if richest.map(|(_, n)| n) != Some(self.me) {
+                continue;
+            }
+            let reserved = self.reserved();
+            let Some(block) =
+                self.space
+                    .largest_empty_block(&self.own_blocks(), &reserved, free / 2)
+            else {
+                return;
+            };
+            let label = Label {
+                version: self.ring.max_version_in(block) + 1,
+                owner: recipient,
+            };
+            self.ring.merge_block(Block {
+                prefix: block,
+                label,
+            });
+            self.ring_news.insert(block, u8::MAX);
+            self.donated.insert(recipient, now);
+            self.after_ring_change();
+            return;
+        }
+    }
+
+    fn complete_pending(&mut self) {
+        for (container, addr) in std::mem::take(&mut self.pending_claims) {
+            match self.claim(&container, addr) {
+                Ok(Allocation::Ready(address)) => self
+                    .events
+                    .push_back(IpamEvent::Allocated { container, address }),
+                Ok(Allocation::Pending(_)) => {}
+                Err(error) => self
+                    .events
+                    .push_back(IpamEvent::AllocationFailed { container, error }),
+            }
+        }
+        if self.pending.is_empty() {
+            return;
+        }
+        let own = self.own_blocks();
+        let reserved = self.reserved();
+        for container in self.pending.clone() {
+            let Some(address) = self.space.first_free(&own, &reserved) else {
+                break;
+            };
+            self.space.insert(&container, address);
+            self.pending.remove(&container);
+            if container != GATEWAY_ID {
+                self.events
+                    .push_back(IpamEvent::Allocated { container, address });
+            }
+        }
+    }
+
+    /// After the ring changed: our allocations outside our space are
+    /// conflicts, reported (never silently dropped).
+    fn after_ring_change(&mut self) {
+        let own = self.own_blocks();
+        let outside: Vec<(String, Ipv4Addr)> = self
+            .space
+            .iter()
+            .filter(|(_, a)| !own.iter().any(|b| b.contains(a)))
+            .map(|(c, a)| (c.to_string(), a))
+            .collect();
+        for (container, address) in outside {
+            if self.conflicts.insert(container.clone(), address).is_none() {
+                let owner = self.ring.owner_of(address);
+                self.events.push_back(IpamEvent::Conflict {
+                    container,
+                    address,
+                    owner,
+                });
+            }
+        }
+        self.complete_pending();
+    }
+
+    fn outer_range(&self) -> Option<Ipv4Net> {
+        match &self.mode {
+            IpamMode::Ring(_) => Some(self.ring.universe()),
+            IpamMode::NodeCidr(c) => *c,
+        }
+    }
+
+    /// Why allocations wait right now.
+    pub fn pending_reason(&self, peers: &BTreeMap<PeerName, PeerView>) -> PendingReason {
+        match &self.mode {
+            IpamMode::NodeCidr(None) => PendingReason::AwaitingPodCidr,
+            IpamMode::NodeCidr(Some(_)) => PendingReason::AwaitingDonation,
+            IpamMode::Ring(IpamInit::Observer) if !self.ring.is_seeded() => {
+                PendingReason::AwaitingRing
+            }
+            IpamMode::Ring(_) if !self.ring.is_seeded() => PendingReason::AwaitingQuorum {
+                quorum: self.seeding.quorum(),
+                reachable: 1 + peers
+                    .values()
+                    .filter(|p| p.reachable && p.info.seeding.is_some())
+                    .count(),
+            },
+            IpamMode::Ring(_) => {
+                let reachable_free = peers.values().any(|p| p.reachable && p.info.free > 0);
+                if reachable_free || self.unreachable_space(peers) == 0 {
+                    PendingReason::AwaitingDonation
+                } else {
+                    PendingReason::OwnersUnreachable
+                }
+            }
+        }
+    }
+
+    fn unreachable_space(&self, peers: &BTreeMap<PeerName, PeerView>) -> u64 {
+        peers
+            .values()
+            .filter(|p| !p.reachable)
+            .map(|p| p.info.free)
+            .sum()
+    }
+
+    /// The range is truly exhausted when we and every peer that owns part
+    /// of the ring announce no free address at all.
+    fn check_exhausted(&self, peers: &BTreeMap<PeerName, PeerView>) -> Result<(), IpamError> {
+        let IpamMode::Ring(_) = self.mode else {
+            return Ok(());
+        };
+        if self.pending.is_empty() || !self.ring.is_seeded() || self.free() > 0 {
+            return Ok(());
+        }
+        let owners: BTreeSet<PeerName> = self
+            .ring
+            .blocks()
+            .map(|b| self.ring.resolve(b.label.owner))
+            .collect();
+        let all_full = owners.iter().filter(|o| **o != self.me).all(|o| {
+            peers
+                .get(o)
+                .is_some_and(|p| p.info.free == 0 && p.info.ring == self.info().ring)
+        });
+        if all_full {
+            return Err(IpamError::Exhausted {
+                range: self.ring.universe(),
+            });
+        }
+        Ok(())
+    }
+
+    // ---- status -----------------------------------------------------------
+
+    pub fn pending(&self) -> impl Iterator<Item = &str> + '_ {
+        self.pending
+            .iter()
+            .map(String::as_str)
+            .chain(self.pending_claims.keys().map(String::as_str))
+    }
+
+    pub fn conflicts(&self) -> impl Iterator<Item = (&str, Ipv4Addr)> + '_ {
+        self.conflicts.iter().map(|(c, a)| (c.as_str(), *a))
+    }
+}
+
+/// A part of a ring, as gossip carries it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingUpdate {
+    pub universe: Ipv4Net,
+    pub seed: Option<Seed>,
+    pub blocks: Vec<Block>,
+    pub tombstones: Vec<(PeerName, PeerName)>,
+}
+
+fn validate_container_id(id: &str) -> Result<(), IpamError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_CONTAINER_ID
+        && id.bytes().all(|b| b.is_ascii_graphic() && b != b':');
+    if ok || id == GATEWAY_ID {
+        Ok(())
+    } else {
+        Err(IpamError::InvalidContainerId(id.chars().take(64).collect()))
+    }
+}
+
+/// The ring id every learner derives from the same decision.
+fn seed_id(round: u64, proposer: PeerName, first_owner: PeerName) -> u64 {
+    let mut h = 0x6a09_e667_f3bc_c908u64;
+    for v in [round, proposer.0, first_owner.0] {
+        h ^= v;
+        h = h.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29);
+    }
+    h
+}
