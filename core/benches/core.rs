@@ -42,6 +42,7 @@ fn cluster() -> Vec<PeerEntry> {
             nickname: format!("node{p}"),
             address: SocketAddr::from(([10, 0, (p >> 8) as u8, p as u8], 6783)),
             connections: c.into_iter().take(128).map(PeerName).collect(),
+            ipam: Default::default(),
         })
         .collect()
 }

@@ -1,5 +1,7 @@
 //! Tunables of one node's control plane, with the defaults a cluster gets.
 
+use crate::ipam::{IpamInit, IpamMode};
+use ipnet::Ipv4Net;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -37,7 +39,14 @@ pub struct Config {
     pub forget_after: Duration,
     /// Shared secret: when set, every datagram is encrypted and authenticated.
     pub secret: Option<Vec<u8>>,
+    /// The range pod addresses come from (`--ipalloc-range`).
+    pub ipalloc_range: Ipv4Net,
+    /// Ring (with its seeding mode) or node-cidr.
+    pub ipam: IpamMode,
 }
+
+/// Weave's default, kept so that users moving over find what they expect.
+pub const DEFAULT_IPALLOC_RANGE: &str = "10.32.0.0/12";
 
 impl Config {
     pub fn new(nickname: impl Into<String>, address: SocketAddr) -> Config {
@@ -55,6 +64,8 @@ impl Config {
             anti_entropy_interval: Duration::from_secs(3),
             forget_after: Duration::from_secs(60),
             secret: None,
+            ipalloc_range: DEFAULT_IPALLOC_RANGE.parse().expect("valid default range"),
+            ipam: IpamMode::Ring(IpamInit::Consensus(None)),
         }
     }
 
@@ -83,6 +94,12 @@ impl Config {
         if self.secret.as_ref().is_some_and(|s| s.is_empty()) {
             return Err(ConfigError::EmptySecret);
         }
+        if self.ipalloc_range.prefix_len() > 30 {
+            return Err(ConfigError::RangeTooSmall(self.ipalloc_range));
+        }
+        if self.ipam == IpamMode::Ring(IpamInit::Consensus(Some(0))) {
+            return Err(ConfigError::ZeroConsensus);
+        }
         Ok(())
     }
 }
@@ -106,6 +123,17 @@ pub enum ConfigError {
     Retry,
     #[error("the shared secret is empty: give a non-empty secret or none at all")]
     EmptySecret,
+    #[error("allocation range {0} is too small: use a /30 or larger")]
+    RangeTooSmall(Ipv4Net),
+    #[error(
+        "consensus=0 can never seed the ring: give the number of initial peers, or use observer"
+    )]
+    ZeroConsensus,
+    #[error(
+        "the saved state is for allocation range {saved}, but {configured} is configured: \
+         use --ipalloc-range {saved}, or remove the data directory to start this node afresh with the new range"
+    )]
+    RangeChanged { saved: Ipv4Net, configured: Ipv4Net },
 }
 
 #[cfg(test)]

@@ -24,8 +24,9 @@ pub struct Link {
     pub token: u64,
     /// Last heartbeat in which the peer echoed one of our current tokens.
     pub confirmed_at: Option<Time>,
-    /// The peer's topology summary from its last heartbeat.
+    /// The peer's topology and ring summaries from its last heartbeat.
     pub summary: u64,
+    pub ring_summary: u64,
     pub last_anti_entropy: Option<Time>,
 }
 
@@ -138,6 +139,7 @@ impl Connections {
                         token,
                         confirmed_at: None,
                         summary,
+                        ring_summary: heartbeat.ring_summary,
                         last_anti_entropy: None,
                     },
                 );
@@ -148,6 +150,7 @@ impl Connections {
             link.last_heard = now;
             link.token = token;
             link.summary = summary;
+            link.ring_summary = heartbeat.ring_summary;
             if heard_you {
                 link.confirmed_at = Some(now);
             }
@@ -210,10 +213,6 @@ impl Connections {
         }
     }
 
-    fn is_linked(&self, address: SocketAddr) -> bool {
-        self.links.values().any(|l| l.address == address)
-    }
-
     /// Addresses to try now: due, not linked, at most as many as free
     /// connection slots, configured ones first, the rest in random order.
     pub fn due_targets(&self, now: Time, conn_limit: usize, rng: &mut Random) -> Vec<SocketAddr> {
@@ -263,9 +262,10 @@ impl Connections {
         if self.links.len() >= conn_limit {
             return None;
         }
+        let linked: BTreeSet<SocketAddr> = self.links.values().map(|l| l.address).collect();
         self.targets
             .iter()
-            .filter(|(a, _)| !self.is_linked(**a))
+            .filter(|(a, _)| !linked.contains(*a))
             .map(|(_, t)| t.next_try)
             .min()
     }
@@ -290,6 +290,7 @@ mod tests {
         token: 0,
         echo: None,
         topology_summary: 0,
+        ring_summary: 0,
     };
 
     fn addr(i: u8) -> SocketAddr {

@@ -88,17 +88,26 @@ impl Net {
         let mut seed = [0u8; 32];
         seed[..8].copy_from_slice(&self.seed.to_le_bytes());
         seed[8..16].copy_from_slice(&self.boots.to_le_bytes());
-        let router = Router::new(self.configs[i].clone(), self.saved[i], seed, self.now)
-            .expect("valid test config");
-        self.saved[i] = Some(router.state());
+        let router = Router::new(
+            self.configs[i].clone(),
+            self.saved[i].take(),
+            seed,
+            self.now,
+        )
+        .expect("valid test config");
         self.nodes[i] = Some(router);
         for j in self.peers[i].clone() {
             self.with(i, |r, now| r.add_peer_address(now, address(j)));
         }
     }
 
+    /// The process dies; what it persisted survives. (The agent persists
+    /// after every change, before acknowledging it, so the last state is
+    /// what a crash leaves.)
     pub fn crash(&mut self, i: usize) {
-        self.nodes[i] = None;
+        if let Some(router) = self.nodes[i].take() {
+            self.saved[i] = Some(router.state());
+        }
     }
 
     pub fn restart(&mut self, i: usize) {

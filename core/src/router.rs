@@ -3,27 +3,38 @@
 
 use crate::config::{Config, ConfigError};
 use crate::connections::{Connections, Heard};
+use crate::forward::{Forward, ForwardingTable};
+use crate::ipam::{
+    Allocation, Ipam, IpamError, IpamEvent, IpamMode, IpamState, PeerView, RingUpdate,
+};
 use crate::peer::{PeerName, clamp_nickname};
 use crate::random::Random;
 use crate::routes::Routes;
 use crate::seal::{ReplayWindow, SealNonce, Sealer};
-use crate::status::{ConnectionStatus, DropReason, PeerStatus, Status, TargetStatus, Traffic};
+use crate::status::{
+    ConnectionStatus, DropReason, IpamPeerStatus, IpamStatus, PeerStatus, PendingStatus, Status,
+    TargetStatus, Traffic,
+};
 use crate::time::Time;
 use crate::topology::{Merge, PeerEntry, Topology};
 use crate::wire::{self, Digest, Frame, Heartbeat, Message, WireError};
+use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 
 /// What a node must keep across restarts. Restoring it makes the node the
 /// same peer; starting without it makes a new peer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PersistedState {
     pub name: PeerName,
     /// Starts counted so far. Each start's entry versions and seal nonces
     /// are above every earlier start's, so peers take the new entry at once
     /// and refuse replays of an older boot's datagrams.
     pub restarts: u32,
+    /// The ring, this node's allocations and its seeding promises.
+    #[serde(default)]
+    pub ipam: Option<IpamState>,
 }
 
 /// A datagram to send.
@@ -58,6 +69,14 @@ pub enum Event {
         peer: PeerName,
         next_hop: Option<PeerName>,
     },
+    /// Pod addresses in `prefix` are now forwarded so; `None`: withdrawn.
+    Prefix {
+        prefix: Ipv4Net,
+        forward: Option<Forward>,
+    },
+    /// An IPAM change: allocations completing or failing, the ring seeded,
+    /// conflicts.
+    Ipam(IpamEvent),
 }
 
 /// The control plane of one node.
@@ -91,6 +110,15 @@ pub struct Router {
     unreachable_since: BTreeMap<PeerName, Time>,
     sealer: Option<Sealer>,
     replay: BTreeMap<PeerName, ReplayWindow>,
+    ipam: Ipam,
+    forwarding: ForwardingTable,
+    /// Owned prefixes two peers announce at once (node-cidr mode).
+    overlaps: Vec<(Ipv4Net, PeerName)>,
+    /// IPAM may have work: announcements, routes or local requests changed.
+    ipam_dirty: bool,
+    /// Ring summary and routes the forwarding table was built from.
+    forwarding_built_from: Option<(u64, Routes)>,
+
     rng: Random,
     next_tick: Time,
     next_gossip: Option<Time>,
@@ -115,10 +143,19 @@ impl Router {
         let mut config = config;
         config.nickname = clamp_nickname(&config.nickname);
         let mut rng = Random::from_seed(seed);
-        let (me, restarts) = match state {
-            Some(s) => (s.name, s.restarts.saturating_add(1)),
-            None => (PeerName(rng.next_u64()), 0),
+        let (me, restarts, ipam_state) = match state {
+            Some(s) => (s.name, s.restarts.saturating_add(1), s.ipam),
+            None => (PeerName(rng.next_u64()), 0, None),
         };
+        if let Some(saved) = ipam_state.as_ref().map(|s| s.ring.universe())
+            && saved != config.ipalloc_range.trunc()
+        {
+            return Err(ConfigError::RangeChanged {
+                saved,
+                configured: config.ipalloc_range,
+            });
+        }
+        let ipam = Ipam::new(me, config.ipalloc_range, config.ipam.clone(), 1, ipam_state);
         let epoch = (u64::from(restarts) << 32) | (rng.next_u64() >> 32);
         let own = PeerEntry {
             version: u64::from(restarts) << VERSION_BITS,
@@ -126,6 +163,7 @@ impl Router {
             nickname: config.nickname.clone(),
             address: config.address,
             connections: Vec::new(),
+            ipam: ipam.info(),
         };
         let sealer = config.secret.as_deref().map(Sealer::new);
         Ok(Router {
@@ -145,6 +183,12 @@ impl Router {
             unreachable_since: BTreeMap::new(),
             sealer,
             replay: BTreeMap::new(),
+            ipam,
+            forwarding: ForwardingTable::default(),
+            overlaps: Vec::new(),
+            ipam_dirty: true,
+            forwarding_built_from: None,
+
             rng,
             next_tick: now,
             next_gossip: None,
@@ -169,6 +213,7 @@ impl Router {
         PersistedState {
             name: self.me,
             restarts: self.restarts,
+            ipam: Some(self.ipam.state()),
         }
     }
 
@@ -193,6 +238,82 @@ impl Router {
             self.connections.add_target(now, address, true);
         }
         self.attempt_due(now);
+    }
+
+    /// An address for `container` (a CNI container ID): the same one every
+    /// time. `Pending` completes later with an [`Event::Ipam`].
+    pub fn allocate(&mut self, now: Time, container: &str) -> Result<Allocation, IpamError> {
+        let views = peer_views(&self.topology, &self.routes, self.me);
+        let result = self.ipam.allocate(container, &views);
+        self.ipam_dirty = true;
+        self.settle(now);
+        result
+    }
+
+    /// Frees `container`'s address; `Ok(None)` if it had none (idempotent).
+    pub fn release(&mut self, now: Time, container: &str) -> Result<Option<Ipv4Addr>, IpamError> {
+        let result = self.ipam.release(container);
+        self.ipam_dirty = true;
+        self.settle(now);
+        result
+    }
+
+    /// Re-registers `addr` for `container` after a restart.
+    pub fn claim(
+        &mut self,
+        now: Time,
+        container: &str,
+        addr: Ipv4Addr,
+    ) -> Result<Allocation, IpamError> {
+        let result = self.ipam.claim(container, addr);
+        self.ipam_dirty = true;
+        self.settle(now);
+        result
+    }
+
+    /// `peer`'s node was deleted from the cluster: take over its address
+    /// space (once; refused while it is reachable) and forget it for good.
+    /// Returns the number of addresses taken over.
+    pub fn remove_peer(&mut self, now: Time, peer: PeerName) -> Result<u64, IpamError> {
+        let reachable = self.routes.is_reachable(peer) && peer != self.me;
+        let taken = self.ipam.remove_peer(peer, reachable)?;
+        if let Some(entry) = self.topology.remove(peer) {
+            // Never learn it again, whatever version a stale peer holds.
+            self.forgotten.insert(
+                peer,
+                (u64::MAX, Time::from_duration(std::time::Duration::MAX)),
+            );
+            self.events
+                .push_back(Event::PeerForgotten { peer: entry.name });
+        }
+        self.unreachable_since.remove(&peer);
+        self.news.remove(&peer);
+        self.routes_dirty = true;
+        self.peers_dirty = true;
+        self.ipam_dirty = true;
+        self.settle(now);
+        Ok(taken)
+    }
+
+    /// This node's podCIDR, in node-cidr mode (from `node.spec.podCIDR`).
+    pub fn set_pod_cidr(&mut self, now: Time, cidr: Ipv4Net) {
+        self.ipam.set_pod_cidr(cidr);
+        self.ipam_dirty = true;
+        self.settle(now);
+    }
+
+    /// Where a packet for `dst` goes.
+    pub fn forward(&self, dst: Ipv4Addr) -> Forward {
+        self.forwarding.lookup(dst)
+    }
+
+    /// This node's bridge gateway address, once it has address space.
+    pub fn gateway(&self) -> Option<Ipv4Addr> {
+        self.ipam.gateway()
+    }
+
+    pub fn ipam(&self) -> &Ipam {
+        &self.ipam
     }
 
     /// Stops trying an operator-given address (learnt ones stay).
@@ -275,6 +396,12 @@ impl Router {
             self.connections.is_own_address(from);
             return;
         }
+        if self.ipam.ring().is_removed(sender) {
+            // A removed peer's identity is gone for good; a reinstalled
+            // node comes back under a new name.
+            *self.dropped.entry(DropReason::RemovedPeer).or_default() += 1;
+            return;
+        }
         if let Message::Heartbeat(hb) = message {
             return self.on_heartbeat(now, from, sender, hb);
         }
@@ -286,6 +413,11 @@ impl Router {
             Message::Heartbeat(_) => {}
             Message::Gossip(entries) => entries.into_iter().for_each(|e| self.learn(now, e)),
             Message::Digest(digest) => self.on_digest(sender, digest),
+            Message::Ring(update) => {
+                if self.ipam.merge_ring(sender, &update).is_ok() {
+                    self.ipam_dirty = true;
+                }
+            }
             Message::Request(names) => {
                 let entries: Vec<PeerEntry> = names
                     .iter()
@@ -327,6 +459,9 @@ impl Router {
             }
             self.forgotten.remove(&entry.name);
         }
+        if self.ipam.ring().is_removed(entry.name) {
+            return;
+        }
         let (name, nickname) = (entry.name, entry.nickname.clone());
         match self.topology.merge(entry) {
             Merge::New => {
@@ -338,6 +473,7 @@ impl Router {
                 self.news.insert(name, self.config.rumor_rounds);
                 self.routes_dirty = true;
                 self.peers_dirty = true;
+                self.ipam_dirty = true;
             }
             Merge::Updated {
                 connections_changed,
@@ -345,6 +481,7 @@ impl Router {
                 self.news.insert(name, self.config.rumor_rounds);
                 self.routes_dirty |= connections_changed;
                 self.peers_dirty = true;
+                self.ipam_dirty = true;
             }
             Merge::Unchanged => {}
         }
@@ -399,6 +536,8 @@ impl Router {
         }
         self.forget_stale(now);
         self.start_anti_entropy(now);
+        // Seeding rounds and donations move on timers too.
+        self.ipam_dirty = true;
         // ±10% jitter keeps a cluster restarted at once from ticking in step.
         let interval = self.config.heartbeat_interval;
         self.next_tick = now
@@ -426,12 +565,13 @@ impl Router {
     /// grow with the cluster.
     fn start_anti_entropy(&mut self, now: Time) {
         let summary = self.topology.summary();
+        let ring_summary = self.ipam.ring_summary();
         let interval = self.config.anti_entropy_interval;
         let candidates: Vec<PeerName> = self
             .connections
             .links()
             .filter(|(_, l)| {
-                l.summary != summary
+                (l.summary != summary || l.ring_summary != ring_summary)
                     && l.last_anti_entropy
                         .is_none_or(|t| now.saturating_since(t) >= interval)
             })
@@ -440,8 +580,19 @@ impl Router {
         let Some(peer) = self.rng.pick(&candidates, 1).pop() else {
             return;
         };
-        if let Some(link) = self.connections.link_mut(peer) {
-            link.last_anti_entropy = Some(now);
+        let Some(link) = self.connections.link_mut(peer) else {
+            return;
+        };
+        link.last_anti_entropy = Some(now);
+        if link.ring_summary != ring_summary && self.ipam.ring().is_seeded() {
+            self.send_ring(peer, &self.ipam.full_ring());
+        }
+        if self
+            .connections
+            .link(peer)
+            .is_some_and(|l| l.summary == summary)
+        {
+            return;
         }
         let versions: Vec<(PeerName, u64)> = self
             .topology
@@ -467,8 +618,12 @@ impl Router {
             .keys()
             .filter_map(|n| self.topology.get(*n).cloned())
             .collect();
+        let ring_news = self.ipam.take_ring_news(self.config.rumor_rounds);
         for peer in targets {
             self.send_entries(peer, &entries);
+            if let Some(update) = &ring_news {
+                self.send_ring(peer, update);
+            }
         }
         self.news.retain(|_, rounds| {
             *rounds = rounds.saturating_sub(1);
@@ -534,6 +689,10 @@ impl Router {
         }
         if std::mem::take(&mut self.routes_dirty) {
             self.update_routes(now);
+            self.ipam_dirty = true;
+        }
+        if std::mem::take(&mut self.ipam_dirty) {
+            self.step_ipam(now);
         }
         if std::mem::take(&mut self.peers_dirty) {
             let learnt: BTreeSet<SocketAddr> = self
@@ -544,7 +703,7 @@ impl Router {
                 .collect();
             self.connections.sync_learnt_targets(now, &learnt);
         }
-        if !self.news.is_empty() && self.next_gossip.is_none() {
+        if (!self.news.is_empty() || self.ipam.has_ring_news()) && self.next_gossip.is_none() {
             self.next_gossip = Some(now + self.config.gossip_interval);
         }
     }
@@ -573,6 +732,81 @@ impl Router {
             }
         }
         self.routes = routes;
+    }
+
+    /// Lets IPAM act on the latest announcements, then republishes ours
+    /// and the forwarding table if they changed.
+    fn step_ipam(&mut self, now: Time) {
+        let views = peer_views(&self.topology, &self.routes, self.me);
+        let targets = self
+            .connections
+            .targets()
+            .filter(|(_, t)| t.configured)
+            .count();
+        self.ipam.step(now, &views, targets, &mut self.rng);
+        while let Some(e) = self.ipam.poll_event() {
+            self.events.push_back(Event::Ipam(e));
+        }
+        let info = self.ipam.info();
+        if info != self.own_entry().ipam {
+            let mut entry = self.own_entry().clone();
+            entry.ipam = info;
+            self.own_version += 1;
+            entry.version = self.own_version;
+            self.topology.merge(entry);
+            self.news.insert(self.me, self.config.rumor_rounds);
+        }
+        self.update_forwarding();
+    }
+
+    /// Rebuilds the forwarding table from ownership and routes, and emits
+    /// the prefix changes.
+    fn update_forwarding(&mut self) {
+        // Node-cidr announcements live in topology entries, so rebuild on
+        // any IPAM step there; the ring has a summary to compare.
+        let inputs = (self.ipam.ring_summary(), self.routes.clone());
+        if matches!(self.ipam.mode(), IpamMode::Ring(_))
+            && self.forwarding_built_from.as_ref() == Some(&inputs)
+        {
+            return;
+        }
+        self.forwarding_built_from = Some(inputs);
+        let owned: Vec<(Ipv4Net, PeerName)> = match self.ipam.mode() {
+            IpamMode::Ring(_) => {
+                let ring = self.ipam.ring();
+                ring.blocks()
+                    .map(|b| (b.prefix, ring.resolve(b.label.owner)))
+                    .collect()
+            }
+            IpamMode::NodeCidr(_) => self
+                .topology
+                .entries()
+                .filter_map(|e| Some((e.ipam.pod_cidr?, e.name)))
+                .collect(),
+        };
+        let (table, overlaps) = ForwardingTable::build(owned, |owner| self.decide(owner));
+        for (prefix, forward) in self.forwarding.diff(&table) {
+            self.events.push_back(Event::Prefix { prefix, forward });
+        }
+        self.forwarding = table;
+        self.overlaps = overlaps;
+    }
+
+    fn decide(&self, owner: PeerName) -> Forward {
+        if owner == self.me {
+            return Forward::Local;
+        }
+        let Some(next_hop) = self.routes.next_hop(owner) else {
+            return Forward::Unreachable;
+        };
+        match self.topology.get(next_hop) {
+            Some(hop) => Forward::Peer {
+                owner,
+                next_hop,
+                underlay: hop.address,
+            },
+            None => Forward::Unreachable,
+        }
     }
 
     fn own_entry(&self) -> &PeerEntry {
@@ -605,12 +839,19 @@ impl Router {
             token,
             echo,
             topology_summary: self.topology.summary(),
+            ring_summary: self.ipam.ring_summary(),
         });
         self.send(to, &message);
     }
 
     fn send_entries(&mut self, peer: PeerName, entries: &[PeerEntry]) {
         for message in wire::pack_gossip(entries) {
+            self.send_to_peer(peer, &message);
+        }
+    }
+
+    fn send_ring(&mut self, peer: PeerName, update: &RingUpdate) {
+        for message in wire::pack_ring(update) {
             self.send_to_peer(peer, &message);
         }
     }
@@ -712,6 +953,87 @@ impl Router {
             targets,
             traffic: self.traffic,
             dropped: self.dropped.clone(),
+            ipam: self.ipam_status(),
+        }
+    }
+
+    fn ipam_status(&self) -> IpamStatus {
+        let ipam = &self.ipam;
+        let ring = ipam.ring();
+        let views = peer_views(&self.topology, &self.routes, self.me);
+        let mut owned: BTreeMap<PeerName, Vec<Ipv4Net>> = BTreeMap::new();
+        for (prefix, forward) in self.forwarding.prefixes() {
+            let owner = match forward {
+                Forward::Local => self.me,
+                Forward::Peer { owner, .. } => *owner,
+                Forward::Unreachable => match ipam.mode() {
+                    IpamMode::Ring(_) => ring.owner_of(prefix.network()).unwrap_or_default(),
+                    IpamMode::NodeCidr(_) => self
+                        .topology
+                        .entries()
+                        .find(|e| e.ipam.pod_cidr == Some(*prefix))
+                        .map_or(PeerName::default(), |e| e.name),
+                },
+            };
+            owned.entry(owner).or_default().push(*prefix);
+        }
+        let peers = owned
+            .into_iter()
+            .map(|(name, prefixes)| {
+                let total: u64 = prefixes.iter().map(|p| 1u64 << (32 - p.prefix_len())).sum();
+                let free = if name == self.me {
+                    ipam.free()
+                } else {
+                    views.get(&name).map_or(0, |v| v.info.free)
+                };
+                IpamPeerStatus {
+                    name,
+                    nickname: self
+                        .topology
+                        .get(name)
+                        .map_or_else(String::new, |e| e.nickname.clone()),
+                    reachable: name == self.me || self.routes.is_reachable(name),
+                    owned: total,
+                    free,
+                    used: total.saturating_sub(free),
+                    prefixes,
+                }
+            })
+            .collect();
+        let reason = ipam.pending_reason(&views).to_string();
+        let pending = ipam
+            .pending()
+            .map(|c| PendingStatus {
+                container: c.to_string(),
+                reason: reason.clone(),
+            })
+            .collect();
+        let mut errors: Vec<String> = ipam
+            .ring_errors()
+            .map(|(peer, e)| format!("peer {peer}: {e}"))
+            .collect();
+        errors.extend(self.overlaps.iter().map(|(prefix, peer)| {
+            format!("peer {peer} announces podCIDR {prefix}, which overlaps another peer's: give every node a distinct podCIDR")
+        }));
+        errors.extend(ipam.conflicts().map(|(c, a)| {
+            format!(
+                "container {c} holds {a}, which the ring now gives to {}: release and re-create it",
+                ring.owner_of(a).map_or("nobody".into(), |o| o.to_string())
+            )
+        }));
+        IpamStatus {
+            mode: match ipam.mode() {
+                IpamMode::Ring(crate::ipam::IpamInit::Observer) => "observer",
+                IpamMode::Ring(_) => "ring",
+                IpamMode::NodeCidr(_) => "node-cidr",
+            },
+            range: ipam.range(),
+            seeded: ring.is_seeded(),
+            seed: ring.seed().map(|s| format!("{:016x}", s.id)),
+            gateway: ipam.gateway(),
+            peers,
+            pending,
+            errors,
         }
     }
 }
@@ -719,6 +1041,26 @@ impl Router {
 #[cfg(test)]
 #[path = "router_tests.rs"]
 mod tests;
+
+/// How every other peer looks to IPAM. A free function over the fields it
+/// reads, so IPAM can be borrowed mutably beside it.
+fn peer_views<'a>(
+    topology: &'a Topology,
+    routes: &Routes,
+    me: PeerName,
+) -> BTreeMap<PeerName, PeerView<'a>> {
+    topology
+        .entries()
+        .filter(|e| e.name != me)
+        .map(|e| {
+            let view = PeerView {
+                info: &e.ipam,
+                reachable: routes.is_reachable(e.name),
+            };
+            (e.name, view)
+        })
+        .collect()
+}
 
 fn drop_reason(e: WireError) -> DropReason {
     match e {

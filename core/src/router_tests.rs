@@ -151,6 +151,7 @@ fn a_spoofed_plain_heartbeat_does_not_make_a_connection() {
         token: 1,
         echo: Some(42),
         topology_summary: 0,
+        ring_summary: 0,
     })
     .encode_plain(PeerName(99))
     .unwrap();

@@ -3,9 +3,10 @@
 
 use crate::connections::LinkState;
 use crate::peer::PeerName;
+use ipnet::Ipv4Net;
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Status {
@@ -22,6 +23,42 @@ pub struct Status {
     pub traffic: Traffic,
     /// Datagrams refused, by reason.
     pub dropped: BTreeMap<DropReason, u64>,
+    pub ipam: IpamStatus,
+}
+
+/// Address management as this node sees it (`weave status ipam`).
+#[derive(Clone, Debug, Serialize)]
+pub struct IpamStatus {
+    /// "ring", "observer" or "node-cidr".
+    pub mode: &'static str,
+    pub range: Ipv4Net,
+    /// Whether the ring exists (ring modes); its seed id.
+    pub seeded: bool,
+    pub seed: Option<String>,
+    /// This node's bridge gateway address.
+    pub gateway: Option<Ipv4Addr>,
+    pub peers: Vec<IpamPeerStatus>,
+    pub pending: Vec<PendingStatus>,
+    /// Problems that need a person: rings that cannot merge, overlapping
+    /// podCIDRs, allocations in space another peer owns.
+    pub errors: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct IpamPeerStatus {
+    pub name: PeerName,
+    pub nickname: String,
+    pub reachable: bool,
+    pub owned: u64,
+    pub free: u64,
+    pub used: u64,
+    pub prefixes: Vec<Ipv4Net>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PendingStatus {
+    pub container: String,
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -84,4 +121,6 @@ pub enum DropReason {
     NotConnected,
     /// A new peer's heartbeat while at the connection limit.
     ConnectionLimit,
+    /// From a peer removed from the cluster.
+    RemovedPeer,
 }

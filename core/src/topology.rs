@@ -6,6 +6,7 @@
 //! (version, content), so merge is a join: idempotent, commutative and
 //! associative, and nodes converge whatever order gossip arrives in.
 
+use crate::ipam::IpamInfo;
 use crate::peer::PeerName;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -21,24 +22,18 @@ pub struct PeerEntry {
     pub address: SocketAddr,
     /// Peers this one has a confirmed connection with, ascending, no repeats.
     pub connections: Vec<PeerName>,
+    /// Its address-space announcement.
+    pub ipam: IpamInfo,
 }
 
 impl PeerEntry {
     /// Fingerprint of the whole entry: equal entries give equal values on
     /// every node (no random hasher), so digests can be compared.
     pub fn fingerprint(&self) -> u64 {
+        // The wire encoding is canonical (fixed field order, no maps), so
+        // hashing it covers every field, present and future.
         let mut h = Fnv::default();
-        h.write_u64(self.version);
-        h.write_u64(self.name.0);
-        h.write(self.nickname.as_bytes());
-        match self.address.ip() {
-            std::net::IpAddr::V4(ip) => h.write(&ip.octets()),
-            std::net::IpAddr::V6(ip) => h.write(&ip.octets()),
-        }
-        h.write(&self.address.port().to_be_bytes());
-        for c in &self.connections {
-            h.write_u64(c.0);
-        }
+        h.write(&postcard::to_allocvec(self).unwrap_or_default());
         h.finish()
     }
 }
@@ -186,9 +181,6 @@ impl Fnv {
         self.0 ^= bytes.len() as u64;
         self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
     }
-    fn write_u64(&mut self, v: u64) {
-        self.write(&v.to_le_bytes());
-    }
     fn finish(&self) -> u64 {
         self.0
     }
@@ -206,6 +198,7 @@ mod tests {
             nickname: format!("node{name}"),
             address: SocketAddr::from(([192, 168, 1, name as u8], 6783)),
             connections: conns.iter().map(|c| PeerName(*c)).collect(),
+            ipam: IpamInfo::default(),
         }
     }
 

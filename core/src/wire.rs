@@ -12,6 +12,7 @@
 //! sender name and nonce cannot be altered either.
 
 use crate::config::MAX_CONN_LIMIT;
+use crate::ipam::RingUpdate;
 use crate::peer::{MAX_NICKNAME, PeerName};
 use crate::seal::{OpenError, SealNonce, Sealer, TAG_LEN};
 use crate::topology::PeerEntry;
@@ -36,6 +37,9 @@ pub const MAX_BODY: usize = MAX_DATAGRAM - SEALED_HEADER - TAG_LEN;
 /// request (each is bounded by `MAX_BODY` in practice; these bound decoding).
 pub const MAX_ENTRIES: usize = 64;
 pub const MAX_NAMES: usize = 128;
+/// Most ring blocks and most tombstones in one ring update.
+pub const MAX_BLOCKS: usize = 48;
+pub const MAX_TOMBSTONES: usize = 64;
 
 /// One control message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +53,9 @@ pub enum Message {
     Digest(Digest),
     /// "Send me these entries": the receiver answers with `Gossip`.
     Request(Vec<PeerName>),
+    /// Part of the IPAM ring: changed blocks being pushed, or the whole
+    /// ring (in several datagrams) for a peer whose ring differs.
+    Ring(RingUpdate),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +69,8 @@ pub struct Heartbeat {
     pub echo: Option<u64>,
     /// The sender's topology summary; a difference starts anti-entropy.
     pub topology_summary: u64,
+    /// The sender's IPAM ring summary; a difference sends the ring.
+    pub ring_summary: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -249,6 +258,10 @@ impl Message {
                 Ok(())
             }
             Message::Request(names) => at_most("requested names", names.len(), MAX_NAMES),
+            Message::Ring(update) => {
+                at_most("ring blocks", update.blocks.len(), MAX_BLOCKS)?;
+                at_most("tombstones", update.tombstones.len(), MAX_TOMBSTONES)
+            }
         }
     }
 }
@@ -316,6 +329,33 @@ pub fn pack_gossip<'a>(entries: impl IntoIterator<Item = &'a PeerEntry>) -> Vec<
     messages
 }
 
+/// Splits a ring update into updates that fit one datagram each.
+pub fn pack_ring(update: &RingUpdate) -> Vec<Message> {
+    let part = |blocks: &[crate::ipam::ring::Block], tombstones: &[(PeerName, PeerName)]| {
+        Message::Ring(RingUpdate {
+            universe: update.universe,
+            seed: update.seed,
+            blocks: blocks.to_vec(),
+            tombstones: tombstones.to_vec(),
+        })
+    };
+    let mut out: Vec<Message> = update
+        .blocks
+        .chunks(MAX_BLOCKS)
+        .map(|c| part(c, &[]))
+        .collect();
+    out.extend(
+        update
+            .tombstones
+            .chunks(MAX_TOMBSTONES)
+            .map(|c| part(&[], c)),
+    );
+    if out.is_empty() {
+        out.push(part(&[], &[]));
+    }
+    out
+}
+
 /// Splits (name, version) pairs, ascending by name, into digests that
 /// together cover the whole name space, each fitting one datagram.
 pub fn pack_digests(versions: &[(PeerName, u64)]) -> Vec<Message> {
@@ -351,6 +391,9 @@ pub fn pack_digests(versions: &[(PeerName, u64)]) -> Vec<Message> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ipam::IpamInfo;
+    use crate::ipam::ring::{Block, Label, Seed};
+    use crate::ipam::seeding::{Ballot, Paxos, Proposal};
     use proptest::prelude::*;
     use std::net::SocketAddr;
 
@@ -361,6 +404,31 @@ mod tests {
             nickname: "node1".into(),
             address: SocketAddr::from(([192, 168, 1, 11], 6783)),
             connections: conns.iter().map(|c| PeerName(*c)).collect(),
+            ipam: IpamInfo {
+                ring: Some(0x0102_0304_0506_0708),
+                free: 1000,
+                wants_space: false,
+                seeding: None,
+                pod_cidr: Some("10.244.1.0/24".parse().unwrap()),
+            },
+        }
+    }
+
+    fn ring_update() -> RingUpdate {
+        RingUpdate {
+            universe: "10.32.0.0/12".parse().unwrap(),
+            seed: Some(Seed {
+                id: 7,
+                first_owner: PeerName(1),
+            }),
+            blocks: vec![Block {
+                prefix: "10.40.0.0/13".parse().unwrap(),
+                label: Label {
+                    version: 2,
+                    owner: PeerName(2),
+                },
+            }],
+            tombstones: vec![(PeerName(3), PeerName(1))],
         }
     }
 
@@ -372,6 +440,7 @@ mod tests {
                     token: 0x1111_2222_3333_4444,
                     echo: Some(0x5555_6666_7777_8888),
                     topology_summary: 0x0123_4567_89ab_cdef,
+                    ring_summary: 0x0fed_cba9_8765_4321,
                 }),
             ),
             ("gossip", Message::Gossip(vec![entry(1, &[2, 3])])),
@@ -384,6 +453,7 @@ mod tests {
                 }),
             ),
             ("request", Message::Request(vec![PeerName(1), PeerName(2)])),
+            ("ring", Message::Ring(ring_update())),
         ]
     }
 
@@ -451,6 +521,38 @@ mod tests {
     }
 
     #[test]
+    fn a_full_ring_update_packs_into_datagrams() {
+        let blocks: Vec<Block> = (0..200u32)
+            .map(|i| Block {
+                prefix: ipnet::Ipv4Net::new(std::net::Ipv4Addr::from(0x0a20_0000 + i * 256), 24)
+                    .unwrap(),
+                label: Label {
+                    version: u64::MAX,
+                    owner: PeerName(u64::MAX - u64::from(i)),
+                },
+            })
+            .collect();
+        let tombstones = (0..100)
+            .map(|i| (PeerName(i), PeerName(u64::MAX - i)))
+            .collect();
+        let update = RingUpdate {
+            blocks: blocks.clone(),
+            tombstones,
+            ..ring_update()
+        };
+        let mut back = Vec::new();
+        for m in pack_ring(&update) {
+            let bytes = m.encode_plain(PeerName(1)).unwrap();
+            assert!(bytes.len() <= MAX_DATAGRAM);
+            let Message::Ring(u) = Frame::parse(&bytes).unwrap().plain_message().unwrap() else {
+                panic!("not a ring update");
+            };
+            back.extend(u.blocks);
+        }
+        assert_eq!(back, blocks);
+    }
+
+    #[test]
     fn header_errors_are_typed() {
         let good = examples()[0].1.encode_plain(PeerName(1)).unwrap();
         assert_eq!(
@@ -514,6 +616,24 @@ mod tests {
         let mut e = entry(1, &conns);
         e.nickname = "n".repeat(MAX_NICKNAME);
         e.version = u64::MAX;
+        let ballot = Ballot {
+            round: u64::MAX,
+            proposer: PeerName(u64::MAX),
+        };
+        e.ipam = IpamInfo {
+            ring: Some(u64::MAX),
+            free: u64::MAX,
+            wants_space: true,
+            seeding: Some(Paxos {
+                promised: ballot,
+                accepted: Some((ballot, PeerName(u64::MAX))),
+                proposal: Some(Proposal {
+                    ballot,
+                    value: Some(PeerName(u64::MAX)),
+                }),
+            }),
+            pod_cidr: Some("255.255.255.0/24".parse().unwrap()),
+        };
         e.address = "[ffff::ffff]:65535".parse().unwrap();
         let packed = pack_gossip([&e]);
         assert_eq!(packed.len(), 1);

@@ -180,6 +180,8 @@ pub struct Ipam {
     ring_news: BTreeMap<Ipv4Net, u8>,
     tombstone_news: u8,
     events: VecDeque<IpamEvent>,
+    /// `ring.summary()`, kept because every heartbeat carries it.
+    ring_summary: u64,
 }
 
 impl Ipam {
@@ -208,7 +210,9 @@ impl Ipam {
             ring_news: BTreeMap::new(),
             tombstone_news: 0,
             events: VecDeque::new(),
+            ring_summary: 0,
         };
+        ipam.ring_summary = ipam.ring.summary();
         ipam.pending.insert(GATEWAY_ID.to_string());
         ipam.complete_pending();
         ipam
@@ -224,6 +228,10 @@ impl Ipam {
 
     pub fn ring(&self) -> &Ring {
         &self.ring
+    }
+
+    pub fn ring_summary(&self) -> u64 {
+        self.ring_summary
     }
 
     pub fn mode(&self) -> &IpamMode {
@@ -283,10 +291,11 @@ impl Ipam {
     pub fn info(&self) -> IpamInfo {
         let seeding_now =
             matches!(self.mode, IpamMode::Ring(IpamInit::Consensus(_))) && !self.ring.is_seeded();
+        let free = self.free();
         IpamInfo {
             ring: self.ring.seed().map(|s| s.id),
-            free: self.free(),
-            wants_space: !self.pending.is_empty() && self.ring.is_seeded() && self.free() == 0,
+            free,
+            wants_space: !self.pending.is_empty() && self.ring.is_seeded() && free == 0,
             seeding: seeding_now.then(|| self.seeding.state()),
             pod_cidr: match &self.mode {
                 IpamMode::NodeCidr(c) => *c,
@@ -409,7 +418,7 @@ impl Ipam {
             .sum();
         self.ring.merge_tombstone(peer, self.me);
         self.tombstone_news = u8::MAX;
-        self.complete_pending();
+        self.after_ring_change();
         Ok(taken)
     }
 
@@ -439,11 +448,9 @@ impl Ipam {
                 self.tombstone_news = u8::MAX;
             }
         }
-        for block in &update.blocks {
-            if self.ring.merge_block(*block) {
-                changed = true;
-                self.ring_news.insert(block.prefix.trunc(), u8::MAX);
-            }
+        for prefix in self.ring.merge_blocks(&update.blocks) {
+            changed = true;
+            self.ring_news.insert(prefix, u8::MAX);
         }
         if changed {
             self.after_ring_change();
@@ -481,6 +488,10 @@ impl Ipam {
             blocks,
             tombstones,
         })
+    }
+
+    pub fn has_ring_news(&self) -> bool {
+        !self.ring_news.is_empty() || self.tombstone_news > 0
     }
 
     pub fn full_ring(&self) -> RingUpdate {
@@ -591,14 +602,22 @@ impl Ipam {
             })
             .map(|(n, _)| *n)
             .collect();
+        // The two richest peers (us included): the richest gives, unless it
+        // is the recipient itself, then the runner-up does.
+        let mut richest: Vec<(u64, PeerName)> = peers
+            .iter()
+            .filter(|(n, p)| **n != self.me && same_ring(p))
+            .map(|(n, p)| (p.info.free, *n))
+            .chain([(free, self.me)])
+            .collect();
+        richest.sort_unstable_by(|a, b| b.cmp(a));
+        richest.truncate(2);
         for recipient in needy {
-            let richest = peers
+            let donor = richest
                 .iter()
-                .filter(|(n, p)| **n != recipient && **n != self.me && same_ring(p))
-                .map(|(n, p)| (p.info.free, *n))
-                .chain([(free, self.me)])
-                .max();
-            if richest.map(|(_, n)| n) != Some(self.me) {
+                .find(|(_, n)| *n != recipient)
+                .map(|(_, n)| *n);
+            if donor != Some(self.me) {
                 continue;
             }
             let reserved = self.reserved();
@@ -656,6 +675,7 @@ impl Ipam {
     /// After the ring changed: our allocations outside our space are
     /// conflicts, reported (never silently dropped).
     fn after_ring_change(&mut self) {
+        self.ring_summary = self.ring.summary();
         let own = self.own_blocks();
         let outside: Vec<(String, Ipv4Addr)> = self
             .space

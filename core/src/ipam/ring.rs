@@ -209,6 +209,28 @@ impl Ring {
     /// Returns whether anything changed. Blocks outside the universe, or
     /// a ring not yet seeded, are ignored.
     pub fn merge_block(&mut self, block: Block) -> bool {
+        let changed = self.paint(block);
+        // Even a losing block may have split one of ours: rejoin.
+        self.normalize();
+        changed
+    }
+
+    /// Merges many blocks, normalizing once; returns the prefixes of the
+    /// blocks that changed something.
+    pub fn merge_blocks(&mut self, blocks: &[Block]) -> Vec<Ipv4Net> {
+        let changed: Vec<Ipv4Net> = blocks
+            .iter()
+            .filter(|b| self.paint(**b))
+            .map(|b| b.prefix.trunc())
+            .collect();
+        if !blocks.is_empty() {
+            self.normalize();
+        }
+        changed
+    }
+
+    /// Per-address max of `block` into the blocks, without normalizing.
+    fn paint(&mut self, block: Block) -> bool {
         let prefix = block.prefix.trunc();
         if self.seed.is_none() || !self.universe.contains(&prefix) {
             return false;
@@ -238,7 +260,6 @@ impl Ring {
             self.fill_gaps(start, len, block.label);
             changed = true;
         }
-        self.normalize();
         changed
     }
 
@@ -264,9 +285,8 @@ impl Ring {
         for (removed, heir) in other.tombstones() {
             changed |= self.merge_tombstone(removed, heir);
         }
-        for block in other.blocks() {
-            changed |= self.merge_block(block);
-        }
+        let blocks: Vec<Block> = other.blocks().collect();
+        changed |= !self.merge_blocks(&blocks).is_empty();
         Ok(changed)
     }
 
