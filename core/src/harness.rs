@@ -144,11 +144,15 @@ impl Net {
 
     /// Runs `f` on a running node, then drains its outputs.
     pub fn with(&mut self, i: usize, f: impl FnOnce(&mut Router, Time)) {
+        self.call(i, f);
+    }
+
+    /// Runs `f` on node `i` if it is running, drains its outputs, and
+    /// returns what `f` returned.
+    pub fn call<R>(&mut self, i: usize, f: impl FnOnce(&mut Router, Time) -> R) -> Option<R> {
         let now = self.now;
-        let Some(router) = self.nodes[i].as_mut() else {
-            return;
-        };
-        f(router, now);
+        let router = self.nodes[i].as_mut()?;
+        let result = f(router, now);
         let mut out = Vec::new();
         while let Some(t) = router.poll_transmit() {
             assert!(
@@ -163,6 +167,24 @@ impl Net {
         }
         for t in out {
             self.send(i, t.destination, t.payload);
+        }
+        Some(result)
+    }
+
+    /// Node `i`'s configuration, to change before its next start.
+    pub fn config_mut(&mut self, i: usize) -> &mut Config {
+        &mut self.configs[i]
+    }
+
+    /// Cuts every link between the groups (a node in no group is isolated).
+    pub fn partition(&mut self, groups: &[&[usize]]) {
+        let group_of = |n: usize| groups.iter().position(|g| g.contains(&n));
+        for a in 0..self.nodes.len() {
+            for b in 0..self.nodes.len() {
+                if a != b && (group_of(a).is_none() || group_of(a) != group_of(b)) {
+                    self.cuts.insert((a, b));
+                }
+            }
         }
     }
 

@@ -277,12 +277,17 @@ impl Router {
     pub fn remove_peer(&mut self, now: Time, peer: PeerName) -> Result<u64, IpamError> {
         let reachable = self.routes.is_reachable(peer) && peer != self.me;
         let taken = self.ipam.remove_peer(peer, reachable)?;
+        self.forget_for_good(peer);
+        self.ipam_dirty = true;
+        self.settle(now);
+        Ok(taken)
+    }
+
+    /// Drops a removed peer's entry; its identity is never learnt again.
+    fn forget_for_good(&mut self, peer: PeerName) {
         if let Some(entry) = self.topology.remove(peer) {
-            // Never learn it again, whatever version a stale peer holds.
-            self.forgotten.insert(
-                peer,
-                (u64::MAX, Time::from_duration(std::time::Duration::MAX)),
-            );
+            let never = Time::from_duration(std::time::Duration::MAX);
+            self.forgotten.insert(peer, (u64::MAX, never));
             self.events
                 .push_back(Event::PeerForgotten { peer: entry.name });
         }
@@ -290,9 +295,6 @@ impl Router {
         self.news.remove(&peer);
         self.routes_dirty = true;
         self.peers_dirty = true;
-        self.ipam_dirty = true;
-        self.settle(now);
-        Ok(taken)
     }
 
     /// This node's podCIDR, in node-cidr mode (from `node.spec.podCIDR`).
@@ -746,6 +748,16 @@ impl Router {
         self.ipam.step(now, &views, targets, &mut self.rng);
         while let Some(e) = self.ipam.poll_event() {
             self.events.push_back(Event::Ipam(e));
+        }
+        let removed: Vec<PeerName> = self
+            .ipam
+            .ring()
+            .tombstones()
+            .map(|(peer, _)| peer)
+            .filter(|peer| self.topology.get(*peer).is_some())
+            .collect();
+        for peer in removed {
+            self.forget_for_good(peer);
         }
         let info = self.ipam.info();
         if info != self.own_entry().ipam {

@@ -588,7 +588,7 @@ impl Ipam {
             return;
         };
         let free = self.free();
-        if free < 2 {
+        if free == 0 {
             return;
         }
         let same_ring = |p: &PeerView| p.reachable && p.info.ring == Some(ring_id);
@@ -621,9 +621,10 @@ impl Ipam {
                 continue;
             }
             let reserved = self.reserved();
-            let Some(block) =
-                self.space
-                    .largest_empty_block(&self.own_blocks(), &reserved, free / 2)
+            let most = (free / 2).max(1);
+            let Some(block) = self
+                .space
+                .largest_empty_block(&self.own_blocks(), &reserved, most)
             else {
                 return;
             };
@@ -659,7 +660,17 @@ impl Ipam {
         }
         let own = self.own_blocks();
         let reserved = self.reserved();
-        for container in self.pending.clone() {
+        // The gateway first: pods' default route needs it.
+        let mut order: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|c| *c != GATEWAY_ID)
+            .cloned()
+            .collect();
+        if self.pending.contains(GATEWAY_ID) {
+            order.insert(0, GATEWAY_ID.to_string());
+        }
+        for container in order {
             let Some(address) = self.space.first_free(&own, &reserved) else {
                 break;
             };
@@ -807,3 +818,6 @@ fn seed_id(round: u64, proposer: PeerName, first_owner: PeerName) -> u64 {
     }
     h
 }
+
+#[cfg(test)]
+mod tests;

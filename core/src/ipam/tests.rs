@@ -1,0 +1,574 @@
+//! IPAM across several peers, driven by the in-crate harness.
+
+use super::space::GATEWAY_ID;
+use super::{Allocation, IpamError, IpamEvent, IpamInit, IpamMode, PendingReason};
+use crate::forward::Forward;
+use crate::harness::Net;
+use crate::router::Event;
+use crate::{Config, Router, Time};
+use ipnet::Ipv4Net;
+use proptest::prelude::*;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+fn plain(_: usize, _: &mut Config) {}
+
+fn allocate(net: &mut Net, i: usize, container: &str) -> Result<Allocation, IpamError> {
+    net.call(i, |r, now| r.allocate(now, container))
+        .expect("node is running")
+}
+
+fn ready(net: &mut Net, i: usize, container: &str) -> Ipv4Addr {
+    match allocate(net, i, container) {
+        Ok(Allocation::Ready(a)) => a,
+        other => panic!("node {i}, {container}: {other:?}"),
+    }
+}
+
+/// Every address any running node has handed out, with who holds it.
+fn all_allocations(net: &Net) -> Vec<(Ipv4Addr, usize, String)> {
+    net.running()
+        .flat_map(|(i, r)| {
+            r.ipam()
+                .allocations()
+                .iter()
+                .map(move |(c, a)| (a, i, c.to_string()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The two invariants that must hold at every moment.
+fn assert_unique(net: &Net) {
+    let allocations = all_allocations(net);
+    let distinct: BTreeSet<Ipv4Addr> = allocations.iter().map(|(a, _, _)| *a).collect();
+    assert_eq!(
+        distinct.len(),
+        allocations.len(),
+        "an address is held twice: {allocations:?}"
+    );
+    let owned: Vec<(usize, Ipv4Net)> = net
+        .running()
+        .flat_map(|(i, r)| r.ipam().own_blocks().into_iter().map(move |b| (i, b)))
+        .collect();
+    for (x, (i, a)) in owned.iter().enumerate() {
+        for (j, b) in &owned[x + 1..] {
+            assert!(
+                i == j || !(a.contains(b) || b.contains(a)),
+                "node {i} owns {a} and node {j} owns {b}"
+            );
+        }
+    }
+}
+
+fn ring_summaries(net: &Net) -> BTreeSet<u64> {
+    net.running()
+        .map(|(_, r)| r.ipam().ring().summary())
+        .collect()
+}
+
+#[test]
+fn three_peers_seed_one_ring_and_every_pod_gets_a_unique_address() {
+    let mut net = Net::new(3, 21, plain);
+    net.run_for(secs(10));
+    assert_eq!(ring_summaries(&net).len(), 1, "one ring everywhere");
+    for (_, r) in net.running() {
+        assert!(r.ipam().ring().is_seeded());
+        assert!(
+            r.gateway().is_some(),
+            "{} has a gateway",
+            r.config().nickname
+        );
+    }
+    for i in 0..3 {
+        for p in 0..5 {
+            let _ = allocate(&mut net, i, &format!("pod-{i}-{p}"));
+        }
+    }
+    net.run_for(secs(10));
+    let allocations = all_allocations(&net);
+    assert_eq!(
+        allocations.len(),
+        3 * 6,
+        "5 pods and a gateway per node: {allocations:?}"
+    );
+    assert_unique(&net);
+    // Space is a few aligned prefixes per peer.
+    for (_, r) in net.running() {
+        let blocks = r.ipam().own_blocks();
+        assert!(!blocks.is_empty() && blocks.len() <= 4, "{blocks:?}");
+    }
+}
+
+#[test]
+fn allocation_is_idempotent_and_release_too() {
+    let mut net = Net::new(2, 22, plain);
+    net.run_for(secs(10));
+    let a = ready(&mut net, 0, "c1");
+    assert_eq!(ready(&mut net, 0, "c1"), a);
+    assert_eq!(
+        net.call(0, |r, now| r.release(now, "c1")).unwrap(),
+        Ok(Some(a))
+    );
+    assert_eq!(
+        net.call(0, |r, now| r.release(now, "c1")).unwrap(),
+        Ok(None)
+    );
+    // A restart keeps allocations: the same container gets the same address.
+    let b = ready(&mut net, 1, "c2");
+    net.restart(1);
+    assert_eq!(ready(&mut net, 1, "c2"), b);
+}
+
+#[test]
+fn a_minority_partition_never_seeds_and_joins_the_ring_after_healing() {
+    let mut net = Net::new(5, 23, plain);
+    net.partition(&[&[0, 1], &[2, 3, 4]]);
+    net.run_for(secs(20));
+    for i in [0, 1] {
+        assert!(
+            !net.router(i).ipam().ring().is_seeded(),
+            "minority node {i} seeded a ring"
+        );
+        let pending = allocate(&mut net, i, "waiting");
+        assert_eq!(
+            pending,
+            Ok(Allocation::Pending(PendingReason::AwaitingQuorum {
+                quorum: 3,
+                reachable: 2
+            }))
+        );
+        assert_eq!(
+            PendingReason::AwaitingQuorum {
+                quorum: 3,
+                reachable: 2
+            }
+            .to_string(),
+            "waiting for the IPAM ring to be seeded: 2 of the 3 peers needed for a quorum are reachable"
+        );
+    }
+    for i in [2, 3, 4] {
+        assert!(
+            net.router(i).ipam().ring().is_seeded(),
+            "majority node {i} has no ring"
+        );
+    }
+    net.heal();
+    net.run_for(secs(30));
+    assert_eq!(ring_summaries(&net).len(), 1);
+    for i in [0, 1] {
+        let got = net
+            .events
+            .iter()
+            .any(|(_, n, e)| *n == i && matches!(e, Event::Ipam(IpamEvent::Allocated { container, .. }) if container == "waiting"));
+        assert!(got, "node {i}'s pending allocation completed by itself");
+    }
+    assert_unique(&net);
+}
+
+#[test]
+fn forwarding_follows_ownership_and_routes_around_a_cut() {
+    let mut net = Net::new(3, 24, plain);
+    net.run_for(secs(10));
+    let pod = ready(&mut net, 2, "pod");
+    let (b, c) = (net.name(1), net.name(2));
+    let underlay = |i: usize| crate::harness::address(i);
+    assert_eq!(
+        net.router(0).forward(pod),
+        Forward::Peer {
+            owner: c,
+            next_hop: c,
+            underlay: underlay(2)
+        }
+    );
+    assert_eq!(net.router(2).forward(pod), Forward::Local);
+    assert_eq!(
+        net.router(0).forward("8.8.8.8".parse().unwrap()),
+        Forward::Unreachable
+    );
+    net.cut(0, 2);
+    net.run_for(secs(10));
+    assert_eq!(
+        net.router(0).forward(pod),
+        Forward::Peer {
+            owner: c,
+            next_hop: b,
+            underlay: underlay(1)
+        }
+    );
+    // The dataplane heard about it as a prefix change.
+    let rerouted = net.events.iter().any(|(_, i, e)| {
+        *i == 0 && matches!(e, Event::Prefix { forward: Some(Forward::Peer { owner, next_hop, .. }), .. } if *owner == c && *next_hop == b)
+    });
+    assert!(rerouted);
+}
+
+#[test]
+fn removing_a_deleted_node_hands_its_space_over_once() {
+    let mut net = Net::new(3, 25, plain);
+    net.run_for(secs(10));
+    let gone = net.name(2);
+    let owned_by_gone: u64 = net
+        .router(2)
+        .ipam()
+        .own_blocks()
+        .iter()
+        .map(|b| 1u64 << (32 - b.prefix_len()))
+        .sum();
+    // Refused while reachable.
+    let err = net
+        .call(0, |r, now| r.remove_peer(now, gone))
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "refusing to reclaim the space of peer {gone}: it is reachable, so it may still be using its addresses; remove it only after its node is deleted"
+        )
+    );
+    let me = net.name(0);
+    assert_eq!(
+        net.call(0, |r, now| r.remove_peer(now, me))
+            .unwrap()
+            .unwrap_err()
+            .to_string(),
+        format!("cannot remove peer {me}: it is this node")
+    );
+    net.crash(2);
+    net.run_for(secs(10));
+    let taken = net
+        .call(0, |r, now| r.remove_peer(now, gone))
+        .unwrap()
+        .unwrap();
+    assert_eq!(taken, owned_by_gone);
+    assert_eq!(
+        net.call(0, |r, now| r.remove_peer(now, gone)).unwrap(),
+        Ok(0),
+        "only once"
+    );
+    net.run_for(secs(10));
+    assert_eq!(ring_summaries(&net).len(), 1);
+    for i in [0, 1] {
+        let r = net.router(i);
+        assert!(r.ipam().ring().is_removed(gone));
+        assert!(r.topology().get(gone).is_none());
+    }
+    assert_unique(&net);
+    // The removed node reinstalled comes back as a new peer and gets space.
+    net.wipe(2);
+    net.run_for(secs(20));
+    assert_ne!(net.name(2), gone);
+    assert!(net.router(2).gateway().is_some());
+    assert_unique(&net);
+}
+
+#[test]
+fn an_exhausted_range_fails_with_a_clear_error() {
+    // A /29: 8 addresses, network and broadcast reserved, 2 gateways: 4 left.
+    let mut net = Net::new(2, 26, |_, c| {
+        c.ipalloc_range = "10.32.0.0/29".parse().unwrap()
+    });
+    net.run_for(secs(10));
+    let mut got = Vec::new();
+    let mut error = None;
+    for p in 0..10 {
+        match allocate(&mut net, 0, &format!("pod{p}")) {
+            Ok(Allocation::Ready(a)) => got.push(a),
+            Ok(Allocation::Pending(_)) => net.run_for(secs(5)),
+            Err(e) => {
+                error = Some(e);
+                break;
+            }
+        }
+    }
+    let failed = net.events.iter().find_map(|(_, _, e)| match e {
+        Event::Ipam(IpamEvent::AllocationFailed { error, .. }) => Some(error.clone()),
+        _ => None,
+    });
+    let error = error.or(failed).expect("the range ran out");
+    assert_eq!(
+        error.to_string(),
+        "the allocation range 10.32.0.0/29 is exhausted: every address is in use"
+    );
+    assert_unique(&net);
+}
+
+#[test]
+fn two_rings_that_meet_report_a_persistent_error_and_never_merge() {
+    // Two pairs, each seeding its own ring, then introduced to each other.
+    let peers = vec![vec![1], vec![0], vec![3], vec![2]];
+    let mut net = Net::with_peers(4, 27, peers, plain);
+    net.run_for(secs(10));
+    assert_eq!(ring_summaries(&net).len(), 2);
+    let addr = crate::harness::address(2);
+    net.with(0, |r, now| r.add_peer_address(now, addr));
+    net.run_for(secs(20));
+    let status = net.router(0).status(net.now);
+    assert!(
+        status
+            .ipam
+            .errors
+            .iter()
+            .any(|e| e.contains("belongs to a different IPAM ring")),
+        "{:?}",
+        status.ipam.errors
+    );
+    // Both rings own the same range, so addresses can repeat across them:
+    // that is exactly what the error tells the operator to fix.
+    assert_eq!(ring_summaries(&net).len(), 2, "the rings stay apart");
+    // Still serving its own ring.
+    ready(&mut net, 0, "still-works");
+}
+
+#[test]
+fn node_cidr_mode_allocates_inside_each_nodes_pod_cidr() {
+    let cidr = |i: usize| -> Ipv4Net { format!("10.244.{}.0/24", i + 1).parse().unwrap() };
+    let mut net = Net::new(3, 28, |i, c| c.ipam = IpamMode::NodeCidr(Some(cidr(i))));
+    net.run_for(secs(5));
+    for i in 0..3 {
+        assert_eq!(
+            net.router(i).gateway(),
+            Some(format!("10.244.{}.1", i + 1).parse().unwrap())
+        );
+        let pod = ready(&mut net, i, "pod");
+        assert_eq!(
+            pod,
+            format!("10.244.{}.2", i + 1).parse::<Ipv4Addr>().unwrap()
+        );
+    }
+    let c = net.name(2);
+    assert!(
+        matches!(net.router(0).forward("10.244.3.2".parse().unwrap()), Forward::Peer { owner, .. } if owner == c)
+    );
+    let err = net
+        .call(0, |r, now| r.claim(now, "x", "10.244.2.9".parse().unwrap()))
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "address 10.244.2.9 is outside the allocation range 10.244.1.0/24"
+    );
+    let err = net
+        .call(0, |r, now| r.remove_peer(now, c))
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err, IpamError::NotRingMode);
+}
+
+#[test]
+fn overlapping_pod_cidrs_are_reported() {
+    let mut net = Net::new(2, 29, |_, c| {
+        c.ipam = IpamMode::NodeCidr(Some("10.244.1.0/24".parse().unwrap()))
+    });
+    net.run_for(secs(5));
+    let errors = net.router(0).status(net.now).ipam.errors;
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("overlaps another peer's: give every node a distinct podCIDR")),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn a_pod_cidr_learnt_later_completes_pending_allocations() {
+    let mut net = Net::new(1, 30, |_, c| c.ipam = IpamMode::NodeCidr(None));
+    assert_eq!(
+        allocate(&mut net, 0, "early"),
+        Ok(Allocation::Pending(PendingReason::AwaitingPodCidr))
+    );
+    net.with(0, |r, now| {
+        r.set_pod_cidr(now, "10.244.7.0/24".parse().unwrap())
+    });
+    assert_eq!(
+        ready(&mut net, 0, "early"),
+        "10.244.7.2".parse::<Ipv4Addr>().unwrap()
+    );
+}
+
+#[test]
+fn observers_never_seed_but_join_an_existing_ring() {
+    let mut net = Net::new(2, 31, |_, c| c.ipam = IpamMode::Ring(IpamInit::Observer));
+    net.run_for(secs(20));
+    assert!(!net.router(0).ipam().ring().is_seeded());
+    assert_eq!(
+        allocate(&mut net, 0, "p"),
+        Ok(Allocation::Pending(PendingReason::AwaitingRing))
+    );
+}
+
+#[test]
+fn claims_and_requests_are_checked_with_messages_people_can_act_on() {
+    let mut net = Net::new(2, 32, plain);
+    net.run_for(secs(10));
+    let theirs = ready(&mut net, 1, "theirs");
+    let ours = ready(&mut net, 0, "ours");
+    let owner = net.name(1);
+    let claim =
+        |net: &mut Net, c: &str, a: Ipv4Addr| net.call(0, |r, now| r.claim(now, c, a)).unwrap();
+    assert_eq!(
+        claim(&mut net, "x", theirs).unwrap_err().to_string(),
+        format!("address {theirs} is owned by peer {owner}, not by this node")
+    );
+    assert_eq!(
+        claim(&mut net, "x", ours).unwrap_err().to_string(),
+        format!("address {ours} is already allocated to ours")
+    );
+    assert_eq!(
+        claim(&mut net, "x", "192.168.0.1".parse().unwrap())
+            .unwrap_err()
+            .to_string(),
+        "address 192.168.0.1 is outside the allocation range 10.32.0.0/12"
+    );
+    let network: Ipv4Addr = "10.32.0.0".parse().unwrap();
+    if net.router(0).ipam().ring().owner_of(network) == Some(net.name(0)) {
+        assert_eq!(
+            claim(&mut net, "x", network).unwrap_err().to_string(),
+            "address 10.32.0.0 is reserved (network, broadcast or gateway address)"
+        );
+    }
+    assert_eq!(
+        allocate(&mut net, 0, "bad:id").unwrap_err().to_string(),
+        "invalid container ID \"bad:id\": must be 1 to 256 printable ASCII characters without ':'"
+    );
+    assert!(allocate(&mut net, 0, "").is_err());
+    // A claim of a free address we own is accepted (restart recovery).
+    let free = net
+        .router(0)
+        .ipam()
+        .own_blocks()
+        .iter()
+        .flat_map(|b| b.hosts())
+        .find(|a| net.router(0).ipam().allocations().holder(*a).is_none())
+        .unwrap();
+    assert_eq!(
+        claim(&mut net, "recovered", free),
+        Ok(Allocation::Ready(free))
+    );
+    assert_eq!(ready(&mut net, 0, "recovered"), free);
+    assert_ne!(GATEWAY_ID, "recovered");
+}
+
+#[test]
+fn a_changed_range_refuses_to_start_with_instructions() {
+    let mut net = Net::new(1, 33, plain);
+    net.run_for(secs(1));
+    let state = net.router(0).state();
+    let mut config = Config::new("node1", crate::harness::address(0));
+    config.ipalloc_range = "10.0.0.0/16".parse().unwrap();
+    let err = Router::new(config, Some(state), [0; 32], Time::ZERO).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "the saved state is for allocation range 10.32.0.0/12, but 10.0.0.0/16 is configured: \
+         use --ipalloc-range 10.32.0.0/12, or remove the data directory to start this node afresh with the new range"
+    );
+}
+
+#[test]
+fn persisted_state_round_trips_through_json() {
+    let mut net = Net::new(2, 34, plain);
+    net.run_for(secs(10));
+    let a = ready(&mut net, 0, "c");
+    let state = net.router(0).state();
+    let json = serde_json::to_string(&state).unwrap();
+    let back: crate::PersistedState = serde_json::from_str(&json).unwrap();
+    let restored = Router::new(
+        net.router(0).config().clone(),
+        Some(back),
+        [1; 32],
+        Time::ZERO,
+    )
+    .unwrap();
+    assert_eq!(restored.name(), net.name(0));
+    assert_eq!(restored.ipam().allocations().get("c"), Some(a));
+    assert_eq!(restored.ipam().ring(), net.router(0).ipam().ring());
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Allocate(usize, u8),
+    Release(usize, u8),
+    Partition(usize),
+    Heal,
+    Restart(usize),
+    CrashAndRemove(usize),
+    Run(u64),
+}
+
+fn arb_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0usize..4, 0u8..12).prop_map(|(n, c)| Op::Allocate(n, c)),
+        2 => (0usize..4, 0u8..12).prop_map(|(n, c)| Op::Release(n, c)),
+        1 => (1usize..4).prop_map(Op::Partition),
+        1 => Just(Op::Heal),
+        1 => (0usize..4).prop_map(Op::Restart),
+        1 => (0usize..4).prop_map(Op::CrashAndRemove),
+        3 => (100u64..8000).prop_map(Op::Run),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    /// Random allocations, releases, partitions, restarts and removals
+    /// over four peers: no address is ever owned by two peers or held by
+    /// two containers, allocation is idempotent, and after healing every
+    /// live peer holds the same ring and every request is served.
+    #[test]
+    fn ipam_stays_unique_and_converges(seed in 0u64..1000, ops in proptest::collection::vec(arb_op(), 1..30)) {
+        let mut net = Net::new(4, seed, |_, c| c.ipalloc_range = "10.32.0.0/24".parse().unwrap());
+        net.run_for(secs(8));
+        let mut given: BTreeMap<(usize, u8), Ipv4Addr> = BTreeMap::new();
+        let mut removed = BTreeSet::new();
+        for op in ops {
+            match op {
+                Op::Allocate(n, c) => {
+                    let result = net.call(n, |r, now| r.allocate(now, &format!("c{c}")));
+                    if let Some(Ok(Allocation::Ready(a))) = result
+                        && let Some(before) = given.insert((n, c), a)
+                    {
+                        prop_assert_eq!(before, a, "allocation is idempotent");
+                    }
+                }
+                Op::Release(n, c) => {
+                    if net.call(n, |r, now| r.release(now, &format!("c{c}"))).is_some() {
+                        given.remove(&(n, c));
+                    }
+                }
+                Op::Partition(k) => {
+                    let (a, b): (Vec<usize>, Vec<usize>) = (0..4).partition(|i| *i < k);
+                    net.partition(&[&a, &b]);
+                }
+                Op::Heal => net.heal(),
+                Op::Restart(n) if !removed.contains(&n) => net.restart(n),
+                Op::Restart(_) => {}
+                Op::CrashAndRemove(n) => {
+                    if removed.len() < 2 && net.nodes[n].is_some() {
+                        let name = net.name(n);
+                        net.crash(n);
+                        removed.insert(n);
+                        given.retain(|(m, _), _| *m != n);
+                        net.run_for(secs(8));
+                        let heir = (0..4).find(|i| net.nodes[*i].is_some()).unwrap();
+                        let _ = net.call(heir, |r, now| r.remove_peer(now, name));
+                    }
+                }
+                Op::Run(ms) => net.run_for(Duration::from_millis(ms)),
+            }
+            assert_unique(&net);
+        }
+        net.heal();
+        net.run_for(secs(60));
+        assert_unique(&net);
+        prop_assert_eq!(ring_summaries(&net).len(), 1, "live peers hold one ring");
+        for (_, r) in net.running() {
+            let pending: Vec<&str> = r.ipam().pending().collect();
+            prop_assert!(pending.is_empty(), "{} still waits for {:?}", r.config().nickname, pending);
+        }
+    }
+}
