@@ -5,6 +5,9 @@ use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use std::collections::{BTreeMap, BTreeSet};
 use std::hint::black_box;
 use std::net::SocketAddr;
+use weft_core::forward::{Forward, ForwardingTable};
+use weft_core::ipam::ring::{Block, Label, Ring, Seed};
+use weft_core::ipam::{Allocation, Ipam, IpamInit, IpamMode, IpamState};
 use weft_core::wire::{Frame, Message, pack_gossip};
 use weft_core::{PeerEntry, PeerName, Routes, Topology};
 
@@ -109,5 +112,85 @@ fn benches(c: &mut Criterion) {
     });
 }
 
-criterion_group!(core, benches);
+/// The default /12 split among 1,000 peers: 1,024 /22 blocks, as many
+/// donations would leave it.
+fn ring_of_1000_peers() -> Ring {
+    let universe: ipnet::Ipv4Net = "10.32.0.0/12".parse().unwrap();
+    let mut ring = Ring::seeded(
+        universe,
+        Seed {
+            id: 1,
+            first_owner: PeerName(0),
+        },
+    );
+    let blocks: Vec<Block> = universe
+        .subnets(22)
+        .unwrap()
+        .enumerate()
+        .map(|(i, prefix)| Block {
+            prefix,
+            label: Label {
+                version: 2,
+                owner: PeerName(i as u64 % PEERS),
+            },
+        })
+        .collect();
+    ring.merge_blocks(&blocks);
+    ring
+}
+
+fn ipam_benches(c: &mut Criterion) {
+    let ring = ring_of_1000_peers();
+    let owned: Vec<(ipnet::Ipv4Net, PeerName)> =
+        ring.blocks().map(|b| (b.prefix, b.label.owner)).collect();
+    let underlay = SocketAddr::from(([192, 168, 1, 1], 6783));
+    let (table, _) = ForwardingTable::build(owned.clone(), |owner| {
+        if owner == PeerName(0) {
+            Forward::Local
+        } else {
+            Forward::Peer {
+                owner,
+                next_hop: owner,
+                underlay,
+            }
+        }
+    });
+    c.bench_function("forward: lookup among 1000 peers' prefixes", |b| {
+        let mut s = 11;
+        b.iter(|| {
+            let addr = std::net::Ipv4Addr::from(0x0a20_0000 + (next(&mut s) as u32 & 0x000f_ffff));
+            black_box(table.lookup(addr))
+        })
+    });
+    c.bench_function("forward: rebuild the table for 1000 peers", |b| {
+        b.iter(|| ForwardingTable::build(owned.clone(), |_| Forward::Unreachable))
+    });
+
+    let state = IpamState {
+        ring,
+        allocations: Default::default(),
+        seeding: Default::default(),
+    };
+    let mode = IpamMode::Ring(IpamInit::Consensus(Some(1)));
+    let mut ipam = Ipam::new(
+        PeerName(0),
+        "10.32.0.0/12".parse().unwrap(),
+        mode,
+        1,
+        Some(state),
+    );
+    let peers = BTreeMap::new();
+    for i in 0..200 {
+        ipam.allocate(&format!("pod-{i}"), &peers).unwrap();
+    }
+    c.bench_function("ipam: allocate + release with 200 pods on a node", |b| {
+        b.iter(|| {
+            let got = ipam.allocate("bench-pod", &peers).unwrap();
+            assert!(matches!(got, Allocation::Ready(_)));
+            ipam.release("bench-pod").unwrap()
+        })
+    });
+}
+
+criterion_group!(core, benches, ipam_benches);
 criterion_main!(core);

@@ -513,7 +513,7 @@ fn arb_op() -> impl Strategy<Value = Op> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(12))]
+    #![proptest_config(ProptestConfig::with_cases(32))]
 
     /// Random allocations, releases, partitions, restarts and removals
     /// over four peers: no address is ever owned by two peers or held by
