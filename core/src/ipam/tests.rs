@@ -572,3 +572,99 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn every_pending_reason_and_refusal_reads_as_users_see_it() {
+    let cases: Vec<(String, &str)> = vec![
+        (
+            PendingReason::AwaitingRing.to_string(),
+            "waiting for the IPAM ring from a peer (this node is an observer and never seeds)",
+        ),
+        (
+            PendingReason::AwaitingPodCidr.to_string(),
+            "waiting for this node's podCIDR",
+        ),
+        (
+            PendingReason::AwaitingDonation.to_string(),
+            "waiting for a peer with free addresses to donate some",
+        ),
+        (
+            PendingReason::OwnersUnreachable.to_string(),
+            "every free address is owned by unreachable peers; if they were deleted from the cluster, remove them to reclaim their space",
+        ),
+        (
+            IpamError::NotRingMode.to_string(),
+            "peer removal applies to ring mode only; in node-cidr mode a node's podCIDR goes with its Node object",
+        ),
+    ];
+    for (got, want) in cases {
+        assert_eq!(got, want);
+    }
+}
+
+#[test]
+fn reserved_addresses_are_never_claimed_or_handed_out() {
+    use super::ring::{Ring, Seed};
+    use super::{Ipam, IpamState};
+    let me = crate::PeerName(1);
+    let range: Ipv4Net = "10.32.0.0/30".parse().unwrap();
+    let ring = Ring::seeded(
+        range,
+        Seed {
+            id: 1,
+            first_owner: me,
+        },
+    );
+    let state = IpamState {
+        ring,
+        allocations: Default::default(),
+        seeding: Default::default(),
+    };
+    let mut ipam = Ipam::new(
+        me,
+        range,
+        IpamMode::Ring(IpamInit::Consensus(Some(1))),
+        1,
+        Some(state),
+    );
+    let peers = BTreeMap::new();
+    assert_eq!(ipam.gateway(), Some("10.32.0.1".parse().unwrap()));
+    for reserved in ["10.32.0.0", "10.32.0.3"] {
+        assert_eq!(
+            ipam.claim("c", reserved.parse().unwrap())
+                .unwrap_err()
+                .to_string(),
+            format!("address {reserved} is reserved (network, broadcast or gateway address)")
+        );
+    }
+    assert_eq!(
+        ipam.allocate("a", &peers),
+        Ok(Allocation::Ready("10.32.0.2".parse().unwrap()))
+    );
+    assert_eq!(
+        ipam.allocate("b", &peers).unwrap_err().to_string(),
+        "the allocation range 10.32.0.0/30 is exhausted: every address is in use"
+    );
+    assert_eq!(
+        ipam.claim("c", "10.32.0.1".parse().unwrap())
+            .unwrap_err()
+            .to_string(),
+        "address 10.32.0.1 is already allocated to weft:gateway"
+    );
+}
+
+#[test]
+fn config_refusals_say_what_to_do() {
+    let mut c = Config::new("n", crate::harness::address(0));
+    c.ipalloc_range = "10.32.0.0/31".parse().unwrap();
+    assert_eq!(
+        c.validate().unwrap_err().to_string(),
+        "allocation range 10.32.0.0/31 is too small: use a /30 or larger"
+    );
+    let mut c = Config::new("n", crate::harness::address(0));
+    c.ipam = IpamMode::Ring(IpamInit::Consensus(Some(0)));
+    assert_eq!(
+        c.validate().unwrap_err().to_string(),
+        "consensus=0 can never seed the ring: give the number of initial peers, or use observer"
+    );
+}
