@@ -181,11 +181,14 @@ fn ipam_benches(c: &mut Criterion) {
     );
     let peers = BTreeMap::new();
     for i in 0..200 {
-        ipam.allocate(&format!("pod-{i}"), &peers).unwrap();
+        ipam.allocate(weft_core::Time::ZERO, &format!("pod-{i}"), &peers)
+            .unwrap();
     }
     c.bench_function("ipam: allocate + release with 200 pods on a node", |b| {
         b.iter(|| {
-            let got = ipam.allocate("bench-pod", &peers).unwrap();
+            let got = ipam
+                .allocate(weft_core::Time::ZERO, "bench-pod", &peers)
+                .unwrap();
             assert!(matches!(got, Allocation::Ready(_)));
             ipam.release("bench-pod").unwrap()
         })

@@ -64,6 +64,8 @@ pub enum Heard {
 #[derive(Clone, Debug, Default)]
 pub struct Connections {
     links: BTreeMap<PeerName, Link>,
+    /// Address -> linked peer, kept in step with `links`.
+    linked: BTreeMap<SocketAddr, PeerName>,
     targets: BTreeMap<SocketAddr, Target>,
     /// Addresses that turned out to be this node itself.
     own_addresses: BTreeSet<SocketAddr>,
@@ -117,12 +119,19 @@ impl Connections {
         let (token, summary) = (heartbeat.token, heartbeat.topology_summary);
         // A wiped node comes back at the same address under a new name: the
         // old link is gone for good, not merely silent.
-        self.links
-            .retain(|name, link| *name == peer || link.address != address);
+        if let Some(old) = self.linked.get(&address).copied()
+            && old != peer
+        {
+            self.links.remove(&old);
+            self.linked.remove(&address);
+        }
         let at_limit = self.links.len() >= conn_limit;
         let outcome = match self.links.get_mut(&peer) {
             Some(link) => {
-                link.address = address;
+                if link.address != address {
+                    self.linked.remove(&link.address);
+                    link.address = address;
+                }
                 if link.confirmed_at.is_some() || heard_you {
                     Heard::Known
                 } else {
@@ -146,6 +155,7 @@ impl Connections {
                 Heard::NewLink
             }
         };
+        self.linked.insert(address, peer);
         if let Some(link) = self.links.get_mut(&peer) {
             link.last_heard = now;
             link.token = token;
@@ -172,6 +182,7 @@ impl Connections {
             .collect();
         for peer in &dead {
             if let Some(link) = self.links.remove(peer)
+                && self.linked.remove(&link.address).is_some()
                 && let Some(target) = self.targets.get_mut(&link.address)
             {
                 target.attempts = 0;
@@ -220,12 +231,12 @@ impl Connections {
         if slots == 0 {
             return Vec::new();
         }
-        let linked: BTreeSet<SocketAddr> = self.links.values().map(|l| l.address).collect();
+        let linked = &self.linked;
         let due = |configured: bool| -> Vec<SocketAddr> {
             self.targets
                 .iter()
                 .filter(|(a, t)| {
-                    t.configured == configured && t.next_try <= now && !linked.contains(a)
+                    t.configured == configured && t.next_try <= now && !linked.contains_key(*a)
                 })
                 .map(|(a, _)| *a)
                 .collect()
@@ -262,10 +273,9 @@ impl Connections {
         if self.links.len() >= conn_limit {
             return None;
         }
-        let linked: BTreeSet<SocketAddr> = self.links.values().map(|l| l.address).collect();
         self.targets
             .iter()
-            .filter(|(a, _)| !linked.contains(*a))
+            .filter(|(a, _)| !self.linked.contains_key(*a))
             .map(|(_, t)| t.next_try)
             .min()
     }

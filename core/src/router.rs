@@ -244,7 +244,7 @@ impl Router {
     /// time. `Pending` completes later with an [`Event::Ipam`].
     pub fn allocate(&mut self, now: Time, container: &str) -> Result<Allocation, IpamError> {
         let views = peer_views(&self.topology, &self.routes, self.me);
-        let result = self.ipam.allocate(container, &views);
+        let result = self.ipam.allocate(now, container, &views);
         self.ipam_dirty = true;
         self.settle(now);
         result
@@ -622,10 +622,12 @@ impl Router {
             .collect();
         let ring_news = self.ipam.take_ring_news(self.config.rumor_rounds);
         for peer in targets {
-            self.send_entries(peer, &entries);
+            // Ring first: a donor's entry saying "free: 0" should not
+            // arrive before the donation it made.
             if let Some(update) = &ring_news {
                 self.send_ring(peer, update);
             }
+            self.send_entries(peer, &entries);
         }
         self.news.retain(|_, rounds| {
             *rounds = rounds.saturating_sub(1);
@@ -670,11 +672,12 @@ impl Router {
     /// Brings derived state up to date: our own entry, routes, learnt
     /// addresses, the gossip timer.
     fn settle(&mut self, now: Time) {
-        let before: BTreeSet<PeerName> = self.own_entry().connections.iter().copied().collect();
         let mut established = self.connections.established(now, self.config.dead_after);
         established.truncate(crate::config::MAX_CONN_LIMIT);
-        let after: BTreeSet<PeerName> = established.iter().copied().collect();
-        if before != after {
+        // Both lists are ascending; the sets are built only on a change.
+        if established != self.own_entry().connections {
+            let before: BTreeSet<PeerName> = self.own_entry().connections.iter().copied().collect();
+            let after: BTreeSet<PeerName> = established.iter().copied().collect();
             for peer in after.difference(&before) {
                 if let Some(link) = self.connections.link(*peer) {
                     let address = link.address;

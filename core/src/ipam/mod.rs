@@ -159,6 +159,9 @@ pub struct IpamState {
 /// Least time between two donations to the same peer: long enough for the
 /// first to reach it and its updated announcement to come back.
 const DONATION_INTERVAL: Duration = Duration::from_secs(2);
+/// Least time between two donations by this peer: one round of gossip, so
+/// the donors and the needy of the next round know about this one.
+const DONATION_PACE: Duration = Duration::from_millis(500);
 /// Most ring errors remembered (one per peer), so a flood of misconfigured
 /// peers cannot grow memory without bound.
 const MAX_RING_ERRORS: usize = 64;
@@ -182,6 +185,9 @@ pub struct Ipam {
     events: VecDeque<IpamEvent>,
     /// `ring.summary()`, kept because every heartbeat carries it.
     ring_summary: u64,
+    /// Since when every owner has announced a full space.
+    exhausted_since: Option<Time>,
+    last_donation: Option<Time>,
 }
 
 impl Ipam {
@@ -211,6 +217,8 @@ impl Ipam {
             tombstone_news: 0,
             events: VecDeque::new(),
             ring_summary: 0,
+            exhausted_since: None,
+            last_donation: None,
         };
         ipam.ring_summary = ipam.ring.summary();
         ipam.pending.insert(GATEWAY_ID.to_string());
@@ -309,6 +317,7 @@ impl Ipam {
     /// An address for `container`: the same one every time it asks.
     pub fn allocate(
         &mut self,
+        now: Time,
         container: &str,
         peers: &BTreeMap<PeerName, PeerView>,
     ) -> Result<Allocation, IpamError> {
@@ -322,7 +331,7 @@ impl Ipam {
             Some(addr) => Ok(Allocation::Ready(addr)),
             None => {
                 let reason = self.pending_reason(peers);
-                if let Err(error) = self.check_exhausted(peers) {
+                if let Err(error) = self.check_exhausted(now, peers) {
                     self.pending.remove(container);
                     return Err(error);
                 }
@@ -525,7 +534,7 @@ impl Ipam {
         }
         self.donate(now, peers);
         self.complete_pending();
-        if let Err(error) = self.check_exhausted(peers) {
+        if let Err(error) = self.check_exhausted(now, peers) {
             for container in std::mem::take(&mut self.pending) {
                 self.events.push_back(IpamEvent::AllocationFailed {
                     container,
@@ -602,45 +611,53 @@ impl Ipam {
             })
             .map(|(n, _)| *n)
             .collect();
-        // The two richest peers (us included): the richest gives, unless it
-        // is the recipient itself, then the runner-up does.
-        let mut richest: Vec<(u64, PeerName)> = peers
+        if needy.is_empty()
+            || self
+                .last_donation
+                .is_some_and(|t| now.saturating_since(t) < DONATION_PACE)
+        {
+            return;
+        }
+        // Pair the needy (by name) with the donors (richest first, us
+        // included): every donor serves one needy peer per round, so space
+        // spreads by doubling instead of queueing at one donor. Each donor
+        // computes the same pairing from (nearly) the same announcements;
+        // where views differ, a peer may get two donations, which is harmless.
+        let mut donors: Vec<(u64, PeerName)> = peers
             .iter()
-            .filter(|(n, p)| **n != self.me && same_ring(p))
+            .filter(|(n, p)| {
+                **n != self.me && same_ring(p) && p.info.free > 0 && !p.info.wants_space
+            })
             .map(|(n, p)| (p.info.free, *n))
             .chain([(free, self.me)])
             .collect();
-        richest.sort_unstable_by(|a, b| b.cmp(a));
-        richest.truncate(2);
-        for recipient in needy {
-            let donor = richest
-                .iter()
-                .find(|(_, n)| *n != recipient)
-                .map(|(_, n)| *n);
-            if donor != Some(self.me) {
-                continue;
-            }
-            let reserved = self.reserved();
-            let most = (free / 2).max(1);
-            let Some(block) = self
-                .space
-                .largest_empty_block(&self.own_blocks(), &reserved, most)
-            else {
-                return;
-            };
-            let label = Label {
-                version: self.ring.max_version_in(block) + 1,
-                owner: recipient,
-            };
-            self.ring.merge_block(Block {
-                prefix: block,
-                label,
-            });
-            self.ring_news.insert(block, u8::MAX);
-            self.donated.insert(recipient, now);
-            self.after_ring_change();
+        donors.sort_unstable_by(|a, b| b.cmp(a));
+        let Some(rank) = donors.iter().position(|(_, n)| *n == self.me) else {
             return;
-        }
+        };
+        let Some(recipient) = needy.get(rank).copied() else {
+            return;
+        };
+        let reserved = self.reserved();
+        let most = (free / 2).max(1);
+        let Some(block) = self
+            .space
+            .largest_empty_block(&self.own_blocks(), &reserved, most)
+        else {
+            return;
+        };
+        let label = Label {
+            version: self.ring.max_version_in(block) + 1,
+            owner: recipient,
+        };
+        self.ring.merge_block(Block {
+            prefix: block,
+            label,
+        });
+        self.ring_news.insert(block, u8::MAX);
+        self.donated.insert(recipient, now);
+        self.last_donation = Some(now);
+        self.after_ring_change();
     }
 
     fn complete_pending(&mut self) {
@@ -749,12 +766,19 @@ impl Ipam {
     }
 
     /// The range is truly exhausted when we and every peer that owns part
-    /// of the ring announce no free address at all.
-    fn check_exhausted(&self, peers: &BTreeMap<PeerName, PeerView>) -> Result<(), IpamError> {
+    /// of the ring announce no free address at all, and have for a while: a
+    /// donor's "free: 0" can arrive just before the donation it made to us,
+    /// so one glimpse is not enough unless we own the whole ring.
+    fn check_exhausted(
+        &mut self,
+        now: Time,
+        peers: &BTreeMap<PeerName, PeerView>,
+    ) -> Result<(), IpamError> {
         let IpamMode::Ring(_) = self.mode else {
             return Ok(());
         };
-        if self.pending.is_empty() || !self.ring.is_seeded() || self.free() > 0 {
+        if self.pending.is_empty() || !self.ring.is_complete() || self.free() > 0 {
+            self.exhausted_since = None;
             return Ok(());
         }
         let owners: BTreeSet<PeerName> = self
@@ -762,12 +786,19 @@ impl Ipam {
             .blocks()
             .map(|b| self.ring.resolve(b.label.owner))
             .collect();
-        let all_full = owners.iter().filter(|o| **o != self.me).all(|o| {
+        let ring = self.ring.seed().map(|s| s.id);
+        let others: Vec<&PeerName> = owners.iter().filter(|o| **o != self.me).collect();
+        let all_full = others.iter().all(|o| {
             peers
                 .get(o)
-                .is_some_and(|p| p.info.free == 0 && p.info.ring == self.info().ring)
+                .is_some_and(|p| p.info.free == 0 && p.info.ring == ring)
         });
-        if all_full {
+        if !all_full {
+            self.exhausted_since = None;
+            return Ok(());
+        }
+        let since = *self.exhausted_since.get_or_insert(now);
+        if others.is_empty() || now.saturating_since(since) >= DONATION_INTERVAL {
             return Err(IpamError::Exhausted {
                 range: self.ring.universe(),
             });

@@ -124,6 +124,13 @@ impl Ring {
         })
     }
 
+    /// Whether every address of the universe is labelled: a ring only
+    /// partly received (one gossip datagram of it) is not.
+    pub fn is_complete(&self) -> bool {
+        let start = u32::from(self.universe.network());
+        self.seed.is_some() && self.covers(start, self.universe.prefix_len())
+    }
+
     pub fn block_count(&self) -> usize {
         self.blocks.len()
     }

@@ -263,7 +263,12 @@ fn removing_a_deleted_node_hands_its_space_over_once() {
     net.wipe(2);
     net.run_for(secs(20));
     assert_ne!(net.name(2), gone);
-    assert!(net.router(2).gateway().is_some());
+    let st = net.router(2).status(net.now);
+    assert!(
+        net.router(2).gateway().is_some(),
+        "{}",
+        serde_json::to_string_pretty(&st.ipam).unwrap()
+    );
     assert_unique(&net);
 }
 
@@ -638,11 +643,13 @@ fn reserved_addresses_are_never_claimed_or_handed_out() {
         );
     }
     assert_eq!(
-        ipam.allocate("a", &peers),
+        ipam.allocate(Time::ZERO, "a", &peers),
         Ok(Allocation::Ready("10.32.0.2".parse().unwrap()))
     );
     assert_eq!(
-        ipam.allocate("b", &peers).unwrap_err().to_string(),
+        ipam.allocate(Time::ZERO, "b", &peers)
+            .unwrap_err()
+            .to_string(),
         "the allocation range 10.32.0.0/30 is exhausted: every address is in use"
     );
     assert_eq!(

@@ -1,0 +1,281 @@
+//! The checks of SCENARIOS.md, evaluated against a running simulation.
+
+use crate::engine::{Sim, TRAFFIC_WINDOW};
+use crate::scenario::{CheckAt, Expect};
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use weft_core::forward::Forward;
+
+/// Most hops a probe follows before it is declared looping.
+const MAX_HOPS: usize = 32;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckOutcome {
+    #[serde(skip)]
+    pub index: usize,
+    /// Line of the check in the scenario file.
+    pub line: usize,
+    pub at: String,
+    pub expect: String,
+    pub passed: bool,
+    pub detail: String,
+}
+
+pub fn evaluate(sim: &Sim, index: usize) -> CheckOutcome {
+    let check = &sim.scenario.checks[index];
+    let result = match &check.expect {
+        Expect::Converged => converged(sim),
+        Expect::UniqueIps => unique_ips(sim).and_then(|_| match &sim.uniqueness_violation {
+            Some((t, d)) => Err(format!("violated at {t}: {d}")),
+            None => Ok("no address held twice".into()),
+        }),
+        Expect::Allocated(pods) => allocated(sim, pods.as_deref()),
+        Expect::Pending(pods) => pending(sim, pods),
+        Expect::Reachable { from, to } => reachable(sim, from.as_deref(), to.as_deref()),
+        Expect::Unreachable { from, to } => match probe(sim, from, to) {
+            Ok(hops) => Err(format!("{from} -> {to} delivered in {hops} hop(s)")),
+            Err(why) => Ok(format!("{from} -> {to} not delivered: {why}")),
+        },
+        Expect::GossipBytes { max_per_node_per_s } => {
+            let rate = sim.gossip_bytes_per_node_per_s();
+            let text = format!(
+                "{rate:.0} B/s per node over the last {}s (bound {max_per_node_per_s})",
+                TRAFFIC_WINDOW.as_secs()
+            );
+            if rate <= *max_per_node_per_s {
+                Ok(text)
+            } else {
+                Err(text)
+            }
+        }
+    };
+    let (passed, detail) = match result {
+        Ok(d) => (true, d),
+        Err(d) => (false, d),
+    };
+    CheckOutcome {
+        index,
+        line: check.line,
+        at: match check.at {
+            CheckAt::Time(t) => format!("{}s", t.as_secs_f64()),
+            CheckAt::End => "end".into(),
+            CheckAt::Always => "always".into(),
+        },
+        expect: name(&check.expect).into(),
+        passed,
+        detail,
+    }
+}
+
+pub fn name(e: &Expect) -> &'static str {
+    match e {
+        Expect::Converged => "converged",
+        Expect::UniqueIps => "unique_ips",
+        Expect::Allocated(_) => "allocated",
+        Expect::Pending(_) => "pending",
+        Expect::Reachable { .. } => "reachable",
+        Expect::Unreachable { .. } => "unreachable",
+        Expect::GossipBytes { .. } => "gossip_bytes",
+    }
+}
+
+/// Every running node holds the same peers, connections and ring.
+pub fn converged(sim: &Sim) -> Result<String, String> {
+    let running: Vec<&weft_core::Router> =
+        sim.nodes.iter().filter_map(|n| n.router.as_ref()).collect();
+    let views: BTreeSet<(u64, u64)> = running
+        .iter()
+        .map(|r| (r.topology().summary(), r.ipam().ring_summary()))
+        .collect();
+    match views.len() {
+        0 => Err("no node is running".into()),
+        1 => Ok(format!("{} running nodes agree", running.len())),
+        n => Err(format!(
+            "{n} different views among {} running nodes",
+            running.len()
+        )),
+    }
+}
+
+/// No address held by two pods; no address owned by two running peers.
+pub fn unique_ips(sim: &Sim) -> Result<String, String> {
+    let mut holders: BTreeMap<Ipv4Addr, &str> = BTreeMap::new();
+    for (pod, p) in &sim.pods {
+        if let Some(a) = p.address
+            && let Some(other) = holders.insert(a, pod)
+        {
+            return Err(format!("{a} is held by both {other} and {pod}"));
+        }
+    }
+    let mut owned: Vec<(u32, u32, usize)> = sim
+        .owned
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| sim.nodes[*i].router.is_some())
+        .flat_map(|(i, (_, blocks))| {
+            blocks
+                .iter()
+                .map(move |b| (u32::from(b.network()), u32::from(b.broadcast()), i))
+        })
+        .collect();
+    owned.sort_unstable();
+    for w in owned.windows(2) {
+        if w[1].0 <= w[0].1 && w[0].2 != w[1].2 {
+            return Err(format!(
+                "{} and {} both own {}",
+                sim.nodes[w[0].2].name,
+                sim.nodes[w[1].2].name,
+                Ipv4Addr::from(w[1].0)
+            ));
+        }
+    }
+    Ok("unique".into())
+}
+
+fn allocated(sim: &Sim, pods: Option<&[String]>) -> Result<String, String> {
+    let names: Vec<&String> = match pods {
+        Some(list) => list.iter().collect(),
+        None => sim.pods.keys().collect(),
+    };
+    let missing: Vec<String> = names
+        .iter()
+        .filter(|p| sim.pods.get(**p).is_none_or(|pod| pod.address.is_none()))
+        .map(|p| describe_missing(sim, p))
+        .collect();
+    if missing.is_empty() {
+        Ok(format!("{} pods have an address", names.len()))
+    } else {
+        Err(format!(
+            "{} of {} pods have no address: {}",
+            missing.len(),
+            names.len(),
+            head(&missing)
+        ))
+    }
+}
+
+fn describe_missing(sim: &Sim, pod: &str) -> String {
+    match sim.pods.get(pod) {
+        None => format!("{pod} (deleted)"),
+        Some(p) => match &p.failed {
+            Some(e) => format!("{pod} (failed: {e})"),
+            None => format!("{pod} (pending on {})", sim.nodes[p.node].name),
+        },
+    }
+}
+
+fn pending(sim: &Sim, pods: &[String]) -> Result<String, String> {
+    let holding: Vec<String> = pods
+        .iter()
+        .filter_map(|p| Some(format!("{p}={}", sim.pods.get(p)?.address?)))
+        .collect();
+    if holding.is_empty() {
+        Ok(format!("{} pods have no address yet", pods.len()))
+    } else {
+        Err(format!("these pods have an address: {}", head(&holding)))
+    }
+}
+
+fn reachable(sim: &Sim, from: Option<&str>, to: Option<&str>) -> Result<String, String> {
+    // Live pods: those on running nodes.
+    let live: Vec<&String> = sim
+        .pods
+        .iter()
+        .filter(|(_, p)| sim.nodes[p.node].router.is_some())
+        .map(|(n, _)| n)
+        .collect();
+    let sources: Vec<&str> =
+        from.map_or_else(|| live.iter().map(|s| s.as_str()).collect(), |f| vec![f]);
+    let targets: Vec<&str> =
+        to.map_or_else(|| live.iter().map(|s| s.as_str()).collect(), |t| vec![t]);
+    let mut failures = Vec::new();
+    let (mut probes, mut most_hops) = (0, 0);
+    for s in &sources {
+        for t in &targets {
+            if s == t {
+                continue;
+            }
+            probes += 1;
+            match probe(sim, s, t) {
+                Ok(hops) => most_hops = most_hops.max(hops),
+                Err(why) => failures.push(format!("{s} -> {t}: {why}")),
+            }
+        }
+    }
+    if failures.is_empty() {
+        Ok(format!(
+            "{probes} probes delivered, the longest over {most_hops} hop(s)"
+        ))
+    } else {
+        Err(format!(
+            "{} of {probes} probes not delivered: {}",
+            failures.len(),
+            head(&failures)
+        ))
+    }
+}
+
+/// Follows `forward()` hop by hop from the source pod's node, through the
+/// simulated network (relays included), to the node holding the target.
+pub fn probe(sim: &Sim, from: &str, to: &str) -> Result<usize, String> {
+    let src = sim
+        .pods
+        .get(from)
+        .ok_or_else(|| format!("pod {from} does not exist"))?;
+    let dst = sim
+        .pods
+        .get(to)
+        .ok_or_else(|| format!("pod {to} does not exist"))?;
+    src.address
+        .ok_or_else(|| format!("{from} has no address"))?;
+    let addr = dst.address.ok_or_else(|| format!("{to} has no address"))?;
+    let mut at = src.node;
+    for hops in 0..=MAX_HOPS {
+        let node = &sim.nodes[at];
+        let router = node
+            .router
+            .as_ref()
+            .ok_or_else(|| format!("{} is down", node.name))?;
+        match router.forward(addr) {
+            Forward::Local if at == dst.node => return Ok(hops),
+            Forward::Local => {
+                return Err(format!(
+                    "{} takes {addr} as local, but {to} is on {}",
+                    node.name, sim.nodes[dst.node].name
+                ));
+            }
+            Forward::Unreachable => return Err(format!("{} has no route to {addr}", node.name)),
+            Forward::Peer {
+                next_hop, underlay, ..
+            } => {
+                let next = sim
+                    .nodes
+                    .iter()
+                    .position(|n| n.address == underlay)
+                    .ok_or_else(|| {
+                        format!(
+                            "{} forwards to unknown underlay {underlay} ({next_hop})",
+                            node.name
+                        )
+                    })?;
+                if !sim.network.link_up(at, next) {
+                    return Err(format!(
+                        "{} forwards via {}, but that link is down",
+                        node.name, sim.nodes[next].name
+                    ));
+                }
+                at = next;
+            }
+        }
+    }
+    Err(format!("more than {MAX_HOPS} hops: a forwarding loop"))
+}
+
+fn head(items: &[String]) -> String {
+    let mut s = items.iter().take(5).cloned().collect::<Vec<_>>().join("; ");
+    if items.len() > 5 {
+        s.push_str(&format!("; and {} more", items.len() - 5));
+    }
+    s
+}

@@ -1,0 +1,654 @@
+//! The discrete-event engine: every node's weft-core router driven through
+//! its sans-IO API from one seeded event queue; virtual time jumps to the
+//! next delivery, timer or scenario event.
+
+use crate::checks::{self, CheckOutcome};
+use crate::network::Network;
+use crate::scenario::{Action, CheckAt, EventDef, IpamKind, Scenario};
+use crate::trace::Trace;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+use weft_core::ipam::{Allocation, IpamEvent, IpamInit, IpamMode};
+use weft_core::random::Random;
+use weft_core::{Config, Event, PersistedState, Router, Time};
+
+pub const PORT: u16 = 6783;
+
+/// One simulated node: the router while it runs, what it persisted.
+pub struct SimNode {
+    pub name: String,
+    pub address: SocketAddr,
+    pub router: Option<Router>,
+    saved: Option<PersistedState>,
+    boots: u64,
+    pub removed: bool,
+    /// Generation of the node's current timer entry in the queue.
+    timer_gen: u64,
+}
+
+/// A simulated pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pod {
+    pub node: usize,
+    pub address: Option<Ipv4Addr>,
+    pub failed: Option<String>,
+}
+
+#[derive(Debug)]
+enum Step {
+    Deliver {
+        from: usize,
+        to: usize,
+        bytes: Vec<u8>,
+    },
+    Timer {
+        node: usize,
+        generation: u64,
+    },
+    Scenario(usize),
+    Check(usize),
+    Reclaim {
+        removed: usize,
+        name: weft_core::PeerName,
+    },
+    Sample,
+}
+
+/// How often convergence and traffic are sampled.
+const SAMPLE: Duration = Duration::from_millis(100);
+/// Traffic window of `gossip_bytes` checks and reports.
+pub const TRAFFIC_WINDOW: Duration = Duration::from_secs(10);
+
+pub struct Sim<'a> {
+    pub scenario: &'a Scenario,
+    pub seed: u64,
+    pub now: Time,
+    pub nodes: Vec<SimNode>,
+    pub pods: BTreeMap<String, Pod>,
+    /// Deletions waiting for a node to come back (kubelet retries DEL).
+    releases: BTreeMap<usize, BTreeSet<String>>,
+    queue: BTreeMap<(Time, u64), Step>,
+    seq: u64,
+    rng: Random,
+    pub network: Network,
+    pub trace: Trace,
+    /// Bytes each node sent, cumulative, sampled every `SAMPLE`.
+    pub sent: Vec<u64>,
+    pub samples: Vec<(Time, Vec<u64>, bool)>,
+    pub outcomes: Vec<CheckOutcome>,
+    pub last_disruption: Time,
+    /// First violation of address uniqueness, if any.
+    pub uniqueness_violation: Option<(Time, String)>,
+    /// Each running node's own blocks, and the ring summary they were
+    /// read at (re-read only when the ring changed).
+    pub owned: Vec<(u64, Vec<ipnet::Ipv4Net>)>,
+    /// Ownership or pod addresses changed since uniqueness was checked.
+    unique_dirty: bool,
+    /// Underlay address -> node.
+    by_address: BTreeMap<SocketAddr, usize>,
+}
+
+impl<'a> Sim<'a> {
+    pub fn new(scenario: &'a Scenario, seed: u64) -> Sim<'a> {
+        let nodes = scenario
+            .nodes
+            .iter()
+            .map(|n| SimNode {
+                name: n.name.clone(),
+                address: SocketAddr::from((n.address, PORT)),
+                router: None,
+                saved: None,
+                boots: 0,
+                removed: false,
+                timer_gen: 0,
+            })
+            .collect();
+        let mut seed_bytes = [0u8; 32];
+        seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
+        seed_bytes[8..16].copy_from_slice(b"network!");
+        let mut sim = Sim {
+            scenario,
+            seed,
+            now: Time::ZERO,
+            nodes,
+            pods: BTreeMap::new(),
+            releases: BTreeMap::new(),
+            queue: BTreeMap::new(),
+            seq: 0,
+            rng: Random::from_seed(seed_bytes),
+            network: Network::new(scenario),
+            trace: Trace::default(),
+            sent: vec![0; scenario.nodes.len()],
+            samples: Vec::new(),
+            outcomes: Vec::new(),
+            last_disruption: Time::ZERO,
+            uniqueness_violation: None,
+            owned: vec![(0, Vec::new()); scenario.nodes.len()],
+            unique_dirty: false,
+            by_address: BTreeMap::new(),
+        };
+        sim.by_address = sim
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.address, i))
+            .collect();
+        for (i, e) in scenario.events.iter().enumerate() {
+            sim.schedule(Time::from_duration(e.at), Step::Scenario(i));
+        }
+        for (i, c) in scenario.checks.iter().enumerate() {
+            if let CheckAt::Time(t) = c.at {
+                sim.schedule(Time::from_duration(t), Step::Check(i));
+            }
+        }
+        sim.schedule(Time::ZERO, Step::Sample);
+        let initial: Vec<usize> = (0..scenario.nodes.len())
+            .filter(|i| scenario.nodes[*i].start)
+            .collect();
+        for i in initial {
+            sim.start(i);
+        }
+        sim
+    }
+
+    fn schedule(&mut self, at: Time, step: Step) {
+        self.seq += 1;
+        self.queue.insert((at, self.seq), step);
+    }
+
+    /// Runs to the end of the scenario and evaluates the `end` checks.
+    pub fn run(&mut self) {
+        let end = Time::from_duration(self.scenario.duration);
+        while let Some(entry) = self.queue.first_entry() {
+            let (at, _) = *entry.key();
+            if at > end {
+                break;
+            }
+            let step = entry.remove();
+            self.now = at;
+            self.step(step);
+            self.after_step();
+        }
+        self.now = end;
+        for (i, c) in self.scenario.checks.iter().enumerate() {
+            if matches!(c.at, CheckAt::End | CheckAt::Always) {
+                let outcome = checks::evaluate(self, i);
+                self.record(outcome);
+            }
+        }
+    }
+
+    fn step(&mut self, step: Step) {
+        match step {
+            Step::Deliver { from, to, bytes } => {
+                let src = self.nodes[from].address;
+                self.with(to, |r, now| r.handle_datagram(now, src, &bytes));
+            }
+            Step::Timer { node, generation } => {
+                if self.nodes[node].timer_gen == generation {
+                    self.with(node, |r, now| r.handle_timeout(now));
+                }
+            }
+            Step::Scenario(i) => {
+                let event = self.scenario.events[i].clone();
+                self.apply(&event);
+            }
+            Step::Check(i) => {
+                let outcome = checks::evaluate(self, i);
+                self.record(outcome);
+            }
+            Step::Reclaim { removed, name } => self.reclaim(removed, name),
+            Step::Sample => {
+                let converged = checks::converged(self).is_ok();
+                self.samples.push((self.now, self.sent.clone(), converged));
+                self.schedule(self.now + SAMPLE, Step::Sample);
+            }
+        }
+    }
+
+    /// Invariants and `always` checks, after every step.
+    fn after_step(&mut self) {
+        if self.uniqueness_violation.is_none()
+            && std::mem::take(&mut self.unique_dirty)
+            && let Err(detail) = checks::unique_ips(self)
+        {
+            self.trace
+                .line(self.now, "-", &format!("UNIQUE_IPS VIOLATED: {detail}"));
+            self.uniqueness_violation = Some((self.now, detail));
+        }
+        for (i, c) in self.scenario.checks.iter().enumerate() {
+            // unique_ips is enforced above after every step already.
+            if c.at == CheckAt::Always && c.expect != crate::scenario::Expect::UniqueIps {
+                let outcome = checks::evaluate(self, i);
+                if !outcome.passed && !self.outcomes.iter().any(|o| o.index == i) {
+                    self.record(outcome);
+                }
+            }
+        }
+    }
+
+    fn record(&mut self, outcome: CheckOutcome) {
+        let verdict = if outcome.passed { "pass" } else { "FAIL" };
+        self.trace.line(
+            self.now,
+            "-",
+            &format!(
+                "check line {} {}: {verdict} {}",
+                outcome.line, outcome.expect, outcome.detail
+            ),
+        );
+        self.outcomes.push(outcome);
+    }
+
+    // ---- driving one router -------------------------------------------
+
+    /// Runs `f` on a running node, then drains its outputs (the core's
+    /// calling rule) and re-arms its timer.
+    fn with<R>(&mut self, i: usize, f: impl FnOnce(&mut Router, Time) -> R) -> Option<R> {
+        let now = self.now;
+        let router = self.nodes[i].router.as_mut()?;
+        let result = f(router, now);
+        let mut transmits = Vec::new();
+        while let Some(t) = router.poll_transmit() {
+            transmits.push(t);
+        }
+        let mut events = Vec::new();
+        while let Some(e) = router.poll_event() {
+            events.push(e);
+        }
+        let timeout = router.poll_timeout();
+        let summary = router.ipam().ring_summary();
+        if self.owned[i].0 != summary || self.owned[i].1.is_empty() {
+            self.owned[i] = (summary, router.ipam().own_blocks());
+            self.unique_dirty = true;
+        }
+        for t in transmits {
+            self.sent[i] += t.payload.len() as u64;
+            self.trace.datagram(&t.payload);
+            let Some(to) = self.by_address.get(&t.destination).copied() else {
+                continue;
+            };
+            if let Some(delay) = self.network.deliver(i, to, &mut self.rng) {
+                self.schedule(
+                    now + delay,
+                    Step::Deliver {
+                        from: i,
+                        to,
+                        bytes: t.payload,
+                    },
+                );
+            }
+        }
+        for e in events {
+            self.on_event(i, e);
+        }
+        if let Some(at) = timeout {
+            let node = &mut self.nodes[i];
+            node.timer_gen += 1;
+            let generation = node.timer_gen;
+            self.schedule(
+                at.max(now),
+                Step::Timer {
+                    node: i,
+                    generation,
+                },
+            );
+        }
+        Some(result)
+    }
+
+    fn on_event(&mut self, i: usize, event: Event) {
+        let name = self.nodes[i].name.clone();
+        match &event {
+            Event::Ipam(IpamEvent::Allocated { container, address }) => {
+                if let Some(pod) = self.pods.get_mut(container)
+                    && pod.node == i
+                {
+                    pod.address = Some(*address);
+                    self.unique_dirty = true;
+                }
+            }
+            Event::Ipam(IpamEvent::AllocationFailed { container, error }) => {
+                if let Some(pod) = self.pods.get_mut(container)
+                    && pod.node == i
+                {
+                    pod.failed = Some(error.to_string());
+                }
+            }
+            _ => {}
+        }
+        self.trace.line(self.now, &name, &self.describe(&event));
+    }
+
+    fn describe(&self, event: &Event) -> String {
+        let nick = |p: &weft_core::PeerName| self.nickname(*p);
+        match event {
+            Event::ConnectionUp { peer, .. } => format!("connection up {}", nick(peer)),
+            Event::ConnectionDown { peer } => format!("connection down {}", nick(peer)),
+            Event::PeerDiscovered { nickname, .. } => format!("discovered {nickname}"),
+            Event::PeerForgotten { peer } => format!("forgot {peer}"),
+            Event::Route {
+                peer,
+                next_hop: Some(h),
+            } => format!("route {} via {}", nick(peer), nick(h)),
+            Event::Route {
+                peer,
+                next_hop: None,
+            } => format!("route {} unreachable", nick(peer)),
+            Event::Prefix { prefix, forward } => format!(
+                "prefix {prefix} {}",
+                match forward {
+                    None => "withdrawn".to_string(),
+                    Some(weft_core::forward::Forward::Local) => "local".to_string(),
+                    Some(weft_core::forward::Forward::Unreachable) => "unreachable".to_string(),
+                    Some(weft_core::forward::Forward::Peer {
+                        owner, next_hop, ..
+                    }) => format!("owner {} via {}", nick(owner), nick(next_hop)),
+                }
+            ),
+            Event::Ipam(IpamEvent::Allocated { container, address }) => {
+                format!("allocated {address} to {container}")
+            }
+            Event::Ipam(IpamEvent::AllocationFailed { container, error }) => {
+                format!("allocation for {container} failed: {error}")
+            }
+            Event::Ipam(IpamEvent::RingSeeded { seed, first_owner }) => {
+                format!("ring seeded {seed:016x} first owner {}", nick(first_owner))
+            }
+            Event::Ipam(IpamEvent::Conflict {
+                container, address, ..
+            }) => format!("CONFLICT {container} holds {address} outside own space"),
+        }
+    }
+
+    /// A peer's node name, as far as the simulation knows it.
+    pub fn nickname(&self, peer: weft_core::PeerName) -> String {
+        self.nodes
+            .iter()
+            .find(|n| {
+                n.router.as_ref().is_some_and(|r| r.name() == peer)
+                    || n.saved.as_ref().is_some_and(|s| s.name == peer)
+            })
+            .map_or_else(|| peer.to_string(), |n| n.name.clone())
+    }
+
+    // ---- scenario events ----------------------------------------------
+
+    fn apply(&mut self, event: &EventDef) {
+        let names = |list: &[usize]| {
+            list.iter()
+                .map(|i| self.nodes[*i].name.clone())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let what = match &event.action {
+            Action::Start(l) => format!("start {}", names(l)),
+            Action::Crash(l) => format!("crash {}", names(l)),
+            Action::Restart(l) => format!("restart {}", names(l)),
+            Action::Wipe(l) => format!("wipe {}", names(l)),
+            Action::Remove(l) => format!("remove {}", names(l)),
+            Action::Partition(g) => format!(
+                "partition {}",
+                g.iter()
+                    .map(|g| format!("[{}]", names(g)))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+            Action::Cut(a, b) => format!("cut {} {}", self.nodes[*a].name, self.nodes[*b].name),
+            Action::Heal => "heal".to_string(),
+            Action::Loss { rate, .. } => format!("loss {rate}"),
+            Action::Latency { value, .. } => format!("latency {:?}..{:?}", value.min, value.max),
+            Action::AddPod { node, pods } => format!(
+                "add_pod {} x{} on {}",
+                pods[0],
+                pods.len(),
+                self.nodes[*node].name
+            ),
+            Action::DelPod(p) => format!("del_pod {p}"),
+        };
+        self.trace
+            .line(self.now, "-", &format!("event line {}: {what}", event.line));
+        if !matches!(event.action, Action::AddPod { .. } | Action::DelPod(_)) {
+            self.last_disruption = self.now;
+        }
+        match &event.action {
+            Action::Start(list) => list.iter().for_each(|i| self.start(*i)),
+            Action::Crash(list) => list.iter().for_each(|i| self.crash(*i)),
+            Action::Restart(list) => list.iter().for_each(|i| {
+                self.crash(*i);
+                self.start(*i);
+            }),
+            Action::Wipe(list) => list.iter().for_each(|i| {
+                self.crash(*i);
+                self.nodes[*i].saved = None;
+                self.drop_pods_of(*i);
+                self.start(*i);
+            }),
+            Action::Remove(list) => list.iter().for_each(|i| self.remove(*i)),
+            Action::Partition(groups) => self.network.partition(groups),
+            Action::Cut(a, b) => self.network.cut(*a, *b),
+            Action::Heal => self.network.heal(),
+            Action::Loss { rate, nodes } => self.network.set_loss(*rate, nodes.as_deref()),
+            Action::Latency { value, nodes } => self.network.set_latency(*value, nodes.as_deref()),
+            Action::AddPod { node, pods } => {
+                for pod in pods {
+                    self.pods.insert(
+                        pod.clone(),
+                        Pod {
+                            node: *node,
+                            address: None,
+                            failed: None,
+                        },
+                    );
+                    self.allocate(pod);
+                }
+            }
+            Action::DelPod(pod) => {
+                if let Some(p) = self.pods.remove(pod)
+                    && self.with(p.node, |r, now| r.release(now, pod)).is_none()
+                {
+                    self.releases.entry(p.node).or_default().insert(pod.clone());
+                }
+            }
+        }
+    }
+
+    /// Asks the pod's node for an address, as the CNI ADD path does.
+    fn allocate(&mut self, pod: &str) {
+        let Some(node) = self.pods.get(pod).map(|p| p.node) else {
+            return;
+        };
+        match self.with(node, |r, now| r.allocate(now, pod)) {
+            Some(Ok(Allocation::Ready(address))) => {
+                if let Some(p) = self.pods.get_mut(pod) {
+                    p.address = Some(address);
+                    self.unique_dirty = true;
+                }
+            }
+            Some(Ok(Allocation::Pending(reason))) => self.trace.line(
+                self.now,
+                &self.nodes[node].name.clone(),
+                &format!("pending {pod}: {reason}"),
+            ),
+            Some(Err(error)) => {
+                if let Some(p) = self.pods.get_mut(pod) {
+                    p.failed = Some(error.to_string());
+                }
+            }
+            None => {} // node down: retried when it starts, like kubelet
+        }
+    }
+
+    fn config(&self, i: usize) -> Config {
+        let s = self.scenario;
+        let mut config = Config::new(self.nodes[i].name.clone(), self.nodes[i].address);
+        let secret = s.nodes[i].secret.as_ref().or(s.secret.as_ref());
+        config.secret = secret.map(|x| x.as_bytes().to_vec());
+        config.ipalloc_range = s.ipalloc_range;
+        config.ipam = match s.ipam {
+            IpamKind::Ring => {
+                let initial = s.nodes.iter().filter(|n| n.start).count().max(1);
+                IpamMode::Ring(IpamInit::Consensus(Some(initial)))
+            }
+            IpamKind::NodeCidr => IpamMode::NodeCidr(s.nodes[i].pod_cidr),
+        };
+        config
+    }
+
+    pub fn start(&mut self, i: usize) {
+        if self.nodes[i].router.is_some() || self.nodes[i].removed {
+            return;
+        }
+        let node = &mut self.nodes[i];
+        node.boots += 1;
+        let mut seed = [0u8; 32];
+        seed[..8].copy_from_slice(&self.seed.to_le_bytes());
+        seed[8..16].copy_from_slice(&(i as u64).to_le_bytes());
+        seed[16..24].copy_from_slice(&node.boots.to_le_bytes());
+        let config = self.config(i);
+        let saved = self.nodes[i].saved.take();
+        let router = match Router::new(config, saved, seed, self.now) {
+            Ok(r) => r,
+            Err(e) => {
+                let name = self.nodes[i].name.clone();
+                self.trace
+                    .line(self.now, &name, &format!("refused to start: {e}"));
+                return;
+            }
+        };
+        self.nodes[i].saved = Some(router.state());
+        self.nodes[i].router = Some(router);
+        let peers: Vec<SocketAddr> = self.scenario.nodes[i]
+            .peers
+            .iter()
+            .map(|p| self.nodes[*p].address)
+            .collect();
+        self.with(i, |r, now| {
+            for p in peers {
+                r.add_peer_address(now, p);
+            }
+            r.handle_timeout(now);
+        });
+        // What kubelet would retry against a node that was down.
+        for pod in self.releases.remove(&i).unwrap_or_default() {
+            self.with(i, |r, now| r.release(now, &pod));
+        }
+        let waiting: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|(_, p)| p.node == i)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for pod in waiting {
+            self.allocate(&pod);
+        }
+    }
+
+    fn crash(&mut self, i: usize) {
+        if let Some(router) = self.nodes[i].router.take() {
+            // The agent persists every change before acknowledging it, so
+            // the last state is what a crash leaves behind.
+            self.nodes[i].saved = Some(router.state());
+            self.nodes[i].timer_gen += 1;
+            self.owned[i] = (0, Vec::new());
+        }
+    }
+
+    fn drop_pods_of(&mut self, i: usize) {
+        self.pods.retain(|_, p| p.node != i);
+        self.releases.remove(&i);
+    }
+
+    /// The node is deleted for good; a live peer reclaims its space once
+    /// it is unreachable (the Kubernetes controller's job for real).
+    fn remove(&mut self, i: usize) {
+        let name = self.nodes[i]
+            .router
+            .as_ref()
+            .map(|r| r.name())
+            .or(self.nodes[i].saved.as_ref().map(|s| s.name));
+        self.crash(i);
+        self.nodes[i].removed = true;
+        self.drop_pods_of(i);
+        if let Some(name) = name {
+            self.schedule(
+                self.now + Duration::from_secs(1),
+                Step::Reclaim { removed: i, name },
+            );
+        }
+    }
+
+    fn reclaim(&mut self, removed: usize, name: weft_core::PeerName) {
+        let heir = (0..self.nodes.len()).find(|j| *j != removed && self.nodes[*j].router.is_some());
+        let Some(heir) = heir else {
+            self.schedule(
+                self.now + Duration::from_secs(1),
+                Step::Reclaim { removed, name },
+            );
+            return;
+        };
+        match self.with(heir, |r, now| r.remove_peer(now, name)) {
+            Some(Ok(taken)) => {
+                let (h, gone) = (
+                    self.nodes[heir].name.clone(),
+                    self.nodes[removed].name.clone(),
+                );
+                self.trace.line(
+                    self.now,
+                    &h,
+                    &format!("reclaimed {taken} addresses of removed {gone}"),
+                );
+            }
+            _ => self.schedule(
+                self.now + Duration::from_secs(1),
+                Step::Reclaim { removed, name },
+            ),
+        }
+    }
+
+    /// Per-node control traffic over the last `TRAFFIC_WINDOW`, averaged
+    /// over running nodes, in bytes per second.
+    pub fn gossip_bytes_per_node_per_s(&self) -> f64 {
+        let Some((t_end, end, _)) = self.samples.last() else {
+            return 0.0;
+        };
+        let start_at = t_end
+            .saturating_since(Time::ZERO)
+            .saturating_sub(TRAFFIC_WINDOW);
+        let Some((t_start, start, _)) = self
+            .samples
+            .iter()
+            .find(|(t, _, _)| t.since_epoch() >= start_at)
+        else {
+            return 0.0;
+        };
+        let secs = t_end.saturating_since(*t_start).as_secs_f64();
+        let running: Vec<usize> = (0..self.nodes.len())
+            .filter(|i| self.nodes[*i].router.is_some())
+            .collect();
+        if secs <= 0.0 || running.is_empty() {
+            return 0.0;
+        }
+        let bytes: u64 = running
+            .iter()
+            .map(|i| end[*i].saturating_sub(start[*i]))
+            .sum();
+        bytes as f64 / running.len() as f64 / secs
+    }
+
+    /// Time from the last disruption until the cluster converged and
+    /// stayed so, if it did.
+    pub fn convergence_time(&self) -> Option<Duration> {
+        let after: Vec<&(Time, Vec<u64>, bool)> = self
+            .samples
+            .iter()
+            .filter(|(t, _, _)| *t >= self.last_disruption)
+            .collect();
+        if !after.last()?.2 {
+            return None;
+        }
+        let since = after.iter().rposition(|(_, _, c)| !c).map_or(0, |p| p + 1);
+        Some(after[since].0.saturating_since(self.last_disruption))
+    }
+}

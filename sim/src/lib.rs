@@ -1,0 +1,9 @@
+//! weft-sim: replays scenario files (../shared/SCENARIOS.md) against the
+//! real weft-core control plane, deterministically from a seed.
+
+pub mod checks;
+pub mod engine;
+pub mod network;
+pub mod report;
+pub mod scenario;
+pub mod trace;

@@ -1,0 +1,235 @@
+//! `weft-sim`: run or check scenario files.
+//!
+//! Exit status: 0 every check passed; 1 a check failed (with the seed and
+//! the command that replays it); 2 the scenario or command line is invalid.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use weft_sim::report;
+use weft_sim::scenario::{self, Scenario};
+
+#[derive(Parser)]
+#[command(
+    name = "weft-sim",
+    version,
+    about = "Deterministic multi-node simulator for weft"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a scenario and evaluate its checks.
+    Run {
+        file: PathBuf,
+        /// `events` (discrete-event, default) or `turmoil`.
+        #[arg(long, value_enum, default_value_t = Engine::Events)]
+        engine: Engine,
+        /// Seed (default: the scenario's `seed`, else 1).
+        #[arg(long, conflicts_with = "seeds")]
+        seed: Option<u64>,
+        /// A range of seeds, A..B (B excluded); stops at the first failure.
+        #[arg(long, value_parser = parse_seeds)]
+        seeds: Option<(u64, u64)>,
+        /// Write the trace (one line per event) to FILE.
+        #[arg(long, value_name = "FILE")]
+        trace: Option<PathBuf>,
+        /// Write every simulated datagram as pcap to FILE.
+        #[arg(long, value_name = "FILE")]
+        pcap: Option<PathBuf>,
+        /// Write the report as JSON to FILE.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// Write a self-contained HTML page of the run to FILE.
+        #[arg(long, value_name = "FILE.html")]
+        report: Option<PathBuf>,
+    },
+    /// Parse and validate scenario files only.
+    Check { files: Vec<PathBuf> },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Engine {
+    Events,
+    Turmoil,
+}
+
+fn parse_seeds(s: &str) -> Result<(u64, u64), String> {
+    let (a, b) = s
+        .split_once("..")
+        .ok_or("write the range as A..B, e.g. 1..200")?;
+    let a: u64 = a.parse().map_err(|_| format!("{a:?} is not a number"))?;
+    let b: u64 = b.parse().map_err(|_| format!("{b:?} is not a number"))?;
+    if a >= b {
+        return Err(format!("the range {s} is empty"));
+    }
+    Ok((a, b))
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    match cli.command {
+        Command::Check { files } => check(&files),
+        Command::Run {
+            file,
+            engine,
+            seed,
+            seeds,
+            trace,
+            pcap,
+            json,
+            report,
+        } => {
+            let not_built = [
+                (engine == Engine::Turmoil, "--engine turmoil"),
+                (pcap.is_some(), "--pcap"),
+                (report.is_some(), "--report"),
+            ];
+            if let Some((_, what)) = not_built.iter().find(|(asked, _)| *asked) {
+                eprintln!(
+                    "weft-sim: {what} is not built yet in this version; use the events engine without it"
+                );
+                return ExitCode::from(2);
+            }
+            let scenario = match scenario::load(&file) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let run = Run {
+                file,
+                scenario,
+                trace,
+                json,
+            };
+            match seeds {
+                Some((a, b)) => run.sweep(a, b),
+                None => run.once(seed.unwrap_or(run.scenario.seed)),
+            }
+        }
+    }
+}
+
+fn check(files: &[PathBuf]) -> ExitCode {
+    if files.is_empty() {
+        eprintln!("weft-sim check: give at least one scenario file");
+        return ExitCode::from(2);
+    }
+    let mut ok = true;
+    for f in files {
+        match scenario::load(f) {
+            Ok(s) => println!(
+                "{}: ok ({}, {} nodes, {} events, {} checks)",
+                f.display(),
+                s.name,
+                s.nodes.len(),
+                s.events.len(),
+                s.checks.len()
+            ),
+            Err(e) => {
+                eprintln!("{e}");
+                ok = false;
+            }
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    }
+}
+
+struct Run {
+    file: PathBuf,
+    scenario: Scenario,
+    trace: Option<PathBuf>,
+    json: Option<PathBuf>,
+}
+
+impl Run {
+    fn once(&self, seed: u64) -> ExitCode {
+        let (report, trace) = report::run(&self.scenario, seed, self.trace.is_some());
+        print!("{}", report.text());
+        if let Some(path) = &self.trace
+            && let Err(e) = std::fs::write(path, trace.text())
+        {
+            eprintln!(
+                "weft-sim: cannot write the trace to {}: {e}",
+                path.display()
+            );
+            return ExitCode::from(2);
+        }
+        if let Some(path) = &self.json {
+            let text = serde_json::to_string_pretty(&report).unwrap_or_default();
+            if let Err(e) = std::fs::write(path, text + "\n") {
+                eprintln!(
+                    "weft-sim: cannot write the report to {}: {e}",
+                    path.display()
+                );
+                return ExitCode::from(2);
+            }
+        }
+        if report.passed {
+            ExitCode::SUCCESS
+        } else {
+            self.explain_failure(seed);
+            ExitCode::from(1)
+        }
+    }
+
+    fn sweep(&self, first: u64, end: u64) -> ExitCode {
+        let total = end - first;
+        for (k, seed) in (first..end).enumerate() {
+            let (report, _) = report::run(&self.scenario, seed, false);
+            eprint!(
+                "\r{}: seed {seed} ({}/{total}) {}",
+                self.scenario.name,
+                k + 1,
+                bar(k as u64 + 1, total)
+            );
+            let _ = std::io::stderr().flush();
+            if !report.passed {
+                eprintln!();
+                print!("{}", report.text());
+                self.explain_failure(seed);
+                return ExitCode::from(1);
+            }
+        }
+        eprintln!();
+        println!(
+            "{}: all {total} seeds passed ({first}..{end})",
+            self.scenario.name
+        );
+        ExitCode::SUCCESS
+    }
+
+    fn explain_failure(&self, seed: u64) {
+        println!("FAILED with seed {seed}; replay it with:");
+        println!(
+            "  weft-sim run {} --seed {seed} --trace trace.txt",
+            self.file.display()
+        );
+    }
+}
+
+fn bar(done: u64, total: u64) -> String {
+    let width = 30;
+    let filled = (done * width / total.max(1)) as usize;
+    format!(
+        "[{}{}]",
+        "#".repeat(filled),
+        " ".repeat(width as usize - filled)
+    )
+}

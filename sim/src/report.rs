@@ -1,0 +1,123 @@
+//! The outcome of one run: what was checked, how fast the cluster
+//! converged, what gossip cost, and a hash of the whole trace.
+
+use crate::checks::CheckOutcome;
+use crate::engine::Sim;
+use crate::scenario::Scenario;
+use crate::trace::Trace;
+use serde::Serialize;
+use std::collections::BTreeSet;
+use std::fmt::Write;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub seed: u64,
+    pub engine: &'static str,
+    pub passed: bool,
+    pub checks: Vec<CheckOutcome>,
+    /// `unique_ips` is enforced after every step of every run.
+    pub unique_ips_always: String,
+    pub convergence_after_last_disruption_s: Option<f64>,
+    pub gossip_bytes_per_node_per_s: u64,
+    /// The ring every running node holds, if they agree.
+    pub ring_summary: Option<String>,
+    pub nodes_running: usize,
+    pub pods: PodCounts,
+    pub trace_hash: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PodCounts {
+    pub total: usize,
+    pub allocated: usize,
+    pub pending: usize,
+    pub failed: usize,
+}
+
+/// Runs `scenario` with `seed` on the events engine.
+pub fn run(scenario: &Scenario, seed: u64, keep_trace: bool) -> (Report, Trace) {
+    let mut sim = Sim::new(scenario, seed);
+    sim.trace.keep = keep_trace;
+    sim.run();
+    let report = report(&sim);
+    (report, std::mem::take(&mut sim.trace))
+}
+
+fn report(sim: &Sim) -> Report {
+    let rings: BTreeSet<u64> = sim
+        .nodes
+        .iter()
+        .filter_map(|n| n.router.as_ref())
+        .map(|r| r.ipam().ring_summary())
+        .collect();
+    let mut pods = PodCounts {
+        total: sim.pods.len(),
+        ..PodCounts::default()
+    };
+    for p in sim.pods.values() {
+        match (p.address, &p.failed) {
+            (Some(_), _) => pods.allocated += 1,
+            (None, Some(_)) => pods.failed += 1,
+            (None, None) => pods.pending += 1,
+        }
+    }
+    let unique_ips_always = match &sim.uniqueness_violation {
+        None => "held after every step".to_string(),
+        Some((t, d)) => format!("VIOLATED at {t}: {d}"),
+    };
+    let mut checks = sim.outcomes.clone();
+    checks.sort_by_key(|c| c.index);
+    Report {
+        scenario: sim.scenario.name.clone(),
+        seed: sim.seed,
+        engine: "events",
+        passed: sim.uniqueness_violation.is_none() && checks.iter().all(|c| c.passed),
+        checks,
+        unique_ips_always,
+        convergence_after_last_disruption_s: sim.convergence_time().map(|d| d.as_secs_f64()),
+        gossip_bytes_per_node_per_s: sim.gossip_bytes_per_node_per_s().round() as u64,
+        ring_summary: (rings.len() == 1)
+            .then(|| format!("{:016x}", rings.first().copied().unwrap_or(0))),
+        nodes_running: sim.nodes.iter().filter(|n| n.router.is_some()).count(),
+        pods,
+        trace_hash: format!("{:016x}", sim.trace.hash()),
+    }
+}
+
+impl Report {
+    /// The human summary `weft-sim run` prints.
+    pub fn text(&self) -> String {
+        let mut s = String::new();
+        let verdict = if self.passed { "PASS" } else { "FAIL" };
+        let _ = writeln!(
+            s,
+            "{} (seed {}, engine {}): {verdict}",
+            self.scenario, self.seed, self.engine
+        );
+        for c in &self.checks {
+            let mark = if c.passed { "ok  " } else { "FAIL" };
+            let _ = writeln!(
+                s,
+                "  {mark} line {:>3}  {:<12} at {:<7} {}",
+                c.line, c.expect, c.at, c.detail
+            );
+        }
+        let _ = writeln!(s, "  unique_ips (always): {}", self.unique_ips_always);
+        let convergence = self
+            .convergence_after_last_disruption_s
+            .map_or("not converged".to_string(), |t| format!("{t:.1}s"));
+        let _ = writeln!(
+            s,
+            "  converged after last disruption: {convergence}; gossip {} B/s per node; {} nodes running; pods {} ({} allocated, {} pending, {} failed); trace {}",
+            self.gossip_bytes_per_node_per_s,
+            self.nodes_running,
+            self.pods.total,
+            self.pods.allocated,
+            self.pods.pending,
+            self.pods.failed,
+            self.trace_hash
+        );
+        s
+    }
+}

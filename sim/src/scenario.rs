@@ -1,0 +1,865 @@
+//! Scenario files (TOML): the public format of ../shared/SCENARIOS.md,
+//! parsed into a validated model. Every problem is reported with the
+//! file, line and column it comes from.
+
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::ops::Range;
+use std::path::Path;
+use std::time::Duration;
+use toml::Spanned;
+
+/// A scenario, validated.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    pub name: String,
+    pub about: Option<String>,
+    pub seed: u64,
+    pub duration: Duration,
+    pub ipam: IpamKind,
+    pub ipalloc_range: Ipv4Net,
+    pub secret: Option<String>,
+    pub latency: Latency,
+    pub loss: f64,
+    pub nodes: Vec<NodeDef>,
+    pub events: Vec<EventDef>,
+    pub checks: Vec<CheckDef>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IpamKind {
+    Ring,
+    NodeCidr,
+}
+
+/// Fixed ("2ms") or uniform over a range ("1ms..5ms").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Latency {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct NodeDef {
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub pod_cidr: Option<Ipv4Net>,
+    pub start: bool,
+    /// Indexes of the nodes it is told about at start.
+    pub peers: Vec<usize>,
+    /// This node's own secret, overriding the scenario's (an extension of
+    /// the format: a misconfigured node).
+    pub secret: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct EventDef {
+    pub at: Duration,
+    pub action: Action,
+    /// Where it is written, for messages ("file:line:col").
+    pub line: usize,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    Start(Vec<usize>),
+    Crash(Vec<usize>),
+    Restart(Vec<usize>),
+    Wipe(Vec<usize>),
+    Remove(Vec<usize>),
+    Partition(Vec<Vec<usize>>),
+    Cut(usize, usize),
+    Heal,
+    Loss {
+        rate: f64,
+        nodes: Option<Vec<usize>>,
+    },
+    Latency {
+        value: Latency,
+        nodes: Option<Vec<usize>>,
+    },
+    AddPod {
+        node: usize,
+        pods: Vec<String>,
+    },
+    DelPod(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct CheckDef {
+    pub at: CheckAt,
+    pub expect: Expect,
+    pub line: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckAt {
+    Time(Duration),
+    End,
+    Always,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Expect {
+    Converged,
+    UniqueIps,
+    Allocated(Option<Vec<String>>),
+    Pending(Vec<String>),
+    Reachable {
+        from: Option<String>,
+        to: Option<String>,
+    },
+    Unreachable {
+        from: String,
+        to: String,
+    },
+    GossipBytes {
+        max_per_node_per_s: f64,
+    },
+}
+
+/// A scenario that cannot be run, and where the problem is.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}:{column}: {message}")]
+pub struct ScenarioError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+// ---- the file as written ------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    name: Spanned<String>,
+    about: Option<String>,
+    seed: Option<u64>,
+    duration: Spanned<String>,
+    ipam: Option<Spanned<String>>,
+    ipalloc_range: Option<Spanned<String>>,
+    secret: Option<String>,
+    network: Option<NetworkSpec>,
+    #[serde(default)]
+    nodes: Vec<Spanned<NodeSpec>>,
+    #[serde(default)]
+    events: Vec<Spanned<EventSpec>>,
+    #[serde(default)]
+    checks: Vec<Spanned<CheckSpec>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NetworkSpec {
+    latency: Option<Spanned<String>>,
+    loss: Option<Spanned<f64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeSpec {
+    name: String,
+    address: Spanned<String>,
+    pod_cidr: Option<Spanned<String>>,
+    start: Option<bool>,
+    peers: Option<Vec<Spanned<String>>>,
+    secret: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventSpec {
+    at: Spanned<String>,
+    #[serde(rename = "do")]
+    action: Spanned<String>,
+    nodes: Option<Vec<Spanned<String>>>,
+    groups: Option<Vec<Vec<Spanned<String>>>>,
+    a: Option<Spanned<String>>,
+    b: Option<Spanned<String>>,
+    rate: Option<Spanned<f64>>,
+    value: Option<Spanned<String>>,
+    node: Option<Spanned<String>>,
+    pod: Option<Spanned<String>>,
+    count: Option<Spanned<u32>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckSpec {
+    at: Spanned<String>,
+    expect: Spanned<String>,
+    pods: Option<Vec<Spanned<String>>>,
+    from: Option<Spanned<String>>,
+    to: Option<Spanned<String>>,
+    max_per_node_per_s: Option<Spanned<f64>>,
+}
+
+/// Turns byte spans into line:column messages.
+struct Source<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn error(&self, span: Range<usize>, message: impl Into<String>) -> ScenarioError {
+        let before = &self.text[..span.start.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        ScenarioError {
+            file: self.file.to_string(),
+            line,
+            column,
+            message: message.into(),
+        }
+    }
+
+    fn line_of(&self, span: &Range<usize>) -> usize {
+        self.error(span.clone(), "").line
+    }
+}
+
+/// Reads and validates a scenario file.
+pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ScenarioError {
+        file: file.clone(),
+        line: 1,
+        column: 1,
+        message: format!("cannot read the file: {e}"),
+    })?;
+    parse(&file, &text)
+}
+
+/// Parses and validates scenario text; `file` names it in messages.
+pub fn parse(file: &str, text: &str) -> Result<Scenario, ScenarioError> {
+    let src = Source { file, text };
+    let raw: File = toml::from_str(text).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        src.error(span, e.message().trim().to_string())
+    })?;
+    Validator { src: &src }.scenario(raw)
+}
+
+struct Validator<'a> {
+    src: &'a Source<'a>,
+}
+
+impl Validator<'_> {
+    fn scenario(&self, raw: File) -> Result<Scenario, ScenarioError> {
+        if raw.name.get_ref().trim().is_empty() {
+            return Err(self.src.error(raw.name.span(), "name must not be empty"));
+        }
+        let duration = self.duration(&raw.duration)?;
+        let ipam = match raw.ipam.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+            None | Some(("ring", _)) => IpamKind::Ring,
+            Some(("node-cidr", _)) => IpamKind::NodeCidr,
+            Some((other, span)) => {
+                return Err(self.src.error(
+                    span,
+                    format!("ipam must be \"ring\" or \"node-cidr\", not {other:?}"),
+                ));
+            }
+        };
+        let ipalloc_range = match &raw.ipalloc_range {
+            None => weft_core::config::DEFAULT_IPALLOC_RANGE
+                .parse()
+                .expect("valid default"),
+            Some(s) => self.cidr(s)?,
+        };
+        let (latency, loss) = match &raw.network {
+            None => (default_latency(), 0.0),
+            Some(n) => (
+                n.latency
+                    .as_ref()
+                    .map(|l| self.latency(l))
+                    .transpose()?
+                    .unwrap_or(default_latency()),
+                n.loss
+                    .as_ref()
+                    .map(|l| self.rate(l))
+                    .transpose()?
+                    .unwrap_or(0.0),
+            ),
+        };
+        let names: Vec<String> = raw.nodes.iter().map(|n| n.get_ref().name.clone()).collect();
+        if names.is_empty() {
+            return Err(self
+                .src
+                .error(0..0, "a scenario needs at least one [[nodes]] entry"));
+        }
+        let mut nodes = Vec::new();
+        let mut seen = BTreeSet::new();
+        let mut addresses = BTreeSet::new();
+        for spanned in &raw.nodes {
+            let n = spanned.get_ref();
+            if !seen.insert(n.name.clone()) {
+                return Err(self.src.error(
+                    spanned.span(),
+                    format!("node name {:?} is used twice", n.name),
+                ));
+            }
+            let address: Ipv4Addr = n.address.get_ref().parse().map_err(|_| {
+                self.src.error(
+                    n.address.span(),
+                    format!("{:?} is not an IPv4 address", n.address.get_ref()),
+                )
+            })?;
+            if !addresses.insert(address) {
+                return Err(self.src.error(
+                    n.address.span(),
+                    format!("address {address} is used by two nodes"),
+                ));
+            }
+            let pod_cidr = n.pod_cidr.as_ref().map(|c| self.cidr(c)).transpose()?;
+            match (ipam, pod_cidr) {
+                (IpamKind::NodeCidr, None) => {
+                    return Err(self.src.error(
+                        spanned.span(),
+                        format!(
+                            "node {:?} needs a pod_cidr with ipam = \"node-cidr\"",
+                            n.name
+                        ),
+                    ));
+                }
+                (IpamKind::Ring, Some(_)) => {
+                    let span = n.pod_cidr.as_ref().map_or(spanned.span(), |c| c.span());
+                    return Err(self
+                        .src
+                        .error(span, "pod_cidr is only for ipam = \"node-cidr\""));
+                }
+                _ => {}
+            }
+            let peers = match &n.peers {
+                None => (0..names.len()).filter(|j| names[*j] != n.name).collect(),
+                Some(list) => list
+                    .iter()
+                    .map(|p| self.node(&names, p))
+                    .collect::<Result<_, _>>()?,
+            };
+            nodes.push(NodeDef {
+                name: n.name.clone(),
+                address,
+                pod_cidr,
+                start: n.start.unwrap_or(true),
+                peers,
+                secret: n.secret.clone(),
+            });
+        }
+        let mut pods = BTreeSet::new();
+        let mut events = Vec::new();
+        for e in &raw.events {
+            let event = self.event(e, &names, &mut pods)?;
+            if event.at > duration {
+                return Err(self.src.error(
+                    e.get_ref().at.span(),
+                    "event is after the end of the scenario (duration)",
+                ));
+            }
+            events.push(event);
+        }
+        events.sort_by_key(|e| e.at); // stable: same-time events keep file order
+        let checks = raw
+            .checks
+            .iter()
+            .map(|c| self.check(c, duration, &pods))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Scenario {
+            name: raw.name.into_inner(),
+            about: raw.about,
+            seed: raw.seed.unwrap_or(1),
+            duration,
+            ipam,
+            ipalloc_range,
+            secret: raw.secret,
+            latency,
+            loss,
+            nodes,
+            events,
+            checks,
+        })
+    }
+
+    fn event(
+        &self,
+        spanned: &Spanned<EventSpec>,
+        names: &[String],
+        pods: &mut BTreeSet<String>,
+    ) -> Result<EventDef, ScenarioError> {
+        let e = spanned.get_ref();
+        let at = self.duration(&e.at)?;
+        let kind = e.action.get_ref().as_str();
+        let allowed: &[&str] = match kind {
+            "start" | "crash" | "restart" | "wipe" | "remove" => &["nodes"],
+            "partition" => &["groups"],
+            "cut" => &["a", "b"],
+            "heal" => &[],
+            "loss" => &["rate", "nodes"],
+            "latency" => &["value", "nodes"],
+            "add_pod" => &["node", "pod", "count"],
+            "del_pod" => &["pod"],
+            other => {
+                return Err(self.src.error(
+                    e.action.span(),
+                    format!("unknown event {other:?}: use start, crash, restart, wipe, remove, partition, cut, heal, loss, latency, add_pod or del_pod"),
+                ));
+            }
+        };
+        let present = [
+            ("nodes", e.nodes.is_some()),
+            ("groups", e.groups.is_some()),
+            ("a", e.a.is_some()),
+            ("b", e.b.is_some()),
+            ("rate", e.rate.is_some()),
+            ("value", e.value.is_some()),
+            ("node", e.node.is_some()),
+            ("pod", e.pod.is_some()),
+            ("count", e.count.is_some()),
+        ];
+        if let Some((field, _)) = present.iter().find(|(f, p)| *p && !allowed.contains(f)) {
+            return Err(self.src.error(
+                spanned.span(),
+                format!("field `{field}` does not apply to do = {kind:?}"),
+            ));
+        }
+        let need = |field: &str| {
+            self.src
+                .error(spanned.span(), format!("do = {kind:?} needs `{field}`"))
+        };
+        let nodes =
+            |list: &Option<Vec<Spanned<String>>>| -> Result<Option<Vec<usize>>, ScenarioError> {
+                list.as_ref()
+                    .map(|l| l.iter().map(|n| self.node(names, n)).collect())
+                    .transpose()
+            };
+        let action = match kind {
+            "start" | "crash" | "restart" | "wipe" | "remove" => {
+                let list = nodes(&e.nodes)?.ok_or_else(|| need("nodes"))?;
+                match kind {
+                    "start" => Action::Start(list),
+                    "crash" => Action::Crash(list),
+                    "restart" => Action::Restart(list),
+                    "wipe" => Action::Wipe(list),
+                    _ => Action::Remove(list),
+                }
+            }
+            "partition" => {
+                let groups = e.groups.as_ref().ok_or_else(|| need("groups"))?;
+                let groups: Vec<Vec<usize>> = groups
+                    .iter()
+                    .map(|g| g.iter().map(|n| self.node(names, n)).collect())
+                    .collect::<Result<_, _>>()?;
+                let mut seen = BTreeSet::new();
+                if groups.iter().flatten().any(|n| !seen.insert(*n)) {
+                    return Err(self
+                        .src
+                        .error(spanned.span(), "a node appears in two partition groups"));
+                }
+                Action::Partition(groups)
+            }
+            "cut" => {
+                let a = self.node(names, e.a.as_ref().ok_or_else(|| need("a"))?)?;
+                let b = self.node(names, e.b.as_ref().ok_or_else(|| need("b"))?)?;
+                if a == b {
+                    return Err(self
+                        .src
+                        .error(spanned.span(), "cut needs two different nodes"));
+                }
+                Action::Cut(a, b)
+            }
+            "heal" => Action::Heal,
+            "loss" => Action::Loss {
+                rate: self.rate(e.rate.as_ref().ok_or_else(|| need("rate"))?)?,
+                nodes: nodes(&e.nodes)?,
+            },
+            "latency" => Action::Latency {
+                value: self.latency(e.value.as_ref().ok_or_else(|| need("value"))?)?,
+                nodes: nodes(&e.nodes)?,
+            },
+            "add_pod" => {
+                let node = self.node(names, e.node.as_ref().ok_or_else(|| need("node"))?)?;
+                let pod = e.pod.as_ref().ok_or_else(|| need("pod"))?;
+                let base = pod.get_ref().clone();
+                let list: Vec<String> = match &e.count {
+                    None => vec![base],
+                    Some(c) if *c.get_ref() == 0 => {
+                        return Err(self.src.error(c.span(), "count must be at least 1"));
+                    }
+                    Some(c) => (1..=*c.get_ref()).map(|i| format!("{base}-{i}")).collect(),
+                };
+                for p in &list {
+                    self.pod_name(p, pod.span())?;
+                    pods.insert(p.clone());
+                }
+                Action::AddPod { node, pods: list }
+            }
+            _ => {
+                let pod = e.pod.as_ref().ok_or_else(|| need("pod"))?;
+                if !pods.contains(pod.get_ref()) {
+                    return Err(self.src.error(
+                        pod.span(),
+                        format!("pod {:?} is not added by an earlier add_pod", pod.get_ref()),
+                    ));
+                }
+                Action::DelPod(pod.get_ref().clone())
+            }
+        };
+        Ok(EventDef {
+            at,
+            action,
+            line: self.src.line_of(&spanned.span()),
+        })
+    }
+
+    fn check(
+        &self,
+        spanned: &Spanned<CheckSpec>,
+        duration: Duration,
+        pods: &BTreeSet<String>,
+    ) -> Result<CheckDef, ScenarioError> {
+        let c = spanned.get_ref();
+        let at = match c.at.get_ref().as_str() {
+            "end" => CheckAt::End,
+            "always" => CheckAt::Always,
+            _ => {
+                let t = self.duration(&c.at)?;
+                if t > duration {
+                    return Err(self.src.error(
+                        c.at.span(),
+                        "check is after the end of the scenario (duration)",
+                    ));
+                }
+                CheckAt::Time(t)
+            }
+        };
+        let kind = c.expect.get_ref().as_str();
+        let allowed: &[&str] = match kind {
+            "converged" | "unique_ips" => &[],
+            "allocated" | "pending" => &["pods"],
+            "reachable" | "unreachable" => &["from", "to"],
+            "gossip_bytes" => &["max_per_node_per_s"],
+            other => {
+                return Err(self.src.error(
+                    c.expect.span(),
+                    format!("unknown check {other:?}: use converged, unique_ips, allocated, pending, reachable, unreachable or gossip_bytes"),
+                ));
+            }
+        };
+        let present = [
+            ("pods", c.pods.is_some()),
+            ("from", c.from.is_some()),
+            ("to", c.to.is_some()),
+            ("max_per_node_per_s", c.max_per_node_per_s.is_some()),
+        ];
+        if let Some((field, _)) = present.iter().find(|(f, p)| *p && !allowed.contains(f)) {
+            return Err(self.src.error(
+                spanned.span(),
+                format!("field `{field}` does not apply to expect = {kind:?}"),
+            ));
+        }
+        let pod = |p: &Spanned<String>| -> Result<String, ScenarioError> {
+            if pods.contains(p.get_ref()) {
+                Ok(p.get_ref().clone())
+            } else {
+                Err(self.src.error(
+                    p.span(),
+                    format!("pod {:?} is not added by any add_pod event", p.get_ref()),
+                ))
+            }
+        };
+        let pod_list =
+            |l: &Option<Vec<Spanned<String>>>| -> Result<Option<Vec<String>>, ScenarioError> {
+                l.as_ref().map(|l| l.iter().map(pod).collect()).transpose()
+            };
+        let need = |field: &str| {
+            self.src
+                .error(spanned.span(), format!("expect = {kind:?} needs `{field}`"))
+        };
+        let expect = match kind {
+            "converged" => Expect::Converged,
+            "unique_ips" => Expect::UniqueIps,
+            "allocated" => Expect::Allocated(pod_list(&c.pods)?),
+            "pending" => Expect::Pending(pod_list(&c.pods)?.ok_or_else(|| need("pods"))?),
+            "reachable" => Expect::Reachable {
+                from: c.from.as_ref().map(pod).transpose()?,
+                to: c.to.as_ref().map(pod).transpose()?,
+            },
+            "unreachable" => Expect::Unreachable {
+                from: pod(c.from.as_ref().ok_or_else(|| need("from"))?)?,
+                to: pod(c.to.as_ref().ok_or_else(|| need("to"))?)?,
+            },
+            _ => {
+                let max = c
+                    .max_per_node_per_s
+                    .as_ref()
+                    .ok_or_else(|| need("max_per_node_per_s"))?;
+                if max.get_ref().is_nan() || *max.get_ref() <= 0.0 {
+                    return Err(self
+                        .src
+                        .error(max.span(), "max_per_node_per_s must be a positive number"));
+                }
+                Expect::GossipBytes {
+                    max_per_node_per_s: *max.get_ref(),
+                }
+            }
+        };
+        Ok(CheckDef {
+            at,
+            expect,
+            line: self.src.line_of(&spanned.span()),
+        })
+    }
+
+    fn node(&self, names: &[String], name: &Spanned<String>) -> Result<usize, ScenarioError> {
+        names
+            .iter()
+            .position(|n| n == name.get_ref())
+            .ok_or_else(|| {
+                self.src.error(
+                    name.span(),
+                    format!("no node is named {:?}", name.get_ref()),
+                )
+            })
+    }
+
+    fn pod_name(&self, pod: &str, span: Range<usize>) -> Result<(), ScenarioError> {
+        let ok = !pod.is_empty()
+            && pod.len() <= 200
+            && pod
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if ok {
+            Ok(())
+        } else {
+            Err(self.src.error(
+                span,
+                format!("pod name {pod:?} must be letters, digits, '-', '_' or '.'"),
+            ))
+        }
+    }
+
+    fn duration(&self, s: &Spanned<String>) -> Result<Duration, ScenarioError> {
+        parse_duration(s.get_ref()).ok_or_else(|| {
+            self.src.error(s.span(), format!("{:?} is not a duration: write a number and a unit, e.g. \"250ms\", \"5s\", \"2m\"", s.get_ref()))
+        })
+    }
+
+    fn latency(&self, s: &Spanned<String>) -> Result<Latency, ScenarioError> {
+        let text = s.get_ref();
+        let bad = || {
+            self.src.error(
+                s.span(),
+                format!("{text:?} is not a latency: write \"2ms\" or a range \"1ms..5ms\""),
+            )
+        };
+        let (min, max) = match text.split_once("..") {
+            Some((a, b)) => (
+                parse_duration(a).ok_or_else(bad)?,
+                parse_duration(b).ok_or_else(bad)?,
+            ),
+            None => {
+                let d = parse_duration(text).ok_or_else(bad)?;
+                (d, d)
+            }
+        };
+        if min > max {
+            return Err(self.src.error(
+                s.span(),
+                "latency range is empty: the first bound is above the second",
+            ));
+        }
+        Ok(Latency { min, max })
+    }
+
+    fn rate(&self, r: &Spanned<f64>) -> Result<f64, ScenarioError> {
+        let v = *r.get_ref();
+        if (0.0..=1.0).contains(&v) {
+            Ok(v)
+        } else {
+            Err(self.src.error(
+                r.span(),
+                format!("loss rate {v} is not a probability between 0 and 1"),
+            ))
+        }
+    }
+
+    fn cidr(&self, s: &Spanned<String>) -> Result<Ipv4Net, ScenarioError> {
+        s.get_ref()
+            .parse::<Ipv4Net>()
+            .map(|n| n.trunc())
+            .map_err(|_| {
+                self.src.error(
+                    s.span(),
+                    format!(
+                        "{:?} is not an IPv4 CIDR such as \"10.32.0.0/12\"",
+                        s.get_ref()
+                    ),
+                )
+            })
+    }
+}
+
+fn default_latency() -> Latency {
+    Latency {
+        min: Duration::from_millis(1),
+        max: Duration::from_millis(1),
+    }
+}
+
+/// "250ms", "5s", "1.5s", "2m", "1h".
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (number, unit) = s.split_at(split);
+    let value: f64 = number.parse().ok()?;
+    let scale = match unit {
+        "us" => 1e-6,
+        "ms" => 1e-3,
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return None,
+    };
+    let secs = value * scale;
+    (secs.is_finite() && (0.0..1e9).contains(&secs)).then(|| Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+name = "t"
+duration = "10s"
+
+[[nodes]]
+name = "node1"
+address = "192.168.1.11"
+
+[[nodes]]
+name = "node2"
+address = "192.168.1.12"
+"#;
+
+    fn err(extra: &str) -> String {
+        parse("t.toml", &format!("{MINIMAL}{extra}"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let text = r#"
+name = "partition-heal"
+about = "One node cut off, then healed: rings merge, every pod reachable."
+seed = 1
+duration = "90s"
+ipam = "ring"
+ipalloc_range = "10.32.0.0/12"
+secret = "s3cret"
+
+[network]
+latency = "1ms..5ms"
+loss = 0.0
+
+[[nodes]]
+name = "node1"
+address = "192.168.1.11"
+start = true
+peers = ["node2"]
+
+[[nodes]]
+name = "node2"
+address = "192.168.1.12"
+
+[[nodes]]
+name = "node3"
+address = "192.168.1.13"
+
+[[events]]
+at = "10s"
+do = "partition"
+groups = [["node1"], ["node2", "node3"]]
+
+[[checks]]
+at = "60s"
+expect = "converged"
+"#;
+        let s = parse("example.toml", text).unwrap();
+        assert_eq!(s.nodes.len(), 3);
+        assert_eq!(s.nodes[0].peers, vec![1]);
+        assert_eq!(s.nodes[1].peers, vec![0, 2]);
+        assert_eq!(
+            s.latency,
+            Latency {
+                min: Duration::from_millis(1),
+                max: Duration::from_millis(5)
+            }
+        );
+        assert_eq!(
+            s.events[0].action,
+            Action::Partition(vec![vec![0], vec![1, 2]])
+        );
+        assert_eq!(s.checks[0].at, CheckAt::Time(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_with_their_position() {
+        let e = err("\n[[checks]]\nat = \"end\"\nexpect = \"converged\"\nexpcet = 1\n");
+        assert!(e.starts_with("t.toml:16:1: unknown field `expcet`"), "{e}");
+    }
+
+    #[test]
+    fn mistakes_name_the_place_and_the_fix() {
+        assert_eq!(
+            err("\n[[events]]\nat = \"5 seconds\"\ndo = \"heal\"\n"),
+            "t.toml:14:6: \"5 seconds\" is not a duration: write a number and a unit, e.g. \"250ms\", \"5s\", \"2m\""
+        );
+        assert_eq!(
+            err("\n[[events]]\nat = \"5s\"\ndo = \"crash\"\nnodes = [\"node9\"]\n"),
+            "t.toml:16:10: no node is named \"node9\""
+        );
+        assert!(
+            err("\n[[events]]\nat = \"5s\"\ndo = \"explode\"\n")
+                .contains("unknown event \"explode\"")
+        );
+        assert!(
+            err("\n[[events]]\nat = \"5s\"\ndo = \"heal\"\nnodes = [\"node1\"]\n")
+                .contains("field `nodes` does not apply to do = \"heal\"")
+        );
+        assert!(
+            err("\n[[checks]]\nat = \"end\"\nexpect = \"pending\"\npods = [\"ghost\"]\n")
+                .contains("pod \"ghost\" is not added by any add_pod event")
+        );
+        assert!(err("\n[network]\nloss = 1.5\n").contains("loss rate 1.5 is not a probability"));
+        assert!(
+            err("\n[[events]]\nat = \"20s\"\ndo = \"heal\"\n")
+                .contains("after the end of the scenario")
+        );
+        let bad_toml = parse("t.toml", "name = \"x\"\nduration = \n").unwrap_err();
+        assert_eq!((bad_toml.line, bad_toml.column), (2, 12), "{bad_toml}");
+    }
+
+    #[test]
+    fn pods_expand_with_count() {
+        let s = parse("t.toml", &format!("{MINIMAL}\n[[events]]\nat = \"1s\"\ndo = \"add_pod\"\nnode = \"node1\"\npod = \"web\"\ncount = 3\n")).unwrap();
+        assert_eq!(
+            s.events[0].action,
+            Action::AddPod {
+                node: 0,
+                pods: vec!["web-1".into(), "web-2".into(), "web-3".into()]
+            }
+        );
+    }
+
+    #[test]
+    fn durations_take_units() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("5"), None);
+        assert_eq!(parse_duration("-1s"), None);
+    }
+}

@@ -1,0 +1,95 @@
+//! The command line contract: exit codes and what a person sees.
+
+use std::path::Path;
+use std::process::Command;
+
+fn weft_sim(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_weft-sim"))
+        .args(args)
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")))
+        .output()
+        .expect("weft-sim runs");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn a_passing_scenario_exits_0() {
+    let (code, out) = weft_sim(&["run", "../scenarios/three-nodes.toml"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("three-nodes (seed 1, engine events): PASS"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_failing_check_exits_1_with_the_seed_and_the_replay_command() {
+    let (code, out) = weft_sim(&["run", "tests/fixtures/must-fail.toml", "--seed", "5"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("FAIL line"), "{out}");
+    assert!(out.contains("FAILED with seed 5"), "{out}");
+    assert!(
+        out.contains("weft-sim run tests/fixtures/must-fail.toml --seed 5"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_malformed_file_exits_2_with_file_line_and_column() {
+    let (code, out) = weft_sim(&["run", "tests/fixtures/malformed.toml"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("tests/fixtures/malformed.toml:11:10: no node is named \"node7\""),
+        "{out}"
+    );
+    let (code, _) = weft_sim(&["check", "tests/fixtures/malformed.toml"]);
+    assert_eq!(code, 2);
+    let (code, out) = weft_sim(&["check", "../scenarios/relay.toml", "../scenarios/wipe.toml"]);
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn a_bad_command_line_exits_2() {
+    let (code, _) = weft_sim(&["run", "../scenarios/relay.toml", "--seeds", "9..3"]);
+    assert_eq!(code, 2);
+    let (code, out) = weft_sim(&["run", "../scenarios/relay.toml", "--engine", "turmoil"]);
+    assert_eq!(code, 2);
+    assert!(out.contains("--engine turmoil is not built yet"), "{out}");
+}
+
+#[test]
+fn a_seed_sweep_stops_at_the_first_failure() {
+    let (code, out) = weft_sim(&["run", "tests/fixtures/must-fail.toml", "--seeds", "3..6"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("FAILED with seed 3"), "{out}");
+    let (code, out) = weft_sim(&["run", "../scenarios/relay.toml", "--seeds", "1..4"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("all 3 seeds passed"), "{out}");
+}
+
+#[test]
+fn trace_and_json_files_are_written() {
+    let dir = std::env::temp_dir().join(format!("weft-sim-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (trace, json) = (dir.join("t.txt"), dir.join("r.json"));
+    let (code, out) = weft_sim(&[
+        "run",
+        "../scenarios/relay.toml",
+        "--trace",
+        trace.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let t = std::fs::read_to_string(&trace).unwrap();
+    assert!(
+        t.contains("event line") && t.contains("cut node1 node3"),
+        "{t}"
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r["passed"], true);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,80 @@
+//! Replays the scenario library (scenarios/*.toml): every check must pass,
+//! and each outcome is an insta snapshot under snapshots/scenarios/.
+
+use std::path::{Path, PathBuf};
+use weft_sim::{report, scenario};
+
+/// Scenarios bigger than this are replayed only with WEFT_SIM_ALL=1 (or by
+/// hand with `weft-sim run`): they take minutes, not seconds.
+const MAX_NODES_IN_TESTS: usize = 50;
+
+fn library() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("scenarios/ exists")
+        .map(|e| e.expect("readable entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn every_library_scenario_passes_and_matches_its_snapshot() {
+    let all = std::env::var("WEFT_SIM_ALL").is_ok_and(|v| v == "1");
+    let mut ran = 0;
+    for file in library() {
+        let s = scenario::load(&file).unwrap_or_else(|e| panic!("{e}"));
+        if s.nodes.len() > MAX_NODES_IN_TESTS && !all {
+            continue;
+        }
+        let (report, _) = report::run(&s, s.seed, false);
+        assert!(report.passed, "{}:\n{}", file.display(), report.text());
+        let mut settings = insta::Settings::clone_current();
+        settings.set_snapshot_path("../../snapshots/scenarios");
+        settings.set_prepend_module_to_snapshot(false);
+        settings.bind(|| insta::assert_json_snapshot!(s.name.clone(), report));
+        ran += 1;
+    }
+    assert!(ran >= 10, "only {ran} scenarios replayed");
+}
+
+#[test]
+fn the_same_seed_gives_the_same_trace_and_another_seed_another() {
+    let s = scenario::load(&library_file("partition-heal")).unwrap();
+    let (a, ta) = report::run(&s, 7, true);
+    let (b, tb) = report::run(&s, 7, true);
+    assert_eq!(ta.text(), tb.text());
+    assert_eq!(a.trace_hash, b.trace_hash);
+    let (c, tc) = report::run(&s, 8, true);
+    assert_ne!(ta.text(), tc.text());
+    assert_ne!(a.trace_hash, c.trace_hash);
+}
+
+/// A bounded sweep over the core scenarios: safety and liveness over many
+/// seeds, not just the one in the file.
+#[test]
+fn core_scenarios_pass_over_a_seed_sweep() {
+    let seeds: u64 = std::env::var("WEFT_SIM_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    for name in [
+        "partition-heal",
+        "minority-bootstrap",
+        "crash-restart",
+        "remove-reclaim",
+        "relay",
+        "late-joiner",
+    ] {
+        let s = scenario::load(&library_file(name)).unwrap();
+        for seed in 1..=seeds {
+            let (report, _) = report::run(&s, seed, false);
+            assert!(report.passed, "{name} seed {seed}:\n{}", report.text());
+        }
+    }
+}
+
+fn library_file(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../scenarios/{name}.toml"))
+}
