@@ -66,6 +66,10 @@ pub struct Connections {
     links: BTreeMap<PeerName, Link>,
     /// Address -> linked peer, kept in step with `links`.
     linked: BTreeMap<SocketAddr, PeerName>,
+    /// Earliest due attempt, recomputed only after links or targets change
+    /// (it is asked for after every input).
+    next_attempt: Option<Time>,
+    attempts_changed: bool,
     targets: BTreeMap<SocketAddr, Target>,
     /// Addresses that turned out to be this node itself.
     own_addresses: BTreeSet<SocketAddr>,
@@ -155,7 +159,9 @@ impl Connections {
                 Heard::NewLink
             }
         };
-        self.linked.insert(address, peer);
+        if self.linked.insert(address, peer) != Some(peer) {
+            self.attempts_changed = true;
+        }
         if let Some(link) = self.links.get_mut(&peer) {
             link.last_heard = now;
             link.token = token;
@@ -174,6 +180,7 @@ impl Connections {
     /// Drops links silent for longer than `dead_after`; their addresses are
     /// retried from the first backoff step.
     pub fn expire(&mut self, now: Time, dead_after: Duration) -> Vec<PeerName> {
+        self.attempts_changed = true;
         let dead: Vec<PeerName> = self
             .links
             .iter()
@@ -194,11 +201,13 @@ impl Connections {
 
     /// This node reached itself at `address`: never try it again.
     pub fn is_own_address(&mut self, address: SocketAddr) {
+        self.attempts_changed = true;
         self.own_addresses.insert(address);
         self.targets.remove(&address);
     }
 
     pub fn add_target(&mut self, now: Time, address: SocketAddr, configured: bool) {
+        self.attempts_changed = true;
         if self.own_addresses.contains(&address) {
             return;
         }
@@ -211,12 +220,14 @@ impl Connections {
     }
 
     pub fn remove_target(&mut self, address: SocketAddr) {
+        self.attempts_changed = true;
         self.targets.remove(&address);
     }
 
     /// Keeps the gossip-learnt targets equal to `addresses` (configured
     /// targets stay whatever gossip says).
     pub fn sync_learnt_targets(&mut self, now: Time, addresses: &BTreeSet<SocketAddr>) {
+        self.attempts_changed = true;
         self.targets
             .retain(|a, t| t.configured || addresses.contains(a));
         for address in addresses {
@@ -258,6 +269,7 @@ impl Connections {
         max: Duration,
         rng: &mut Random,
     ) {
+        self.attempts_changed = true;
         if let Some(target) = self.targets.get_mut(&address) {
             let step = base
                 .checked_mul(1u32 << target.attempts.min(16))
@@ -269,15 +281,23 @@ impl Connections {
     }
 
     /// Earliest time a target is due (only meaningful while slots are free).
-    pub fn next_attempt(&self, conn_limit: usize) -> Option<Time> {
-        if self.links.len() >= conn_limit {
-            return None;
+    pub fn next_attempt(&self, _conn_limit: usize) -> Option<Time> {
+        self.next_attempt
+    }
+
+    pub fn refresh_next_attempt(&mut self, conn_limit: usize) {
+        if !std::mem::take(&mut self.attempts_changed) {
+            return;
         }
-        self.targets
-            .iter()
-            .filter(|(a, _)| !self.linked.contains_key(*a))
-            .map(|(_, t)| t.next_try)
-            .min()
+        self.next_attempt = if self.links.len() >= conn_limit {
+            None
+        } else {
+            self.targets
+                .iter()
+                .filter(|(a, _)| !self.linked.contains_key(*a))
+                .map(|(_, t)| t.next_try)
+                .min()
+        };
     }
 
     pub fn state_of(&self, peer: PeerName, now: Time, dead_after: Duration) -> Option<LinkState> {

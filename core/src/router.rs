@@ -117,7 +117,9 @@ pub struct Router {
     /// IPAM may have work: announcements, routes or local requests changed.
     ipam_dirty: bool,
     /// Ring summary and routes the forwarding table was built from.
-    forwarding_built_from: Option<(u64, Routes)>,
+    forwarding_built_from: Option<(u64, u64)>,
+    /// Bumped whenever routes change (cheaper to compare than the routes).
+    routes_generation: u64,
 
     rng: Random,
     next_tick: Time,
@@ -188,6 +190,7 @@ impl Router {
             overlaps: Vec::new(),
             ipam_dirty: true,
             forwarding_built_from: None,
+            routes_generation: 0,
 
             rng,
             next_tick: now,
@@ -358,6 +361,7 @@ impl Router {
 
     /// When to call [`Router::handle_timeout`] next.
     pub fn poll_timeout(&self) -> Option<Time> {
+        // Settled after every input, so the cached attempt time is current.
         let mut next = self.next_tick;
         if let Some(g) = self.next_gossip {
             next = next.min(g);
@@ -692,6 +696,8 @@ impl Router {
             }
             self.announce_self(established);
         }
+        self.connections
+            .refresh_next_attempt(self.config.conn_limit);
         if std::mem::take(&mut self.routes_dirty) {
             self.update_routes(now);
             self.ipam_dirty = true;
@@ -737,6 +743,7 @@ impl Router {
             }
         }
         self.routes = routes;
+        self.routes_generation += 1;
     }
 
     /// Lets IPAM act on the latest announcements, then republishes ours
@@ -779,7 +786,7 @@ impl Router {
     fn update_forwarding(&mut self) {
         // Node-cidr announcements live in topology entries, so rebuild on
         // any IPAM step there; the ring has a summary to compare.
-        let inputs = (self.ipam.ring_summary(), self.routes.clone());
+        let inputs = (self.ipam.ring_summary(), self.routes_generation);
         if matches!(self.ipam.mode(), IpamMode::Ring(_))
             && self.forwarding_built_from.as_ref() == Some(&inputs)
         {

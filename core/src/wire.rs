@@ -197,7 +197,9 @@ fn header(sender: PeerName, kind: u8) -> Vec<u8> {
 impl Message {
     /// Encodes the body, refusing one that would not fit a datagram.
     pub fn encode_body(&self) -> Result<Vec<u8>, WireError> {
-        let body = postcard::to_allocvec(self).map_err(WireError::Malformed)?;
+        // One allocation of datagram size instead of repeated growth.
+        let body = postcard::to_extend(self, Vec::with_capacity(MAX_DATAGRAM))
+            .map_err(WireError::Malformed)?;
         if body.len() > MAX_BODY {
             return Err(WireError::BodyTooLarge(body.len()));
         }
