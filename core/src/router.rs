@@ -241,6 +241,8 @@ impl Router {
             self.connections.add_target(now, address, true);
         }
         self.attempt_due(now);
+        self.connections
+            .refresh_next_attempt(self.config.conn_limit);
     }
 
     /// An address for `container` (a CNI container ID): the same one every
@@ -324,6 +326,8 @@ impl Router {
     /// Stops trying an operator-given address (learnt ones stay).
     pub fn remove_peer_address(&mut self, address: SocketAddr) {
         self.connections.remove_target(address);
+        self.connections
+            .refresh_next_attempt(self.config.conn_limit);
     }
 
     /// A datagram from the network: untrusted bytes.
@@ -714,6 +718,8 @@ impl Router {
                 .collect();
             self.connections.sync_learnt_targets(now, &learnt);
         }
+        self.connections
+            .refresh_next_attempt(self.config.conn_limit);
         if (!self.news.is_empty() || self.ipam.has_ring_news()) && self.next_gossip.is_none() {
             self.next_gossip = Some(now + self.config.gossip_interval);
         }
