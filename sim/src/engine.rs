@@ -87,6 +87,8 @@ pub struct Sim<'a> {
     unique_dirty: bool,
     /// Underlay address -> node.
     by_address: BTreeMap<SocketAddr, usize>,
+    /// Every datagram sent, when `--pcap` asks for it.
+    pub capture: Option<crate::pcap::Capture>,
 }
 
 impl<'a> Sim<'a> {
@@ -127,6 +129,7 @@ impl<'a> Sim<'a> {
             owned: vec![(0, Vec::new()); scenario.nodes.len()],
             unique_dirty: false,
             by_address: BTreeMap::new(),
+            capture: None,
         };
         sim.by_address = sim
             .nodes
@@ -143,12 +146,6 @@ impl<'a> Sim<'a> {
             }
         }
         sim.schedule(Time::ZERO, Step::Sample);
-        let initial: Vec<usize> = (0..scenario.nodes.len())
-            .filter(|i| scenario.nodes[*i].start)
-            .collect();
-        for i in initial {
-            sim.start(i);
-        }
         sim
     }
 
@@ -159,6 +156,12 @@ impl<'a> Sim<'a> {
 
     /// Runs to the end of the scenario and evaluates the `end` checks.
     pub fn run(&mut self) {
+        let initial: Vec<usize> = (0..self.scenario.nodes.len())
+            .filter(|i| self.scenario.nodes[*i].start)
+            .collect();
+        for i in initial {
+            self.start(i);
+        }
         let end = Time::from_duration(self.scenario.duration);
         while let Some(entry) = self.queue.first_entry() {
             let (at, _) = *entry.key();
@@ -266,6 +269,9 @@ impl<'a> Sim<'a> {
         for t in transmits {
             self.sent[i] += t.payload.len() as u64;
             self.trace.datagram(&t.payload);
+            if let Some(capture) = &mut self.capture {
+                capture.datagram(now, self.nodes[i].address, t.destination, &t.payload);
+            }
             let Some(to) = self.by_address.get(&t.destination).copied() else {
                 continue;
             };

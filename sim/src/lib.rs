@@ -4,6 +4,7 @@
 pub mod checks;
 pub mod engine;
 pub mod network;
+pub mod pcap;
 pub mod report;
 pub mod scenario;
 pub mod trace;

@@ -92,7 +92,6 @@ fn main() -> ExitCode {
         } => {
             let not_built = [
                 (engine == Engine::Turmoil, "--engine turmoil"),
-                (pcap.is_some(), "--pcap"),
                 (report.is_some(), "--report"),
             ];
             if let Some((_, what)) = not_built.iter().find(|(asked, _)| *asked) {
@@ -113,6 +112,7 @@ fn main() -> ExitCode {
                 scenario,
                 trace,
                 json,
+                pcap,
             };
             match seeds {
                 Some((a, b)) => run.sweep(a, b),
@@ -156,11 +156,31 @@ struct Run {
     scenario: Scenario,
     trace: Option<PathBuf>,
     json: Option<PathBuf>,
+    pcap: Option<PathBuf>,
 }
 
 impl Run {
     fn once(&self, seed: u64) -> ExitCode {
-        let (report, trace) = report::run(&self.scenario, seed, self.trace.is_some());
+        let capture = match self
+            .pcap
+            .as_deref()
+            .map(weft_sim::pcap::Capture::create)
+            .transpose()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("weft-sim: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let (report, trace, mut sim) =
+            report::run_with(&self.scenario, seed, self.trace.is_some(), capture);
+        if let Some(capture) = sim.capture.take()
+            && let Err(e) = capture.finish()
+        {
+            eprintln!("weft-sim: cannot write the capture: {e}");
+            return ExitCode::from(2);
+        }
         print!("{}", report.text());
         if let Some(path) = &self.trace
             && let Err(e) = std::fs::write(path, trace.text())

@@ -37,11 +37,25 @@ pub struct PodCounts {
 
 /// Runs `scenario` with `seed` on the events engine.
 pub fn run(scenario: &Scenario, seed: u64, keep_trace: bool) -> (Report, Trace) {
+    let (report, trace, _) = run_with(scenario, seed, keep_trace, None);
+    (report, trace)
+}
+
+/// Like [`run`], optionally capturing every datagram; also returns the
+/// finished simulation for pictures of it.
+pub fn run_with<'a>(
+    scenario: &'a Scenario,
+    seed: u64,
+    keep_trace: bool,
+    capture: Option<crate::pcap::Capture>,
+) -> (Report, Trace, Sim<'a>) {
     let mut sim = Sim::new(scenario, seed);
     sim.trace.keep = keep_trace;
+    sim.capture = capture;
     sim.run();
     let report = report(&sim);
-    (report, std::mem::take(&mut sim.trace))
+    let trace = std::mem::take(&mut sim.trace);
+    (report, trace, sim)
 }
 
 fn report(sim: &Sim) -> Report {

@@ -93,3 +93,25 @@ fn trace_and_json_files_are_written() {
     assert_eq!(r["passed"], true);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn pcap_holds_every_datagram_as_ethernet_ipv4_udp() {
+    let path = std::env::temp_dir().join(format!("weft-sim-{}.pcap", std::process::id()));
+    let (code, out) = weft_sim(&["run", "../scenarios/relay.toml", "--pcap", path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    let file = std::fs::File::open(&path).unwrap();
+    let mut reader = pcap_file::pcap::PcapReader::new(file).unwrap();
+    assert_eq!(reader.header().datalink, pcap_file::DataLink::ETHERNET);
+    let mut packets = 0;
+    while let Some(packet) = reader.next_packet() {
+        let data = packet.unwrap().data;
+        assert_eq!(&data[12..14], &[0x08, 0x00], "IPv4 ethertype");
+        assert_eq!(data[23], 17, "UDP");
+        assert_eq!(&data[26..28], &[192, 168], "underlay source address");
+        assert_eq!(u16::from_be_bytes([data[36], data[37]]), 6783, "weft's port");
+        assert_eq!(&data[42..46], b"WEFT", "a weft datagram");
+        packets += 1;
+    }
+    assert!(packets > 100, "{packets} packets");
+    std::fs::remove_file(&path).unwrap();
+}
