@@ -98,6 +98,25 @@ pub fn converged(sim: &Sim) -> Result<String, String> {
     }
 }
 
+/// The share of running nodes whose peers, connections and ring match the
+/// most common view (1.0 = converged).
+pub fn agreement(sim: &Sim) -> f64 {
+    let mut views: BTreeMap<(u64, u64), usize> = BTreeMap::new();
+    let mut running = 0;
+    for r in sim.nodes.iter().filter_map(|n| n.router.as_ref()) {
+        *views
+            .entry((r.topology().summary(), r.ipam().ring_summary()))
+            .or_default() += 1;
+        running += 1;
+    }
+    let most = views.values().copied().max().unwrap_or(0);
+    if running == 0 {
+        0.0
+    } else {
+        most as f64 / running as f64
+    }
+}
+
 /// No address held by two pods; no address owned by two running peers.
 pub fn unique_ips(sim: &Sim) -> Result<String, String> {
     let mut holders: BTreeMap<Ipv4Addr, &str> = BTreeMap::new();

@@ -76,6 +76,8 @@ pub struct Sim<'a> {
     /// Bytes each node sent, cumulative, sampled every `SAMPLE`.
     pub sent: Vec<u64>,
     pub samples: Vec<(Time, Vec<u64>, bool)>,
+    /// Per sample: the share of running nodes holding the most common view.
+    pub agreement: Vec<f64>,
     pub outcomes: Vec<CheckOutcome>,
     pub last_disruption: Time,
     /// First violation of address uniqueness, if any.
@@ -123,6 +125,7 @@ impl<'a> Sim<'a> {
             trace: Trace::default(),
             sent: vec![0; scenario.nodes.len()],
             samples: Vec::new(),
+            agreement: Vec::new(),
             outcomes: Vec::new(),
             last_disruption: Time::ZERO,
             uniqueness_violation: None,
@@ -203,8 +206,10 @@ impl<'a> Sim<'a> {
             }
             Step::Reclaim { removed, name } => self.reclaim(removed, name),
             Step::Sample => {
-                let converged = checks::converged(self).is_ok();
-                self.samples.push((self.now, self.sent.clone(), converged));
+                let agreeing = checks::agreement(self);
+                self.samples
+                    .push((self.now, self.sent.clone(), agreeing >= 1.0));
+                self.agreement.push(agreeing);
                 self.schedule(self.now + SAMPLE, Step::Sample);
             }
         }

@@ -3,6 +3,7 @@
 
 pub mod checks;
 pub mod engine;
+pub mod html;
 pub mod network;
 pub mod pcap;
 pub mod report;

@@ -90,10 +90,7 @@ fn main() -> ExitCode {
             json,
             report,
         } => {
-            let not_built = [
-                (engine == Engine::Turmoil, "--engine turmoil"),
-                (report.is_some(), "--report"),
-            ];
+            let not_built = [(engine == Engine::Turmoil, "--engine turmoil")];
             if let Some((_, what)) = not_built.iter().find(|(asked, _)| *asked) {
                 eprintln!(
                     "weft-sim: {what} is not built yet in this version; use the events engine without it"
@@ -113,6 +110,7 @@ fn main() -> ExitCode {
                 trace,
                 json,
                 pcap,
+                html: report,
             };
             match seeds {
                 Some((a, b)) => run.sweep(a, b),
@@ -157,6 +155,7 @@ struct Run {
     trace: Option<PathBuf>,
     json: Option<PathBuf>,
     pcap: Option<PathBuf>,
+    html: Option<PathBuf>,
 }
 
 impl Run {
@@ -179,6 +178,12 @@ impl Run {
             && let Err(e) = capture.finish()
         {
             eprintln!("weft-sim: cannot write the capture: {e}");
+            return ExitCode::from(2);
+        }
+        if let Some(path) = &self.html
+            && let Err(e) = std::fs::write(path, weft_sim::html::page(&sim, &report))
+        {
+            eprintln!("weft-sim: cannot write the page to {}: {e}", path.display());
             return ExitCode::from(2);
         }
         print!("{}", report.text());

@@ -97,7 +97,12 @@ fn trace_and_json_files_are_written() {
 #[test]
 fn pcap_holds_every_datagram_as_ethernet_ipv4_udp() {
     let path = std::env::temp_dir().join(format!("weft-sim-{}.pcap", std::process::id()));
-    let (code, out) = weft_sim(&["run", "../scenarios/relay.toml", "--pcap", path.to_str().unwrap()]);
+    let (code, out) = weft_sim(&[
+        "run",
+        "../scenarios/relay.toml",
+        "--pcap",
+        path.to_str().unwrap(),
+    ]);
     assert_eq!(code, 0, "{out}");
     let file = std::fs::File::open(&path).unwrap();
     let mut reader = pcap_file::pcap::PcapReader::new(file).unwrap();
@@ -108,10 +113,46 @@ fn pcap_holds_every_datagram_as_ethernet_ipv4_udp() {
         assert_eq!(&data[12..14], &[0x08, 0x00], "IPv4 ethertype");
         assert_eq!(data[23], 17, "UDP");
         assert_eq!(&data[26..28], &[192, 168], "underlay source address");
-        assert_eq!(u16::from_be_bytes([data[36], data[37]]), 6783, "weft's port");
+        assert_eq!(
+            u16::from_be_bytes([data[36], data[37]]),
+            6783,
+            "weft's port"
+        );
         assert_eq!(&data[42..46], b"WEFT", "a weft datagram");
         packets += 1;
     }
     assert!(packets > 100, "{packets} packets");
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn the_html_report_is_self_contained_and_shows_the_run() {
+    let path = std::env::temp_dir().join(format!("weft-sim-{}.html", std::process::id()));
+    let (code, out) = weft_sim(&[
+        "run",
+        "../scenarios/relay.toml",
+        "--report",
+        path.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let page = std::fs::read_to_string(&path).unwrap();
+    for part in [
+        "<h2>Timeline</h2>",
+        "<h2>Nodes converged</h2>",
+        "<h2>Control traffic</h2>",
+        "<h2>Final topology</h2>",
+        "<polyline",
+        "class=\"direct\"",
+        "class=\"relayed\"",
+    ] {
+        assert!(page.contains(part), "missing {part}");
+    }
+    assert!(page.contains("Cut(0, 2)"), "the cut is on the timeline");
+    for fetch in ["http://", "https://", "src=", "href=", "@import"] {
+        assert!(
+            !page.contains(fetch),
+            "the page must not fetch anything ({fetch})"
+        );
+    }
     std::fs::remove_file(&path).unwrap();
 }
