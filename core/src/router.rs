@@ -120,6 +120,10 @@ pub struct Router {
     forwarding_built_from: Option<(u64, u64)>,
     /// Bumped whenever routes change (cheaper to compare than the routes).
     routes_generation: u64,
+    /// Confirmed connections as last reported in events; announced in our
+    /// entry at `announce_at`.
+    connections_seen: Vec<PeerName>,
+    announce_at: Option<Time>,
 
     rng: Random,
     next_tick: Time,
@@ -191,6 +195,8 @@ impl Router {
             ipam_dirty: true,
             forwarding_built_from: None,
             routes_generation: 0,
+            connections_seen: Vec::new(),
+            announce_at: None,
 
             rng,
             next_tick: now,
@@ -343,6 +349,12 @@ impl Router {
 
     /// Time has passed: run whatever is due.
     pub fn handle_timeout(&mut self, now: Time) {
+        if self.announce_at.is_some_and(|t| now >= t) {
+            self.announce_at = None;
+            if self.connections_seen != self.own_entry().connections {
+                self.announce_self(self.connections_seen.clone());
+            }
+        }
         if now >= self.next_tick {
             self.tick(now);
         }
@@ -369,6 +381,9 @@ impl Router {
         let mut next = self.next_tick;
         if let Some(g) = self.next_gossip {
             next = next.min(g);
+        }
+        if let Some(a) = self.announce_at {
+            next = next.min(a);
         }
         if let Some(a) = self.connections.next_attempt(self.config.conn_limit) {
             next = next.min(a);
@@ -683,8 +698,8 @@ impl Router {
         let mut established = self.connections.established(now, self.config.dead_after);
         established.truncate(crate::config::MAX_CONN_LIMIT);
         // Both lists are ascending; the sets are built only on a change.
-        if established != self.own_entry().connections {
-            let before: BTreeSet<PeerName> = self.own_entry().connections.iter().copied().collect();
+        if established != self.connections_seen {
+            let before: BTreeSet<PeerName> = self.connections_seen.iter().copied().collect();
             let after: BTreeSet<PeerName> = established.iter().copied().collect();
             for peer in after.difference(&before) {
                 if let Some(link) = self.connections.link(*peer) {
@@ -698,10 +713,14 @@ impl Router {
             for peer in before.difference(&after) {
                 self.events.push_back(Event::ConnectionDown { peer: *peer });
             }
-            self.announce_self(established);
+            self.connections_seen = established;
+            // Announce connection changes at most once per gossip interval:
+            // a starting node gains its links one by one, and announcing
+            // each would flood the cluster with versions of one entry.
+            if self.announce_at.is_none() {
+                self.announce_at = Some(now + self.config.gossip_interval);
+            }
         }
-        self.connections
-            .refresh_next_attempt(self.config.conn_limit);
         if std::mem::take(&mut self.routes_dirty) {
             self.update_routes(now);
             self.ipam_dirty = true;
