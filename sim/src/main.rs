@@ -172,8 +172,10 @@ impl Run {
                 return ExitCode::from(2);
             }
         };
+        let started = std::time::Instant::now();
         let (report, trace, mut sim) =
             report::run_with(&self.scenario, seed, self.trace.is_some(), capture);
+        let wall = started.elapsed();
         if let Some(capture) = sim.capture.take()
             && let Err(e) = capture.finish()
         {
@@ -187,6 +189,13 @@ impl Run {
             return ExitCode::from(2);
         }
         print!("{}", report.text());
+        // Wall time is not part of the (deterministic) report.
+        let simulated = self.scenario.duration.as_secs_f64();
+        println!(
+            "  simulated {simulated:.0}s in {:.2}s wall ({:.1}x real time)",
+            wall.as_secs_f64(),
+            simulated / wall.as_secs_f64().max(1e-9)
+        );
         if let Some(path) = &self.trace
             && let Err(e) = std::fs::write(path, trace.text())
         {
