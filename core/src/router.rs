@@ -443,6 +443,7 @@ impl Router {
                     self.ipam_dirty = true;
                 }
             }
+            Message::News(versions) => self.request_newer(sender, &versions),
             Message::Request(names) => {
                 let entries: Vec<PeerEntry> = names
                     .iter()
@@ -524,8 +525,13 @@ impl Router {
                 give.push(entry.clone());
             }
         }
-        let want: Vec<PeerName> = digest
-            .versions
+        self.send_entries(sender, &give);
+        self.request_newer(sender, &digest.versions);
+    }
+
+    /// Asks `peer` for the entries it has in newer versions than ours.
+    fn request_newer(&mut self, peer: PeerName, versions: &[(PeerName, u64)]) {
+        let want: Vec<PeerName> = versions
             .iter()
             .filter(|(name, version)| {
                 *name != self.me
@@ -534,9 +540,8 @@ impl Router {
             })
             .map(|(name, _)| *name)
             .collect();
-        self.send_entries(sender, &give);
         for chunk in want.chunks(wire::MAX_NAMES) {
-            self.send_to_peer(sender, &Message::Request(chunk.to_vec()));
+            self.send_to_peer(peer, &Message::Request(chunk.to_vec()));
         }
     }
 
@@ -638,10 +643,13 @@ impl Router {
             // Nobody to tell yet: keep the news for when someone connects.
             return;
         }
-        let entries: Vec<PeerEntry> = self
+        // Push only (name, version) of the news; peers pull the entries
+        // they lack. Most pushes reach peers that already heard, and then
+        // cost 16 bytes an entry instead of the whole entry.
+        let versions: Vec<(PeerName, u64)> = self
             .news
             .keys()
-            .filter_map(|n| self.topology.get(*n).cloned())
+            .filter_map(|n| Some((*n, self.topology.version(*n)?)))
             .collect();
         let ring_news = self.ipam.take_ring_news(self.config.rumor_rounds);
         for peer in targets {
@@ -650,7 +658,9 @@ impl Router {
             if let Some(update) = &ring_news {
                 self.send_ring(peer, update);
             }
-            self.send_entries(peer, &entries);
+            for chunk in versions.chunks(wire::MAX_NEWS) {
+                self.send_to_peer(peer, &Message::News(chunk.to_vec()));
+            }
         }
         self.news.retain(|_, rounds| {
             *rounds = rounds.saturating_sub(1);

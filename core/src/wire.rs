@@ -37,6 +37,8 @@ pub const MAX_BODY: usize = MAX_DATAGRAM - SEALED_HEADER - TAG_LEN;
 /// request (each is bounded by `MAX_BODY` in practice; these bound decoding).
 pub const MAX_ENTRIES: usize = 64;
 pub const MAX_NAMES: usize = 128;
+/// Most (name, version) pairs in one news push (8 + up to 10 bytes each).
+pub const MAX_NEWS: usize = 64;
 /// Most ring blocks and most tombstones in one ring update.
 pub const MAX_BLOCKS: usize = 48;
 pub const MAX_TOMBSTONES: usize = 64;
@@ -53,6 +55,9 @@ pub enum Message {
     Digest(Digest),
     /// "Send me these entries": the receiver answers with `Gossip`.
     Request(Vec<PeerName>),
+    /// News: the sender has these (name, version) entries, new to it; the
+    /// receiver requests those it lacks.
+    News(Vec<(PeerName, u64)>),
     /// Part of the IPAM ring: changed blocks being pushed, or the whole
     /// ring (in several datagrams) for a peer whose ring differs.
     Ring(RingUpdate),
@@ -260,6 +265,7 @@ impl Message {
                 Ok(())
             }
             Message::Request(names) => at_most("requested names", names.len(), MAX_NAMES),
+            Message::News(versions) => at_most("news entries", versions.len(), MAX_NEWS),
             Message::Ring(update) => {
                 at_most("ring blocks", update.blocks.len(), MAX_BLOCKS)?;
                 at_most("tombstones", update.tombstones.len(), MAX_TOMBSTONES)
@@ -456,6 +462,10 @@ mod tests {
             ),
             ("request", Message::Request(vec![PeerName(1), PeerName(2)])),
             ("ring", Message::Ring(ring_update())),
+            (
+                "news",
+                Message::News(vec![(PeerName(1), 7), (PeerName(u64::MAX), u64::MAX)]),
+            ),
         ]
     }
 
@@ -552,6 +562,21 @@ mod tests {
             back.extend(u.blocks);
         }
         assert_eq!(back, blocks);
+    }
+
+    #[test]
+    fn a_full_news_push_fits_one_sealed_datagram() {
+        let news = Message::News(
+            (0..MAX_NEWS as u64)
+                .map(|i| (PeerName(u64::MAX - i), u64::MAX))
+                .collect(),
+        );
+        let nonce = SealNonce {
+            sender: 1,
+            epoch: 1,
+            counter: 1,
+        };
+        assert!(news.encode_sealed(&Sealer::new(b"k"), nonce).unwrap().len() <= MAX_DATAGRAM);
     }
 
     #[test]
