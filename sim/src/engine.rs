@@ -387,37 +387,7 @@ impl<'a> Sim<'a> {
     // ---- scenario events ----------------------------------------------
 
     fn apply(&mut self, event: &EventDef) {
-        let names = |list: &[usize]| {
-            list.iter()
-                .map(|i| self.nodes[*i].name.clone())
-                .collect::<Vec<_>>()
-                .join(",")
-        };
-        let what = match &event.action {
-            Action::Start(l) => format!("start {}", names(l)),
-            Action::Crash(l) => format!("crash {}", names(l)),
-            Action::Restart(l) => format!("restart {}", names(l)),
-            Action::Wipe(l) => format!("wipe {}", names(l)),
-            Action::Remove(l) => format!("remove {}", names(l)),
-            Action::Partition(g) => format!(
-                "partition {}",
-                g.iter()
-                    .map(|g| format!("[{}]", names(g)))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            ),
-            Action::Cut(a, b) => format!("cut {} {}", self.nodes[*a].name, self.nodes[*b].name),
-            Action::Heal => "heal".to_string(),
-            Action::Loss { rate, .. } => format!("loss {rate}"),
-            Action::Latency { value, .. } => format!("latency {:?}..{:?}", value.min, value.max),
-            Action::AddPod { node, pods } => format!(
-                "add_pod {} x{} on {}",
-                pods[0],
-                pods.len(),
-                self.nodes[*node].name
-            ),
-            Action::DelPod(p) => format!("del_pod {p}"),
-        };
+        let what = event.action.describe(self.scenario);
         self.trace
             .line(self.now, "-", &format!("event line {}: {what}", event.line));
         if !matches!(event.action, Action::AddPod { .. } | Action::DelPod(_)) {

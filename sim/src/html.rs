@@ -71,7 +71,7 @@ fn timeline(h: &mut String, sim: &Sim, report: &Report) {
         .map(|e| {
             (
                 e.at.as_secs_f64(),
-                format!("{:?} (line {})", e.action, e.line),
+                format!("{} (line {})", e.action.describe(sim.scenario), e.line),
             )
         })
         .collect();

@@ -87,6 +87,46 @@ pub enum Action {
     DelPod(String),
 }
 
+impl Action {
+    /// The event as people read it, with node names ("cut node1 node3").
+    pub fn describe(&self, scenario: &Scenario) -> String {
+        let names = |list: &[usize]| {
+            list.iter()
+                .map(|i| scenario.nodes[*i].name.clone())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        match self {
+            Action::Start(l) => format!("start {}", names(l)),
+            Action::Crash(l) => format!("crash {}", names(l)),
+            Action::Restart(l) => format!("restart {}", names(l)),
+            Action::Wipe(l) => format!("wipe {}", names(l)),
+            Action::Remove(l) => format!("remove {}", names(l)),
+            Action::Partition(g) => format!(
+                "partition {}",
+                g.iter()
+                    .map(|g| format!("[{}]", names(g)))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+            Action::Cut(a, b) => format!(
+                "cut {} {}",
+                scenario.nodes[*a].name, scenario.nodes[*b].name
+            ),
+            Action::Heal => "heal".to_string(),
+            Action::Loss { rate, .. } => format!("loss {rate}"),
+            Action::Latency { value, .. } => format!("latency {:?}..{:?}", value.min, value.max),
+            Action::AddPod { node, pods } => format!(
+                "add_pod {} x{} on {}",
+                pods[0],
+                pods.len(),
+                scenario.nodes[*node].name
+            ),
+            Action::DelPod(p) => format!("del_pod {p}"),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct CheckDef {
     pub at: CheckAt,
