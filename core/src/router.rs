@@ -503,11 +503,18 @@ impl Router {
             }
             Merge::Updated {
                 connections_changed,
+                address_changed,
+                ipam_changed,
             } => {
                 self.news.insert(name, self.config.rumor_rounds);
                 self.routes_dirty |= connections_changed;
-                self.peers_dirty = true;
-                self.ipam_dirty = true;
+                self.peers_dirty |= address_changed;
+                // Forwarding hands packets to next hops' addresses, and is
+                // rebuilt in the IPAM step.
+                self.ipam_dirty |= ipam_changed || address_changed;
+                if address_changed {
+                    self.forwarding_built_from = None;
+                }
             }
             Merge::Unchanged => {}
         }

@@ -43,9 +43,13 @@ impl PeerEntry {
 pub enum Merge {
     /// A peer not known before.
     New,
-    /// A newer entry for a known peer; `connections_changed` tells whether
-    /// routes need recomputing.
-    Updated { connections_changed: bool },
+    /// A newer entry for a known peer, and which parts of it changed (so
+    /// only the work those parts need is redone).
+    Updated {
+        connections_changed: bool,
+        address_changed: bool,
+        ipam_changed: bool,
+    },
     /// Nothing new: the same or an older entry.
     Unchanged,
 }
@@ -89,10 +93,14 @@ impl Topology {
             Some(stored) if entry > stored.entry => {
                 let mixed = mix(entry.fingerprint());
                 let connections_changed = stored.entry.connections != entry.connections;
+                let address_changed = stored.entry.address != entry.address;
+                let ipam_changed = stored.entry.ipam != entry.ipam;
                 self.summary = self.summary.wrapping_sub(stored.mixed).wrapping_add(mixed);
                 *stored = Stored { entry, mixed };
                 Merge::Updated {
                     connections_changed,
+                    address_changed,
+                    ipam_changed,
                 }
             }
             Some(_) => Merge::Unchanged,
@@ -277,18 +285,13 @@ mod tests {
         let mut t = Topology::new(entry(100, 1, &[]));
         assert_eq!(t.merge(entry(1, 2, &[2])), Merge::New);
         assert_eq!(t.merge(entry(1, 1, &[3])), Merge::Unchanged);
-        assert_eq!(
-            t.merge(entry(1, 3, &[2])),
-            Merge::Updated {
-                connections_changed: false
-            }
-        );
-        assert_eq!(
-            t.merge(entry(1, 4, &[2, 3])),
-            Merge::Updated {
-                connections_changed: true
-            }
-        );
+        let updated = |connections_changed| Merge::Updated {
+            connections_changed,
+            address_changed: false,
+            ipam_changed: false,
+        };
+        assert_eq!(t.merge(entry(1, 3, &[2])), updated(false));
+        assert_eq!(t.merge(entry(1, 4, &[2, 3])), updated(true));
         assert_eq!(t.version(PeerName(1)), Some(4));
     }
 
