@@ -124,6 +124,8 @@ pub struct Router {
     /// entry at `announce_at`.
     connections_seen: Vec<PeerName>,
     announce_at: Option<Time>,
+    /// When the debounced routes / learnt addresses / IPAM work is due.
+    housekeeping_at: Option<Time>,
 
     rng: Random,
     next_tick: Time,
@@ -135,6 +137,9 @@ pub struct Router {
 }
 
 const VERSION_BITS: u32 = 40;
+/// Routes, learnt addresses and the IPAM step wait this long for more
+/// changes before running (Weave debounced routes by 100 ms).
+const HOUSEKEEPING_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl Router {
     /// A node from its persisted state, or a brand-new peer when `state` is
@@ -197,6 +202,7 @@ impl Router {
             routes_generation: 0,
             connections_seen: Vec::new(),
             announce_at: None,
+            housekeeping_at: None,
 
             rng,
             next_tick: now,
@@ -349,6 +355,10 @@ impl Router {
 
     /// Time has passed: run whatever is due.
     pub fn handle_timeout(&mut self, now: Time) {
+        if self.housekeeping_at.is_some_and(|t| now >= t) {
+            self.housekeeping_at = None;
+            self.housekeeping(now);
+        }
         if self.announce_at.is_some_and(|t| now >= t) {
             self.announce_at = None;
             if self.connections_seen != self.own_entry().connections {
@@ -384,6 +394,9 @@ impl Router {
         }
         if let Some(a) = self.announce_at {
             next = next.min(a);
+        }
+        if let Some(h) = self.housekeeping_at {
+            next = next.min(h);
         }
         if let Some(a) = self.connections.next_attempt(self.config.conn_limit) {
             next = next.min(a);
@@ -738,12 +751,25 @@ impl Router {
                 self.announce_at = Some(now + self.config.gossip_interval);
             }
         }
+        // Work that costs O(peers) or more (routes, learnt addresses, the
+        // IPAM step) runs at most once per debounce interval, however many
+        // entries change meanwhile: a starting 1,000-node cluster changes
+        // thousands of entries a second.
+        let dirty = self.routes_dirty || self.ipam_dirty || self.peers_dirty;
+        if dirty && self.housekeeping_at.is_none() {
+            self.housekeeping_at = Some(now + HOUSEKEEPING_DEBOUNCE);
+        }
+        self.connections
+            .refresh_next_attempt(self.config.conn_limit);
+        if (!self.news.is_empty() || self.ipam.has_ring_news()) && self.next_gossip.is_none() {
+            self.next_gossip = Some(now + self.config.gossip_interval);
+        }
+    }
+
+    fn housekeeping(&mut self, now: Time) {
         if std::mem::take(&mut self.routes_dirty) {
             self.update_routes(now);
             self.ipam_dirty = true;
-        }
-        if std::mem::take(&mut self.ipam_dirty) {
-            self.step_ipam(now);
         }
         if std::mem::take(&mut self.peers_dirty) {
             let learnt: BTreeSet<SocketAddr> = self
@@ -754,15 +780,18 @@ impl Router {
                 .collect();
             self.connections.sync_learnt_targets(now, &learnt);
         }
-        self.connections
-            .refresh_next_attempt(self.config.conn_limit);
-        if (!self.news.is_empty() || self.ipam.has_ring_news()) && self.next_gossip.is_none() {
-            self.next_gossip = Some(now + self.config.gossip_interval);
+        if std::mem::take(&mut self.ipam_dirty) {
+            self.step_ipam(now);
         }
     }
 
     fn update_routes(&mut self, now: Time) {
-        let routes = Routes::compute(self.me, &self.topology.announced());
+        let claims: Vec<(PeerName, &[PeerName])> = self
+            .topology
+            .entries()
+            .map(|e| (e.name, e.connections.as_slice()))
+            .collect();
+        let routes = Routes::compute_sorted(self.me, &claims);
         if routes == self.routes {
             return;
         }

@@ -93,7 +93,20 @@ impl Routes {
     /// Cost: O((V + E) · log V) to index the announcements and check
     /// symmetry, plus one O(V + E) BFS.
     pub fn compute(me: PeerName, announced: &BTreeMap<PeerName, BTreeSet<PeerName>>) -> Routes {
-        let nodes: Vec<PeerName> = announced.keys().copied().take(MAX_PEERS).collect();
+        let claims: Vec<(PeerName, Vec<PeerName>)> = announced
+            .iter()
+            .map(|(p, set)| (*p, set.iter().copied().collect()))
+            .collect();
+        let view: Vec<(PeerName, &[PeerName])> =
+            claims.iter().map(|(p, c)| (*p, c.as_slice())).collect();
+        Routes::compute_sorted(me, &view)
+    }
+
+    /// Like [`Routes::compute`], from `(peer, its claims)` ascending by peer,
+    /// each claim list ascending (what topology entries hold), without
+    /// building maps first.
+    pub fn compute_sorted(me: PeerName, announced: &[(PeerName, &[PeerName])]) -> Routes {
+        let nodes: Vec<PeerName> = announced.iter().map(|(p, _)| *p).take(MAX_PEERS).collect();
         let n = nodes.len();
 
         // Pass 1: every claim as a node index, CSR-encoded. Claims of peers
@@ -104,7 +117,7 @@ impl Routes {
         let mut claim_off: Vec<usize> = Vec::with_capacity(n + 1);
         let mut claims: Vec<u32> = Vec::new();
         claim_off.push(0);
-        for (&owner, set) in announced.iter().take(n) {
+        for &(owner, set) in announced.iter().take(n) {
             let mut lo = 0usize;
             for &p in set {
                 if p == owner {
