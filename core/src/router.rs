@@ -665,11 +665,15 @@ impl Router {
         }
         // Push only (name, version) of the news; peers pull the entries
         // they lack. Most pushes reach peers that already heard, and then
-        // cost 16 bytes an entry instead of the whole entry.
-        let versions: Vec<(PeerName, u64)> = self
-            .news
-            .keys()
-            .filter_map(|n| Some((*n, self.topology.version(*n)?)))
+        // cost 16 bytes an entry instead of the whole entry. At most one
+        // datagram of news per peer per round, freshest first: a burst (a
+        // cluster starting) then spreads over rounds instead of flooding.
+        let mut fresh: Vec<(u8, PeerName)> = self.news.iter().map(|(n, r)| (*r, *n)).collect();
+        fresh.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        fresh.truncate(wire::MAX_NEWS);
+        let versions: Vec<(PeerName, u64)> = fresh
+            .iter()
+            .filter_map(|(_, n)| Some((*n, self.topology.version(*n)?)))
             .collect();
         let ring_news = self.ipam.take_ring_news(self.config.rumor_rounds);
         for peer in targets {
@@ -678,12 +682,15 @@ impl Router {
             if let Some(update) = &ring_news {
                 self.send_ring(peer, update);
             }
-            for chunk in versions.chunks(wire::MAX_NEWS) {
-                self.send_to_peer(peer, &Message::News(chunk.to_vec()));
+            if !versions.is_empty() {
+                self.send_to_peer(peer, &Message::News(versions.clone()));
             }
         }
-        self.news.retain(|_, rounds| {
-            *rounds = rounds.saturating_sub(1);
+        let pushed: BTreeSet<PeerName> = fresh.iter().map(|(_, n)| *n).collect();
+        self.news.retain(|name, rounds| {
+            if pushed.contains(name) {
+                *rounds = rounds.saturating_sub(1);
+            }
             *rounds > 0
         });
     }
