@@ -458,12 +458,7 @@ impl Validator<'_> {
             ("pod", e.pod.is_some()),
             ("count", e.count.is_some()),
         ];
-        if let Some((field, _)) = present.iter().find(|(f, p)| *p && !allowed.contains(f)) {
-            return Err(self.src.error(
-                spanned.span(),
-                format!("field `{field}` does not apply to do = {kind:?}"),
-            ));
-        }
+        self.only_fields(spanned.span(), "do", kind, &present, allowed)?;
         let need = |field: &str| {
             self.src
                 .error(spanned.span(), format!("do = {kind:?} needs `{field}`"))
@@ -593,12 +588,7 @@ impl Validator<'_> {
             ("to", c.to.is_some()),
             ("max_per_node_per_s", c.max_per_node_per_s.is_some()),
         ];
-        if let Some((field, _)) = present.iter().find(|(f, p)| *p && !allowed.contains(f)) {
-            return Err(self.src.error(
-                spanned.span(),
-                format!("field `{field}` does not apply to expect = {kind:?}"),
-            ));
-        }
+        self.only_fields(spanned.span(), "expect", kind, &present, allowed)?;
         let pod = |p: &Spanned<String>| -> Result<String, ScenarioError> {
             if pods.contains(p.get_ref()) {
                 Ok(p.get_ref().clone())
@@ -650,6 +640,24 @@ impl Validator<'_> {
             expect,
             line: self.src.line_of(&spanned.span()),
         })
+    }
+
+    /// Refuses fields that do not apply to this kind of event or check.
+    fn only_fields(
+        &self,
+        span: Range<usize>,
+        key: &str,
+        kind: &str,
+        present: &[(&str, bool)],
+        allowed: &[&str],
+    ) -> Result<(), ScenarioError> {
+        match present.iter().find(|(f, p)| *p && !allowed.contains(f)) {
+            Some((field, _)) => Err(self.src.error(
+                span,
+                format!("field `{field}` does not apply to {key} = {kind:?}"),
+            )),
+            None => Ok(()),
+        }
     }
 
     fn node(&self, names: &[String], name: &Spanned<String>) -> Result<usize, ScenarioError> {
