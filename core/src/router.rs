@@ -126,6 +126,8 @@ pub struct Router {
     announce_at: Option<Time>,
     /// When the debounced routes / learnt addresses / IPAM work is due.
     housekeeping_at: Option<Time>,
+    /// A link may have become, or stopped being, established.
+    links_changed: bool,
 
     rng: Random,
     next_tick: Time,
@@ -203,6 +205,7 @@ impl Router {
             connections_seen: Vec::new(),
             announce_at: None,
             housekeeping_at: None,
+            links_changed: true,
 
             rng,
             next_tick: now,
@@ -371,7 +374,15 @@ impl Router {
         if self.next_gossip.is_some_and(|t| now >= t) {
             self.push_news(now);
         }
-        self.attempt_due(now);
+        self.connections
+            .refresh_next_attempt(self.config.conn_limit);
+        if self
+            .connections
+            .next_attempt(self.config.conn_limit)
+            .is_some_and(|t| t <= now)
+        {
+            self.attempt_due(now);
+        }
         self.settle(now);
     }
 
@@ -471,9 +482,17 @@ impl Router {
         let echoes_us = hb
             .echo
             .is_some_and(|echo| self.tokens.iter().any(|(t, _)| *t == echo));
+        let dead_after = self.config.dead_after;
+        let established = |c: &Connections| {
+            c.link(sender)
+                .is_some_and(|l| l.is_established(now, dead_after))
+        };
+        let was = established(&self.connections);
         let heard =
             self.connections
                 .heard(now, sender, from, &hb, echoes_us, self.config.conn_limit);
+        // A new link may also have replaced an old one at that address.
+        self.links_changed |= heard == Heard::NewLink || was != established(&self.connections);
         match heard {
             Heard::Refused => *self.dropped.entry(DropReason::ConnectionLimit).or_default() += 1,
             Heard::NewLink | Heard::Unconfirmed => self.send_heartbeat(from, Some(hb.token)),
@@ -588,6 +607,7 @@ impl Router {
         self.start_anti_entropy(now);
         // Seeding rounds and donations move on timers too.
         self.ipam_dirty = true;
+        self.links_changed = true;
         // ±10% jitter keeps a cluster restarted at once from ticking in step.
         let interval = self.config.heartbeat_interval;
         self.next_tick = now
@@ -732,7 +752,13 @@ impl Router {
     /// Brings derived state up to date: our own entry, routes, learnt
     /// addresses, the gossip timer.
     fn settle(&mut self, now: Time) {
-        let mut established = self.connections.established(now, self.config.dead_after);
+        // Links change state only on heartbeats and ticks (expiry, aging);
+        // between those there is nothing to recompute.
+        let mut established = if std::mem::take(&mut self.links_changed) {
+            self.connections.established(now, self.config.dead_after)
+        } else {
+            self.connections_seen.clone()
+        };
         established.truncate(crate::config::MAX_CONN_LIMIT);
         // Both lists are ascending; the sets are built only on a change.
         if established != self.connections_seen {
