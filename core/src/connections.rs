@@ -280,8 +280,8 @@ impl Connections {
         }
     }
 
-    /// Earliest time a target is due (only meaningful while slots are free).
-    pub fn next_attempt(&self, _conn_limit: usize) -> Option<Time> {
+    /// Earliest due attempt, as of the last refresh (while slots are free).
+    pub fn next_attempt(&self) -> Option<Time> {
         self.next_attempt
     }
 

@@ -376,11 +376,7 @@ impl Router {
         }
         self.connections
             .refresh_next_attempt(self.config.conn_limit);
-        if self
-            .connections
-            .next_attempt(self.config.conn_limit)
-            .is_some_and(|t| t <= now)
-        {
+        if self.connections.next_attempt().is_some_and(|t| t <= now) {
             self.attempt_due(now);
         }
         self.settle(now);
@@ -409,7 +405,7 @@ impl Router {
         if let Some(h) = self.housekeeping_at {
             next = next.min(h);
         }
-        if let Some(a) = self.connections.next_attempt(self.config.conn_limit) {
+        if let Some(a) = self.connections.next_attempt() {
             next = next.min(a);
         }
         Some(next)
