@@ -84,7 +84,7 @@ pub struct Sim<'a> {
     pub uniqueness_violation: Option<(Time, String)>,
     /// Each running node's own blocks, and the ring summary they were
     /// read at (re-read only when the ring changed).
-    pub owned: Vec<(u64, Vec<ipnet::Ipv4Net>)>,
+    pub owned: Vec<(Option<u64>, Vec<ipnet::Ipv4Net>)>,
     /// Ownership or pod addresses changed since uniqueness was checked.
     unique_dirty: bool,
     /// Underlay address -> node.
@@ -129,7 +129,7 @@ impl<'a> Sim<'a> {
             outcomes: Vec::new(),
             last_disruption: Time::ZERO,
             uniqueness_violation: None,
-            owned: vec![(0, Vec::new()); scenario.nodes.len()],
+            owned: vec![(None, Vec::new()); scenario.nodes.len()],
             unique_dirty: false,
             by_address: BTreeMap::new(),
             capture: None,
@@ -267,8 +267,8 @@ impl<'a> Sim<'a> {
         }
         let timeout = router.poll_timeout();
         let summary = router.ipam().ring_summary();
-        if self.owned[i].0 != summary || self.owned[i].1.is_empty() {
-            self.owned[i] = (summary, router.ipam().own_blocks());
+        if self.owned[i].0 != Some(summary) {
+            self.owned[i] = (Some(summary), router.ipam().own_blocks());
             self.unique_dirty = true;
         }
         for t in transmits {
@@ -532,7 +532,7 @@ impl<'a> Sim<'a> {
             // the last state is what a crash leaves behind.
             self.nodes[i].saved = Some(router.state());
             self.nodes[i].timer_gen += 1;
-            self.owned[i] = (0, Vec::new());
+            self.owned[i] = (None, Vec::new());
         }
     }
 
