@@ -180,7 +180,6 @@ impl Connections {
     /// Drops links silent for longer than `dead_after`; their addresses are
     /// retried from the first backoff step.
     pub fn expire(&mut self, now: Time, dead_after: Duration) -> Vec<PeerName> {
-        self.attempts_changed = true;
         let dead: Vec<PeerName> = self
             .links
             .iter()
@@ -196,6 +195,7 @@ impl Connections {
                 target.next_try = now;
             }
         }
+        self.attempts_changed |= !dead.is_empty();
         dead
     }
 
@@ -207,16 +207,17 @@ impl Connections {
     }
 
     pub fn add_target(&mut self, now: Time, address: SocketAddr, configured: bool) {
-        self.attempts_changed = true;
         if self.own_addresses.contains(&address) {
             return;
         }
+        let known = self.targets.contains_key(&address);
         let target = self.targets.entry(address).or_insert(Target {
             configured,
             attempts: 0,
             next_try: now,
         });
         target.configured |= configured;
+        self.attempts_changed |= !known;
     }
 
     pub fn remove_target(&mut self, address: SocketAddr) {
@@ -227,9 +228,10 @@ impl Connections {
     /// Keeps the gossip-learnt targets equal to `addresses` (configured
     /// targets stay whatever gossip says).
     pub fn sync_learnt_targets(&mut self, now: Time, addresses: &BTreeSet<SocketAddr>) {
-        self.attempts_changed = true;
+        let before = self.targets.len();
         self.targets
             .retain(|a, t| t.configured || addresses.contains(a));
+        self.attempts_changed |= self.targets.len() != before;
         for address in addresses {
             self.add_target(now, *address, false);
         }
