@@ -285,7 +285,8 @@ impl Router {
         container: &str,
         addr: Ipv4Addr,
     ) -> Result<Allocation, IpamError> {
-        let result = self.ipam.claim(container, addr);
+        let views = peer_views(&self.topology, &self.routes, self.me);
+        let result = self.ipam.claim(container, addr, &views);
         self.ipam_dirty = true;
         self.settle(now);
         result

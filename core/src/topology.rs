@@ -9,7 +9,7 @@
 use crate::ipam::IpamInfo;
 use crate::peer::PeerName;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 /// What one peer says about itself.
@@ -140,13 +140,6 @@ impl Topology {
 
     pub fn summary(&self) -> u64 {
         self.summary
-    }
-
-    /// Every peer's announced connections, the input of route computation.
-    pub fn announced(&self) -> BTreeMap<PeerName, BTreeSet<PeerName>> {
-        self.entries()
-            .map(|e| (e.name, e.connections.iter().copied().collect()))
-            .collect()
     }
 
     /// (name, version) of every entry from `first` to `last` inclusive.

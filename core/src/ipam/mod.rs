@@ -352,7 +352,25 @@ impl Ipam {
 
     /// Re-registers an address `container` already holds (after a
     /// restart that lost the allocation record).
-    pub fn claim(&mut self, container: &str, addr: Ipv4Addr) -> Result<Allocation, IpamError> {
+    pub fn claim(
+        &mut self,
+        container: &str,
+        addr: Ipv4Addr,
+        peers: &BTreeMap<PeerName, PeerView>,
+    ) -> Result<Allocation, IpamError> {
+        Ok(match self.try_claim(container, addr)? {
+            Some(addr) => Allocation::Ready(addr),
+            None => Allocation::Pending(self.pending_reason(peers)),
+        })
+    }
+
+    /// A claim, or `None` when it must wait for the ring or the podCIDR
+    /// (it is then kept and completed by itself).
+    fn try_claim(
+        &mut self,
+        container: &str,
+        addr: Ipv4Addr,
+    ) -> Result<Option<Ipv4Addr>, IpamError> {
         validate_container_id(container)?;
         let range = self.outer_range();
         if !range.is_some_and(|r| r.contains(&addr))
@@ -364,7 +382,7 @@ impl Ipam {
             });
         }
         if self.space.get(container) == Some(addr) {
-            return Ok(Allocation::Ready(addr));
+            return Ok(Some(addr));
         }
         if let Some(holder) = self.space.holder(addr) {
             return Err(IpamError::InUse {
@@ -378,23 +396,13 @@ impl Ipam {
         let own = self.own_blocks();
         if own.iter().any(|b| b.contains(&addr)) {
             self.space.insert(container, addr);
-            return Ok(Allocation::Ready(addr));
+            return Ok(Some(addr));
         }
         match (&self.mode, self.ring.owner_of(addr)) {
             (IpamMode::Ring(_), Some(owner)) => Err(IpamError::OwnedByOtherPeer { addr, owner }),
-            (IpamMode::Ring(init), None) => {
+            (IpamMode::Ring(_), None) | (IpamMode::NodeCidr(None), _) => {
                 self.pending_claims.insert(container.to_string(), addr);
-                Ok(Allocation::Pending(match init {
-                    IpamInit::Observer => PendingReason::AwaitingRing,
-                    IpamInit::Consensus(_) => PendingReason::AwaitingQuorum {
-                        quorum: self.seeding.quorum(),
-                        reachable: 0,
-                    },
-                }))
-            }
-            (IpamMode::NodeCidr(None), _) => {
-                self.pending_claims.insert(container.to_string(), addr);
-                Ok(Allocation::Pending(PendingReason::AwaitingPodCidr))
+                Ok(None)
             }
             (IpamMode::NodeCidr(Some(range)), _) => Err(IpamError::OutOfRange {
                 addr,
@@ -662,11 +670,11 @@ impl Ipam {
 
     fn complete_pending(&mut self) {
         for (container, addr) in std::mem::take(&mut self.pending_claims) {
-            match self.claim(&container, addr) {
-                Ok(Allocation::Ready(address)) => self
+            match self.try_claim(&container, addr) {
+                Ok(Some(address)) => self
                     .events
                     .push_back(IpamEvent::Allocated { container, address }),
-                Ok(Allocation::Pending(_)) => {}
+                Ok(None) => {}
                 Err(error) => self
                     .events
                     .push_back(IpamEvent::AllocationFailed { container, error }),

@@ -85,10 +85,6 @@ impl Seeding {
         self.state
     }
 
-    pub fn next_attempt(&self) -> Option<Time> {
-        self.next_attempt
-    }
-
     /// A decision any `quorum` peers' published states already show.
     pub fn decided(&self, peers: &BTreeMap<PeerName, Paxos>) -> Option<Decision> {
         let mut votes: BTreeMap<(Ballot, PeerName), usize> = BTreeMap::new();

@@ -143,6 +143,17 @@ fn a_minority_partition_never_seeds_and_joins_the_ring_after_healing() {
                 reachable: 2
             }))
         );
+        // A claim (restart recovery) waits for the same reason.
+        let claim = net.call(i, |r, now| {
+            r.claim(now, "restored", "10.32.1.1".parse().unwrap())
+        });
+        assert_eq!(
+            claim.unwrap(),
+            Ok(Allocation::Pending(PendingReason::AwaitingQuorum {
+                quorum: 3,
+                reachable: 2
+            }))
+        );
         assert_eq!(
             PendingReason::AwaitingQuorum {
                 quorum: 3,
@@ -636,7 +647,7 @@ fn reserved_addresses_are_never_claimed_or_handed_out() {
     assert_eq!(ipam.gateway(), Some("10.32.0.1".parse().unwrap()));
     for reserved in ["10.32.0.0", "10.32.0.3"] {
         assert_eq!(
-            ipam.claim("c", reserved.parse().unwrap())
+            ipam.claim("c", reserved.parse().unwrap(), &peers)
                 .unwrap_err()
                 .to_string(),
             format!("address {reserved} is reserved (network, broadcast or gateway address)")
@@ -653,7 +664,7 @@ fn reserved_addresses_are_never_claimed_or_handed_out() {
         "the allocation range 10.32.0.0/30 is exhausted: every address is in use"
     );
     assert_eq!(
-        ipam.claim("c", "10.32.0.1".parse().unwrap())
+        ipam.claim("c", "10.32.0.1".parse().unwrap(), &peers)
             .unwrap_err()
             .to_string(),
         "address 10.32.0.1 is already allocated to weft:gateway"
