@@ -1,0 +1,278 @@
+//! The driver loop: the runtime glue between weft-core's sans-IO [`Router`]
+//! and a network. It turns received datagrams, timer expiries and local
+//! commands into router calls, and the router's outputs into saved state,
+//! sent datagrams, events and command replies.
+//!
+//! The weft agent runs it over tokio UDP sockets; weft-sim's turmoil engine
+//! runs the very same loop over turmoil's simulated sockets. Only the
+//! [`Datagrams`] trait differs between them; time is tokio's clock, which
+//! turmoil simulates.
+//!
+//! Ordering rule: state is persisted (through [`Host::persist`]) after every
+//! input that changed it and *before* any datagram is sent or any command
+//! is answered, so an acknowledged allocation survives a `kill -9`.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use weft_core::ipam::{Allocation, IpamError, IpamEvent};
+use weft_core::{Event, PeerName, PersistedState, Router, Time, Transmit};
+
+/// Largest datagram the loop receives (a jumbo UDP payload).
+const RECEIVE_BUFFER: usize = 65_536;
+
+/// A UDP-like socket: what the loop needs from the network.
+pub trait Datagrams {
+    fn send_to(&self, payload: &[u8], to: SocketAddr) -> impl Future<Output = io::Result<usize>>;
+    fn recv_from(&self, buf: &mut [u8]) -> impl Future<Output = io::Result<(usize, SocketAddr)>>;
+}
+
+impl Datagrams for tokio::net::UdpSocket {
+    fn send_to(&self, payload: &[u8], to: SocketAddr) -> impl Future<Output = io::Result<usize>> {
+        tokio::net::UdpSocket::send_to(self, payload, to)
+    }
+    fn recv_from(&self, buf: &mut [u8]) -> impl Future<Output = io::Result<(usize, SocketAddr)>> {
+        tokio::net::UdpSocket::recv_from(self, buf)
+    }
+}
+
+/// What surrounds the loop: where state is saved, who hears about events.
+pub trait Host {
+    /// Saves the node's state durably; the loop stops if this fails, since
+    /// nothing may be acknowledged that is not saved.
+    fn persist(&mut self, state: &PersistedState) -> io::Result<()>;
+    /// An event of the router (routes, prefixes, IPAM), for the dataplane
+    /// and logs.
+    fn event(&mut self, _now: Time, _event: &Event) {}
+    /// A datagram about to be sent (traffic accounting, captures).
+    fn sent(&mut self, _now: Time, _transmit: &Transmit) {}
+    /// A socket error; the loop carries on.
+    fn socket_error(&mut self, _error: &io::Error) {}
+}
+
+/// The router, shared with readers (status pages, simulator checks). Only
+/// the loop mutates it: everyone else sends a [`Command`], so that outputs
+/// are always drained and state always saved.
+pub type SharedRouter = Arc<Mutex<Router>>;
+
+/// Locks the shared router; a panic elsewhere does not make it unusable.
+pub fn lock(router: &SharedRouter) -> MutexGuard<'_, Router> {
+    router.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+type Reply<T> = oneshot::Sender<T>;
+
+/// A local request to the node, answered once its effect is saved.
+#[derive(Debug)]
+pub enum Command {
+    /// An address for a container; answered when it is allocated (perhaps
+    /// after waiting for space) or refused. Idempotent per container.
+    Allocate {
+        container: String,
+        reply: Reply<Result<Ipv4Addr, IpamError>>,
+    },
+    /// A specific address for a container (restoring a known attachment).
+    Claim {
+        container: String,
+        address: Ipv4Addr,
+        reply: Reply<Result<Ipv4Addr, IpamError>>,
+    },
+    /// Frees a container's address; `None` if it held none.
+    Release {
+        container: String,
+        reply: Reply<Result<Option<Ipv4Addr>, IpamError>>,
+    },
+    /// Takes over the space of a peer that left the cluster for good.
+    RemovePeer {
+        peer: PeerName,
+        reply: Reply<Result<u64, IpamError>>,
+    },
+    /// Another address to connect to.
+    AddPeer(SocketAddr),
+}
+
+/// Why the loop stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("cannot save the node's state: {0}")]
+    Persist(#[source] io::Error),
+}
+
+/// One node's loop. Build it with [`Driver::new`], then [`Driver::run`].
+pub struct Driver<D, H> {
+    router: SharedRouter,
+    socket: D,
+    host: H,
+    /// Router time zero.
+    epoch: Instant,
+    saved: Option<PersistedState>,
+    /// Allocations waiting for space, by container.
+    waiting: BTreeMap<String, Vec<Reply<Result<Ipv4Addr, IpamError>>>>,
+    /// Answers to send once the state they depend on is saved.
+    answers: Vec<Box<dyn FnOnce() + Send>>,
+}
+
+impl<D: Datagrams, H: Host> Driver<D, H> {
+    /// `epoch` is the instant the router's time counts from (its `now` at
+    /// creation).
+    pub fn new(router: SharedRouter, socket: D, host: H, epoch: Instant) -> Driver<D, H> {
+        Driver {
+            router,
+            socket,
+            host,
+            epoch,
+            saved: None,
+            waiting: BTreeMap::new(),
+            answers: Vec::new(),
+        }
+    }
+
+    pub fn router(&self) -> &SharedRouter {
+        &self.router
+    }
+
+    fn now(&self) -> Time {
+        Time::from_duration(self.epoch.elapsed())
+    }
+
+    /// Runs until every command sender is dropped (a clean stop), or state
+    /// cannot be saved.
+    pub async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) -> Result<(), DriverError> {
+        let mut buf = vec![0u8; RECEIVE_BUFFER];
+        self.flush().await?;
+        loop {
+            let deadline = lock(&self.router).poll_timeout();
+            let timer = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(self.epoch + at.since_epoch()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            // Biased: the same inputs are always taken in the same order,
+            // which keeps simulated runs reproducible.
+            tokio::select! {
+                biased;
+                command = commands.recv() => match command {
+                    Some(command) => self.command(command),
+                    None => return Ok(()),
+                },
+                received = self.socket.recv_from(&mut buf) => match received {
+                    Ok((n, from)) => {
+                        let now = self.now();
+                        lock(&self.router).handle_datagram(now, from, &buf[..n]);
+                    }
+                    Err(e) => self.host.socket_error(&e),
+                },
+                () = timer => {
+                    let now = self.now();
+                    lock(&self.router).handle_timeout(now);
+                }
+            }
+            self.flush().await?;
+        }
+    }
+
+    fn command(&mut self, command: Command) {
+        let now = self.now();
+        let shared = self.router.clone();
+        let mut router = lock(&shared);
+        match command {
+            Command::Allocate { container, reply } => {
+                let result = router.allocate(now, &container);
+                self.answer_allocation(container, result, reply);
+            }
+            Command::Claim {
+                container,
+                address,
+                reply,
+            } => {
+                let result = router.claim(now, &container, address);
+                self.answer_allocation(container, result, reply);
+            }
+            Command::Release { container, reply } => {
+                let result = router.release(now, &container);
+                self.answer(reply, result);
+            }
+            Command::RemovePeer { peer, reply } => {
+                let result = router.remove_peer(now, peer);
+                self.answer(reply, result);
+            }
+            Command::AddPeer(address) => router.add_peer_address(now, address),
+        }
+    }
+
+    fn answer_allocation(
+        &mut self,
+        container: String,
+        result: Result<Allocation, IpamError>,
+        reply: Reply<Result<Ipv4Addr, IpamError>>,
+    ) {
+        match result {
+            Ok(Allocation::Ready(address)) => self.answer(reply, Ok(address)),
+            Ok(Allocation::Pending(_)) => self.waiting.entry(container).or_default().push(reply),
+            Err(e) => self.answer(reply, Err(e)),
+        }
+    }
+
+    fn answer<T: Send + 'static>(&mut self, reply: Reply<T>, value: T) {
+        // A requester that gave up is no error.
+        self.answers.push(Box::new(move || {
+            let _ = reply.send(value);
+        }));
+    }
+
+    /// Drains the router: saves changed state, then sends, reports events
+    /// and answers commands.
+    async fn flush(&mut self) -> Result<(), DriverError> {
+        let now = self.now();
+        let (transmits, events, state) = {
+            let mut router = lock(&self.router);
+            let transmits: Vec<Transmit> = std::iter::from_fn(|| router.poll_transmit()).collect();
+            let events: Vec<Event> = std::iter::from_fn(|| router.poll_event()).collect();
+            (transmits, events, router.state())
+        };
+        if self.saved.as_ref() != Some(&state) {
+            self.host.persist(&state).map_err(DriverError::Persist)?;
+            self.saved = Some(state);
+        }
+        for event in &events {
+            self.settle_waiting(event);
+            self.host.event(now, event);
+        }
+        for answer in self.answers.drain(..) {
+            answer();
+        }
+        for transmit in transmits {
+            self.host.sent(now, &transmit);
+            if let Err(e) = self
+                .socket
+                .send_to(&transmit.payload, transmit.destination)
+                .await
+            {
+                self.host.socket_error(&e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Answers allocations that waited for space.
+    fn settle_waiting(&mut self, event: &Event) {
+        let (container, result) = match event {
+            Event::Ipam(IpamEvent::Allocated { container, address }) => (container, Ok(*address)),
+            Event::Ipam(IpamEvent::AllocationFailed { container, error }) => {
+                (container, Err(error.clone()))
+            }
+            _ => return,
+        };
+        for reply in self.waiting.remove(container).unwrap_or_default() {
+            let _ = reply.send(result.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
