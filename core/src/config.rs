@@ -19,6 +19,11 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     /// A connection with no heartbeat for this long is dead.
     pub dead_after: Duration,
+    /// Most heartbeats a node sends per `heartbeat_interval`. With more
+    /// connections than this, each connection's heartbeat interval and dead
+    /// time stretch in proportion, so that liveness costs a bounded number
+    /// of datagrams per node, whatever the cluster size.
+    pub heartbeats_per_interval: usize,
     /// First retry delay for an address that does not answer; doubles per
     /// attempt (with jitter) up to `retry_max`.
     pub retry_base: Duration,
@@ -55,6 +60,7 @@ impl Config {
             address,
             heartbeat_interval: Duration::from_secs(1),
             dead_after: Duration::from_secs(5),
+            heartbeats_per_interval: 25,
             retry_base: Duration::from_secs(1),
             retry_max: Duration::from_secs(30),
             conn_limit: 100,

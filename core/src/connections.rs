@@ -323,6 +323,7 @@ mod tests {
         echo: None,
         topology_summary: 0,
         ring_summary: 0,
+        probe: false,
     };
 
     fn addr(i: u8) -> SocketAddr {

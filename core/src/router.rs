@@ -22,6 +22,7 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
 
 /// What a node must keep across restarts. Restoring it makes the node the
 /// same peer; starting without it makes a new peer.
@@ -131,6 +132,11 @@ pub struct Router {
 
     rng: Random,
     next_tick: Time,
+    /// When silent links are probed next, while there are any.
+    next_probe: Option<Time>,
+    /// Where this tick's share of heartbeats starts among the links, when
+    /// there are more links than heartbeats per interval.
+    heartbeat_cursor: usize,
     next_gossip: Option<Time>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
@@ -139,6 +145,8 @@ pub struct Router {
 }
 
 const VERSION_BITS: u32 = 40;
+/// Probes per heartbeat interval to a silent link.
+const PROBES_PER_INTERVAL: u32 = 4;
 /// Routes, learnt addresses and the IPAM step wait this long for more
 /// changes before running (Weave debounced routes by 100 ms).
 const HOUSEKEEPING_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(50);
@@ -209,6 +217,8 @@ impl Router {
 
             rng,
             next_tick: now,
+            next_probe: None,
+            heartbeat_cursor: 0,
             next_gossip: None,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -245,7 +255,7 @@ impl Router {
 
     /// Peers with a connection confirmed both ways.
     pub fn established(&self, now: Time) -> Vec<PeerName> {
-        self.connections.established(now, self.config.dead_after)
+        self.connections.established(now, self.dead_after())
     }
 
     // ---- inputs -------------------------------------------------------
@@ -372,6 +382,9 @@ impl Router {
         if now >= self.next_tick {
             self.tick(now);
         }
+        if self.next_probe.is_some_and(|t| now >= t) {
+            self.probe_silent_links(now);
+        }
         if self.next_gossip.is_some_and(|t| now >= t) {
             self.push_news(now);
         }
@@ -405,6 +418,9 @@ impl Router {
         }
         if let Some(h) = self.housekeeping_at {
             next = next.min(h);
+        }
+        if let Some(p) = self.next_probe {
+            next = next.min(p);
         }
         if let Some(a) = self.connections.next_attempt() {
             next = next.min(a);
@@ -479,7 +495,7 @@ impl Router {
         let echoes_us = hb
             .echo
             .is_some_and(|echo| self.tokens.iter().any(|(t, _)| *t == echo));
-        let dead_after = self.config.dead_after;
+        let dead_after = self.dead_after();
         let established = |c: &Connections| {
             c.link(sender)
                 .is_some_and(|l| l.is_established(now, dead_after))
@@ -492,7 +508,8 @@ impl Router {
         self.links_changed |= heard == Heard::NewLink || was != established(&self.connections);
         match heard {
             Heard::Refused => *self.dropped.entry(DropReason::ConnectionLimit).or_default() += 1,
-            Heard::NewLink | Heard::Unconfirmed => self.send_heartbeat(from, Some(hb.token)),
+            Heard::NewLink | Heard::Unconfirmed => self.send_heartbeat(from, Some(hb.token), false),
+            Heard::Known if hb.probe => self.send_heartbeat(from, Some(hb.token), false),
             Heard::Known => {}
         }
     }
@@ -585,20 +602,16 @@ impl Router {
 
     /// The heartbeat tick: liveness, heartbeats, forgetting, anti-entropy.
     fn tick(&mut self, now: Time) {
-        let dead_after = self.config.dead_after;
+        let dead_after = self.dead_after();
         // Replay windows outlive the link: an old datagram replayed after a
         // link died must still be refused.
         self.connections.expire(now, dead_after);
         self.tokens
             .retain(|(_, t)| now.saturating_since(*t) <= dead_after);
         self.tokens.push_back((self.rng.next_u64(), now));
-        let links: Vec<(SocketAddr, u64)> = self
-            .connections
-            .links()
-            .map(|(_, l)| (l.address, l.token))
-            .collect();
-        for (address, token) in links {
-            self.send_heartbeat(address, Some(token));
+        self.send_heartbeats();
+        if self.next_probe.is_none() && !self.silent_links(now).is_empty() {
+            self.next_probe = Some(now + self.config.heartbeat_interval / PROBES_PER_INTERVAL);
         }
         self.forget_stale(now);
         self.start_anti_entropy(now);
@@ -613,13 +626,74 @@ impl Router {
                 .duration_between(interval * 9 / 10, interval * 11 / 10);
     }
 
+    /// How far heartbeat intervals and dead times stretch: not at all up
+    /// to `heartbeats_per_interval` connections, then in proportion. It
+    /// follows the cluster size every node sees alike, not the node's own
+    /// link count, so both ends of a link stretch the same.
+    fn stretch(&self) -> f64 {
+        let links = self
+            .topology
+            .len()
+            .saturating_sub(1)
+            .min(self.config.conn_limit);
+        (links as f64 / self.config.heartbeats_per_interval.max(1) as f64).max(1.0)
+    }
+
+    /// How long a silent link lives.
+    fn dead_after(&self) -> Duration {
+        self.config.dead_after.mul_f64(self.stretch())
+    }
+
+    /// This tick's heartbeats: every link, or with more links than
+    /// heartbeats per interval, the next share of them round-robin, so
+    /// each link still hears from us once per stretched interval.
+    fn send_heartbeats(&mut self) {
+        let links: Vec<(SocketAddr, u64)> = self
+            .connections
+            .links()
+            .map(|(_, l)| (l.address, l.token))
+            .collect();
+        let share = (links.len() as f64 / self.stretch()).ceil() as usize;
+        for k in 0..share.min(links.len()) {
+            let (address, token) = links[(self.heartbeat_cursor + k) % links.len()];
+            self.send_heartbeat(address, Some(token), false);
+        }
+        self.heartbeat_cursor = (self.heartbeat_cursor + share) % links.len().max(1);
+    }
+
+    /// Links silent for two of their heartbeat intervals: the peer may be
+    /// gone, or its heartbeats lost.
+    fn silent_links(&self, now: Time) -> Vec<(SocketAddr, u64)> {
+        let suspect_after = self.config.heartbeat_interval.mul_f64(2.0 * self.stretch());
+        self.connections
+            .links()
+            .filter(|(_, l)| now.saturating_since(l.last_heard) > suspect_after)
+            .map(|(_, l)| (l.address, l.token))
+            .collect()
+    }
+
+    /// Asks silent links for a heartbeat at once, several times per
+    /// interval until they answer or die: lost heartbeats alone then
+    /// rarely end a link that still works (30% loss would otherwise drop
+    /// some link every few seconds in a small cluster).
+    fn probe_silent_links(&mut self, now: Time) {
+        self.next_probe = None;
+        let silent = self.silent_links(now);
+        for (address, token) in &silent {
+            self.send_heartbeat(*address, Some(*token), true);
+        }
+        if !silent.is_empty() {
+            self.next_probe = Some(now + self.config.heartbeat_interval / PROBES_PER_INTERVAL);
+        }
+    }
+
     /// Tries due addresses, within the connection limit.
     fn attempt_due(&mut self, now: Time) {
         let due = self
             .connections
             .due_targets(now, self.config.conn_limit, &mut self.rng);
         for address in due {
-            self.send_heartbeat(address, None);
+            self.send_heartbeat(address, None, false);
             let (base, max) = (self.config.retry_base, self.config.retry_max);
             self.connections
                 .attempted(now, address, base, max, &mut self.rng);
@@ -673,7 +747,7 @@ impl Router {
     /// Pushes news to a few random connected peers.
     fn push_news(&mut self, now: Time) {
         self.next_gossip = None;
-        let established = self.connections.established(now, self.config.dead_after);
+        let established = self.connections.established(now, self.dead_after());
         let fanout = self.config.gossip_fanout;
         let targets = self.rng.pick(&established, fanout);
         if targets.is_empty() {
@@ -752,7 +826,7 @@ impl Router {
         // Links change state only on heartbeats and ticks (expiry, aging);
         // between those there is nothing to recompute.
         let mut established = if std::mem::take(&mut self.links_changed) {
-            self.connections.established(now, self.config.dead_after)
+            self.connections.established(now, self.dead_after())
         } else {
             self.connections_seen.clone()
         };
@@ -953,7 +1027,7 @@ impl Router {
 
     /// A heartbeat to `to`, echoing `echo` (the token we last heard from
     /// it, or `None` when we have not heard from it).
-    fn send_heartbeat(&mut self, to: SocketAddr, echo: Option<u64>) {
+    fn send_heartbeat(&mut self, to: SocketAddr, echo: Option<u64>, probe: bool) {
         if self.tokens.is_empty() {
             self.tokens.push_back((self.rng.next_u64(), self.next_tick));
         }
@@ -963,6 +1037,7 @@ impl Router {
             echo,
             topology_summary: self.topology.summary(),
             ring_summary: self.ipam.ring_summary(),
+            probe,
         });
         self.send(to, &message);
     }
@@ -1023,7 +1098,7 @@ impl Router {
     }
 
     pub fn status(&self, now: Time) -> Status {
-        let dead_after = self.config.dead_after;
+        let dead_after = self.dead_after();
         let own = self.own_entry();
         let peers = self
             .topology

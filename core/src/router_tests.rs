@@ -152,6 +152,7 @@ fn a_spoofed_plain_heartbeat_does_not_make_a_connection() {
         echo: Some(42),
         topology_summary: 0,
         ring_summary: 0,
+        probe: false,
     })
     .encode_plain(PeerName(99))
     .unwrap();
@@ -310,5 +311,65 @@ fn invalid_config_is_refused_at_construction() {
     assert_eq!(
         err.to_string(),
         "connection limit 1000 is out of range: use 1..=128"
+    );
+}
+
+#[test]
+fn a_silent_link_is_probed_and_the_peer_answers_at_once() {
+    let mut net = Net::new(2, 11, plain);
+    net.run_for(secs(5));
+    let before = net.now;
+    net.run_for(secs(2));
+    let normal = net.bytes_sent(1, before, net.now);
+    // Node 0 stops hearing node 1; node 1 still hears node 0.
+    net.cut_one_way(1, 0);
+    let cut_at = net.now;
+    net.run_for(Duration::from_millis(4500));
+    // After two silent intervals node 0 probes four times a second, and
+    // node 1 answers every probe on top of its own heartbeats.
+    let probed = net.bytes_sent(1, cut_at + Duration::from_millis(2500), net.now);
+    assert!(
+        probed >= 3 * normal,
+        "node 1 sent {probed} bytes while probed, {normal} before"
+    );
+    // Healed before the dead time: the link never went down.
+    net.heal();
+    net.run_for(secs(5));
+    let down = Event::ConnectionDown { peer: net.name(1) };
+    assert!(!net.events.iter().any(|(_, i, e)| *i == 0 && *e == down));
+}
+
+#[test]
+fn heartbeats_per_node_stay_within_the_budget_in_a_big_cluster() {
+    let budget = 8;
+    let mut net = Net::new(32, 5, |_, c| c.heartbeats_per_interval = budget);
+    net.run_for(secs(40));
+    assert!(net.converged());
+    let from = net.now;
+    net.run_for(secs(20));
+    // Steady state is heartbeats only; count them by size.
+    let heartbeat = Message::Heartbeat(Heartbeat {
+        token: u64::MAX,
+        echo: Some(u64::MAX),
+        topology_summary: u64::MAX,
+        ring_summary: u64::MAX,
+        probe: false,
+    })
+    .encode_plain(PeerName(u64::MAX))
+    .unwrap()
+    .len() as u64;
+    for i in 0..32 {
+        assert_eq!(net.established(i).len(), 31, "node {i} keeps every link");
+        let per_s = net.bytes_sent(i, from, net.now) / 20;
+        assert!(
+            per_s <= (budget as u64 + 1) * heartbeat,
+            "node {i}: {per_s} B/s, budget {budget} heartbeats of at most {heartbeat} B"
+        );
+    }
+    assert!(
+        !net.events
+            .iter()
+            .any(|(t, _, e)| *t >= from && matches!(e, Event::ConnectionDown { .. })),
+        "a link flapped"
     );
 }

@@ -76,6 +76,9 @@ pub struct Heartbeat {
     pub topology_summary: u64,
     /// The sender's IPAM ring summary; a difference sends the ring.
     pub ring_summary: u64,
+    /// The sender has not heard from the receiver for a while and asks
+    /// for a heartbeat at once, rather than at the receiver's next turn.
+    pub probe: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -449,6 +452,7 @@ mod tests {
                     echo: Some(0x5555_6666_7777_8888),
                     topology_summary: 0x0123_4567_89ab_cdef,
                     ring_summary: 0x0fed_cba9_8765_4321,
+                    probe: false,
                 }),
             ),
             ("gossip", Message::Gossip(vec![entry(1, &[2, 3])])),

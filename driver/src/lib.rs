@@ -61,7 +61,9 @@ pub type SharedRouter = Arc<Mutex<Router>>;
 
 /// Locks the shared router; a panic elsewhere does not make it unusable.
 pub fn lock(router: &SharedRouter) -> MutexGuard<'_, Router> {
-    router.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    router
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 type Reply<T> = oneshot::Sender<T>;
@@ -141,7 +143,10 @@ impl<D: Datagrams, H: Host> Driver<D, H> {
 
     /// Runs until every command sender is dropped (a clean stop), or state
     /// cannot be saved.
-    pub async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) -> Result<(), DriverError> {
+    pub async fn run(
+        mut self,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+    ) -> Result<(), DriverError> {
         let mut buf = vec![0u8; RECEIVE_BUFFER];
         self.flush().await?;
         loop {

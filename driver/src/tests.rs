@@ -7,7 +7,9 @@ use weft_core::ipam::{IpamInit, IpamMode};
 
 /// An in-memory network: every socket's inbox, by address.
 #[derive(Clone, Default)]
-struct Wires(Arc<Mutex<BTreeMap<SocketAddr, mpsc::UnboundedSender<(Vec<u8>, SocketAddr)>>>>);
+struct Wires(Arc<Mutex<BTreeMap<SocketAddr, Inbox>>>);
+
+type Inbox = mpsc::UnboundedSender<(Vec<u8>, SocketAddr)>;
 
 struct Pipe {
     me: SocketAddr,
@@ -94,7 +96,10 @@ fn node(
     (tx, router, disk, run)
 }
 
-async fn allocate(tx: &mpsc::UnboundedSender<Command>, container: &str) -> Result<Ipv4Addr, IpamError> {
+async fn allocate(
+    tx: &mpsc::UnboundedSender<Command>,
+    container: &str,
+) -> Result<Ipv4Addr, IpamError> {
     let (reply, answer) = oneshot::channel();
     tx.send(Command::Allocate {
         container: container.into(),
@@ -136,7 +141,10 @@ fn an_allocation_waits_for_the_ring_and_is_saved_before_it_is_answered() {
         let saved = disk_a.saved.lock().unwrap().last().cloned().unwrap();
         let held = saved.ipam.expect("ipam state saved");
         assert!(format!("{held:?}").contains("pod-1"), "{held:?}");
-        assert_eq!(lock(&router_a).forward(address), weft_core::forward::Forward::Local);
+        assert_eq!(
+            lock(&router_a).forward(address),
+            weft_core::forward::Forward::Local
+        );
         // Both nodes learnt each other through the loop's sends.
         assert_eq!(lock(&router_b).established(Time::ZERO).len(), 1);
         // Asking again for the same container gives the same address.
@@ -169,8 +177,14 @@ fn a_failing_disk_stops_the_loop_without_answering() {
         })
         .unwrap();
         let stopped = run.await.unwrap();
-        assert!(matches!(stopped, Err(DriverError::Persist(_))), "{stopped:?}");
-        assert!(answer.await.is_err(), "an unsaved allocation was acknowledged");
+        assert!(
+            matches!(stopped, Err(DriverError::Persist(_))),
+            "{stopped:?}"
+        );
+        assert!(
+            answer.await.is_err(),
+            "an unsaved allocation was acknowledged"
+        );
     });
 }
 
@@ -183,6 +197,9 @@ fn dropping_every_command_sender_stops_the_loop_cleanly() {
         drop(tx);
         let stopped = tokio::time::timeout(Duration::from_secs(1), run).await;
         assert!(matches!(stopped, Ok(Ok(Ok(())))), "{stopped:?}");
-        assert!(!disk.saved.lock().unwrap().is_empty(), "identity saved at start");
+        assert!(
+            !disk.saved.lock().unwrap().is_empty(),
+            "identity saved at start"
+        );
     });
 }

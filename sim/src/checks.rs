@@ -82,19 +82,17 @@ pub fn name(e: &Expect) -> &'static str {
 
 /// Every running node holds the same peers, connections and ring.
 pub fn converged(sim: &Sim) -> Result<String, String> {
-    let running: Vec<&weft_core::Router> =
-        sim.nodes.iter().filter_map(|n| n.router.as_ref()).collect();
-    let views: BTreeSet<(u64, u64)> = running
+    let running = sim.nodes.iter().filter(|n| n.running()).count();
+    let views: BTreeSet<(u64, u64)> = sim
+        .nodes
         .iter()
+        .filter_map(|n| n.router())
         .map(|r| (r.topology().summary(), r.ipam().ring_summary()))
         .collect();
     match views.len() {
         0 => Err("no node is running".into()),
-        1 => Ok(format!("{} running nodes agree", running.len())),
-        n => Err(format!(
-            "{n} different views among {} running nodes",
-            running.len()
-        )),
+        1 => Ok(format!("{running} running nodes agree")),
+        n => Err(format!("{n} different views among {running} running nodes")),
     }
 }
 
@@ -103,7 +101,7 @@ pub fn converged(sim: &Sim) -> Result<String, String> {
 pub fn agreement(sim: &Sim) -> f64 {
     let mut views: BTreeMap<(u64, u64), usize> = BTreeMap::new();
     let mut running = 0;
-    for r in sim.nodes.iter().filter_map(|n| n.router.as_ref()) {
+    for r in sim.nodes.iter().filter_map(|n| n.router()) {
         *views
             .entry((r.topology().summary(), r.ipam().ring_summary()))
             .or_default() += 1;
@@ -131,7 +129,7 @@ pub fn unique_ips(sim: &Sim) -> Result<String, String> {
         .owned
         .iter()
         .enumerate()
-        .filter(|(i, _)| sim.nodes[*i].router.is_some())
+        .filter(|(i, _)| sim.nodes[*i].running())
         .flat_map(|(i, (_, blocks))| {
             blocks
                 .iter()
@@ -201,7 +199,7 @@ fn reachable(sim: &Sim, from: Option<&str>, to: Option<&str>) -> Result<String, 
     let live: Vec<&String> = sim
         .pods
         .iter()
-        .filter(|(_, p)| sim.nodes[p.node].router.is_some())
+        .filter(|(_, p)| sim.nodes[p.node].running())
         .map(|(n, _)| n)
         .collect();
     let sources: Vec<&str> =
@@ -253,8 +251,7 @@ pub fn probe(sim: &Sim, from: &str, to: &str) -> Result<usize, String> {
     for hops in 0..=MAX_HOPS {
         let node = &sim.nodes[at];
         let router = node
-            .router
-            .as_ref()
+            .router()
             .ok_or_else(|| format!("{} is down", node.name))?;
         match router.forward(addr) {
             Forward::Local if at == dst.node => return Ok(hops),

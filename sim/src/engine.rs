@@ -8,10 +8,12 @@ use crate::scenario::{Action, CheckAt, EventDef, IpamKind, Scenario};
 use crate::trace::Trace;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use weft_core::ipam::{Allocation, IpamEvent, IpamInit, IpamMode};
 use weft_core::random::Random;
 use weft_core::{Config, Event, PersistedState, Router, Time};
+use weft_driver::SharedRouter;
 
 pub const PORT: u16 = 6783;
 
@@ -19,12 +21,48 @@ pub const PORT: u16 = 6783;
 pub struct SimNode {
     pub name: String,
     pub address: SocketAddr,
-    pub router: Option<Router>,
+    /// The router while the node runs; shared with the driver loop in the
+    /// turmoil engine.
+    pub shared: Option<SharedRouter>,
     saved: Option<PersistedState>,
     boots: u64,
     pub removed: bool,
     /// Generation of the node's current timer entry in the queue.
     timer_gen: u64,
+}
+
+impl SimNode {
+    /// The running node's router.
+    pub fn router(&self) -> Option<MutexGuard<'_, Router>> {
+        self.shared.as_ref().map(weft_driver::lock)
+    }
+
+    pub fn running(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// What the node persisted last.
+    pub(crate) fn saved_mut(&mut self) -> &mut Option<PersistedState> {
+        &mut self.saved
+    }
+}
+
+/// The RNG seed of node `i`'s router in its `boots`-th start.
+pub(crate) fn router_seed(scenario_seed: u64, i: usize, boots: u64) -> [u8; 32] {
+    let mut seed = [0u8; 32];
+    seed[..8].copy_from_slice(&scenario_seed.to_le_bytes());
+    seed[8..16].copy_from_slice(&(i as u64).to_le_bytes());
+    seed[16..24].copy_from_slice(&boots.to_le_bytes());
+    seed
+}
+
+/// The peers node `i` is configured with.
+pub(crate) fn peer_addresses(scenario: &Scenario, i: usize) -> Vec<SocketAddr> {
+    scenario.nodes[i]
+        .peers
+        .iter()
+        .map(|p| SocketAddr::from((scenario.nodes[*p].address, PORT)))
+        .collect()
 }
 
 /// A simulated pod.
@@ -36,7 +74,7 @@ pub struct Pod {
 }
 
 #[derive(Debug)]
-enum Step {
+pub(crate) enum Step {
     Deliver {
         from: usize,
         to: usize,
@@ -67,8 +105,8 @@ pub struct Sim<'a> {
     pub nodes: Vec<SimNode>,
     pub pods: BTreeMap<String, Pod>,
     /// Deletions waiting for a node to come back (kubelet retries DEL).
-    releases: BTreeMap<usize, BTreeSet<String>>,
-    queue: BTreeMap<(Time, u64), Step>,
+    pub(crate) releases: BTreeMap<usize, BTreeSet<String>>,
+    pub(crate) queue: BTreeMap<(Time, u64), Step>,
     seq: u64,
     rng: Random,
     pub network: Network,
@@ -86,7 +124,7 @@ pub struct Sim<'a> {
     /// read at (re-read only when the ring changed).
     pub owned: Vec<(Option<u64>, Vec<ipnet::Ipv4Net>)>,
     /// Ownership or pod addresses changed since uniqueness was checked.
-    unique_dirty: bool,
+    pub(crate) unique_dirty: bool,
     /// Underlay address -> node.
     by_address: BTreeMap<SocketAddr, usize>,
     /// Every datagram sent, when `--pcap` asks for it.
@@ -101,7 +139,7 @@ impl<'a> Sim<'a> {
             .map(|n| SimNode {
                 name: n.name.clone(),
                 address: SocketAddr::from((n.address, PORT)),
-                router: None,
+                shared: None,
                 saved: None,
                 boots: 0,
                 removed: false,
@@ -152,7 +190,7 @@ impl<'a> Sim<'a> {
         sim
     }
 
-    fn schedule(&mut self, at: Time, step: Step) {
+    pub(crate) fn schedule(&mut self, at: Time, step: Step) {
         self.seq += 1;
         self.queue.insert((at, self.seq), step);
     }
@@ -166,17 +204,29 @@ impl<'a> Sim<'a> {
             self.start(i);
         }
         let end = Time::from_duration(self.scenario.duration);
-        while let Some(entry) = self.queue.first_entry() {
-            let (at, _) = *entry.key();
-            if at > end {
-                break;
-            }
-            let step = entry.remove();
-            self.now = at;
-            self.step(step);
-            self.after_step();
+        while self.next_step(end) {}
+        self.finish();
+    }
+
+    /// Takes the next queued step due by `until`; false when there is none.
+    pub(crate) fn next_step(&mut self, until: Time) -> bool {
+        let Some(entry) = self.queue.first_entry() else {
+            return false;
+        };
+        let (at, _) = *entry.key();
+        if at > until {
+            return false;
         }
-        self.now = end;
+        let step = entry.remove();
+        self.now = at;
+        self.step(step);
+        self.after_step();
+        true
+    }
+
+    /// Evaluates the `end` and `always` checks at the scenario's end.
+    pub(crate) fn finish(&mut self) {
+        self.now = Time::from_duration(self.scenario.duration);
         for (i, c) in self.scenario.checks.iter().enumerate() {
             if matches!(c.at, CheckAt::End | CheckAt::Always) {
                 let outcome = checks::evaluate(self, i);
@@ -185,7 +235,7 @@ impl<'a> Sim<'a> {
         }
     }
 
-    fn step(&mut self, step: Step) {
+    pub(crate) fn step(&mut self, step: Step) {
         match step {
             Step::Deliver { from, to, bytes } => {
                 let src = self.nodes[from].address;
@@ -216,7 +266,7 @@ impl<'a> Sim<'a> {
     }
 
     /// Invariants and `always` checks, after every step.
-    fn after_step(&mut self) {
+    pub(crate) fn after_step(&mut self) {
         if self.uniqueness_violation.is_none()
             && std::mem::take(&mut self.unique_dirty)
             && let Err(detail) = checks::unique_ips(self)
@@ -255,8 +305,9 @@ impl<'a> Sim<'a> {
     /// calling rule) and re-arms its timer.
     fn with<R>(&mut self, i: usize, f: impl FnOnce(&mut Router, Time) -> R) -> Option<R> {
         let now = self.now;
-        let router = self.nodes[i].router.as_mut()?;
-        let result = f(router, now);
+        let shared = self.nodes[i].shared.clone()?;
+        let mut router = weft_driver::lock(&shared);
+        let result = f(&mut router, now);
         let mut transmits = Vec::new();
         while let Some(t) = router.poll_transmit() {
             transmits.push(t);
@@ -266,11 +317,8 @@ impl<'a> Sim<'a> {
             events.push(e);
         }
         let timeout = router.poll_timeout();
-        let summary = router.ipam().ring_summary();
-        if self.owned[i].0 != Some(summary) {
-            self.owned[i] = (Some(summary), router.ipam().own_blocks());
-            self.unique_dirty = true;
-        }
+        self.note_ownership(i, &router);
+        drop(router);
         for t in transmits {
             self.sent[i] += t.payload.len() as u64;
             self.trace.datagram(&t.payload);
@@ -309,7 +357,16 @@ impl<'a> Sim<'a> {
         Some(result)
     }
 
-    fn on_event(&mut self, i: usize, event: Event) {
+    /// Re-reads the node's own blocks when its ring changed.
+    pub(crate) fn note_ownership(&mut self, i: usize, router: &Router) {
+        let summary = router.ipam().ring_summary();
+        if self.owned[i].0 != Some(summary) {
+            self.owned[i] = (Some(summary), router.ipam().own_blocks());
+            self.unique_dirty = true;
+        }
+    }
+
+    pub(crate) fn on_event(&mut self, i: usize, event: Event) {
         let name = self.nodes[i].name.clone();
         match &event {
             Event::Ipam(IpamEvent::Allocated { container, address }) => {
@@ -378,7 +435,7 @@ impl<'a> Sim<'a> {
         self.nodes
             .iter()
             .find(|n| {
-                n.router.as_ref().is_some_and(|r| r.name() == peer)
+                n.router().is_some_and(|r| r.name() == peer)
                     || n.saved.as_ref().is_some_and(|s| s.name == peer)
             })
             .map_or_else(|| peer.to_string(), |n| n.name.clone())
@@ -386,13 +443,37 @@ impl<'a> Sim<'a> {
 
     // ---- scenario events ----------------------------------------------
 
-    fn apply(&mut self, event: &EventDef) {
+    /// What every engine does first with a scenario event: trace it, note
+    /// disruptions, update the network model and the pod list.
+    pub(crate) fn announce(&mut self, event: &EventDef) {
         let what = event.action.describe(self.scenario);
         self.trace
             .line(self.now, "-", &format!("event line {}: {what}", event.line));
         if !matches!(event.action, Action::AddPod { .. } | Action::DelPod(_)) {
             self.last_disruption = self.now;
         }
+        match &event.action {
+            Action::Partition(groups) => self.network.partition(groups),
+            Action::Cut(a, b) => self.network.cut(*a, *b),
+            Action::Heal => self.network.heal(),
+            Action::Loss { rate, nodes } => self.network.set_loss(*rate, nodes.as_deref()),
+            Action::Latency { value, nodes } => self.network.set_latency(*value, nodes.as_deref()),
+            Action::AddPod { node, pods } => {
+                for pod in pods {
+                    let pod_state = Pod {
+                        node: *node,
+                        address: None,
+                        failed: None,
+                    };
+                    self.pods.insert(pod.clone(), pod_state);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn apply(&mut self, event: &EventDef) {
+        self.announce(event);
         match &event.action {
             Action::Start(list) => list.iter().for_each(|i| self.start(*i)),
             Action::Crash(list) => list.iter().for_each(|i| self.crash(*i)),
@@ -407,24 +488,7 @@ impl<'a> Sim<'a> {
                 self.start(*i);
             }),
             Action::Remove(list) => list.iter().for_each(|i| self.remove(*i)),
-            Action::Partition(groups) => self.network.partition(groups),
-            Action::Cut(a, b) => self.network.cut(*a, *b),
-            Action::Heal => self.network.heal(),
-            Action::Loss { rate, nodes } => self.network.set_loss(*rate, nodes.as_deref()),
-            Action::Latency { value, nodes } => self.network.set_latency(*value, nodes.as_deref()),
-            Action::AddPod { node, pods } => {
-                for pod in pods {
-                    self.pods.insert(
-                        pod.clone(),
-                        Pod {
-                            node: *node,
-                            address: None,
-                            failed: None,
-                        },
-                    );
-                    self.allocate(pod);
-                }
-            }
+            Action::AddPod { pods, .. } => pods.iter().for_each(|pod| self.allocate(pod)),
             Action::DelPod(pod) => {
                 if let Some(p) = self.pods.remove(pod)
                     && self.with(p.node, |r, now| r.release(now, pod)).is_none()
@@ -432,6 +496,12 @@ impl<'a> Sim<'a> {
                     self.releases.entry(p.node).or_default().insert(pod.clone());
                 }
             }
+            // The network model was updated by `announce`.
+            Action::Partition(_)
+            | Action::Cut(..)
+            | Action::Heal
+            | Action::Loss { .. }
+            | Action::Latency { .. } => {}
         }
     }
 
@@ -461,7 +531,7 @@ impl<'a> Sim<'a> {
         }
     }
 
-    fn config(&self, i: usize) -> Config {
+    pub(crate) fn config(&self, i: usize) -> Config {
         let s = self.scenario;
         let mut config = Config::new(self.nodes[i].name.clone(), self.nodes[i].address);
         let secret = s.nodes[i].secret.as_ref().or(s.secret.as_ref());
@@ -478,15 +548,12 @@ impl<'a> Sim<'a> {
     }
 
     pub fn start(&mut self, i: usize) {
-        if self.nodes[i].router.is_some() || self.nodes[i].removed {
+        if self.nodes[i].running() || self.nodes[i].removed {
             return;
         }
         let node = &mut self.nodes[i];
         node.boots += 1;
-        let mut seed = [0u8; 32];
-        seed[..8].copy_from_slice(&self.seed.to_le_bytes());
-        seed[8..16].copy_from_slice(&(i as u64).to_le_bytes());
-        seed[16..24].copy_from_slice(&node.boots.to_le_bytes());
+        let seed = router_seed(self.seed, i, node.boots);
         let config = self.config(i);
         let saved = self.nodes[i].saved.take();
         let router = match Router::new(config, saved, seed, self.now) {
@@ -499,12 +566,8 @@ impl<'a> Sim<'a> {
             }
         };
         self.nodes[i].saved = Some(router.state());
-        self.nodes[i].router = Some(router);
-        let peers: Vec<SocketAddr> = self.scenario.nodes[i]
-            .peers
-            .iter()
-            .map(|p| self.nodes[*p].address)
-            .collect();
+        self.nodes[i].shared = Some(Arc::new(Mutex::new(router)));
+        let peers = peer_addresses(self.scenario, i);
         self.with(i, |r, now| {
             for p in peers {
                 r.add_peer_address(now, p);
@@ -527,16 +590,16 @@ impl<'a> Sim<'a> {
     }
 
     fn crash(&mut self, i: usize) {
-        if let Some(router) = self.nodes[i].router.take() {
+        if let Some(shared) = self.nodes[i].shared.take() {
             // The agent persists every change before acknowledging it, so
             // the last state is what a crash leaves behind.
-            self.nodes[i].saved = Some(router.state());
+            self.nodes[i].saved = Some(weft_driver::lock(&shared).state());
             self.nodes[i].timer_gen += 1;
             self.owned[i] = (None, Vec::new());
         }
     }
 
-    fn drop_pods_of(&mut self, i: usize) {
+    pub(crate) fn drop_pods_of(&mut self, i: usize) {
         self.pods.retain(|_, p| p.node != i);
         self.releases.remove(&i);
     }
@@ -545,8 +608,7 @@ impl<'a> Sim<'a> {
     /// it is unreachable (the Kubernetes controller's job for real).
     fn remove(&mut self, i: usize) {
         let name = self.nodes[i]
-            .router
-            .as_ref()
+            .router()
             .map(|r| r.name())
             .or(self.nodes[i].saved.as_ref().map(|s| s.name));
         self.crash(i);
@@ -561,7 +623,7 @@ impl<'a> Sim<'a> {
     }
 
     fn reclaim(&mut self, removed: usize, name: weft_core::PeerName) {
-        let heir = (0..self.nodes.len()).find(|j| *j != removed && self.nodes[*j].router.is_some());
+        let heir = (0..self.nodes.len()).find(|j| *j != removed && self.nodes[*j].running());
         let Some(heir) = heir else {
             self.schedule(
                 self.now + Duration::from_secs(1),
@@ -606,7 +668,7 @@ impl<'a> Sim<'a> {
         };
         let secs = t_end.saturating_since(*t_start).as_secs_f64();
         let running: Vec<usize> = (0..self.nodes.len())
-            .filter(|i| self.nodes[*i].router.is_some())
+            .filter(|i| self.nodes[*i].running())
             .collect();
         if secs <= 0.0 || running.is_empty() {
             return 0.0;

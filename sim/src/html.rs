@@ -168,7 +168,7 @@ fn topology(h: &mut String, sim: &Sim) {
     let names: Vec<Option<weft_core::PeerName>> = sim
         .nodes
         .iter()
-        .map(|nd| nd.router.as_ref().map(|r| r.name()))
+        .map(|nd| nd.router().map(|r| r.name()))
         .collect();
     let index_of = |p: weft_core::PeerName| names.iter().position(|x| *x == Some(p));
     let _ = write!(
@@ -177,7 +177,9 @@ fn topology(h: &mut String, sim: &Sim) {
     );
     let (mut direct, mut relayed) = (0, 0);
     for (i, node) in sim.nodes.iter().enumerate() {
-        let Some(router) = &node.router else { continue };
+        let Some(router) = node.router() else {
+            continue;
+        };
         let Some(own) = router.topology().get(router.name()) else {
             continue;
         };
@@ -214,11 +216,7 @@ fn topology(h: &mut String, sim: &Sim) {
     }
     for (i, node) in sim.nodes.iter().enumerate() {
         let (x, y) = pos(i);
-        let fill = if node.router.is_some() {
-            "#1f5fbf"
-        } else {
-            "#bbb"
-        };
+        let fill = if node.running() { "#1f5fbf" } else { "#bbb" };
         let _ = write!(
             h,
             "<circle cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"7\" fill=\"{fill}\"><title>{}</title></circle>",

@@ -9,3 +9,4 @@ pub mod pcap;
 pub mod report;
 pub mod scenario;
 pub mod trace;
+pub mod turmoil_engine;

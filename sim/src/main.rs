@@ -3,11 +3,11 @@
 //! Exit status: 0 every check passed; 1 a check failed (with the seed and
 //! the command that replays it); 2 the scenario or command line is invalid.
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use weft_sim::report;
+use weft_sim::report::{self, Engine};
 use weft_sim::scenario::{self, Scenario};
 
 #[derive(Parser)]
@@ -52,12 +52,6 @@ enum Command {
     Check { files: Vec<PathBuf> },
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Engine {
-    Events,
-    Turmoil,
-}
-
 fn parse_seeds(s: &str) -> Result<(u64, u64), String> {
     let (a, b) = s
         .split_once("..")
@@ -90,13 +84,6 @@ fn main() -> ExitCode {
             json,
             report,
         } => {
-            let not_built = [(engine == Engine::Turmoil, "--engine turmoil")];
-            if let Some((_, what)) = not_built.iter().find(|(asked, _)| *asked) {
-                eprintln!(
-                    "weft-sim: {what} is not built yet in this version; use the events engine without it"
-                );
-                return ExitCode::from(2);
-            }
             let scenario = match scenario::load(&file) {
                 Ok(s) => s,
                 Err(e) => {
@@ -111,6 +98,7 @@ fn main() -> ExitCode {
                 json,
                 pcap,
                 html: report,
+                engine,
             };
             match seeds {
                 Some((a, b)) => run.sweep(a, b),
@@ -156,6 +144,7 @@ struct Run {
     json: Option<PathBuf>,
     pcap: Option<PathBuf>,
     html: Option<PathBuf>,
+    engine: Engine,
 }
 
 impl Run {
@@ -173,8 +162,13 @@ impl Run {
             }
         };
         let started = std::time::Instant::now();
-        let (report, trace, mut sim) =
-            report::run_with(&self.scenario, seed, self.trace.is_some(), capture);
+        let (report, trace, mut sim) = report::run_with(
+            &self.scenario,
+            seed,
+            self.engine,
+            self.trace.is_some(),
+            capture,
+        );
         let wall = started.elapsed();
         if let Some(capture) = sim.capture.take()
             && let Err(e) = capture.finish()
@@ -226,7 +220,7 @@ impl Run {
     fn sweep(&self, first: u64, end: u64) -> ExitCode {
         let total = end - first;
         for (k, seed) in (first..end).enumerate() {
-            let (report, _) = report::run(&self.scenario, seed, false);
+            let (report, _) = report::run(&self.scenario, seed, self.engine, false);
             eprint!(
                 "\r{}: seed {seed} ({}/{total}) {}",
                 self.scenario.name,
@@ -252,8 +246,12 @@ impl Run {
     fn explain_failure(&self, seed: u64) {
         println!("FAILED with seed {seed}; replay it with:");
         println!(
-            "  weft-sim run {} --seed {seed} --trace trace.txt",
-            self.file.display()
+            "  weft-sim run {}{} --seed {seed} --trace trace.txt",
+            self.file.display(),
+            match self.engine {
+                Engine::Events => "",
+                Engine::Turmoil => " --engine turmoil",
+            }
         );
     }
 }

@@ -48,6 +48,15 @@ impl Network {
         Some(rng.duration_between(l.min, l.max))
     }
 
+    pub fn loss_rates(&self) -> &[f64] {
+        &self.loss
+    }
+
+    /// Latency of datagrams node `a` sends.
+    pub fn latency(&self, a: usize) -> Latency {
+        self.latency[a]
+    }
+
     pub fn partition(&mut self, groups: &[Vec<usize>]) {
         let mut of = vec![None; self.loss.len()];
         for (g, members) in groups.iter().enumerate() {

@@ -35,9 +35,27 @@ pub struct PodCounts {
     pub failed: usize,
 }
 
-/// Runs `scenario` with `seed` on the events engine.
-pub fn run(scenario: &Scenario, seed: u64, keep_trace: bool) -> (Report, Trace) {
-    let (report, trace, _) = run_with(scenario, seed, keep_trace, None);
+/// How nodes run: `events` drives the routers from one event queue;
+/// `turmoil` runs each node's driver loop as a turmoil host.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Engine {
+    #[default]
+    Events,
+    Turmoil,
+}
+
+impl Engine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Events => "events",
+            Engine::Turmoil => "turmoil",
+        }
+    }
+}
+
+/// Runs `scenario` with `seed` on `engine`.
+pub fn run(scenario: &Scenario, seed: u64, engine: Engine, keep_trace: bool) -> (Report, Trace) {
+    let (report, trace, _) = run_with(scenario, seed, engine, keep_trace, None);
     (report, trace)
 }
 
@@ -46,23 +64,36 @@ pub fn run(scenario: &Scenario, seed: u64, keep_trace: bool) -> (Report, Trace) 
 pub fn run_with<'a>(
     scenario: &'a Scenario,
     seed: u64,
+    engine: Engine,
     keep_trace: bool,
     capture: Option<crate::pcap::Capture>,
 ) -> (Report, Trace, Sim<'a>) {
-    let mut sim = Sim::new(scenario, seed);
-    sim.trace.keep = keep_trace;
-    sim.capture = capture;
-    sim.run();
-    let report = report(&sim);
+    let mut sim = match engine {
+        Engine::Events => {
+            let mut sim = Sim::new(scenario, seed);
+            sim.trace.keep = keep_trace;
+            sim.capture = capture;
+            sim.run();
+            sim
+        }
+        Engine::Turmoil => {
+            let mut run = crate::turmoil_engine::TurmoilSim::new(scenario, seed);
+            run.sim.trace.keep = keep_trace;
+            run.sim.capture = capture;
+            run.run();
+            run.sim
+        }
+    };
+    let report = report(&sim, engine);
     let trace = std::mem::take(&mut sim.trace);
     (report, trace, sim)
 }
 
-fn report(sim: &Sim) -> Report {
+fn report(sim: &Sim, engine: Engine) -> Report {
     let rings: BTreeSet<u64> = sim
         .nodes
         .iter()
-        .filter_map(|n| n.router.as_ref())
+        .filter_map(|n| n.router())
         .map(|r| r.ipam().ring_summary())
         .collect();
     let mut pods = PodCounts {
@@ -85,7 +116,7 @@ fn report(sim: &Sim) -> Report {
     Report {
         scenario: sim.scenario.name.clone(),
         seed: sim.seed,
-        engine: "events",
+        engine: engine.name(),
         passed: sim.uniqueness_violation.is_none() && checks.iter().all(|c| c.passed),
         checks,
         unique_ips_always,
@@ -93,7 +124,7 @@ fn report(sim: &Sim) -> Report {
         gossip_bytes_per_node_per_s: sim.gossip_bytes_per_node_per_s().round() as u64,
         ring_summary: (rings.len() == 1)
             .then(|| format!("{:016x}", rings.first().copied().unwrap_or(0))),
-        nodes_running: sim.nodes.iter().filter(|n| n.router.is_some()).count(),
+        nodes_running: sim.nodes.iter().filter(|n| n.running()).count(),
         pods,
         trace_hash: format!("{:016x}", sim.trace.hash()),
     }

@@ -54,9 +54,28 @@ fn a_malformed_file_exits_2_with_file_line_and_column() {
 fn a_bad_command_line_exits_2() {
     let (code, _) = weft_sim(&["run", "../scenarios/relay.toml", "--seeds", "9..3"]);
     assert_eq!(code, 2);
+    let (code, out) = weft_sim(&["run", "../scenarios/relay.toml", "--engine", "tokio"]);
+    assert_eq!(code, 2, "{out}");
+}
+
+#[test]
+fn the_turmoil_engine_runs_a_scenario_and_names_itself_in_the_replay_command() {
     let (code, out) = weft_sim(&["run", "../scenarios/relay.toml", "--engine", "turmoil"]);
-    assert_eq!(code, 2);
-    assert!(out.contains("--engine turmoil is not built yet"), "{out}");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("engine turmoil): PASS"), "{out}");
+    let (code, out) = weft_sim(&[
+        "run",
+        "tests/fixtures/must-fail.toml",
+        "--engine",
+        "turmoil",
+        "--seed",
+        "4",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("must-fail.toml --engine turmoil --seed 4 --trace trace.txt"),
+        "{out}"
+    );
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! and each outcome is an insta snapshot under snapshots/scenarios/.
 
 use std::path::{Path, PathBuf};
-use weft_sim::{report, scenario};
+use weft_sim::report::{self, Engine};
+use weft_sim::scenario;
 
 /// Scenarios bigger than this are replayed only with WEFT_SIM_ALL=1 (or by
 /// hand with `weft-sim run`): they take minutes, not seconds.
@@ -28,7 +29,7 @@ fn every_library_scenario_passes_and_matches_its_snapshot() {
         if s.nodes.len() > MAX_NODES_IN_TESTS && !all {
             continue;
         }
-        let (report, _) = report::run(&s, s.seed, false);
+        let (report, _) = report::run(&s, s.seed, Engine::Events, false);
         assert!(report.passed, "{}:\n{}", file.display(), report.text());
         let mut settings = insta::Settings::clone_current();
         settings.set_snapshot_path("../../snapshots/scenarios");
@@ -39,16 +40,48 @@ fn every_library_scenario_passes_and_matches_its_snapshot() {
     assert!(ran >= 10, "only {ran} scenarios replayed");
 }
 
+/// Scenarios this small also run on the turmoil engine.
+const MAX_NODES_ON_TURMOIL: usize = 10;
+
 #[test]
 fn the_same_seed_gives_the_same_trace_and_another_seed_another() {
     let s = scenario::load(&library_file("partition-heal")).unwrap();
-    let (a, ta) = report::run(&s, 7, true);
-    let (b, tb) = report::run(&s, 7, true);
-    assert_eq!(ta.text(), tb.text());
-    assert_eq!(a.trace_hash, b.trace_hash);
-    let (c, tc) = report::run(&s, 8, true);
-    assert_ne!(ta.text(), tc.text());
-    assert_ne!(a.trace_hash, c.trace_hash);
+    for engine in [Engine::Events, Engine::Turmoil] {
+        let (a, ta) = report::run(&s, 7, engine, true);
+        let (b, tb) = report::run(&s, 7, engine, true);
+        assert_eq!(ta.text(), tb.text(), "{engine:?}");
+        assert_eq!(a.trace_hash, b.trace_hash, "{engine:?}");
+        let (c, tc) = report::run(&s, 8, engine, true);
+        assert_ne!(ta.text(), tc.text(), "{engine:?}");
+        assert_ne!(a.trace_hash, c.trace_hash, "{engine:?}");
+    }
+}
+
+/// Every small library scenario passes on the turmoil engine (the agent's
+/// own driver loop over simulated sockets) with the same check outcomes as
+/// on the events engine.
+#[test]
+fn small_scenarios_give_the_same_outcomes_on_both_engines() {
+    let mut ran = 0;
+    for file in library() {
+        let s = scenario::load(&file).unwrap_or_else(|e| panic!("{e}"));
+        if s.nodes.len() > MAX_NODES_ON_TURMOIL {
+            continue;
+        }
+        let (events, _) = report::run(&s, s.seed, Engine::Events, false);
+        let (turmoil, _) = report::run(&s, s.seed, Engine::Turmoil, false);
+        assert_eq!(turmoil.engine, "turmoil");
+        assert!(turmoil.passed, "{}:\n{}", file.display(), turmoil.text());
+        let outcomes = |r: &report::Report| -> Vec<(usize, String, bool)> {
+            r.checks
+                .iter()
+                .map(|c| (c.line, c.expect.clone(), c.passed))
+                .collect()
+        };
+        assert_eq!(outcomes(&events), outcomes(&turmoil), "{}", s.name);
+        ran += 1;
+    }
+    assert!(ran >= 10, "only {ran} scenarios ran on both engines");
 }
 
 /// A bounded sweep over the core scenarios: safety and liveness over many
@@ -69,7 +102,7 @@ fn core_scenarios_pass_over_a_seed_sweep() {
     ] {
         let s = scenario::load(&library_file(name)).unwrap();
         for seed in 1..=seeds {
-            let (report, _) = report::run(&s, seed, false);
+            let (report, _) = report::run(&s, seed, Engine::Events, false);
             assert!(report.passed, "{name} seed {seed}:\n{}", report.text());
         }
     }
