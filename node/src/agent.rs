@@ -1,0 +1,224 @@
+//! `weft router`: the agent. Loads the node's state, starts the driver
+//! loop over a UDP socket, serves the local API and the status server,
+//! and keeps the kernel dataplane in step with the router's routes.
+
+use crate::api::{self, Api};
+use crate::http::{self, StatusServer};
+use crate::metrics::Metrics;
+use crate::settings::{Datapath, RouterArgs};
+use crate::store::Store;
+use serde::Serialize;
+use std::cell::RefCell;
+use std::io;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc;
+use weft_core::{Event, PersistedState, Router, Time};
+use weft_driver::{Driver, Host};
+
+/// Which dataplane carries pod traffic, and why not the one asked for.
+#[derive(Clone, Debug, Serialize)]
+pub struct DataplaneState {
+    pub requested: &'static str,
+    pub in_use: &'static str,
+    /// Why the requested dataplane is not in use.
+    pub fallback: Option<String>,
+}
+
+impl DataplaneState {
+    pub fn describe(&self) -> String {
+        match &self.fallback {
+            None => self.in_use.to_string(),
+            Some(why) => format!(
+                "{} (fell back from {}: {why})",
+                self.in_use, self.requested
+            ),
+        }
+    }
+}
+
+/// Why the agent did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Settings(#[from] crate::settings::SettingsError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("cannot start the router: {0}")]
+    Router(weft_core::ConfigError),
+    #[error("cannot listen on UDP {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot serve the local API on {path}: {source}")]
+    Socket {
+        path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot serve status on {addr}: {source}")]
+    Status {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read 32 random bytes from /dev/urandom: {0}")]
+    Random(io::Error),
+    #[error(transparent)]
+    Driver(#[from] weft_driver::DriverError),
+}
+
+/// The driver loop's surroundings on a real node.
+struct AgentHost {
+    store: Store,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+impl Host for AgentHost {
+    fn persist(&mut self, state: &PersistedState) -> io::Result<()> {
+        self.store.save(state).map_err(io::Error::other)
+    }
+
+    fn event(&mut self, _now: Time, event: &Event) {
+        log_event(event);
+        let _ = self.events.send(event.clone());
+    }
+
+    fn socket_error(&mut self, error: &io::Error) {
+        tracing::debug!("UDP socket: {error}");
+    }
+}
+
+fn log_event(event: &Event) {
+    match event {
+        Event::ConnectionUp { peer, address } => {
+            tracing::info!(%peer, %address, "connection established")
+        }
+        Event::ConnectionDown { peer } => tracing::info!(%peer, "connection lost"),
+        Event::PeerDiscovered { peer, nickname } => {
+            tracing::info!(%peer, %nickname, "peer discovered")
+        }
+        Event::PeerForgotten { peer } => tracing::info!(%peer, "peer forgotten"),
+        Event::Ipam(e) => tracing::info!("ipam: {e:?}"),
+        other => tracing::debug!("{other:?}"),
+    }
+}
+
+fn os_seed() -> Result<[u8; 32], StartError> {
+    use std::io::Read;
+    let mut seed = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut seed))
+        .map_err(StartError::Random)?;
+    Ok(seed)
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub fn run(args: RouterArgs) -> Result<(), StartError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| StartError::Listen {
+            addr: args.listen,
+            source: e,
+        })?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, run_async(args))
+}
+
+async fn run_async(args: RouterArgs) -> Result<(), StartError> {
+    let peers = args.peer_addresses()?;
+    let config = args.core_config(&peers)?;
+    let store = Store::open(&args.data_dir)?;
+    let saved = store.load()?;
+    let restored = saved.is_some();
+    let epoch = tokio::time::Instant::now();
+    let mut router = Router::new(config, saved, os_seed()?, Time::ZERO).map_err(StartError::Router)?;
+    for peer in &peers {
+        router.add_peer_address(Time::ZERO, *peer);
+    }
+    tracing::info!(
+        name = %router.name(),
+        restored,
+        peers = peers.len(),
+        "weft {} starting",
+        env!("CARGO_PKG_VERSION")
+    );
+    let socket = tokio::net::UdpSocket::bind(args.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: args.listen,
+            source,
+        })?;
+    let shared = Arc::new(Mutex::new(router));
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let (commands, commands_rx) = mpsc::unbounded_channel();
+    let dataplane = Rc::new(RefCell::new(DataplaneState {
+        requested: match args.datapath {
+            Datapath::Fastdp => "fastdp",
+            Datapath::Sleeve => "sleeve",
+            Datapath::None => "none",
+        },
+        in_use: "none",
+        fallback: None,
+    }));
+    let mtu = args.mtu.unwrap_or(1450);
+    let api = Api {
+        router: shared.clone(),
+        commands: commands.clone(),
+        bridge: args.bridge.clone(),
+        mtu,
+        epoch,
+        dataplane_problem: Rc::new(RefCell::new(None)),
+    };
+    let listener = api::bind(&args.socket).map_err(|source| StartError::Socket {
+        path: args.socket.clone(),
+        source,
+    })?;
+    let status_listener = tokio::net::TcpListener::bind(args.status_addr)
+        .await
+        .map_err(|source| StartError::Status {
+            addr: args.status_addr,
+            source,
+        })?;
+    let server = StatusServer {
+        router: shared.clone(),
+        epoch,
+        api: api.clone(),
+        metrics: Rc::new(Metrics::default()),
+        dataplane: dataplane.clone(),
+    };
+    tokio::task::spawn_local(api::serve(listener, api));
+    tokio::task::spawn_local(http::serve(status_listener, server));
+    tokio::task::spawn_local(async move {
+        // The kernel dataplane follows route and prefix events.
+        while let Some(_event) = events.recv().await {}
+    });
+    let host = AgentHost {
+        store,
+        events: events_tx,
+    };
+    let driver = Driver::new(shared, socket, host, epoch);
+    let result = tokio::select! {
+        r = driver.run(commands_rx) => r.map_err(StartError::from),
+        () = stop_signal() => {
+            tracing::info!("stopping; state is saved, and the kernel dataplane stays up");
+            Ok(())
+        }
+    };
+    drop(commands);
+    let _ = std::fs::remove_file(&args.socket);
+    result
+}
+
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,190 @@
+//! The status server on 127.0.0.1:6784: a human report, JSON views,
+//! Prometheus metrics and probes. A deliberately small HTTP/1.1 GET
+//! server: one request per connection, bounded request head.
+
+use crate::metrics::Metrics;
+use crate::report;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use weft_core::Time;
+use weft_driver::{SharedRouter, lock};
+
+const MAX_HEAD: usize = 8 * 1024;
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Clone)]
+pub struct StatusServer {
+    pub router: SharedRouter,
+    pub epoch: tokio::time::Instant,
+    pub api: crate::api::Api,
+    pub metrics: std::rc::Rc<Metrics>,
+    pub dataplane: std::rc::Rc<std::cell::RefCell<crate::agent::DataplaneState>>,
+}
+
+/// An HTTP answer: status code, content type, body.
+pub struct Page {
+    pub code: u16,
+    pub content_type: &'static str,
+    pub body: String,
+}
+
+impl Page {
+    fn text(code: u16, body: String) -> Page {
+        Page {
+            code,
+            content_type: "text/plain; charset=utf-8",
+            body,
+        }
+    }
+
+    fn json(value: &impl serde::Serialize) -> Page {
+        Page {
+            code: 200,
+            content_type: "application/json",
+            body: serde_json::to_string_pretty(value).unwrap_or_default() + "\n",
+        }
+    }
+}
+
+pub async fn serve(listener: TcpListener, server: StatusServer) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::task::spawn_local(connection(stream, server.clone()));
+            }
+            Err(e) => {
+                tracing::warn!("status server: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn connection(mut stream: TcpStream, server: StatusServer) {
+    let page = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
+        Ok(Ok(head)) => match parse_request_line(&head) {
+            Ok(("GET", path)) => server.page(path),
+            Ok((_, _)) => Page::text(405, "only GET is served here\n".into()),
+            Err(why) => Page::text(400, format!("{why}\n")),
+        },
+        Ok(Err(why)) => Page::text(400, format!("{why}\n")),
+        Err(_) => return,
+    };
+    let reason = match page.code {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Service Unavailable",
+    };
+    let response = format!(
+        "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+        page.code,
+        page.content_type,
+        page.body.len(),
+        page.body
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+async fn read_head(stream: &mut TcpStream) -> Result<String, String> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+        if head.len() > MAX_HEAD {
+            return Err(format!("request head longer than {MAX_HEAD} bytes"));
+        }
+    }
+    String::from_utf8(head).map_err(|_| "request head is not UTF-8".to_string())
+}
+
+/// `GET /path HTTP/1.1` → ("GET", "/path").
+pub fn parse_request_line(head: &str) -> Result<(&str, &str), String> {
+    let line = head.lines().next().unwrap_or_default();
+    let mut parts = line.split(' ');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(method), Some(path), Some(version))
+            if version.starts_with("HTTP/1.") && path.starts_with('/') =>
+        {
+            Ok((method, path.split('?').next().unwrap_or(path)))
+        }
+        _ => Err("not an HTTP/1.x request line".into()),
+    }
+}
+
+impl StatusServer {
+    fn now(&self) -> Time {
+        Time::from_duration(self.epoch.elapsed())
+    }
+
+    pub fn page(&self, path: &str) -> Page {
+        let now = self.now();
+        match path {
+            "/status" => {
+                let status = lock(&self.router).status(now);
+                let dataplane = self.dataplane.borrow().clone();
+                Page::text(200, report::text(&status, &dataplane))
+            }
+            "/status/peers" => Page::json(&lock(&self.router).status(now).peers),
+            "/status/connections" => {
+                let status = lock(&self.router).status(now);
+                Page::json(&serde_json::json!({
+                    "connections": status.connections,
+                    "targets": status.targets,
+                    "dataplane": *self.dataplane.borrow(),
+                }))
+            }
+            "/status/ipam" => Page::json(&lock(&self.router).status(now).ipam),
+            "/metrics" => {
+                let status = lock(&self.router).status(now);
+                let body = self.metrics.render(&status, &self.dataplane.borrow());
+                Page {
+                    code: 200,
+                    content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    body,
+                }
+            }
+            "/healthz" => Page::text(200, "ok\n".into()),
+            "/readyz" => {
+                let status = self.api.status();
+                match status.reason {
+                    None => Page::text(200, "ready\n".into()),
+                    Some(why) => Page::text(503, format!("not ready: {why}\n")),
+                }
+            }
+            _ => Page::text(
+                404,
+                format!(
+                    "no page {path}; try /status, /status/peers, /status/connections, /status/ipam, /metrics, /healthz or /readyz\n"
+                ),
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_lines_parse_and_garbage_is_refused() {
+        assert_eq!(
+            parse_request_line("GET /status?x=1 HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Ok(("GET", "/status"))
+        );
+        assert_eq!(
+            parse_request_line("POST /metrics HTTP/1.0\r\n\r\n"),
+            Ok(("POST", "/metrics"))
+        );
+        for bad in ["", "GET", "GET status HTTP/1.1", "\u{0}\u{1} / SPDY/3", "GET / HTTP/2"] {
+            assert!(parse_request_line(bad).is_err(), "{bad:?}");
+        }
+    }
+}

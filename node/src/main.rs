@@ -1,0 +1,144 @@
+//! `weft`: the node agent and its command-line tools.
+
+mod agent;
+mod api;
+mod http;
+mod metrics;
+mod report;
+mod settings;
+mod store;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "weft", version, about = "weft: a pod network for Kubernetes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent (what the DaemonSet starts on every node).
+    Router(settings::RouterArgs),
+    /// Show the local agent's status: the report, or peers, connections
+    /// or ipam as JSON.
+    Status {
+        #[arg(value_enum)]
+        view: Option<View>,
+        /// The agent's status address.
+        #[arg(long, env = "WEFT_STATUS_ADDR", default_value = "127.0.0.1:6784")]
+        status_addr: SocketAddr,
+    },
+    /// Reclaim the address space of a peer whose node was removed for good.
+    Rmpeer {
+        /// Peer name (xxxx:xxxx:xxxx:xxxx) or nickname.
+        peer: String,
+        /// The agent's local API socket.
+        #[arg(long, env = "WEFT_SOCKET", default_value = "/run/weft/weft.sock")]
+        socket: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum View {
+    Peers,
+    Connections,
+    Ipam,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Router(args) => {
+            init_logging(args.log_format);
+            match agent::run(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    eprintln!("weft: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Status { view, status_addr } => {
+            let path = match view {
+                None => "/status",
+                Some(View::Peers) => "/status/peers",
+                Some(View::Connections) => "/status/connections",
+                Some(View::Ipam) => "/status/ipam",
+            };
+            match http_get(status_addr, path) {
+                Ok(body) => {
+                    print!("{body}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!(
+                        "weft status: cannot reach the agent at {status_addr}: {e} (is `weft router` running on this node?)"
+                    );
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Rmpeer { peer, socket } => {
+            let request = serde_json::json!({"op": "remove_peer", "peer": peer});
+            match api_call(&socket, &request) {
+                Ok(answer) if answer["ok"] == true => {
+                    println!("reclaimed {} addresses of {peer}", answer["reclaimed"]);
+                    ExitCode::SUCCESS
+                }
+                Ok(answer) => {
+                    eprintln!("weft rmpeer: {}", answer["error"]["message"]);
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!(
+                        "weft rmpeer: weft agent not reachable at {}: {e}",
+                        socket.display()
+                    );
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(format: settings::LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        settings::LogFormat::Text => builder.init(),
+        settings::LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok(body)
+}
+
+fn api_call(socket: &PathBuf, request: &serde_json::Value) -> std::io::Result<serde_json::Value> {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    writeln!(stream, "{request}")?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    serde_json::from_str(&line).map_err(std::io::Error::other)
+}

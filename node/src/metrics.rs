@@ -1,0 +1,164 @@
+//! `/metrics`: Prometheus metrics (OpenMetrics text), read off the router's
+//! status at scrape time.
+
+use crate::agent::DataplaneState;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use weft_core::Status;
+use weft_core::connections::LinkState;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct State {
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Direction {
+    direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Dataplane {
+    dataplane: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    peers: Gauge,
+    reachable: Gauge,
+    connections: Family<State, Gauge>,
+    connections_by_dataplane: Family<Dataplane, Gauge>,
+    addresses: Family<State, Gauge>,
+    gossip_bytes: Family<Direction, Counter>,
+    gossip_datagrams: Family<Direction, Counter>,
+    dropped: Family<Reason, Counter>,
+    fallback: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        let mut registry = Registry::with_prefix("weft");
+        let m = Metrics {
+            peers: Gauge::default(),
+            reachable: Gauge::default(),
+            connections: Family::default(),
+            connections_by_dataplane: Family::default(),
+            addresses: Family::default(),
+            gossip_bytes: Family::default(),
+            gossip_datagrams: Family::default(),
+            dropped: Family::default(),
+            fallback: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("peers", "Peers known, this node included", m.peers.clone());
+        registry.register("peers_reachable", "Peers with a route", m.reachable.clone());
+        registry.register("connections", "Direct connections by state", m.connections.clone());
+        registry.register(
+            "connections_dataplane",
+            "Established connections by the dataplane carrying pod traffic",
+            m.connections_by_dataplane.clone(),
+        );
+        registry.register(
+            "ipam_addresses",
+            "This node's addresses: used, free, and allocations pending",
+            m.addresses.clone(),
+        );
+        registry.register("gossip_bytes", "Control-plane bytes", m.gossip_bytes.clone());
+        registry.register(
+            "gossip_datagrams",
+            "Control-plane datagrams",
+            m.gossip_datagrams.clone(),
+        );
+        registry.register(
+            "datagrams_dropped",
+            "Datagrams refused, by reason",
+            m.dropped.clone(),
+        );
+        registry.register(
+            "dataplane_fallback",
+            "1 when fastdp could not be set up and another dataplane is used",
+            m.fallback.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+}
+
+/// Counters follow the router's cumulative numbers.
+fn follow(counter: &Counter, value: u64) {
+    let now = counter.get();
+    if value > now {
+        counter.inc_by(value - now);
+    }
+}
+
+impl Metrics {
+    pub fn render(&self, status: &Status, dataplane: &DataplaneState) -> String {
+        self.peers.set(status.peers.len() as i64);
+        self.reachable
+            .set(status.peers.iter().filter(|p| p.reachable).count() as i64);
+        for state in [LinkState::Established, LinkState::Pending] {
+            let n = status.connections.iter().filter(|c| c.state == state).count();
+            let label = serde_json::to_value(state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            self.connections
+                .get_or_create(&State { state: label })
+                .set(n as i64);
+        }
+        let established = status
+            .connections
+            .iter()
+            .filter(|c| c.state == LinkState::Established)
+            .count();
+        self.connections_by_dataplane
+            .get_or_create(&Dataplane {
+                dataplane: dataplane.in_use.to_string(),
+            })
+            .set(established as i64);
+        let mine = status.ipam.peers.iter().find(|p| p.name == status.name);
+        let (used, free) = mine.map_or((0, 0), |p| (p.used, p.free));
+        for (state, n) in [
+            ("used", used),
+            ("free", free),
+            ("pending", status.ipam.pending.len() as u64),
+        ] {
+            self.addresses
+                .get_or_create(&State {
+                    state: state.into(),
+                })
+                .set(n as i64);
+        }
+        let t = status.traffic;
+        for (direction, bytes, datagrams) in [
+            ("in", t.received_bytes, t.received_datagrams),
+            ("out", t.sent_bytes, t.sent_datagrams),
+        ] {
+            let label = Direction {
+                direction: direction.into(),
+            };
+            follow(&self.gossip_bytes.get_or_create(&label), bytes);
+            follow(&self.gossip_datagrams.get_or_create(&label), datagrams);
+        }
+        for (reason, n) in &status.dropped {
+            let label = serde_json::to_value(reason)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            follow(&self.dropped.get_or_create(&Reason { reason: label }), *n);
+        }
+        self.fallback.set(i64::from(dataplane.fallback.is_some()));
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}

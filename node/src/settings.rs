@@ -1,0 +1,283 @@
+//! `weft router` flags and their environment variables (Weave's names where
+//! Weave had one), and how they become a weft-core [`Config`].
+
+use clap::{Args, ValueEnum};
+use ipnet::Ipv4Net;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs, UdpSocket};
+use std::path::PathBuf;
+use weft_core::Config;
+use weft_core::ipam::{IpamInit, IpamMode};
+
+pub const PORT: u16 = 6783;
+
+#[derive(Args, Debug, Clone)]
+pub struct RouterArgs {
+    /// This node's name as people see it [default: the hostname]
+    #[arg(long, env = "WEFT_NAME")]
+    pub name: Option<String>,
+    /// UDP address the control plane listens on.
+    #[arg(long, env = "WEFT_LISTEN", default_value = "0.0.0.0:6783")]
+    pub listen: SocketAddr,
+    /// Underlay address other peers reach this node on [default: the
+    /// --listen address, or the local address that routes to the first peer]
+    #[arg(long, env = "WEFT_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<IpAddr>,
+    /// A peer to connect to (host, IP, or IP:port); repeatable. The
+    /// variable takes a space- or comma-separated list.
+    #[arg(long = "peer", env = "WEFT_PEERS", value_delimiter = ',')]
+    pub peers: Vec<String>,
+    /// The range pod addresses come from.
+    #[arg(long, env = "IPALLOC_RANGE", default_value = weft_core::config::DEFAULT_IPALLOC_RANGE)]
+    pub ipalloc_range: Ipv4Net,
+    /// How the address ring is first created: `consensus=N` (seed once N
+    /// initial peers agree; plain `consensus` counts --peer addresses plus
+    /// this node) or `observer` (never seed; wait for a ring from others).
+    #[arg(long, env = "IPALLOC_INIT", default_value = "consensus", value_parser = parse_ipalloc_init)]
+    pub ipalloc_init: IpamInit,
+    /// Dataplane: `fastdp` (kernel VXLAN), `sleeve` (userspace UDP
+    /// tunnel) or `none` (control plane only).
+    #[arg(long, env = "WEFT_DATAPATH", value_enum, default_value_t = Datapath::Fastdp)]
+    pub datapath: Datapath,
+    /// MTU of pod interfaces [default: underlay MTU minus the overlay's
+    /// overhead]
+    #[arg(long, env = "WEFT_MTU")]
+    pub mtu: Option<u32>,
+    /// File holding the shared secret that encrypts all traffic (the
+    /// WEFT_PASSWORD variable holds the secret itself).
+    #[arg(long, env = "WEFT_PASSWORD_FILE")]
+    pub password_file: Option<PathBuf>,
+    /// Most peers to keep direct connections to (at most 128).
+    #[arg(long, env = "CONN_LIMIT", default_value_t = 100)]
+    pub conn_limit: usize,
+    /// HTTP address of /status, /metrics, /healthz and /readyz.
+    #[arg(long, env = "WEFT_STATUS_ADDR", default_value = "127.0.0.1:6784")]
+    pub status_addr: SocketAddr,
+    /// Where identity, ring and allocations are kept.
+    #[arg(long, env = "WEFT_DATA_DIR", default_value = "/var/lib/weft")]
+    pub data_dir: PathBuf,
+    /// Unix socket of the local API the CNI plugin uses.
+    #[arg(long, env = "WEFT_SOCKET", default_value = "/run/weft/weft.sock")]
+    pub socket: PathBuf,
+    /// Name of the bridge pods attach to.
+    #[arg(long, env = "WEFT_BRIDGE", default_value = "weft")]
+    pub bridge: String,
+    /// Log lines as `text` or `json` (levels: RUST_LOG, default info).
+    #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Datapath {
+    Fastdp,
+    Sleeve,
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("--peer {0:?}: not an address or a resolvable host name")]
+    Peer(String),
+    #[error("cannot read --password-file {file}: {source}")]
+    PasswordFile {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the password is empty: give a non-empty secret, or none to run unencrypted")]
+    EmptyPassword,
+    #[error(
+        "cannot tell which address other peers reach this node on: --listen is unspecified and there is no --peer to route to; set --advertise-addr"
+    )]
+    NoAdvertiseAddress,
+    #[error("{0}")]
+    Config(#[from] weft_core::config::ConfigError),
+}
+
+fn parse_ipalloc_init(s: &str) -> Result<IpamInit, String> {
+    match s {
+        "observer" => Ok(IpamInit::Observer),
+        "consensus" => Ok(IpamInit::Consensus(None)),
+        _ => {
+            let n = s
+                .strip_prefix("consensus=")
+                .ok_or_else(|| format!("{s:?}: use consensus=N, consensus or observer"))?;
+            n.parse::<usize>()
+                .ok()
+                .filter(|n| *n > 0)
+                .map(|n| IpamInit::Consensus(Some(n)))
+                .ok_or_else(|| format!("consensus={n}: N must be a positive number of peers"))
+        }
+    }
+}
+
+impl RouterArgs {
+    /// The node name: --name, else the hostname.
+    pub fn nickname(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "weft".to_string())
+        })
+    }
+
+    /// Peer addresses, resolved; the port defaults to 6783.
+    pub fn peer_addresses(&self) -> Result<Vec<SocketAddr>, SettingsError> {
+        let mut out = Vec::new();
+        for p in self.peers.iter().flat_map(|p| p.split_whitespace()) {
+            let resolved = if let Ok(ip) = p.parse::<IpAddr>() {
+                Some(SocketAddr::new(ip, PORT))
+            } else if let Ok(sa) = p.parse::<SocketAddr>() {
+                Some(sa)
+            } else {
+                let with_port = if p.contains(':') {
+                    p.to_string()
+                } else {
+                    format!("{p}:{PORT}")
+                };
+                with_port
+                    .to_socket_addrs()
+                    .ok()
+                    .and_then(|mut a| a.find(|a| a.is_ipv4()))
+            };
+            out.push(resolved.ok_or_else(|| SettingsError::Peer(p.to_string()))?);
+        }
+        Ok(out)
+    }
+
+    /// The secret: WEFT_PASSWORD, else the --password-file contents.
+    pub fn secret(&self) -> Result<Option<Vec<u8>>, SettingsError> {
+        let raw = match (&self.password_file, std::env::var("WEFT_PASSWORD")) {
+            (_, Ok(value)) => value,
+            (Some(file), Err(_)) => {
+                std::fs::read_to_string(file).map_err(|source| SettingsError::PasswordFile {
+                    file: file.clone(),
+                    source,
+                })?
+            }
+            (None, Err(_)) => return Ok(None),
+        };
+        // Files usually end with a newline that is not part of the secret.
+        let secret = raw.trim_end_matches(['\n', '\r']);
+        if secret.is_empty() {
+            return Err(SettingsError::EmptyPassword);
+        }
+        Ok(Some(secret.as_bytes().to_vec()))
+    }
+
+    /// The address peers reach this node on.
+    pub fn advertised(&self, peers: &[SocketAddr]) -> Result<SocketAddr, SettingsError> {
+        let port = self.listen.port();
+        if let Some(ip) = self.advertise_addr {
+            return Ok(SocketAddr::new(ip, port));
+        }
+        if !self.listen.ip().is_unspecified() {
+            return Ok(self.listen);
+        }
+        // The kernel's choice of source address towards the first peer;
+        // connecting a UDP socket sends nothing.
+        let local = peers.first().and_then(|peer| {
+            let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).ok()?;
+            socket.connect(peer).ok()?;
+            socket.local_addr().ok()
+        });
+        local
+            .map(|a| SocketAddr::new(a.ip(), port))
+            .ok_or(SettingsError::NoAdvertiseAddress)
+    }
+
+    /// The core configuration these flags describe.
+    pub fn core_config(&self, peers: &[SocketAddr]) -> Result<Config, SettingsError> {
+        let mut config = Config::new(self.nickname(), self.advertised(peers)?);
+        config.conn_limit = self.conn_limit;
+        config.secret = self.secret()?;
+        config.ipalloc_range = self.ipalloc_range;
+        config.ipam = IpamMode::Ring(self.ipalloc_init);
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: RouterArgs,
+    }
+
+    fn parse(argv: &[&str]) -> Result<RouterArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("weft").chain(argv.iter().copied())).map(|c| c.args)
+    }
+
+    #[test]
+    fn defaults_are_weaves() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.listen, "0.0.0.0:6783".parse().unwrap());
+        assert_eq!(a.ipalloc_range, "10.32.0.0/12".parse().unwrap());
+        assert_eq!(a.ipalloc_init, IpamInit::Consensus(None));
+        assert_eq!(a.datapath, Datapath::Fastdp);
+        assert_eq!(a.conn_limit, 100);
+        assert_eq!(a.status_addr, "127.0.0.1:6784".parse().unwrap());
+        assert_eq!(a.data_dir, PathBuf::from("/var/lib/weft"));
+        assert_eq!(a.socket, PathBuf::from("/run/weft/weft.sock"));
+        assert_eq!(a.bridge, "weft");
+    }
+
+    #[test]
+    fn ipalloc_init_takes_consensus_n_and_observer() {
+        let a = parse(&["--ipalloc-init", "consensus=3"]).unwrap();
+        assert_eq!(a.ipalloc_init, IpamInit::Consensus(Some(3)));
+        let a = parse(&["--ipalloc-init", "observer"]).unwrap();
+        assert_eq!(a.ipalloc_init, IpamInit::Observer);
+        for bad in ["consensus=0", "consensus=x", "seed"] {
+            let e = parse(&["--ipalloc-init", bad]).unwrap_err().to_string();
+            assert!(e.contains("consensus"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn peers_take_ips_ports_and_lists() {
+        let a = parse(&["--peer", "192.168.1.12", "--peer", "192.168.1.13:7000,127.0.0.1"]).unwrap();
+        assert_eq!(
+            a.peer_addresses().unwrap(),
+            vec![
+                "192.168.1.12:6783".parse().unwrap(),
+                "192.168.1.13:7000".parse().unwrap(),
+                "127.0.0.1:6783".parse().unwrap(),
+            ]
+        );
+        let a = parse(&["--peer", "no such host!"]).unwrap();
+        assert!(matches!(a.peer_addresses(), Err(SettingsError::Peer(_))));
+    }
+
+    #[test]
+    fn the_advertised_address_is_explicit_or_routed_towards_a_peer() {
+        let a = parse(&["--listen", "127.0.0.1:7100"]).unwrap();
+        assert_eq!(a.advertised(&[]).unwrap(), "127.0.0.1:7100".parse().unwrap());
+        let a = parse(&[]).unwrap();
+        let peer: SocketAddr = "127.0.0.1:6783".parse().unwrap();
+        assert_eq!(a.advertised(&[peer]).unwrap(), "127.0.0.1:6783".parse().unwrap());
+        assert!(matches!(
+            a.advertised(&[]),
+            Err(SettingsError::NoAdvertiseAddress)
+        ));
+    }
+
+    #[test]
+    fn a_conn_limit_over_the_maximum_is_refused() {
+        let a = parse(&["--listen", "127.0.0.1:6783", "--conn-limit", "500"]).unwrap();
+        let e = a.core_config(&[]).unwrap_err().to_string();
+        assert!(e.contains("500"), "{e}");
+    }
+}
