@@ -66,11 +66,15 @@ pub struct Connections {
     links: BTreeMap<PeerName, Link>,
     /// Address -> linked peer, kept in step with `links`.
     linked: BTreeMap<SocketAddr, PeerName>,
-    /// Earliest due attempt, recomputed only after links or targets change
-    /// (it is asked for after every input).
+    /// Earliest due attempt, as of the last refresh (it is asked for after
+    /// every input).
     next_attempt: Option<Time>,
-    attempts_changed: bool,
     targets: BTreeMap<SocketAddr, Target>,
+    /// Unlinked targets by their next try, so that finding due ones never
+    /// scans every target (thousands in a big cluster).
+    schedule: BTreeSet<(Time, SocketAddr)>,
+    /// Each address's entry in `schedule`.
+    scheduled: BTreeMap<SocketAddr, Time>,
     /// Addresses that turned out to be this node itself.
     own_addresses: BTreeSet<SocketAddr>,
 }
@@ -129,11 +133,13 @@ impl Connections {
             self.links.remove(&old);
             self.linked.remove(&address);
         }
+        let mut moved_from = None;
         let at_limit = self.links.len() >= conn_limit;
         let outcome = match self.links.get_mut(&peer) {
             Some(link) => {
                 if link.address != address {
                     self.linked.remove(&link.address);
+                    moved_from = Some(link.address);
                     link.address = address;
                 }
                 if link.confirmed_at.is_some() || heard_you {
@@ -159,8 +165,10 @@ impl Connections {
                 Heard::NewLink
             }
         };
-        if self.linked.insert(address, peer) != Some(peer) {
-            self.attempts_changed = true;
+        self.linked.insert(address, peer);
+        self.reschedule(address);
+        if let Some(old) = moved_from {
+            self.reschedule(old);
         }
         if let Some(link) = self.links.get_mut(&peer) {
             link.last_heard = now;
@@ -189,21 +197,22 @@ impl Connections {
         for peer in &dead {
             if let Some(link) = self.links.remove(peer)
                 && self.linked.remove(&link.address).is_some()
-                && let Some(target) = self.targets.get_mut(&link.address)
             {
-                target.attempts = 0;
-                target.next_try = now;
+                if let Some(target) = self.targets.get_mut(&link.address) {
+                    target.attempts = 0;
+                    target.next_try = now;
+                }
+                self.reschedule(link.address);
             }
         }
-        self.attempts_changed |= !dead.is_empty();
         dead
     }
 
     /// This node reached itself at `address`: never try it again.
     pub fn is_own_address(&mut self, address: SocketAddr) {
-        self.attempts_changed = true;
         self.own_addresses.insert(address);
         self.targets.remove(&address);
+        self.reschedule(address);
     }
 
     pub fn add_target(&mut self, now: Time, address: SocketAddr, configured: bool) {
@@ -217,21 +226,28 @@ impl Connections {
             next_try: now,
         });
         target.configured |= configured;
-        self.attempts_changed |= !known;
+        if !known {
+            self.reschedule(address);
+        }
     }
 
     pub fn remove_target(&mut self, address: SocketAddr) {
-        self.attempts_changed = true;
         self.targets.remove(&address);
+        self.reschedule(address);
     }
 
     /// Keeps the gossip-learnt targets equal to `addresses` (configured
     /// targets stay whatever gossip says).
     pub fn sync_learnt_targets(&mut self, now: Time, addresses: &BTreeSet<SocketAddr>) {
-        let before = self.targets.len();
-        self.targets
-            .retain(|a, t| t.configured || addresses.contains(a));
-        self.attempts_changed |= self.targets.len() != before;
+        let dropped: Vec<SocketAddr> = self
+            .targets
+            .iter()
+            .filter(|(a, t)| !t.configured && !addresses.contains(a))
+            .map(|(a, _)| *a)
+            .collect();
+        for address in dropped {
+            self.remove_target(address);
+        }
         for address in addresses {
             self.add_target(now, *address, false);
         }
@@ -244,15 +260,21 @@ impl Connections {
         if slots == 0 {
             return Vec::new();
         }
-        let linked = &self.linked;
         let due = |configured: bool| -> Vec<SocketAddr> {
-            self.targets
+            let mut due: Vec<SocketAddr> = self
+                .schedule
                 .iter()
-                .filter(|(a, t)| {
-                    t.configured == configured && t.next_try <= now && !linked.contains_key(*a)
+                .take_while(|(at, _)| *at <= now)
+                .filter(|(_, a)| {
+                    self.targets
+                        .get(a)
+                        .is_some_and(|t| t.configured == configured)
                 })
-                .map(|(a, _)| *a)
-                .collect()
+                .map(|(_, a)| *a)
+                .collect();
+            // Random picks from an order that does not depend on timing.
+            due.sort_unstable();
+            due
         };
         let mut chosen = rng.pick(&due(true), slots);
         let rest = slots - chosen.len();
@@ -271,7 +293,6 @@ impl Connections {
         max: Duration,
         rng: &mut Random,
     ) {
-        self.attempts_changed = true;
         if let Some(target) = self.targets.get_mut(&address) {
             let step = base
                 .checked_mul(1u32 << target.attempts.min(16))
@@ -279,6 +300,21 @@ impl Connections {
                 .min(max);
             target.attempts = target.attempts.saturating_add(1);
             target.next_try = now + rng.duration_between(step / 2, step);
+        }
+        self.reschedule(address);
+    }
+
+    /// Puts `address` in the attempt schedule at its next try if it is an
+    /// unlinked target, and takes it out otherwise.
+    fn reschedule(&mut self, address: SocketAddr) {
+        if let Some(at) = self.scheduled.remove(&address) {
+            self.schedule.remove(&(at, address));
+        }
+        if let Some(target) = self.targets.get(&address)
+            && !self.linked.contains_key(&address)
+        {
+            self.schedule.insert((target.next_try, address));
+            self.scheduled.insert(address, target.next_try);
         }
     }
 
@@ -288,17 +324,10 @@ impl Connections {
     }
 
     pub fn refresh_next_attempt(&mut self, conn_limit: usize) {
-        if !std::mem::take(&mut self.attempts_changed) {
-            return;
-        }
         self.next_attempt = if self.links.len() >= conn_limit {
             None
         } else {
-            self.targets
-                .iter()
-                .filter(|(a, _)| !self.linked.contains_key(*a))
-                .map(|(_, t)| t.next_try)
-                .min()
+            self.schedule.first().map(|(at, _)| *at)
         };
     }
 

@@ -790,6 +790,10 @@ impl Router {
     /// peer, for `forget_after`.
     fn forget_stale(&mut self, now: Time) {
         self.forgotten.retain(|_, (_, until)| *until > now);
+        // Usually nobody is unreachable: skip building the reference set.
+        if self.unreachable_since.is_empty() {
+            return;
+        }
         let referenced: BTreeSet<PeerName> = self
             .topology
             .entries()

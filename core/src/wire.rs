@@ -193,8 +193,10 @@ fn be_u64(b: &[u8]) -> u64 {
     u64::from_be_bytes(a)
 }
 
-fn header(sender: PeerName, kind: u8) -> Vec<u8> {
-    let mut out = Vec::with_capacity(MAX_DATAGRAM);
+/// The header, in a buffer with room for `rest` more bytes: datagrams are
+/// sized exactly, since many may wait in queues at once.
+fn header(sender: PeerName, kind: u8, rest: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(MAGIC.len() + 2 + 8 + rest);
     out.extend_from_slice(&MAGIC);
     out.push(VERSION);
     out.push(kind);
@@ -217,7 +219,7 @@ impl Message {
     /// A plain datagram from `sender`.
     pub fn encode_plain(&self, sender: PeerName) -> Result<Vec<u8>, WireError> {
         let body = self.encode_body()?;
-        let mut out = header(sender, KIND_PLAIN);
+        let mut out = header(sender, KIND_PLAIN, body.len());
         out.extend_from_slice(&body);
         Ok(out)
     }
@@ -225,7 +227,7 @@ impl Message {
     /// A sealed datagram from `nonce.sender`.
     pub fn encode_sealed(&self, sealer: &Sealer, nonce: SealNonce) -> Result<Vec<u8>, WireError> {
         let body = self.encode_body()?;
-        let mut out = header(PeerName(nonce.sender), KIND_SEALED);
+        let mut out = header(PeerName(nonce.sender), KIND_SEALED, 16 + body.len() + 16);
         out.extend_from_slice(&nonce.epoch.to_be_bytes());
         out.extend_from_slice(&nonce.counter.to_be_bytes());
         let sealed = sealer.seal(&out, nonce, &body);
@@ -693,7 +695,7 @@ mod tests {
 
         #[test]
         fn valid_header_with_random_body_never_panics(body in proptest::collection::vec(any::<u8>(), 0..1386)) {
-            let mut bytes = header(PeerName(1), KIND_PLAIN);
+            let mut bytes = header(PeerName(1), KIND_PLAIN, 0);
             bytes.extend_from_slice(&body);
             let _ = Frame::parse(&bytes).and_then(|f| f.plain_message());
         }

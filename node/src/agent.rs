@@ -29,10 +29,7 @@ impl DataplaneState {
     pub fn describe(&self) -> String {
         match &self.fallback {
             None => self.in_use.to_string(),
-            Some(why) => format!(
-                "{} (fell back from {}: {why})",
-                self.in_use, self.requested
-            ),
+            Some(why) => format!("{} (fell back from {}: {why})", self.in_use, self.requested),
         }
     }
 }
@@ -135,7 +132,8 @@ async fn run_async(args: RouterArgs) -> Result<(), StartError> {
     let saved = store.load()?;
     let restored = saved.is_some();
     let epoch = tokio::time::Instant::now();
-    let mut router = Router::new(config, saved, os_seed()?, Time::ZERO).map_err(StartError::Router)?;
+    let mut router =
+        Router::new(config, saved, os_seed()?, Time::ZERO).map_err(StartError::Router)?;
     for peer in &peers {
         router.add_peer_address(Time::ZERO, *peer);
     }

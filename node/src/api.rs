@@ -171,7 +171,11 @@ async fn connection(stream: UnixStream, api: Api) {
             }
             Err(e) => serde_json::json!({"ok": false, "error": e}).to_string(),
         };
-        if write.write_all(format!("{text}\n").as_bytes()).await.is_err() {
+        if write
+            .write_all(format!("{text}\n").as_bytes())
+            .await
+            .is_err()
+        {
             return;
         }
         if matches!(&answer, Err(e) if e.kind == ErrorKind::BadRequest) {

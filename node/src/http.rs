@@ -183,7 +183,13 @@ mod tests {
             parse_request_line("POST /metrics HTTP/1.0\r\n\r\n"),
             Ok(("POST", "/metrics"))
         );
-        for bad in ["", "GET", "GET status HTTP/1.1", "\u{0}\u{1} / SPDY/3", "GET / HTTP/2"] {
+        for bad in [
+            "",
+            "GET",
+            "GET status HTTP/1.1",
+            "\u{0}\u{1} / SPDY/3",
+            "GET / HTTP/2",
+        ] {
             assert!(parse_request_line(bad).is_err(), "{bad:?}");
         }
     }

@@ -61,7 +61,11 @@ impl Default for Metrics {
         };
         registry.register("peers", "Peers known, this node included", m.peers.clone());
         registry.register("peers_reachable", "Peers with a route", m.reachable.clone());
-        registry.register("connections", "Direct connections by state", m.connections.clone());
+        registry.register(
+            "connections",
+            "Direct connections by state",
+            m.connections.clone(),
+        );
         registry.register(
             "connections_dataplane",
             "Established connections by the dataplane carrying pod traffic",
@@ -72,7 +76,11 @@ impl Default for Metrics {
             "This node's addresses: used, free, and allocations pending",
             m.addresses.clone(),
         );
-        registry.register("gossip_bytes", "Control-plane bytes", m.gossip_bytes.clone());
+        registry.register(
+            "gossip_bytes",
+            "Control-plane bytes",
+            m.gossip_bytes.clone(),
+        );
         registry.register(
             "gossip_datagrams",
             "Control-plane datagrams",
@@ -106,7 +114,11 @@ impl Metrics {
         self.reachable
             .set(status.peers.iter().filter(|p| p.reachable).count() as i64);
         for state in [LinkState::Established, LinkState::Pending] {
-            let n = status.connections.iter().filter(|c| c.state == state).count();
+            let n = status
+                .connections
+                .iter()
+                .filter(|c| c.state == state)
+                .count();
             let label = serde_json::to_value(state)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string))

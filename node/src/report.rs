@@ -20,13 +20,26 @@ pub fn text(status: &Status, dataplane: &DataplaneState) -> String {
     line(&mut s, "Version", env!("CARGO_PKG_VERSION").to_string());
     s.push('\n');
     line(&mut s, "Service", "router".into());
-    line(&mut s, "Protocol", format!("weft {}", weft_core::wire::VERSION));
-    line(&mut s, "Name", format!("{}({})", status.name, status.nickname));
+    line(
+        &mut s,
+        "Protocol",
+        format!("weft {}", weft_core::wire::VERSION),
+    );
+    line(
+        &mut s,
+        "Name",
+        format!("{}({})", status.name, status.nickname),
+    );
     line(&mut s, "Address", status.address.to_string());
     line(
         &mut s,
         "Encryption",
-        if status.encrypted { "enabled" } else { "disabled" }.into(),
+        if status.encrypted {
+            "enabled"
+        } else {
+            "disabled"
+        }
+        .into(),
     );
     line(&mut s, "Dataplane", dataplane.describe());
     line(
@@ -71,7 +84,9 @@ pub fn text(status: &Status, dataplane: &DataplaneState) -> String {
         .peers
         .iter()
         .filter(|p| p.name == status.name)
-        .fold((0, 0, 0), |a, p| (a.0 + p.owned, a.1 + p.used, a.2 + p.free));
+        .fold((0, 0, 0), |a, p| {
+            (a.0 + p.owned, a.1 + p.used, a.2 + p.free)
+        });
     line(
         &mut s,
         "Addresses",

@@ -248,7 +248,13 @@ mod tests {
 
     #[test]
     fn peers_take_ips_ports_and_lists() {
-        let a = parse(&["--peer", "192.168.1.12", "--peer", "192.168.1.13:7000,127.0.0.1"]).unwrap();
+        let a = parse(&[
+            "--peer",
+            "192.168.1.12",
+            "--peer",
+            "192.168.1.13:7000,127.0.0.1",
+        ])
+        .unwrap();
         assert_eq!(
             a.peer_addresses().unwrap(),
             vec![
@@ -264,10 +270,16 @@ mod tests {
     #[test]
     fn the_advertised_address_is_explicit_or_routed_towards_a_peer() {
         let a = parse(&["--listen", "127.0.0.1:7100"]).unwrap();
-        assert_eq!(a.advertised(&[]).unwrap(), "127.0.0.1:7100".parse().unwrap());
+        assert_eq!(
+            a.advertised(&[]).unwrap(),
+            "127.0.0.1:7100".parse().unwrap()
+        );
         let a = parse(&[]).unwrap();
         let peer: SocketAddr = "127.0.0.1:6783".parse().unwrap();
-        assert_eq!(a.advertised(&[peer]).unwrap(), "127.0.0.1:6783".parse().unwrap());
+        assert_eq!(
+            a.advertised(&[peer]).unwrap(),
+            "127.0.0.1:6783".parse().unwrap()
+        );
         assert!(matches!(
             a.advertised(&[]),
             Err(SettingsError::NoAdvertiseAddress)

@@ -125,6 +125,8 @@ pub struct Sim<'a> {
     pub owned: Vec<(Option<u64>, Vec<ipnet::Ipv4Net>)>,
     /// Ownership or pod addresses changed since uniqueness was checked.
     pub(crate) unique_dirty: bool,
+    /// Peer name -> node, for every name a node has had.
+    names: BTreeMap<weft_core::PeerName, usize>,
     /// Underlay address -> node.
     by_address: BTreeMap<SocketAddr, usize>,
     /// Every datagram sent, when `--pcap` asks for it.
@@ -169,6 +171,7 @@ impl<'a> Sim<'a> {
             uniqueness_violation: None,
             owned: vec![(None, Vec::new()); scenario.nodes.len()],
             unique_dirty: false,
+            names: BTreeMap::new(),
             by_address: BTreeMap::new(),
             capture: None,
         };
@@ -432,13 +435,14 @@ impl<'a> Sim<'a> {
 
     /// A peer's node name, as far as the simulation knows it.
     pub fn nickname(&self, peer: weft_core::PeerName) -> String {
-        self.nodes
-            .iter()
-            .find(|n| {
-                n.router().is_some_and(|r| r.name() == peer)
-                    || n.saved.as_ref().is_some_and(|s| s.name == peer)
-            })
-            .map_or_else(|| peer.to_string(), |n| n.name.clone())
+        self.names
+            .get(&peer)
+            .map_or_else(|| peer.to_string(), |i| self.nodes[*i].name.clone())
+    }
+
+    /// Remembers which node a peer name belongs to (at every start).
+    pub(crate) fn name_node(&mut self, i: usize, peer: weft_core::PeerName) {
+        self.names.insert(peer, i);
     }
 
     // ---- scenario events ----------------------------------------------
@@ -566,6 +570,7 @@ impl<'a> Sim<'a> {
             }
         };
         self.nodes[i].saved = Some(router.state());
+        self.name_node(i, router.name());
         self.nodes[i].shared = Some(Arc::new(Mutex::new(router)));
         let peers = peer_addresses(self.scenario, i);
         self.with(i, |r, now| {

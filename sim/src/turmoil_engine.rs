@@ -340,6 +340,8 @@ impl<'a> TurmoilSim<'a> {
         let now = self.sim.now;
         match note {
             Note::Started(i, shared, commands) => {
+                let name = weft_driver::lock(&shared).name();
+                self.sim.name_node(i, name);
                 self.sim.nodes[i].shared = Some(shared);
                 self.commands[i] = Some(commands);
                 // What kubelet would retry against a node that was down.

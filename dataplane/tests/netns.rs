@@ -1,0 +1,403 @@
+//! LinuxDataplane against a real kernel, inside throwaway network namespaces.
+//!
+//! Needs root (CI runs as root); without it every test prints a note and
+//! passes. Each test creates its own namespace `weft-dp-test-<pid>-<n>`,
+//! deletes it on the way out (even on failure), and sends no traffic.
+
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use weft_dataplane::{
+    BridgeSpec, Dataplane, DataplaneError, Desired, LinuxDataplane, PodRoute, ROUTE_PROTOCOL,
+    RemotePeer, VxlanSpec, format_mac, vtep_mac,
+};
+
+/// A network namespace that is deleted when dropped.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// `None` (after printing why) when the test can't run here.
+    fn new() -> Option<Netns> {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("note: not root, skipping the netns test");
+            return None;
+        }
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "weft-dp-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        run("ip", &["netns", "add", &name]);
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        Some(ns)
+    }
+
+    /// `ip -n NS ARGS...`, which must succeed; returns stdout.
+    fn ip(&self, args: &[&str]) -> String {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// `ip -n NS ARGS...`, failing or not.
+    fn ip_ok(&self, args: &[&str]) -> bool {
+        Command::new("ip")
+            .args(["-n", &self.name])
+            .args(args)
+            .output()
+            .expect("run ip")
+            .status
+            .success()
+    }
+
+    fn fdb(&self) -> Vec<String> {
+        lines(&run(
+            "bridge",
+            &["-n", &self.name, "fdb", "show", "dev", "weft-vxlan"],
+        ))
+    }
+
+    fn neigh(&self) -> Vec<String> {
+        lines(&self.ip(&["neigh", "show", "dev", "weft-vxlan"]))
+    }
+
+    fn weft_routes(&self) -> Vec<String> {
+        lines(&self.ip(&["route", "show", "proto", &ROUTE_PROTOCOL.to_string()]))
+    }
+
+    /// A veth underlay `ul0` (peer `ul1`) with 192.168.77.1/24.
+    fn underlay(&self) {
+        self.ip(&["link", "add", "ul0", "type", "veth", "peer", "name", "ul1"]);
+        self.ip(&["addr", "add", "192.168.77.1/24", "dev", "ul0"]);
+        self.ip(&["link", "set", "ul0", "up"]);
+        self.ip(&["link", "set", "ul1", "up"]);
+    }
+
+    /// Runs `f` on a thread inside the namespace (so a LinuxDataplane made
+    /// there talks to this namespace's kernel state).
+    fn run_inside<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|s| {
+            let t = s.spawn(|| {
+                let file = File::open(&path).expect("open netns file");
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+                f()
+            });
+            t.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().expect("run command");
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Non-empty lines, trimmed and sorted.
+fn lines(s: &str) -> Vec<String> {
+    let mut v: Vec<String> = s
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    v.sort();
+    v
+}
+
+fn ul(d: u8) -> Ipv4Addr {
+    Ipv4Addr::new(192, 168, 77, d)
+}
+
+fn peer(d: u8, name: u64) -> RemotePeer {
+    RemotePeer {
+        underlay: ul(d),
+        mac: vtep_mac(name),
+    }
+}
+
+fn route(prefix: &str, d: u8) -> PodRoute {
+    PodRoute {
+        prefix: prefix.parse().unwrap(),
+        next_hop: ul(d),
+    }
+}
+
+fn host_ip_forward() -> String {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap()
+}
+
+fn desired() -> Desired {
+    let mut vx = VxlanSpec::new(ul(1), 1450, vtep_mac(1));
+    vx.underlay_dev = Some("ul0".into());
+    Desired {
+        bridge: Some(BridgeSpec {
+            name: "weft".into(),
+            gateway: "10.32.0.1/12".parse().unwrap(),
+            mtu: 1450,
+        }),
+        vxlan: Some(vx),
+        peers: vec![peer(2, 2), peer(3, 3)],
+        routes: vec![
+            route("10.32.16.0/20", 2),
+            route("10.32.32.0/20", 3),
+            // Owned by a peer behind .2: relayed.
+            route("10.32.48.0/20", 2),
+        ],
+    }
+}
+
+fn fdb_line(mac_name: u64, d: u8) -> String {
+    format!(
+        "{} dst {} self permanent",
+        format_mac(&vtep_mac(mac_name)),
+        ul(d)
+    )
+}
+
+fn neigh_line(d: u8, mac_name: u64) -> String {
+    format!(
+        "{} lladdr {} PERMANENT",
+        ul(d),
+        format_mac(&vtep_mac(mac_name))
+    )
+}
+
+fn route_line(prefix: &str, d: u8) -> String {
+    format!("{prefix} via {} dev weft-vxlan onlink", ul(d))
+}
+
+#[test]
+fn reconcile_diffs_and_teardown() {
+    let Some(ns) = Netns::new() else { return };
+    let forward_before = host_ip_forward();
+    ns.underlay();
+    // Someone else's route, on another device: weft must leave it alone.
+    ns.ip(&[
+        "route",
+        "add",
+        "172.16.0.0/16",
+        "via",
+        "192.168.77.254",
+        "dev",
+        "ul0",
+    ]);
+
+    ns.run_inside(|| {
+        let mut dp = LinuxDataplane::new().unwrap();
+        let mut d = desired();
+        dp.reconcile(&d).unwrap();
+
+        let link = ns.ip(&["-d", "link", "show", "weft-vxlan"]);
+        for want in [
+            &format!(
+                "vxlan id {} local 192.168.77.1 dev ul0",
+                weft_dataplane::DEFAULT_VNI
+            ),
+            "dstport 6784",
+            "nolearning",
+            "mtu 1450",
+            &format!("link/ether {}", format_mac(&vtep_mac(1))),
+            "UP",
+        ] {
+            assert!(link.contains(want), "{want:?} not in {link}");
+        }
+        let bridge = ns.ip(&["-d", "link", "show", "weft"]);
+        assert!(
+            bridge.contains("bridge") && bridge.contains("mtu 1450") && bridge.contains("UP"),
+            "{bridge}"
+        );
+        assert!(
+            ns.ip(&["-4", "addr", "show", "dev", "weft"])
+                .contains("inet 10.32.0.1/12")
+        );
+        let forward = run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &ns.name,
+                "cat",
+                "/proc/sys/net/ipv4/ip_forward",
+            ],
+        );
+        assert_eq!(forward.trim(), "1");
+
+        assert_eq!(
+            ns.fdb(),
+            lines(&format!("{}\n{}", fdb_line(2, 2), fdb_line(3, 3)))
+        );
+        assert_eq!(ns.neigh(), vec![neigh_line(2, 2), neigh_line(3, 3)]);
+        assert_eq!(
+            ns.weft_routes(),
+            vec![
+                route_line("10.32.16.0/20", 2),
+                route_line("10.32.32.0/20", 3),
+                route_line("10.32.48.0/20", 2),
+            ]
+        );
+
+        // Twice in a row: a no-op, no error.
+        dp.reconcile(&d).unwrap();
+        dp.reconcile(&d).unwrap();
+        assert_eq!(ns.neigh().len(), 2);
+        assert_eq!(ns.weft_routes().len(), 3);
+
+        // Peer .3 left, .4 joined, .2 restarted with a new name (new MAC);
+        // 10.32.32.0/20 is gone and 10.32.48.0/20 is now relayed via .4.
+        d.peers = vec![peer(2, 22), peer(4, 4)];
+        d.routes = vec![route("10.32.16.0/20", 2), route("10.32.48.0/20", 4)];
+        dp.reconcile(&d).unwrap();
+        assert_eq!(
+            ns.fdb(),
+            lines(&format!("{}\n{}", fdb_line(22, 2), fdb_line(4, 4)))
+        );
+        assert_eq!(ns.neigh(), vec![neigh_line(2, 22), neigh_line(4, 4)]);
+        assert_eq!(
+            ns.weft_routes(),
+            vec![
+                route_line("10.32.16.0/20", 2),
+                route_line("10.32.48.0/20", 4)
+            ]
+        );
+
+        // This node's own VTEP MAC and the MTUs change (the kernel flushes
+        // the device's neighbours on a MAC change: they must come back), and
+        // the gateway moves.
+        {
+            let vx = d.vxlan.as_mut().unwrap();
+            vx.mac = vtep_mac(11);
+            vx.mtu = 1400;
+            let b = d.bridge.as_mut().unwrap();
+            b.mtu = 1400;
+            b.gateway = "10.32.0.2/12".parse().unwrap();
+        }
+        dp.reconcile(&d).unwrap();
+        let link = ns.ip(&["-d", "link", "show", "weft-vxlan"]);
+        assert!(
+            link.contains(&format!("link/ether {}", format_mac(&vtep_mac(11)))),
+            "{link}"
+        );
+        assert!(link.contains("mtu 1400") && link.contains("UP"), "{link}");
+        assert!(ns.ip(&["link", "show", "weft"]).contains("mtu 1400"));
+        let addrs = ns.ip(&["-4", "addr", "show", "dev", "weft"]);
+        assert!(
+            addrs.contains("inet 10.32.0.2/12") && !addrs.contains("10.32.0.1/"),
+            "{addrs}"
+        );
+        assert_eq!(ns.fdb().len(), 2);
+        assert_eq!(ns.neigh(), vec![neigh_line(2, 22), neigh_line(4, 4)]);
+        assert_eq!(ns.weft_routes().len(), 2);
+
+        // A weft route left on another device (an older agent's) is stale.
+        ns.ip(&[
+            "route",
+            "add",
+            "10.40.0.0/16",
+            "dev",
+            "ul0",
+            "proto",
+            &ROUTE_PROTOCOL.to_string(),
+        ]);
+        dp.reconcile(&d).unwrap();
+        assert_eq!(ns.weft_routes().len(), 2);
+
+        assert!(!ns.ip(&["route", "show", "172.16.0.0/16"]).trim().is_empty());
+
+        dp.teardown().unwrap();
+        assert!(!ns.ip_ok(&["link", "show", "weft-vxlan"]));
+        assert!(!ns.ip_ok(&["link", "show", "weft"]));
+        assert!(ns.weft_routes().is_empty());
+        assert!(ns.ip_ok(&["link", "show", "ul0"]));
+        assert!(!ns.ip(&["route", "show", "172.16.0.0/16"]).trim().is_empty());
+        // Tearing down twice is fine.
+        dp.teardown().unwrap();
+    });
+    assert_eq!(
+        host_ip_forward(),
+        forward_before,
+        "the host's forwarding changed"
+    );
+}
+
+#[test]
+fn recreates_vxlan_when_local_address_changes() {
+    let Some(ns) = Netns::new() else { return };
+    ns.underlay();
+    ns.ip(&["addr", "add", "192.168.77.9/24", "dev", "ul0"]);
+    ns.run_inside(|| {
+        let mut dp = LinuxDataplane::new().unwrap();
+        let mut d = desired();
+        dp.reconcile(&d).unwrap();
+        d.vxlan.as_mut().unwrap().local = ul(9);
+        dp.reconcile(&d).unwrap();
+        let link = ns.ip(&["-d", "link", "show", "weft-vxlan"]);
+        assert!(link.contains("local 192.168.77.9"), "{link}");
+        // Entries flushed with the old device are back.
+        assert_eq!(ns.fdb().len(), 2);
+        assert_eq!(ns.neigh().len(), 2);
+        assert_eq!(ns.weft_routes().len(), 3);
+
+        // Without a VXLAN device weft's routes go (the device stays until
+        // teardown).
+        d.vxlan = None;
+        dp.reconcile(&d).unwrap();
+        assert!(ns.weft_routes().is_empty());
+        dp.teardown().unwrap();
+        assert!(!ns.ip_ok(&["link", "show", "weft-vxlan"]));
+    });
+}
+
+#[test]
+fn vxlan_failures_are_reported_as_vxlan_errors() {
+    let Some(ns) = Netns::new() else { return };
+    ns.underlay();
+    ns.run_inside(|| {
+        let mut dp = LinuxDataplane::new().unwrap();
+
+        let mut d = desired();
+        d.vxlan.as_mut().unwrap().underlay_dev = Some("nosuchdev".into());
+        let err = dp.reconcile(&d).unwrap_err();
+        assert!(matches!(err, DataplaneError::UnderlayNotFound(_)), "{err}");
+
+        // A device of another kind holds the name: not weft's to delete.
+        ns.ip(&["link", "add", "weft-vxlan", "type", "veth", "peer", "name", "x1"]);
+        let err = dp.reconcile(&desired()).unwrap_err();
+        assert!(matches!(err, DataplaneError::Vxlan { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "cannot use VXLAN device weft-vxlan: a device with this name exists and is not a VXLAN device"
+        );
+        assert!(ns.ip(&["-d", "link", "show", "weft-vxlan"]).contains("veth"));
+        ns.ip(&["link", "del", "weft-vxlan"]);
+
+        // Another VXLAN device already has this VNI and port.
+        ns.ip(&[
+            "link", "add", "other-vx", "type", "vxlan", "id",
+            &weft_dataplane::DEFAULT_VNI.to_string(), "dstport", "6784", "local", "192.168.77.1",
+        ]);
+        ns.ip(&["link", "set", "other-vx", "up"]);
+        let err = dp.reconcile(&desired()).unwrap_err();
+        eprintln!("conflicting VXLAN device: {err}");
+        assert!(matches!(err, DataplaneError::Vxlan { action: "create", .. }), "{err}");
+        assert!(err.to_string().starts_with("cannot create VXLAN device weft-vxlan: "), "{err}");
+    });
+}
