@@ -341,6 +341,11 @@ impl Router {
     }
 
     /// This node's bridge gateway address, once it has address space.
+    /// Where every pod prefix goes: the kernel dataplane's route table.
+    pub fn forwarding(&self) -> &ForwardingTable {
+        &self.forwarding
+    }
+
     pub fn gateway(&self) -> Option<Ipv4Addr> {
         self.ipam.gateway()
     }

@@ -128,7 +128,7 @@ async fn reconcile(h: &Handle, d: &Desired) -> Result<(), DataplaneError> {
         return Ok(());
     };
     // Read the entries only after the device is right: recreating it
-    // flushes its entries.
+    // flushes all its entries, a new MAC or MTU flushes its neighbours.
     let index = ensure_vxlan(h, vx).await?;
     let current_routes = list_routes(h).await?;
 

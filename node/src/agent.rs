@@ -4,11 +4,11 @@
 
 use crate::api::{self, Api};
 use crate::http::{self, StatusServer};
+use crate::kernel::KernelSync;
 use crate::metrics::Metrics;
 use crate::settings::{Datapath, RouterArgs};
 use crate::store::Store;
 use serde::Serialize;
-use std::cell::RefCell;
 use std::io;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
@@ -23,6 +23,8 @@ pub struct DataplaneState {
     pub in_use: &'static str,
     /// Why the requested dataplane is not in use.
     pub fallback: Option<String>,
+    /// The last error programming the kernel, if the last attempt failed.
+    pub kernel_error: Option<String>,
 }
 
 impl DataplaneState {
@@ -65,6 +67,10 @@ pub enum StartError {
     Random(io::Error),
     #[error(transparent)]
     Driver(#[from] weft_driver::DriverError),
+    #[error(
+        "cannot program the kernel dataplane: {0} (use --datapath none to run the control plane alone)"
+    )]
+    Dataplane(weft_dataplane::DataplaneError),
 }
 
 /// The driver loop's surroundings on a real node.
@@ -128,6 +134,7 @@ pub fn run(args: RouterArgs) -> Result<(), StartError> {
 async fn run_async(args: RouterArgs) -> Result<(), StartError> {
     let peers = args.peer_addresses()?;
     let config = args.core_config(&peers)?;
+    let config_address = config.address;
     let store = Store::open(&args.data_dir)?;
     let saved = store.load()?;
     let restored = saved.is_some();
@@ -151,25 +158,17 @@ async fn run_async(args: RouterArgs) -> Result<(), StartError> {
             source,
         })?;
     let shared = Arc::new(Mutex::new(router));
-    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let (events_tx, events) = mpsc::unbounded_channel();
     let (commands, commands_rx) = mpsc::unbounded_channel();
-    let dataplane = Rc::new(RefCell::new(DataplaneState {
-        requested: match args.datapath {
-            Datapath::Fastdp => "fastdp",
-            Datapath::Sleeve => "sleeve",
-            Datapath::None => "none",
-        },
-        in_use: "none",
-        fallback: None,
-    }));
-    let mtu = args.mtu.unwrap_or(1450);
+    let (dataplane, kernel) = start_dataplane(&args)?;
+    let mtu = args.mtu.unwrap_or_else(|| default_mtu(&config_address));
     let api = Api {
         router: shared.clone(),
         commands: commands.clone(),
         bridge: args.bridge.clone(),
         mtu,
         epoch,
-        dataplane_problem: Rc::new(RefCell::new(None)),
+        dataplane: dataplane.clone(),
     };
     let listener = api::bind(&args.socket).map_err(|source| StartError::Socket {
         path: args.socket.clone(),
@@ -190,10 +189,11 @@ async fn run_async(args: RouterArgs) -> Result<(), StartError> {
     };
     tokio::task::spawn_local(api::serve(listener, api));
     tokio::task::spawn_local(http::serve(status_listener, server));
-    tokio::task::spawn_local(async move {
-        // The kernel dataplane follows route and prefix events.
-        while let Some(_event) = events.recv().await {}
-    });
+    if let Some(kernel) = kernel {
+        let (router, bridge) = (shared.clone(), args.bridge.clone());
+        let fastdp = args.datapath == Datapath::Fastdp;
+        tokio::task::spawn_local(follow_routes(kernel, router, events, bridge, mtu, fastdp));
+    }
     let host = AgentHost {
         store,
         events: events_tx,
@@ -209,6 +209,69 @@ async fn run_async(args: RouterArgs) -> Result<(), StartError> {
     drop(commands);
     let _ = std::fs::remove_file(&args.socket);
     result
+}
+
+/// Pod MTU: the underlay's minus the VXLAN overhead (1450 on a 1500
+/// underlay, also when the underlay cannot be found).
+fn default_mtu(address: &std::net::SocketAddr) -> u32 {
+    let underlay = match address.ip() {
+        std::net::IpAddr::V4(ip) => crate::kernel::underlay_mtu(ip),
+        std::net::IpAddr::V6(_) => None,
+    };
+    weft_dataplane::overlay_mtu(underlay.unwrap_or(1500).min(65_535))
+}
+
+/// The dataplane asked for, or why it cannot be had.
+fn start_dataplane(
+    args: &RouterArgs,
+) -> Result<(Arc<Mutex<DataplaneState>>, Option<KernelSync>), StartError> {
+    let requested = match args.datapath {
+        Datapath::Fastdp => "fastdp",
+        Datapath::Sleeve => "sleeve",
+        Datapath::None => "none",
+    };
+    let mut state = DataplaneState {
+        requested,
+        in_use: "none",
+        fallback: None,
+        kernel_error: None,
+    };
+    if args.datapath == Datapath::None {
+        return Ok((Arc::new(Mutex::new(state)), None));
+    }
+    if args.datapath == Datapath::Sleeve {
+        state.fallback = Some("the sleeve dataplane is not built in this version".into());
+    }
+    let linux = weft_dataplane::LinuxDataplane::new().map_err(StartError::Dataplane)?;
+    let state = Arc::new(Mutex::new(state));
+    let kernel = KernelSync::start(Box::new(linux), state.clone());
+    Ok((state, Some(kernel)))
+}
+
+/// Re-applies the desired kernel state after route, prefix and address
+/// changes (coalesced over 100 ms), and every 30 s to repair drift.
+async fn follow_routes(
+    kernel: KernelSync,
+    router: weft_driver::SharedRouter,
+    mut events: mpsc::UnboundedReceiver<Event>,
+    bridge: String,
+    mtu: u32,
+    fastdp: bool,
+) {
+    let resync = std::time::Duration::from_secs(30);
+    loop {
+        let desired = {
+            let router = weft_driver::lock(&router);
+            crate::kernel::desired(&router, &bridge, mtu, fastdp)
+        };
+        kernel.update(desired);
+        match tokio::time::timeout(resync, events.recv()).await {
+            Ok(None) => return,
+            Ok(Some(_)) | Err(_) => {}
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        while events.try_recv().is_ok() {}
+    }
 }
 
 async fn stop_signal() {

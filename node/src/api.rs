@@ -107,8 +107,8 @@ pub struct Api {
     pub mtu: u32,
     /// The router's time zero.
     pub epoch: tokio::time::Instant,
-    /// Set when the dataplane cannot carry pods (then not ready).
-    pub dataplane_problem: std::rc::Rc<std::cell::RefCell<Option<String>>>,
+    /// Which dataplane carries pods, and its problems.
+    pub dataplane: std::sync::Arc<std::sync::Mutex<crate::agent::DataplaneState>>,
 }
 
 /// Binds the socket: replaces a stale socket file, mode 0600.
@@ -348,7 +348,12 @@ impl Api {
     pub fn status(&self) -> NodeStatus {
         let router = lock(&self.router);
         let status = router.status(self.now());
-        let problem = self.dataplane_problem.borrow().clone();
+        let problem = self
+            .dataplane
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .kernel_error
+            .clone();
         let reason = if let Some(p) = problem {
             Some(p)
         } else if !status.ipam.seeded && status.ipam.mode != "node-cidr" {

@@ -19,7 +19,7 @@ pub struct StatusServer {
     pub epoch: tokio::time::Instant,
     pub api: crate::api::Api,
     pub metrics: std::rc::Rc<Metrics>,
-    pub dataplane: std::rc::Rc<std::cell::RefCell<crate::agent::DataplaneState>>,
+    pub dataplane: std::sync::Arc<std::sync::Mutex<crate::agent::DataplaneState>>,
 }
 
 /// An HTTP answer: status code, content type, body.
@@ -124,12 +124,19 @@ impl StatusServer {
         Time::from_duration(self.epoch.elapsed())
     }
 
+    fn dataplane_state(&self) -> crate::agent::DataplaneState {
+        self.dataplane
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     pub fn page(&self, path: &str) -> Page {
         let now = self.now();
         match path {
             "/status" => {
                 let status = lock(&self.router).status(now);
-                let dataplane = self.dataplane.borrow().clone();
+                let dataplane = self.dataplane_state();
                 Page::text(200, report::text(&status, &dataplane))
             }
             "/status/peers" => Page::json(&lock(&self.router).status(now).peers),
@@ -138,13 +145,13 @@ impl StatusServer {
                 Page::json(&serde_json::json!({
                     "connections": status.connections,
                     "targets": status.targets,
-                    "dataplane": *self.dataplane.borrow(),
+                    "dataplane": self.dataplane_state(),
                 }))
             }
             "/status/ipam" => Page::json(&lock(&self.router).status(now).ipam),
             "/metrics" => {
                 let status = lock(&self.router).status(now);
-                let body = self.metrics.render(&status, &self.dataplane.borrow());
+                let body = self.metrics.render(&status, &self.dataplane_state());
                 Page {
                     code: 200,
                     content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",

@@ -3,6 +3,7 @@
 mod agent;
 mod api;
 mod http;
+mod kernel;
 mod metrics;
 mod report;
 mod settings;
