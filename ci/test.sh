@@ -1,5 +1,16 @@
 #!/usr/bin/env bash
-# The project's test command (README: "Run the tests").
+# The project's test command (README: "Run the tests"): every crate's tests,
+# then, as root, the netns lab (real agents, kernel VXLAN, pods pinging).
+# WEFT_SKIP_LAB=1 skips the lab.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo test --workspace --locked "$@"
+if [ "$(id -u)" != 0 ] || [ "${WEFT_SKIP_LAB:-0}" = 1 ]; then
+    echo "== netns lab skipped (needs root; WEFT_SKIP_LAB=${WEFT_SKIP_LAB:-0})"
+    exit 0
+fi
+cargo build --locked -p weft
+echo "== netns lab: fastdp"
+bash ci/lab.sh test 3
+echo "== netns lab: fastdp, encrypted control plane"
+WEFT_PASSWORD=lab-secret bash ci/lab.sh test 3

@@ -265,9 +265,9 @@ async fn follow_routes(
             crate::kernel::desired(&router, &bridge, mtu, fastdp)
         };
         kernel.update(desired);
-        match tokio::time::timeout(resync, events.recv()).await {
-            Ok(None) => return,
-            Ok(Some(_)) | Err(_) => {}
+        // A change, or the periodic resync; the loop ends with the agent.
+        if let Ok(None) = tokio::time::timeout(resync, events.recv()).await {
+            return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         while events.try_recv().is_ok() {}

@@ -164,11 +164,19 @@ fn apply(dataplane: &mut dyn Dataplane, desired: &Desired, state: &Mutex<Datapla
 /// address routed elsewhere (over the overlay), and pods on the same
 /// bridge still answer for themselves.
 fn answer_arp_for_remote_pods(bridge: &str) {
-    let path = format!("/proc/sys/net/ipv4/conf/{bridge}/proxy_arp");
-    if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() != "1")
-        && let Err(e) = std::fs::write(&path, "1")
-    {
-        tracing::warn!("cannot enable proxy ARP on {bridge}: {e}");
+    // The kernel delays proxy answers by up to 0.8 s by default.
+    for (path, value) in [
+        (format!("/proc/sys/net/ipv4/conf/{bridge}/proxy_arp"), "1"),
+        (
+            format!("/proc/sys/net/ipv4/neigh/{bridge}/proxy_delay"),
+            "0",
+        ),
+    ] {
+        if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() != value)
+            && let Err(e) = std::fs::write(&path, value)
+        {
+            tracing::warn!("cannot set {path}: {e}");
+        }
     }
 }
 

@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent (what the DaemonSet starts on every node).
-    Router(settings::RouterArgs),
+    Router(Box<settings::RouterArgs>),
     /// Show the local agent's status: the report, or peers, connections
     /// or ipam as JSON.
     Status {
@@ -58,7 +58,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Router(args) => {
             init_logging(args.log_format);
-            match agent::run(args) {
+            match agent::run(*args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e}");
