@@ -1,0 +1,251 @@
+//! The agent binary against bad input, crashes and restarts: real
+//! processes on loopback with `--datapath none` (no kernel changes).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Agent {
+    child: Child,
+    udp: SocketAddr,
+    status: SocketAddr,
+    socket: PathBuf,
+}
+
+fn free_port() -> u16 {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let t = std::net::TcpListener::bind(("127.0.0.1", s.local_addr().unwrap().port()));
+    match t {
+        Ok(_) => s.local_addr().unwrap().port(),
+        Err(_) => free_port(),
+    }
+}
+
+fn spawn(dir: &Path, extra: &[&str]) -> Agent {
+    spawn_with(dir, &dir.join("data"), extra)
+}
+
+fn spawn_with(dir: &Path, data: &Path, extra: &[&str]) -> Agent {
+    let port = free_port();
+    let udp: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let status: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let socket = dir.join("weft.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["router", "--name", "t", "--datapath", "none"])
+        .args(["--ipalloc-init", "consensus=1"])
+        .arg("--listen")
+        .arg(udp.to_string())
+        .arg("--status-addr")
+        .arg(status.to_string())
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--socket")
+        .arg(&socket)
+        .args(extra)
+        .env_remove("WEFT_PASSWORD")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    Agent {
+        child,
+        udp,
+        status,
+        socket,
+    }
+}
+
+impl Agent {
+    fn start(data: &Path) -> Agent {
+        let agent = spawn(data, &[]);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if agent.get("/readyz").0 == 200 {
+                return agent;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("agent not ready in 20 s");
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        self.http(&format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"))
+    }
+
+    fn http(&self, request: &str) -> (u16, String) {
+        let Ok(mut s) = TcpStream::connect(self.status) else {
+            return (0, String::new());
+        };
+        s.write_all(request.as_bytes()).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        let code = out
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
+        (code, body.unwrap_or_default())
+    }
+
+    fn api_raw(&self, line: &[u8]) -> serde_json::Value {
+        let mut s = UnixStream::connect(&self.socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.write_all(line).unwrap();
+        let mut answer = String::new();
+        BufReader::new(s).read_line(&mut answer).unwrap();
+        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer:?}"))
+    }
+
+    fn api(&self, request: serde_json::Value) -> serde_json::Value {
+        self.api_raw(format!("{request}\n").as_bytes())
+    }
+
+    fn allocate(&self, container: &str) -> String {
+        let a = self.api(serde_json::json!({"op": "allocate", "container_id": container}));
+        assert_eq!(a["ok"], true, "{a}");
+        a["address"].as_str().unwrap().to_string()
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn bad_input_gets_typed_errors_and_never_stops_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path());
+    // Garbage on the local API socket.
+    let a = agent.api_raw(b"\x00\x01 garbage {\n");
+    assert_eq!(a["ok"], false, "{a}");
+    assert_eq!(a["error"]["kind"], "bad_request", "{a}");
+    let a = agent.api(serde_json::json!({"op": "allocate", "container_id": "bad:id"}));
+    assert_eq!(a["error"]["kind"], "refused", "{a}");
+    // Unknown paths, methods and non-HTTP bytes on the status port.
+    let (code, body) = agent.get("/nope");
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("/status"), "{body}");
+    assert_eq!(agent.http("DELETE /status HTTP/1.1\r\n\r\n").0, 405);
+    assert_eq!(agent.http("\u{1}\u{2}\u{3}\r\n\r\n").0, 400);
+    // Malformed and forged datagrams on the gossip port.
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for payload in [
+        &b"hello"[..],
+        b"WEFT\x01\x00\x00\x00\x00\x00\x00\x00\x00\x07\xff\xff\xff",
+        &[0u8; 1500][..],
+    ] {
+        udp.send_to(payload, agent.udp).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, metrics) = agent.get("/metrics");
+        let dropped: u64 = metrics
+            .lines()
+            .find(|l| l.starts_with("weft_datagrams_dropped_total{reason=\"malformed\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0);
+        if dropped >= 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "drops not counted:\n{metrics}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Still serving.
+    agent.allocate("pod-after-garbage");
+    assert_eq!(agent.get("/healthz").0, 200);
+}
+
+#[test]
+fn allocations_survive_kill_9_and_are_never_handed_out_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path());
+    let before: Vec<String> = (0..5).map(|i| agent.allocate(&format!("c{i}"))).collect();
+    agent.kill9();
+    let agent = Agent::start(dir.path());
+    for (i, address) in before.iter().enumerate() {
+        let a = agent.api(serde_json::json!({"op": "check", "container_id": format!("c{i}")}));
+        assert_eq!(a["address"].as_str(), Some(address.as_str()), "{a}");
+        // Asking again is idempotent.
+        assert_eq!(&agent.allocate(&format!("c{i}")), address);
+    }
+    let fresh = agent.allocate("c-new");
+    assert!(!before.contains(&fresh), "{fresh} handed out twice");
+    let list = agent.api(serde_json::json!({"op": "list"}));
+    assert_eq!(list["allocations"].as_array().unwrap().len(), 6, "{list}");
+}
+
+#[test]
+fn a_corrupt_state_file_stops_the_start_and_is_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("data/state.json");
+    std::fs::create_dir_all(state.parent().unwrap()).unwrap();
+    std::fs::write(&state, b"{\"name\": \"not a peer\"").unwrap();
+    let agent = spawn(dir.path(), &[]);
+    let output = agent_output(agent);
+    assert!(!output.0, "started on a corrupt state file");
+    assert!(
+        output.1.contains("state.json") && output.1.contains("corrupt"),
+        "{}",
+        output.1
+    );
+    assert_eq!(std::fs::read(&state).unwrap(), b"{\"name\": \"not a peer\"");
+}
+
+#[test]
+fn two_agents_cannot_share_a_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = Agent::start(dir.path());
+    let other = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let second = spawn_with(other.path(), &data, &[]);
+    let (ok, stderr) = agent_output(second);
+    assert!(!ok);
+    assert!(stderr.contains("in use by another weft agent"), "{stderr}");
+}
+
+#[test]
+fn sigterm_stops_cleanly_and_removes_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path());
+    agent.allocate("c1");
+    let pid = nix::unistd::Pid::from_raw(agent.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let socket = agent.socket.clone();
+    let (ok, stderr) = agent_output(agent);
+    assert!(ok, "{stderr}");
+    assert!(!socket.exists());
+    assert!(dir.path().join("data/state.json").exists());
+}
+
+/// Waits (up to 20 s) for the agent to exit: success, and its stderr.
+fn agent_output(mut agent: Agent) -> (bool, String) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = agent.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "agent did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    agent
+        .child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    (status.success(), stderr)
+}
