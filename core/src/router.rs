@@ -265,7 +265,8 @@ impl Router {
         if address != self.config.address {
             self.connections.add_target(now, address, true);
         }
-        self.attempt_due(now);
+        // Tried at the next timeout, which is now: adding a thousand
+        // addresses then costs one pass over them, not a thousand.
         self.connections
             .refresh_next_attempt(self.config.conn_limit);
     }
