@@ -7,15 +7,17 @@
 #   bash ci/lab.sh test [N]    up, then the checks below, then down
 #   bash ci/lab.sh down        remove every namespace, device and process
 #
-# Env: WEFT_BIN (default target/debug/weft), DATAPATH (fastdp), WEFT_PASSWORD.
-# Needs root, iproute2 and python3. Pods are attached by this script
-# through the agent's local API (the CNI plugin is not built yet).
+# Env: WEFT_BIN (default target/debug/weft), WEFT_CNI_BIN (weft-cni beside
+# it), DATAPATH (fastdp), WEFT_PASSWORD.
+# Needs root, iproute2, ping and python3. Pods are attached with weft-cni,
+# as a container runtime would.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 LAB=/tmp/weftlab
 UNDER=wl-under
 BIN=${WEFT_BIN:-$PWD/target/debug/weft}
+CNI_BIN=${WEFT_CNI_BIN:-$(dirname "$BIN")/weft-cni}
 DATAPATH=${DATAPATH:-fastdp}
 PODS_PER_NODE=2
 
@@ -71,28 +73,26 @@ up() {
     done
 }
 
-# Asks node i's agent for an address for pod p and wires the pod's
-# namespace to the node's bridge.
+# Attaches pod p to node i the way a container runtime does: weft-cni ADD
+# inside the node's namespace.
 attach_pod() {
-    local i=$1 p=$2 ns pns answer
+    local i=$1 p=$2 ns pns result
     ns=$(node_ns "$i")
     pns=$(pod_ns "$i" "$p")
-    answer=$(api "$i" "{\"op\":\"allocate\",\"container_id\":\"pod-$i-$p\",\"wait_ms\":30000}")
-    local address gateway
-    address=$(python3 -c 'import json,sys; a=json.loads(sys.argv[1]); print(a["address"])' "$answer") ||
-        { log "no address for pod-$i-$p: $answer"; return 1; }
-    gateway=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["gateway"])' "$answer")
     ip netns add "$pns" 2>/dev/null || true
-    ip -n "$pns" link set lo up
-    if ! ip -n "$ns" link show "v$i-$p" >/dev/null 2>&1; then
-        ip -n "$ns" link add "v$i-$p" type veth peer name eth0 netns "$pns"
-    fi
     wait_for "bridge weft on node$i" ip -n "$ns" link show weft
-    ip -n "$ns" link set "v$i-$p" master weft up
-    ip -n "$pns" addr replace "$address" dev eth0
-    ip -n "$pns" link set eth0 up
-    ip -n "$pns" route replace default via "$gateway"
-    echo "${address%/*}" >"$LAB/n$i/pod-$p.ip"
+    result=$(echo "{\"cniVersion\":\"1.0.0\",\"name\":\"weft\",\"type\":\"weft-cni\",\"socket\":\"$LAB/n$i/weft.sock\"}" |
+        ip netns exec "$ns" env CNI_COMMAND=ADD CNI_CONTAINERID="pod-$i-$p" \
+            CNI_NETNS="/var/run/netns/$pns" CNI_IFNAME=eth0 CNI_PATH="$(dirname "$CNI_BIN")" "$CNI_BIN") ||
+        { log "weft-cni ADD pod-$i-$p failed: $result"; return 1; }
+    python3 -c 'import json,sys; print(json.loads(sys.argv[1])["ips"][0]["address"].split("/")[0])' \
+        "$result" >"$LAB/n$i/pod-$p.ip"
+}
+
+# The address node i's agent holds for pod p.
+held_address() {
+    api "$1" "{\"op\":\"check\",\"container_id\":\"pod-$1-$2/eth0\"}" |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["address"].split("/")[0])'
 }
 
 api() {
@@ -168,13 +168,14 @@ test_lab() {
     eventually "with node1-node2 cut, traffic goes through node3" all_pods_reach_all "$n"
     heal_link 1 2
 
-    local before after
-    before=$(cat "$LAB"/n1/pod-*.ip)
     kill -9 "$(cat "$LAB/n1/agent.pid")"
     start_agent 1 "$n"
-    for p in $(seq 1 "$PODS_PER_NODE"); do attach_pod 1 "$p"; done
-    after=$(cat "$LAB"/n1/pod-*.ip)
-    [ "$before" = "$after" ] || { log "FAIL: addresses changed across kill -9: $before / $after"; return 1; }
+    for p in $(seq 1 "$PODS_PER_NODE"); do
+        local held
+        held=$(held_address 1 "$p")
+        [ "$held" = "$(cat "$LAB/n1/pod-$p.ip")" ] ||
+            { log "FAIL: pod-1-$p holds $held after kill -9, was $(cat "$LAB/n1/pod-$p.ip")"; return 1; }
+    done
     log "ok: kill -9 and restart keeps every pod address"
     eventually "connectivity after the restart" all_pods_reach_all "$n"
 

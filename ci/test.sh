@@ -9,7 +9,7 @@ if [ "$(id -u)" != 0 ] || [ "${WEFT_SKIP_LAB:-0}" = 1 ]; then
     echo "== netns lab skipped (needs root; WEFT_SKIP_LAB=${WEFT_SKIP_LAB:-0})"
     exit 0
 fi
-cargo build --locked -p weft
+cargo build --locked -p weft -p weft-cni
 echo "== netns lab: fastdp"
 bash ci/lab.sh test 3
 echo "== netns lab: fastdp, encrypted control plane"

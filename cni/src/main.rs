@@ -1,0 +1,230 @@
+//! `weft-cni`: the CNI plugin (spec 1.1.0, results down to 0.3.0). The
+//! runtime execs it with CNI_* variables and the network configuration on
+//! stdin; it asks the local weft agent for an address and wires the pod's
+//! veth to the node's bridge. Results and errors go to stdout, logs to
+//! `logFile` or stderr.
+
+mod agent;
+mod link;
+mod spec;
+
+use agent::Agent;
+use ipnet::Ipv4Net;
+use serde_json::{Value, json};
+use spec::{CniError, Command, Env, NetConf, code};
+use std::io::{Read, Write};
+use std::net::Ipv4Addr;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let mut stdin = Vec::new();
+    let env = Env::parse(|k| std::env::var(k).ok());
+    // Before anything can fail on it, the version the error should carry.
+    let _ = std::io::stdin().read_to_end(&mut stdin);
+    let version = serde_json::from_slice::<Value>(&stdin)
+        .ok()
+        .and_then(|v| v["cniVersion"].as_str().map(str::to_string))
+        .filter(|v| spec::SUPPORTED.contains(&v.as_str()))
+        .unwrap_or_else(|| "1.1.0".into());
+    let outcome = env.and_then(|env| run(&env, &stdin));
+    let mut out = std::io::stdout().lock();
+    match outcome {
+        Ok(Some(result)) => {
+            let _ = writeln!(out, "{result}");
+            ExitCode::SUCCESS
+        }
+        Ok(None) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft-cni: {} (code {})", e.msg, e.code);
+            let _ = writeln!(out, "{}", e.to_json(&version));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(env: &Env, stdin: &[u8]) -> Result<Option<Value>, CniError> {
+    if env.command == Command::Version {
+        return Ok(Some(json!({
+            "cniVersion": "1.1.0",
+            "supportedVersions": spec::SUPPORTED,
+        })));
+    }
+    let conf = NetConf::parse(stdin)?;
+    conf.allows(env.command)?;
+    let log = Log::open(&conf);
+    let agent = Agent {
+        socket: &conf.socket,
+    };
+    log.write(&format!(
+        "{:?} network={} container={} ifname={} netns={:?}",
+        env.command, conf.name, env.container_id, env.ifname, env.netns
+    ));
+    let result = match env.command {
+        Command::Add => add(env, &conf, &agent).map(Some),
+        Command::Del => del(env, &agent).map(|()| None),
+        Command::Check => check(env, &conf, &agent).map(|()| None),
+        Command::Status => status(&agent).map(|()| None),
+        Command::Gc => gc(&conf, &agent).map(|()| None),
+        Command::Version => unreachable!("answered above"),
+    };
+    if let Err(e) = &result {
+        log.write(&format!(
+            "{:?} failed: {} (code {})",
+            env.command, e.msg, e.code
+        ));
+    }
+    result
+}
+
+fn add(env: &Env, conf: &NetConf, agent: &Agent) -> Result<Value, CniError> {
+    let netns = env.netns.as_deref().expect("ADD has CNI_NETNS");
+    // Check the namespace before taking an address for it.
+    link::open_netns(netns)?;
+    let status = agent.status()?;
+    let attachment = env.attachment();
+    let answer = agent.allocate(&attachment)?;
+    let address: Ipv4Net = parse(&answer["address"], "address")?;
+    let gateway: Ipv4Addr = parse(&answer["gateway"], "gateway")?;
+    let mtu = conf
+        .mtu
+        .or_else(|| status["mtu"].as_u64().map(|m| m as u32))
+        .unwrap_or(1450);
+    let plan = link::Plan {
+        netns,
+        bridge: &conf.bridge,
+        host_ifname: link::host_ifname(&attachment),
+        ifname: &env.ifname,
+        mtu,
+        address,
+        gateway,
+        hairpin: conf.hairpin_mode,
+    };
+    match link::attach(&plan) {
+        Ok(attached) => Ok(attached.result(&conf.cni_version)),
+        Err(e) => {
+            // A failed ADD keeps no address.
+            let _ = agent.release(&attachment);
+            Err(e)
+        }
+    }
+}
+
+fn parse<T: std::str::FromStr>(v: &Value, what: &str) -> Result<T, CniError> {
+    v.as_str()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| CniError::new(code::IO, format!("the weft agent gave no valid {what}")))
+}
+
+/// Idempotent: a gone namespace, interface or allocation is success.
+fn del(env: &Env, agent: &Agent) -> Result<(), CniError> {
+    let attachment = env.attachment();
+    link::remove_host_end(&link::host_ifname(&attachment))?;
+    agent.release(&attachment)
+}
+
+fn check(env: &Env, conf: &NetConf, agent: &Agent) -> Result<(), CniError> {
+    let prev = conf.prev_result.as_ref().ok_or_else(|| {
+        CniError::new(
+            code::INVALID_CONFIG,
+            "CHECK needs prevResult in the configuration",
+        )
+    })?;
+    let (want, gateway) = spec::prev_address(prev, &env.ifname).ok_or_else(|| {
+        CniError::new(
+            code::INVALID_CONFIG,
+            format!("prevResult has no IPv4 address for {}", env.ifname),
+        )
+    })?;
+    let held = agent.check(&env.attachment())?;
+    let held: Ipv4Net = parse(&held["address"], "address")?;
+    if held != want {
+        return Err(CniError::new(
+            code::UNKNOWN_CONTAINER,
+            format!("the agent holds {held} for this pod, prevResult says {want}"),
+        ));
+    }
+    let netns = env
+        .netns
+        .as_deref()
+        .ok_or_else(|| CniError::new(code::INVALID_ENV, "CNI_NETNS is not set"))?;
+    let seen = link::observe(netns, &env.ifname)?;
+    if !seen.addresses.contains(&want) {
+        return Err(CniError::new(
+            code::UNKNOWN_CONTAINER,
+            format!("{} holds {:?}, not {want}", env.ifname, seen.addresses),
+        ));
+    }
+    if gateway.is_some() && seen.default_gateway != gateway {
+        return Err(CniError::new(
+            code::UNKNOWN_CONTAINER,
+            format!(
+                "the pod's default route is via {:?}, not {:?}",
+                seen.default_gateway, gateway
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn status(agent: &Agent) -> Result<(), CniError> {
+    let not_available = |e: CniError| CniError::new(code::NOT_AVAILABLE, e.msg);
+    let status = agent.status().map_err(not_available)?;
+    if status["ready"] == true {
+        Ok(())
+    } else {
+        Err(CniError::new(
+            code::NOT_AVAILABLE,
+            format!(
+                "weft is not ready: {}",
+                status["reason"].as_str().unwrap_or("unknown reason")
+            ),
+        ))
+    }
+}
+
+/// Releases allocations of attachments the runtime no longer has.
+fn gc(conf: &NetConf, agent: &Agent) -> Result<(), CniError> {
+    let valid: std::collections::BTreeSet<String> = conf
+        .valid_attachments
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .map(|a| spec::attachment(&a.container_id, &a.ifname))
+        .collect();
+    for held in agent.list()? {
+        if !valid.contains(&held) {
+            let _ = link::remove_host_end(&link::host_ifname(&held));
+            agent.release(&held)?;
+        }
+    }
+    Ok(())
+}
+
+/// The plugin's log: `logFile`, else stderr; never stdout (the runtime
+/// reads results there). `logLevel` "debug" logs every call; the default
+/// logs failures only... and calls, since they are few.
+struct Log {
+    file: Option<std::fs::File>,
+}
+
+impl Log {
+    fn open(conf: &NetConf) -> Log {
+        let quiet = conf.log_level.as_deref() == Some("error");
+        let file = conf.log_file.as_ref().and_then(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .ok()
+        });
+        Log {
+            file: if quiet { None } else { file },
+        }
+    }
+
+    fn write(&self, line: &str) {
+        if let Some(mut f) = self.file.as_ref() {
+            let _ = writeln!(f, "weft-cni[{}]: {line}", std::process::id());
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! weft-cni against a running agent, in real network namespaces (needs
+//! root; skipped otherwise). Each test builds its own node namespace with
+//! an agent, runs the plugin inside it as a runtime would, and removes
+//! everything at the end.
+
+use serde_json::{Value, json};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+fn root() -> bool {
+    if nix_uid() != 0 {
+        eprintln!("skipped: needs root for network namespaces");
+        return false;
+    }
+    true
+}
+
+fn nix_uid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(1)
+}
+
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A node namespace with a weft agent, and pod namespaces; all removed on
+/// drop.
+struct Node {
+    ns: String,
+    dir: tempfile::TempDir,
+    agent: Option<Child>,
+    pods: Vec<String>,
+}
+
+impl Node {
+    fn new() -> Node {
+        let ns = format!(
+            "wct-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
+        assert!(ip(&["netns", "add", &ns]));
+        assert!(ip(&["-n", &ns, "link", "set", "lo", "up"]));
+        let mut node = Node {
+            ns,
+            dir: tempfile::tempdir().unwrap(),
+            agent: None,
+            pods: Vec::new(),
+        };
+        node.start_agent();
+        node
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("weft.sock")
+    }
+
+    fn start_agent(&mut self) {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .arg(env!("CARGO_BIN_EXE_weft-cni").replace("weft-cni", "weft"))
+            .args(["router", "--name", "node", "--listen", "127.0.0.1:6783"])
+            .args(["--ipalloc-init", "consensus=1", "--mtu", "1400"])
+            .arg("--data-dir")
+            .arg(self.dir.path().join("data"))
+            .arg("--socket")
+            .arg(self.socket())
+            .env_remove("WEFT_PASSWORD")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("weft binary (cargo build -p weft)");
+        self.agent = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ip(&["-n", &self.ns, "link", "show", "weft"]) {
+            assert!(Instant::now() < deadline, "the agent made no bridge");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop_agent(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+    }
+
+    fn pod(&mut self, name: &str) -> String {
+        let ns = format!("{}-{name}", self.ns);
+        assert!(ip(&["netns", "add", &ns]));
+        self.pods.push(ns.clone());
+        ns
+    }
+
+    fn config(&self, version: &str) -> Value {
+        json!({"cniVersion": version, "name": "weft", "type": "weft-cni",
+               "socket": self.socket()})
+    }
+
+    /// Runs the plugin in the node namespace: (exit ok, stdout as JSON).
+    fn cni(&self, command: &str, container: &str, netns: &str, conf: &Value) -> (bool, Value) {
+        self.cni_raw(
+            &[
+                ("CNI_COMMAND", command),
+                ("CNI_CONTAINERID", container),
+                ("CNI_NETNS", netns),
+                ("CNI_IFNAME", "eth0"),
+                ("CNI_PATH", "/opt/cni/bin"),
+            ],
+            conf.to_string().as_bytes(),
+        )
+    }
+
+    fn cni_raw(&self, env: &[(&str, &str)], stdin: &[u8]) -> (bool, Value) {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns, env!("CARGO_BIN_EXE_weft-cni")])
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let value = if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+        };
+        (out.status.success(), value)
+    }
+
+    fn allocations(&self) -> usize {
+        let (ok, v) = self.cni_raw(
+            &[("CNI_COMMAND", "STATUS")],
+            self.config("1.1.0").to_string().as_bytes(),
+        );
+        assert!(ok, "{v}");
+        let mut s = std::os::unix::net::UnixStream::connect(self.socket()).unwrap();
+        writeln!(s, "{}", json!({"op": "list"})).unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(s), &mut line).unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap();
+        v["allocations"].as_array().unwrap().len()
+    }
+
+    fn veths(&self) -> usize {
+        let out = Command::new("ip")
+            .args(["-n", &self.ns, "-o", "link", "show", "type", "veth"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop_agent();
+        for p in &self.pods {
+            ip(&["netns", "del", p]);
+        }
+        ip(&["netns", "del", &self.ns]);
+    }
+}
+
+fn netns_path(ns: &str) -> String {
+    format!("/var/run/netns/{ns}")
+}
+
+fn address_of(result: &Value) -> String {
+    result["ips"][0]["address"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn add_check_del_round_trip_and_two_pods_talk_over_the_bridge() {
+    if !root() {
+        return;
+    }
+    let mut node = Node::new();
+    let (a, b) = (node.pod("a"), node.pod("b"));
+    let conf = node.config("1.1.0");
+    let (ok, ra) = node.cni("ADD", "ca", &netns_path(&a), &conf);
+    assert!(ok, "{ra}");
+    assert_eq!(ra["cniVersion"], "1.1.0");
+    assert_eq!(ra["interfaces"][1]["name"], "eth0");
+    assert_eq!(ra["routes"][0]["dst"], "0.0.0.0/0");
+    let (ok, rb) = node.cni("ADD", "cb", &netns_path(&b), &conf);
+    assert!(ok, "{rb}");
+    assert_ne!(address_of(&ra), address_of(&rb));
+    // Two pods on one node reach each other through the bridge.
+    let target = address_of(&rb);
+    let target = target.split('/').next().unwrap();
+    let ping = Command::new("ip")
+        .args(["netns", "exec", &a, "ping", "-c1", "-W2", target])
+        .output()
+        .unwrap();
+    assert!(
+        ping.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+    // CHECK against the prevResult passes; a wrong one fails.
+    let mut with_prev = conf.clone();
+    with_prev["prevResult"] = ra.clone();
+    let (ok, v) = node.cni("CHECK", "ca", &netns_path(&a), &with_prev);
+    assert!(ok, "{v}");
+    with_prev["prevResult"] = rb.clone();
+    let (ok, v) = node.cni("CHECK", "ca", &netns_path(&a), &with_prev);
+    assert!(!ok);
+    assert!(v["code"].as_u64().is_some(), "{v}");
+    assert_eq!(node.allocations(), 2);
+    // DEL, DEL again, and DEL after the namespace is gone all succeed.
+    let (ok, v) = node.cni("DEL", "ca", &netns_path(&a), &conf);
+    assert!(ok, "{v}");
+    let (ok, v) = node.cni("DEL", "ca", &netns_path(&a), &conf);
+    assert!(ok, "{v}");
+    ip(&["netns", "del", &b]);
+    let (ok, v) = node.cni("DEL", "cb", &netns_path(&b), &conf);
+    assert!(ok, "{v}");
+    assert_eq!(node.allocations(), 0);
+    assert_eq!(node.veths(), 0);
+}
+
+#[test]
+fn results_follow_the_requested_version() {
+    if !root() {
+        return;
+    }
+    let mut node = Node::new();
+    let p = node.pod("p");
+    let (ok, r) = node.cni("ADD", "c1", &netns_path(&p), &node.config("0.3.1"));
+    assert!(ok, "{r}");
+    assert_eq!(r["cniVersion"], "0.3.1");
+    assert_eq!(r["ips"][0]["version"], "4");
+    let (ok, v) = node.cni_raw(&[("CNI_COMMAND", "VERSION")], b"{\"cniVersion\":\"1.1.0\"}");
+    assert!(ok);
+    assert_eq!(v["supportedVersions"].as_array().unwrap().len(), 5);
+}
+
+#[test]
+fn bad_input_gets_its_error_code_and_a_failed_add_leaves_nothing() {
+    if !root() {
+        return;
+    }
+    let mut node = Node::new();
+    let p = node.pod("p");
+    let conf = node.config("1.0.0");
+    let code = |r: (bool, Value)| {
+        assert!(!r.0, "{}", r.1);
+        r.1["code"].as_u64().unwrap()
+    };
+    // Bad JSON, unknown version, invalid config values.
+    let env = [
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", "c1"),
+        ("CNI_NETNS", "/var/run/netns/x"),
+        ("CNI_IFNAME", "eth0"),
+    ];
+    assert_eq!(code(node.cni_raw(&env, b"{oops")), 6);
+    assert_eq!(code(node.cni_raw(&env, b"{\"cniVersion\":\"7.0.0\"}")), 1);
+    assert_eq!(
+        code(node.cni_raw(&env, b"{\"cniVersion\":\"1.0.0\",\"mtu\":3}")),
+        7
+    );
+    // Missing and invalid variables.
+    assert_eq!(
+        code(node.cni_raw(&[("CNI_COMMAND", "ADD")], conf.to_string().as_bytes())),
+        4
+    );
+    assert_eq!(code(node.cni("ADD", "bad id!", &netns_path(&p), &conf)), 4);
+    // A namespace that does not exist: no address is taken.
+    assert_eq!(code(node.cni("ADD", "c1", "/var/run/netns/nope", &conf)), 4);
+    assert_eq!(node.allocations(), 0);
+    assert_eq!(node.veths(), 0);
+    // The agent down: try again later, with a message saying so.
+    node.stop_agent();
+    let (ok, v) = node.cni("ADD", "c2", &netns_path(&p), &conf);
+    assert!(!ok);
+    assert_eq!(v["code"], 11, "{v}");
+    assert!(
+        v["msg"]
+            .as_str()
+            .unwrap()
+            .contains("weft agent not reachable"),
+        "{v}"
+    );
+    let status = node.cni_raw(
+        &[("CNI_COMMAND", "STATUS")],
+        node.config("1.1.0").to_string().as_bytes(),
+    );
+    assert_eq!(code(status), 50);
+    assert_eq!(node.veths(), 0);
+}
+
+#[test]
+fn gc_releases_attachments_the_runtime_no_longer_has() {
+    if !root() {
+        return;
+    }
+    let mut node = Node::new();
+    let (a, b) = (node.pod("a"), node.pod("b"));
+    let conf = node.config("1.1.0");
+    assert!(node.cni("ADD", "keep", &netns_path(&a), &conf).0);
+    assert!(node.cni("ADD", "stale", &netns_path(&b), &conf).0);
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": "keep", "ifname": "eth0"}]);
+    let (ok, v) = node.cni_raw(&[("CNI_COMMAND", "GC")], gc.to_string().as_bytes());
+    assert!(ok, "{v}");
+    assert_eq!(node.allocations(), 1);
+    assert_eq!(node.veths(), 1);
+}
