@@ -165,8 +165,9 @@ impl Connections {
                 Heard::NewLink
             }
         };
-        self.linked.insert(address, peer);
-        self.reschedule(address);
+        if self.linked.insert(address, peer) != Some(peer) {
+            self.reschedule(address);
+        }
         if let Some(old) = moved_from {
             self.reschedule(old);
         }
