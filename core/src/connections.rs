@@ -305,6 +305,20 @@ impl Connections {
         self.reschedule(address);
     }
 
+    /// Tries `address` again within a second (jittered), from the first
+    /// backoff step, if it is an unlinked target.
+    pub fn retry_soon(&mut self, now: Time, address: SocketAddr, rng: &mut Random) {
+        if self.linked.contains_key(&address) {
+            return;
+        }
+        if let Some(target) = self.targets.get_mut(&address) {
+            target.attempts = 0;
+            let soon = now + rng.duration_between(Duration::ZERO, Duration::from_secs(1));
+            target.next_try = target.next_try.min(soon);
+            self.reschedule(address);
+        }
+    }
+
     /// Puts `address` in the attempt schedule at its next try if it is an
     /// unlinked target, and takes it out otherwise.
     fn reschedule(&mut self, address: SocketAddr) {

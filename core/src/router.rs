@@ -922,7 +922,15 @@ impl Router {
         }
         for name in names {
             if routes.is_reachable(name) {
-                self.unreachable_since.remove(&name);
+                // Reachable again through others (a partition healed): try
+                // the direct link now rather than at the end of a backoff
+                // that grew while it was cut off.
+                if self.unreachable_since.remove(&name).is_some()
+                    && let Some(entry) = self.topology.get(name)
+                {
+                    self.connections
+                        .retry_soon(now, entry.address, &mut self.rng);
+                }
             } else {
                 self.unreachable_since.entry(name).or_insert(now);
             }

@@ -373,3 +373,22 @@ fn heartbeats_per_node_stay_within_the_budget_in_a_big_cluster() {
         "a link flapped"
     );
 }
+
+#[test]
+fn a_healed_partition_reconnects_in_seconds_not_at_the_end_of_the_backoff() {
+    let mut net = Net::new(6, 21, plain);
+    net.run_for(secs(10));
+    net.partition(&[&[0, 1, 2], &[3, 4, 5]]);
+    // Long enough for retries to back off to their 30 s cap.
+    net.run_for(secs(90));
+    net.heal();
+    net.run_for(secs(5));
+    assert!(net.converged(), "not converged 5 s after the heal");
+    for i in 0..6 {
+        assert_eq!(
+            net.established(i).len(),
+            5,
+            "node {i} links 5 s after the heal"
+        );
+    }
+}

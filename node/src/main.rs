@@ -44,6 +44,9 @@ enum Command {
         #[arg(long, env = "WEFT_SOCKET", default_value = "/run/weft/weft.sock")]
         socket: PathBuf,
     },
+    /// Delete weft's kernel devices (bridge `weft`, `weft-vxlan`) and
+    /// routes from this node; stop the agent first. Pods lose the network.
+    Reset,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -83,6 +86,16 @@ fn main() -> ExitCode {
                     eprintln!(
                         "weft status: cannot reach the agent at {status_addr}: {e} (is `weft router` running on this node?)"
                     );
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Reset => {
+            use weft_dataplane::Dataplane;
+            match weft_dataplane::LinuxDataplane::new().and_then(|mut d| d.teardown()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("weft reset: {e}");
                     ExitCode::FAILURE
                 }
             }

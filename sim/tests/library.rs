@@ -99,11 +99,38 @@ fn core_scenarios_pass_over_a_seed_sweep() {
         "remove-reclaim",
         "relay",
         "late-joiner",
+        "ten-nodes",
     ] {
         let s = scenario::load(&library_file(name)).unwrap();
         for seed in 1..=seeds {
             let (report, _) = report::run(&s, seed, Engine::Events, false);
             assert!(report.passed, "{name} seed {seed}:\n{}", report.text());
+        }
+    }
+}
+
+/// A smaller sweep on the turmoil engine (WEFT_SIM_TURMOIL_SEEDS, default 5).
+#[test]
+fn core_scenarios_pass_over_a_seed_sweep_on_turmoil() {
+    let seeds: u64 = std::env::var("WEFT_SIM_TURMOIL_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    for name in [
+        "partition-heal",
+        "crash-restart",
+        "relay",
+        "loss-30",
+        "ten-nodes",
+    ] {
+        let s = scenario::load(&library_file(name)).unwrap();
+        for seed in 1..=seeds {
+            let (report, _) = report::run(&s, seed, Engine::Turmoil, false);
+            assert!(
+                report.passed,
+                "{name} seed {seed} (turmoil):\n{}",
+                report.text()
+            );
         }
     }
 }
