@@ -9,7 +9,7 @@
 #
 # Env: WEFT_BIN (default target/debug/weft), WEFT_CNI_BIN (weft-cni beside
 # it), DATAPATH (fastdp), WEFT_PASSWORD.
-# Needs root, iproute2, ping and python3. Pods are attached with weft-cni,
+# Needs root, iproute2, nftables, ping and python3. Pods are attached with weft-cni,
 # as a container runtime would.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,6 +67,15 @@ up() {
         ip -n "$ns" addr add "$(node_ip "$i")/24" dev eth0
         ip -n "$ns" link set eth0 up
     done
+    # An address outside the cluster, reachable from node1 only: with no
+    # route back to the pod range, pods reach it only when masqueraded.
+    ip netns add wl-outside
+    ip -n wl-outside link set lo up
+    ip -n "$(node_ns 1)" link add out0 type veth peer name eth0 netns wl-outside
+    ip -n "$(node_ns 1)" addr add 203.0.113.1/24 dev out0
+    ip -n "$(node_ns 1)" link set out0 up
+    ip -n wl-outside addr add 203.0.113.2/24 dev eth0
+    ip -n wl-outside link set eth0 up
     for i in $(seq 1 "$n"); do start_agent "$i" "$n"; done
     for i in $(seq 1 "$n"); do
         for p in $(seq 1 "$PODS_PER_NODE"); do attach_pod "$i" "$p"; done
@@ -163,6 +172,9 @@ test_lab() {
     trap down EXIT
     up "$n"
     eventually "every pod reaches every pod ($DATAPATH)" all_pods_reach_all "$n"
+
+    eventually "pods reach an address outside the cluster (masquerade)" \
+        ip netns exec "$(pod_ns 1 1)" ping -q -c1 -W2 203.0.113.2 >/dev/null
 
     cut_link 1 2
     eventually "with node1-node2 cut, traffic goes through node3" all_pods_reach_all "$n"

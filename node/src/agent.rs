@@ -25,6 +25,8 @@ pub struct DataplaneState {
     pub fallback: Option<String>,
     /// The last error programming the kernel, if the last attempt failed.
     pub kernel_error: Option<String>,
+    /// Why pods cannot reach addresses outside the cluster, if they cannot.
+    pub egress_problem: Option<String>,
 }
 
 impl DataplaneState {
@@ -235,6 +237,7 @@ fn start_dataplane(
         in_use: "none",
         fallback: None,
         kernel_error: None,
+        egress_problem: None,
     };
     if args.datapath == Datapath::None {
         return Ok((Arc::new(Mutex::new(state)), None));
@@ -243,6 +246,10 @@ fn start_dataplane(
         state.fallback = Some("the sleeve dataplane is not built in this version".into());
     }
     let linux = weft_dataplane::LinuxDataplane::new().map_err(StartError::Dataplane)?;
+    if let Err(why) = crate::masquerade::install(args.ipalloc_range) {
+        tracing::warn!("pods cannot reach addresses outside the cluster: {why}");
+        state.egress_problem = Some(why);
+    }
     let state = Arc::new(Mutex::new(state));
     let kernel = KernelSync::start(Box::new(linux), state.clone());
     Ok((state, Some(kernel)))

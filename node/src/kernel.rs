@@ -209,6 +209,7 @@ mod tests {
             in_use: "none",
             fallback: None,
             kernel_error: None,
+            egress_problem: None,
         }))
     }
 

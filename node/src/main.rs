@@ -4,6 +4,7 @@ mod agent;
 mod api;
 mod http;
 mod kernel;
+mod masquerade;
 mod metrics;
 mod report;
 mod settings;
