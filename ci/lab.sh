@@ -167,9 +167,20 @@ heal_link() {
     ip netns exec "$(node_ns "$2")" ip route del blackhole "$(node_ip "$1")/32"
 }
 
+# On failure, the agents' last words, then a clean slate.
+finish() {
+    local status=$?
+    if [ "$status" != 0 ]; then
+        for f in "$LAB"/n*/agent.log; do
+            [ -f "$f" ] && { log "--- $f"; tail -n 15 "$f" >&2; }
+        done
+    fi
+    down
+}
+
 test_lab() {
     local n=${1:-3}
-    trap down EXIT
+    trap finish EXIT
     up "$n"
     eventually "every pod reaches every pod ($DATAPATH)" all_pods_reach_all "$n"
 
@@ -180,7 +191,11 @@ test_lab() {
     eventually "with node1-node2 cut, traffic goes through node3" all_pods_reach_all "$n"
     heal_link 1 2
 
-    kill -9 "$(cat "$LAB/n1/agent.pid")"
+    local old
+    old=$(cat "$LAB/n1/agent.pid")
+    kill -9 "$old"
+    # Restarted once the old process is gone (it holds the UDP port).
+    wait "$old" 2>/dev/null || true
     start_agent 1 "$n"
     for p in $(seq 1 "$PODS_PER_NODE"); do
         local held

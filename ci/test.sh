@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README: "Run the tests"): every crate's tests,
-# then, as root, the netns lab (real agents, kernel VXLAN, pods pinging).
+# then, as root, the netns lab (real agents, kernel VXLAN and the sleeve,
+# pods pinging).
 # WEFT_SKIP_LAB=1 skips the lab.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,3 +15,10 @@ echo "== netns lab: fastdp"
 bash ci/lab.sh test 3
 echo "== netns lab: fastdp, encrypted control plane"
 WEFT_PASSWORD=lab-secret bash ci/lab.sh test 3
+echo "== netns lab: sleeve"
+DATAPATH=sleeve bash ci/lab.sh test 3
+echo "== netns lab: sleeve, encrypted"
+DATAPATH=sleeve WEFT_PASSWORD=lab-secret bash ci/lab.sh test 3
+echo "== CNI chain through libcni (cnitool): weft-cni, portmap, loopback"
+bash ci/cnitool.sh >/dev/null
+bash ci/cni-chain.sh weft

@@ -89,6 +89,15 @@ impl Agent<'_> {
             .unwrap_or_default())
     }
 
+    /// Asks the agent to delete a pod's host veth in the background.
+    pub fn delete_veth(&self, interface: &str) -> Result<(), CniError> {
+        self.call(
+            json!({"op": "delete_veth", "interface": interface}),
+            Duration::from_secs(5),
+        )
+        .map(|_| ())
+    }
+
     pub fn status(&self) -> Result<Value, CniError> {
         self.call(json!({"op": "status"}), Duration::from_secs(10))
     }

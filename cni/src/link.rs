@@ -6,9 +6,11 @@
 use crate::spec::{Attached, CniError, code};
 use futures_util::TryStreamExt;
 use ipnet::Ipv4Net;
-use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::route::RouteAttribute;
-use rtnetlink::{Handle, LinkBridgePort, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{
+    Handle, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
+};
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
@@ -29,10 +31,6 @@ pub struct Plan<'a> {
 /// The host end's name: stable per attachment, so retries and DEL find it.
 pub fn host_ifname(attachment: &str) -> String {
     format!("vethwf{:08x}", fnv(attachment) as u32)
-}
-
-fn temp_ifname(attachment: &str) -> String {
-    format!("tmpwf{:08x}", fnv(attachment) as u32)
 }
 
 fn fnv(s: &str) -> u64 {
@@ -128,8 +126,6 @@ fn mac_of(link: &LinkMessage) -> String {
 /// ADD's plumbing. On failure nothing is left behind.
 pub fn attach(plan: &Plan) -> Result<Attached, CniError> {
     let netns = open_netns(plan.netns)?;
-    let temp_name = temp_ifname(&plan.host_ifname);
-    let temp = temp_name.as_str();
     let host = here(|h| async move {
         let bridge = link(&h, plan.bridge).await?.ok_or_else(|| {
             CniError::new(
@@ -141,33 +137,34 @@ pub fn attach(plan: &Plan) -> Result<Attached, CniError> {
             )
         })?;
         // A leftover of an earlier, interrupted ADD.
-        for name in [plan.host_ifname.as_str(), temp] {
-            if let Some(old) = link(&h, name).await? {
-                let _ = h.link().del(old.header.index).execute().await;
-            }
+        if let Some(old) = link(&h, &plan.host_ifname).await? {
+            let _ = h.link().del(old.header.index).execute().await;
         }
-        h.link()
-            .add(LinkVeth::new(&plan.host_ifname, temp).mtu(plan.mtu).build())
-            .execute()
-            .await
-            .map_err(|e| netlink_error("create the veth pair", e))?;
-        let created = async {
+        // The pod end is born in the pod's namespace under its final name:
+        // moving and renaming it afterwards costs the kernel far more.
+        let pod_end = LinkMessageBuilder::<LinkUnspec>::new()
+            .name(plan.ifname.to_string())
+            .mtu(plan.mtu)
+            .setns_by_fd(netns.as_raw_fd())
+            .build();
+        let veth = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(plan.host_ifname.clone())
+            .mtu(plan.mtu)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(pod_end)))
+            .build();
+        h.link().add(veth).execute().await.map_err(|e| {
+            let hint = match &e {
+                rtnetlink::Error::NetlinkError(m) if m.raw_code() == -17 => {
+                    format!(" ({} already exists in the pod's namespace)", plan.ifname)
+                }
+                _ => String::new(),
+            };
+            netlink_error(&format!("create the veth pair{hint}"), e)
+        })?;
+        let attached = async {
             let host = link(&h, &plan.host_ifname)
                 .await?
                 .ok_or_else(|| netlink_error("find the new veth", "it vanished"))?;
-            let peer = link(&h, temp)
-                .await?
-                .ok_or_else(|| netlink_error("find the new veth peer", "it vanished"))?;
-            h.link()
-                .set(
-                    LinkUnspec::new_with_index(peer.header.index)
-                        .mtu(plan.mtu)
-                        .setns_by_fd(netns.as_raw_fd())
-                        .build(),
-                )
-                .execute()
-                .await
-                .map_err(|e| netlink_error("move the veth into the pod's namespace", e))?;
             h.link()
                 .set(
                     LinkUnspec::new_with_index(host.header.index)
@@ -187,7 +184,7 @@ pub fn attach(plan: &Plan) -> Result<Attached, CniError> {
             }
             Ok::<_, CniError>(mac_of(&host))
         };
-        match created.await {
+        match attached.await {
             Ok(mac) => Ok(mac),
             Err(e) => {
                 if let Ok(Some(l)) = link(&h, &plan.host_ifname).await {
@@ -197,38 +194,22 @@ pub fn attach(plan: &Plan) -> Result<Attached, CniError> {
             }
         }
     })?;
-    let (ifname, address, gateway, mtu) = (plan.ifname, plan.address, plan.gateway, plan.mtu);
+    let (ifname, address, gateway) = (plan.ifname, plan.address, plan.gateway);
     let pod = inside(plan.netns, |h| async move {
-        let peer = link(&h, temp)
+        let pod_end = link(&h, ifname)
             .await?
             .ok_or_else(|| netlink_error("find the veth in the pod", "it is missing"))?;
-        let index = peer.header.index;
-        h.link()
-            .set(
-                LinkUnspec::new_with_index(index)
-                    .name(ifname.to_string())
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(|e| netlink_error(&format!("name the pod interface {ifname}"), e))?;
-        h.link()
-            .set(LinkUnspec::new_with_index(index).mtu(mtu).up().build())
-            .execute()
-            .await
-            .map_err(|e| netlink_error("bring the pod interface up", e))?;
-        if let Some(lo) = link(&h, "lo").await? {
-            let _ = h
-                .link()
-                .set(LinkUnspec::new_with_index(lo.header.index).up().build())
-                .execute()
-                .await;
-        }
+        let index = pod_end.header.index;
         h.address()
             .add(index, IpAddr::V4(address.addr()), address.prefix_len())
             .execute()
             .await
             .map_err(|e| netlink_error(&format!("assign {address}"), e))?;
+        h.link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(|e| netlink_error("bring the pod interface up", e))?;
         h.route()
             .add(
                 RouteMessageBuilder::<Ipv4Addr>::new()
@@ -238,8 +219,7 @@ pub fn attach(plan: &Plan) -> Result<Attached, CniError> {
             .execute()
             .await
             .map_err(|e| netlink_error(&format!("add the default route via {gateway}"), e))?;
-        let named = link(&h, ifname).await?.unwrap_or(peer);
-        Ok(mac_of(&named))
+        Ok(mac_of(&pod_end))
     });
     let mac = match pod {
         Ok(mac) => mac,
@@ -347,6 +327,5 @@ mod tests {
         assert_eq!(a, host_ifname("c1/eth0"));
         assert_ne!(a, host_ifname("c2/eth0"));
         assert!(a.len() <= 15, "{a}");
-        assert!(temp_ifname(&a).len() <= 15);
     }
 }

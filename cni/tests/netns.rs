@@ -165,6 +165,19 @@ impl Node {
         v["allocations"].as_array().unwrap().len()
     }
 
+    /// Veths on the node, once deletions the agent runs in the
+    /// background settle (up to 5 s).
+    fn veths_settled(&self, want: usize) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let n = self.veths();
+            if n == want || Instant::now() > deadline {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn veths(&self) -> usize {
         let out = Command::new("ip")
             .args(["-n", &self.ns, "-o", "link", "show", "type", "veth"])
@@ -239,7 +252,7 @@ fn add_check_del_round_trip_and_two_pods_talk_over_the_bridge() {
     let (ok, v) = node.cni("DEL", "cb", &netns_path(&b), &conf);
     assert!(ok, "{v}");
     assert_eq!(node.allocations(), 0);
-    assert_eq!(node.veths(), 0);
+    assert_eq!(node.veths_settled(0), 0);
 }
 
 #[test]
@@ -328,5 +341,5 @@ fn gc_releases_attachments_the_runtime_no_longer_has() {
     let (ok, v) = node.cni_raw(&[("CNI_COMMAND", "GC")], gc.to_string().as_bytes());
     assert!(ok, "{v}");
     assert_eq!(node.allocations(), 1);
-    assert_eq!(node.veths(), 1);
+    assert_eq!(node.veths_settled(1), 1);
 }

@@ -92,6 +92,11 @@ pub struct Desired {
     /// The VXLAN device. `None` means no fast dataplane: FDB, neighbour and
     /// route entries are not programmed either.
     pub vxlan: Option<VxlanSpec>,
+    /// The sleeve's TUN device, used when `vxlan` is `None`: pod routes
+    /// then go into it (the agent carries the packets), and there are no
+    /// FDB or neighbour entries. The agent creates the device (it holds
+    /// its file descriptor); reconcile sets its MTU and brings it up.
+    pub sleeve: Option<SleeveSpec>,
     /// Remote peers reachable directly: each gets an FDB entry (its VTEP MAC
     /// -> its underlay IP) and a permanent neighbour entry (its underlay IP ->
     /// its VTEP MAC) on the VXLAN device.
@@ -122,6 +127,13 @@ pub struct BridgeSpec {
     /// The pods' gateway address, with the prefix length of the whole
     /// allocation range (e.g. 10.32.0.1/12).
     pub gateway: Ipv4Net,
+    pub mtu: u32,
+}
+
+/// The sleeve's TUN device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SleeveSpec {
+    pub name: String,
     pub mtu: u32,
 }
 
@@ -226,6 +238,11 @@ pub trait Dataplane {
     /// on a normal agent stop: the kernel dataplane stays up so pods keep
     /// talking while the agent restarts.
     fn teardown(&mut self) -> Result<(), DataplaneError>;
+
+    /// Deletes the device `name` (a pod's veth after CNI DEL); fine if it
+    /// is gone. Deleting a device takes the kernel ~20 ms, which the agent
+    /// spends off the CNI plugin's critical path.
+    fn delete_device(&mut self, name: &str) -> Result<(), DataplaneError>;
 }
 
 impl<D: Dataplane + ?Sized> Dataplane for Box<D> {
@@ -234,6 +251,9 @@ impl<D: Dataplane + ?Sized> Dataplane for Box<D> {
     }
     fn teardown(&mut self) -> Result<(), DataplaneError> {
         (**self).teardown()
+    }
+    fn delete_device(&mut self, name: &str) -> Result<(), DataplaneError> {
+        (**self).delete_device(name)
     }
 }
 
@@ -249,6 +269,13 @@ pub enum DataplaneError {
     /// fall back to another datapath.
     #[error("cannot {action} VXLAN device {name}: {reason}")]
     Vxlan {
+        name: String,
+        action: &'static str,
+        reason: String,
+    },
+    /// The sleeve's TUN device could not be used.
+    #[error("cannot {action} sleeve device {name}: {reason}")]
+    Sleeve {
         name: String,
         action: &'static str,
         reason: String,

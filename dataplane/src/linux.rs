@@ -101,6 +101,22 @@ impl Dataplane for LinuxDataplane {
         let names = [self.vxlan_name.clone(), self.bridge_name.clone()];
         self.rt.block_on(teardown(&self.handle, &names))
     }
+
+    fn delete_device(&mut self, name: &str) -> Result<(), DataplaneError> {
+        self.rt.block_on(async {
+            let Some(link) = get_link(&self.handle, name).await? else {
+                return Ok(());
+            };
+            match self.handle.link().del(link.index).execute().await {
+                Err(e) if errno(&e) != Some(ENODEV) => Err(DataplaneError::Bridge {
+                    name: name.to_string(),
+                    action: "delete the pod device on",
+                    reason: describe(&e),
+                }),
+                _ => Ok(()),
+            }
+        })
+    }
 }
 
 fn enable_forwarding() -> Result<(), DataplaneError> {
@@ -121,7 +137,10 @@ async fn reconcile(h: &Handle, d: &Desired) -> Result<(), DataplaneError> {
         ensure_bridge(h, b).await?;
     }
     let Some(vx) = &d.vxlan else {
-        // No fast dataplane: every weft route is stale.
+        if let Some(sleeve) = &d.sleeve {
+            return reconcile_sleeve(h, sleeve, &d.routes).await;
+        }
+        // No overlay: every weft route is stale.
         for r in &list_routes(h).await? {
             del_route(h, r).await?;
         }
@@ -628,6 +647,42 @@ fn neighbour_ip(attrs: &[NeighbourAttribute]) -> Option<Ipv4Addr> {
         }
         _ => None,
     })
+}
+
+/// Pod routes into the sleeve's TUN device: the same `via <next hop>
+/// onlink` routes as over VXLAN (a TUN device ignores the gateway; the
+/// agent reads each packet and forwards it by its own table).
+async fn reconcile_sleeve(
+    h: &Handle,
+    sleeve: &crate::SleeveSpec,
+    routes: &[crate::PodRoute],
+) -> Result<(), DataplaneError> {
+    let err = |action: &'static str, reason: String| DataplaneError::Sleeve {
+        name: sleeve.name.clone(),
+        action,
+        reason,
+    };
+    let link = get_link(h, &sleeve.name)
+        .await?
+        .ok_or_else(|| err("use", "the agent has not created the TUN device".into()))?;
+    tune_link(h, &link, sleeve.mtu, None)
+        .await
+        .map_err(|e| err("bring up", describe(&e)))?;
+    let current = list_routes(h).await?;
+    let plan = plan::plan_routes(routes, link.index, &current);
+    for r in &plan.set {
+        let msg = route_message(r.prefix, Some(r.next_hop), Some(link.index), 0);
+        h.route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| route_error("add", r.prefix, Some(r.next_hop), &e))?;
+    }
+    for r in &plan.remove {
+        del_route(h, r).await?;
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------

@@ -70,6 +70,10 @@ impl Dataplane for MemoryDataplane {
         self.teardowns += 1;
         Ok(())
     }
+
+    fn delete_device(&mut self, _name: &str) -> Result<(), DataplaneError> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]

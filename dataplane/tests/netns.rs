@@ -149,6 +149,7 @@ fn desired() -> Desired {
     let mut vx = VxlanSpec::new(ul(1), 1450, vtep_mac(1));
     vx.underlay_dev = Some("ul0".into());
     Desired {
+        sleeve: None,
         bridge: Some(BridgeSpec {
             name: "weft".into(),
             gateway: "10.32.0.1/12".parse().unwrap(),

@@ -4,9 +4,10 @@
 
 use crate::api::{self, Api};
 use crate::http::{self, StatusServer};
-use crate::kernel::KernelSync;
+use crate::kernel::{KernelSync, Overlay};
 use crate::metrics::Metrics;
 use crate::settings::{Datapath, RouterArgs};
+use crate::sleeve::{Sleeve, Tun};
 use crate::store::Store;
 use serde::Serialize;
 use std::io;
@@ -79,6 +80,7 @@ pub enum StartError {
 struct AgentHost {
     store: Store,
     events: mpsc::UnboundedSender<Event>,
+    sleeve: Option<Sleeve>,
 }
 
 impl Host for AgentHost {
@@ -89,6 +91,10 @@ impl Host for AgentHost {
     fn event(&mut self, _now: Time, event: &Event) {
         log_event(event);
         let _ = self.events.send(event.clone());
+    }
+
+    fn intercept(&mut self, from: std::net::SocketAddr, bytes: &[u8]) -> bool {
+        self.sleeve.as_ref().is_some_and(|s| s.inbound(from, bytes))
     }
 
     fn socket_error(&mut self, error: &io::Error) {
@@ -153,13 +159,17 @@ async fn run_async(args: RouterArgs) -> Result<(), StartError> {
         "weft {} starting",
         env!("CARGO_PKG_VERSION")
     );
-    let socket = tokio::net::UdpSocket::bind(args.listen)
-        .await
-        .map_err(|source| StartError::Listen {
-            addr: args.listen,
-            source,
-        })?;
+    let listen_error = |source| StartError::Listen {
+        addr: args.listen,
+        source,
+    };
+    // One socket: the driver loop receives on it, the sleeve also sends.
+    let std_socket = std::net::UdpSocket::bind(args.listen).map_err(listen_error)?;
+    std_socket.set_nonblocking(true).map_err(listen_error)?;
+    let sleeve_socket = std_socket.try_clone().map_err(listen_error)?;
+    let socket = tokio::net::UdpSocket::from_std(std_socket).map_err(listen_error)?;
     let shared = Arc::new(Mutex::new(router));
+    let sleeve = start_sleeve(&args, sleeve_socket, &shared);
     let (events_tx, events) = mpsc::unbounded_channel();
     let (commands, commands_rx) = mpsc::unbounded_channel();
     let (dataplane, kernel) = start_dataplane(&args)?;
@@ -171,6 +181,7 @@ async fn run_async(args: RouterArgs) -> Result<(), StartError> {
         mtu,
         epoch,
         dataplane: dataplane.clone(),
+        kernel: kernel.clone(),
     };
     let listener = api::bind(&args.socket).map_err(|source| StartError::Socket {
         path: args.socket.clone(),
@@ -193,12 +204,18 @@ async fn run_async(args: RouterArgs) -> Result<(), StartError> {
     tokio::task::spawn_local(http::serve(status_listener, server));
     if let Some(kernel) = kernel {
         let (router, bridge) = (shared.clone(), args.bridge.clone());
-        let fastdp = args.datapath == Datapath::Fastdp;
-        tokio::task::spawn_local(follow_routes(kernel, router, events, bridge, mtu, fastdp));
+        let overlay = match args.datapath {
+            Datapath::Sleeve => Overlay::Sleeve,
+            _ => Overlay::Fastdp {
+                sleeve: sleeve.is_some(),
+            },
+        };
+        tokio::task::spawn_local(follow_routes(kernel, router, events, bridge, mtu, overlay));
     }
     let host = AgentHost {
         store,
         events: events_tx,
+        sleeve,
     };
     let driver = Driver::new(shared, socket, host, epoch);
     let result = tokio::select! {
@@ -223,6 +240,38 @@ fn default_mtu(address: &std::net::SocketAddr) -> u32 {
     weft_dataplane::overlay_mtu(underlay.unwrap_or(1500).min(65_535))
 }
 
+/// The sleeve's TUN device and threads, for `--datapath sleeve` and as
+/// fastdp's fallback; `None` without a dataplane or without TUN support.
+fn start_sleeve(
+    args: &RouterArgs,
+    socket: std::net::UdpSocket,
+    router: &weft_driver::SharedRouter,
+) -> Option<Sleeve> {
+    if args.datapath == Datapath::None {
+        return None;
+    }
+    match Tun::create(crate::sleeve::DEVICE) {
+        Ok(tun) => {
+            let secret = args.secret().ok().flatten();
+            // Above every earlier start's (receivers refuse older epochs),
+            // random below that.
+            let restarts = u64::from(weft_driver::lock(router).state().restarts);
+            let random = u64::from(u32::from_le_bytes(os_seed().ok()?[..4].try_into().ok()?));
+            let epoch = restarts << 32 | random;
+            let sleeve = Sleeve::new(tun, socket, router.clone(), secret.as_deref(), epoch);
+            sleeve.start_outbound();
+            Some(sleeve)
+        }
+        Err(e) => {
+            tracing::warn!(
+                "no sleeve: cannot create TUN device {}: {e}",
+                crate::sleeve::DEVICE
+            );
+            None
+        }
+    }
+}
+
 /// The dataplane asked for, or why it cannot be had.
 fn start_dataplane(
     args: &RouterArgs,
@@ -242,9 +291,6 @@ fn start_dataplane(
     if args.datapath == Datapath::None {
         return Ok((Arc::new(Mutex::new(state)), None));
     }
-    if args.datapath == Datapath::Sleeve {
-        state.fallback = Some("the sleeve dataplane is not built in this version".into());
-    }
     let linux = weft_dataplane::LinuxDataplane::new().map_err(StartError::Dataplane)?;
     if let Err(why) = crate::masquerade::install(args.ipalloc_range) {
         tracing::warn!("pods cannot reach addresses outside the cluster: {why}");
@@ -263,13 +309,13 @@ async fn follow_routes(
     mut events: mpsc::UnboundedReceiver<Event>,
     bridge: String,
     mtu: u32,
-    fastdp: bool,
+    overlay: Overlay,
 ) {
     let resync = std::time::Duration::from_secs(30);
     loop {
         let desired = {
             let router = weft_driver::lock(&router);
-            crate::kernel::desired(&router, &bridge, mtu, fastdp)
+            crate::kernel::desired(&router, &bridge, mtu, overlay)
         };
         kernel.update(desired);
         // A change, or the periodic resync; the loop ends with the agent.

@@ -50,6 +50,11 @@ pub enum Request {
     RemovePeer {
         peer: String,
     },
+    /// Deletes a pod's host-side veth (`vethwf…`) in the background, so
+    /// CNI DEL need not wait for the kernel.
+    DeleteVeth {
+        interface: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq, Clone, Copy)]
@@ -96,6 +101,7 @@ pub enum Answer {
     List { allocations: Vec<Attachment> },
     Status(NodeStatus),
     Reclaimed { reclaimed: u64 },
+    Accepted {},
 }
 
 /// What the API needs of the agent.
@@ -107,6 +113,8 @@ pub struct Api {
     pub mtu: u32,
     /// The router's time zero.
     pub epoch: tokio::time::Instant,
+    /// The kernel thread, when this agent programs the kernel.
+    pub kernel: Option<crate::kernel::KernelSync>,
     /// Which dataplane carries pods, and its problems.
     pub dataplane: std::sync::Arc<std::sync::Mutex<crate::agent::DataplaneState>>,
 }
@@ -248,6 +256,22 @@ impl Api {
                 Ok(Answer::List { allocations })
             }
             Request::Status => Ok(Answer::Status(self.status())),
+            Request::DeleteVeth { interface } => {
+                let valid = interface.starts_with("vethwf")
+                    && interface.len() <= 15
+                    && interface.chars().all(|c| c.is_ascii_alphanumeric());
+                let refused = |message: String| ApiError {
+                    kind: ErrorKind::Refused,
+                    message,
+                };
+                if !valid {
+                    return Err(refused(format!("{interface:?} is not a weft pod veth")));
+                }
+                match &self.kernel {
+                    Some(k) if k.delete_device(interface) => Ok(Answer::Accepted {}),
+                    _ => Err(refused("this agent does not program the kernel".into())),
+                }
+            }
             Request::RemovePeer { peer } => {
                 let name = self.peer_named(&peer)?;
                 let (reply, answer) = oneshot::channel();

@@ -11,12 +11,22 @@ use std::sync::{Arc, Mutex};
 use weft_core::Router;
 use weft_core::forward::Forward;
 use weft_dataplane::{
-    BridgeSpec, Dataplane, DataplaneError, Desired, PodRoute, RemotePeer, VxlanSpec, vtep_mac,
+    BridgeSpec, Dataplane, DataplaneError, Desired, PodRoute, RemotePeer, SleeveSpec, VxlanSpec,
+    vtep_mac,
 };
 
-/// What the kernel should hold for this router. With `fastdp` false only
-/// the bridge (pods on this node reach each other; nothing crosses nodes).
-pub fn desired(router: &Router, bridge: &str, mtu: u32, fastdp: bool) -> Desired {
+/// Which overlay carries pod traffic between nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Overlay {
+    /// Kernel VXLAN, with the sleeve as fallback when `sleeve` is set.
+    Fastdp {
+        sleeve: bool,
+    },
+    Sleeve,
+}
+
+/// What the kernel should hold for this router.
+pub fn desired(router: &Router, bridge: &str, mtu: u32, overlay: Overlay) -> Desired {
     let range = router.ipam().range();
     let bridge = router.gateway().map(|gateway| BridgeSpec {
         name: bridge.to_string(),
@@ -29,12 +39,6 @@ pub fn desired(router: &Router, bridge: &str, mtu: u32, fastdp: bool) -> Desired
             ..Desired::default()
         };
     };
-    if !fastdp {
-        return Desired {
-            bridge,
-            ..Desired::default()
-        };
-    }
     let underlay = |peer| {
         let entry = router.topology().get(peer)?;
         match entry.address.ip() {
@@ -70,17 +74,40 @@ pub fn desired(router: &Router, bridge: &str, mtu: u32, fastdp: bool) -> Desired
             _ => None,
         })
         .collect();
-    Desired {
-        bridge,
-        vxlan: Some(VxlanSpec::new(local, mtu, vtep_mac(router.name().0))),
-        peers,
-        routes,
+    let sleeve = SleeveSpec {
+        name: crate::sleeve::DEVICE.into(),
+        mtu,
+    };
+    match overlay {
+        Overlay::Fastdp { sleeve: fallback } => Desired {
+            bridge,
+            vxlan: Some(VxlanSpec::new(local, mtu, vtep_mac(router.name().0))),
+            sleeve: fallback.then_some(sleeve),
+            peers,
+            routes,
+        },
+        Overlay::Sleeve => Desired {
+            bridge,
+            vxlan: None,
+            sleeve: Some(sleeve),
+            peers: Vec::new(),
+            routes,
+        },
     }
 }
 
-/// The thread that applies desired states, newest first.
+/// Work for the kernel thread.
+enum Work {
+    Apply(Desired),
+    /// A pod's host-side veth, after CNI DEL.
+    Delete(String),
+}
+
+/// The thread that applies desired states, newest first, and deletes pod
+/// devices.
+#[derive(Clone)]
 pub struct KernelSync {
-    tx: mpsc::Sender<Desired>,
+    tx: mpsc::Sender<Work>,
 }
 
 impl KernelSync {
@@ -90,21 +117,30 @@ impl KernelSync {
         mut dataplane: Box<dyn Dataplane + Send>,
         state: Arc<Mutex<DataplaneState>>,
     ) -> KernelSync {
-        let (tx, rx) = mpsc::channel::<Desired>();
+        let (tx, rx) = mpsc::channel::<Work>();
         std::thread::Builder::new()
             .name("weft-kernel".into())
             .spawn(move || {
                 let mut applied: Option<Desired> = None;
-                while let Ok(mut next) = rx.recv() {
-                    // Only the newest state matters.
-                    while let Ok(newer) = rx.try_recv() {
-                        next = newer;
+                while let Ok(work) = rx.recv() {
+                    // Deletions in order; of desired states only the newest.
+                    let mut next = None;
+                    for work in std::iter::once(work).chain(rx.try_iter()) {
+                        match work {
+                            Work::Apply(d) => next = Some(d),
+                            Work::Delete(name) => {
+                                if let Err(e) = dataplane.delete_device(&name) {
+                                    tracing::warn!("{e}");
+                                }
+                            }
+                        }
                     }
-                    if applied.as_ref() == Some(&next) {
-                        continue;
+                    if let Some(next) = next
+                        && applied.as_ref() != Some(&next)
+                    {
+                        apply(&mut *dataplane, &next, &state);
+                        applied = Some(next);
                     }
-                    apply(&mut *dataplane, &next, &state);
-                    applied = Some(next);
                 }
             })
             .expect("spawn the kernel dataplane thread");
@@ -112,7 +148,12 @@ impl KernelSync {
     }
 
     pub fn update(&self, desired: Desired) {
-        let _ = self.tx.send(desired);
+        let _ = self.tx.send(Work::Apply(desired));
+    }
+
+    /// Deletes a pod's host-side veth in the background.
+    pub fn delete_device(&self, name: String) -> bool {
+        self.tx.send(Work::Delete(name)).is_ok()
     }
 }
 
@@ -123,7 +164,6 @@ fn apply(dataplane: &mut dyn Dataplane, desired: &Desired, state: &Mutex<Datapla
         Desired {
             vxlan: None,
             peers: Vec::new(),
-            routes: Vec::new(),
             ..desired.clone()
         }
     } else {
@@ -135,19 +175,18 @@ fn apply(dataplane: &mut dyn Dataplane, desired: &Desired, state: &Mutex<Datapla
             if let Some(bridge) = &want.bridge {
                 answer_arp_for_remote_pods(&bridge.name);
             }
-            if want.vxlan.is_some() {
-                state.in_use = "fastdp";
-            }
+            state.in_use = in_use(&want);
         }
         Err(e @ DataplaneError::Vxlan { .. }) => {
-            tracing::warn!("fastdp unavailable, pods on other nodes are unreachable: {e}");
-            state.fallback = Some(e.to_string());
-            state.in_use = "none";
-            let bridge_only = Desired {
-                bridge: desired.bridge.clone(),
-                ..Desired::default()
+            let without_vxlan = Desired {
+                vxlan: None,
+                peers: Vec::new(),
+                ..desired.clone()
             };
-            if let Err(e) = dataplane.reconcile(&bridge_only) {
+            state.fallback = Some(e.to_string());
+            state.in_use = in_use(&without_vxlan);
+            tracing::warn!("fastdp unavailable, using {}: {e}", state.in_use);
+            if let Err(e) = dataplane.reconcile(&without_vxlan) {
                 tracing::error!("kernel dataplane: {e}");
                 state.kernel_error = Some(e.to_string());
             }
@@ -156,6 +195,14 @@ fn apply(dataplane: &mut dyn Dataplane, desired: &Desired, state: &Mutex<Datapla
             tracing::error!("kernel dataplane: {e}");
             state.kernel_error = Some(e.to_string());
         }
+    }
+}
+
+fn in_use(d: &Desired) -> &'static str {
+    match (&d.vxlan, &d.sleeve) {
+        (Some(_), _) => "fastdp",
+        (None, Some(_)) => "sleeve",
+        (None, None) => "none",
     }
 }
 
@@ -219,6 +266,7 @@ mod tests {
         memory.fail_vxlan(Some("Operation not supported".into()));
         let state = state();
         let desired = Desired {
+            sleeve: None,
             bridge: Some(BridgeSpec {
                 name: "weft".into(),
                 gateway: "10.32.0.1/12".parse().unwrap(),
@@ -258,6 +306,7 @@ mod tests {
         let mut memory = MemoryDataplane::new();
         let state = state();
         let desired = Desired {
+            sleeve: None,
             bridge: None,
             vxlan: Some(VxlanSpec::new(
                 "192.168.1.11".parse().unwrap(),

@@ -8,6 +8,7 @@ mod masquerade;
 mod metrics;
 mod report;
 mod settings;
+mod sleeve;
 mod store;
 
 use clap::{Parser, Subcommand, ValueEnum};
