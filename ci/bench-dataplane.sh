@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Pod-to-pod throughput across nodes of the netns lab, against plain
+# forwarding between the same two node namespaces over the underlay (no
+# overlay), measured in the same run: iperf3, one TCP stream, server and
+# client pinned to different CPUs (-A), RUNS runs of SECONDS each, medians.
+# Goals: fastdp >= 0.90x plain; sleeve >= 0.25x plain.
+#
+#   bash ci/bench-dataplane.sh [fastdp|sleeve ...]   (default: fastdp sleeve)
+#   RUNS=3 SECONDS_PER_RUN=5 WEFT_PASSWORD=... (also measures sealed sleeve)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v iperf3 >/dev/null || { apt-get update -q >/dev/null; apt-get install -y -q iperf3 >/dev/null; }
+cargo build --release -q -p weft -p weft-cni
+export WEFT_BIN=$PWD/target/release/weft
+RUNS=${RUNS:-3}
+T=${SECONDS_PER_RUN:-5}
+MODES=("$@")
+[ ${#MODES[@]} -gt 0 ] || MODES=(fastdp sleeve)
+trap 'bash ci/lab.sh down >/dev/null 2>&1' EXIT
+
+# Median Gbit/s of RUNS iperf3 runs: server in namespace $1, client in $2.
+measure() {
+    local server=$1 client=$2 dst=$3 out=()
+    for _ in $(seq 1 "$RUNS"); do
+        ip netns exec "$server" iperf3 -s -1 -A 1 >/dev/null 2>&1 &
+        sleep 0.5
+        out+=("$(ip netns exec "$client" iperf3 -c "$dst" -t "$T" -A 0 -J |
+            python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9)')")
+        wait
+    done
+    printf '%s\n' "${out[@]}" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'
+}
+
+printf '%-22s %10s %8s\n' "path" "Gbit/s" "ratio"
+for mode in "${MODES[@]}"; do
+    DATAPATH=$mode bash ci/lab.sh up 2 >/dev/null 2>&1
+    sleep 2
+    plain=$(measure wl-n2 wl-n1 192.168.1.12)
+    pod=$(cat /tmp/weftlab/n2/pod-1.ip)
+    overlay=$(measure wl-n2-p1 wl-n1-p1 "$pod")
+    label=$mode
+    [ -n "${WEFT_PASSWORD:-}" ] && label="$mode (secret)"
+    printf '%-22s %10.2f %8s\n' "plain (same run)" "$plain" "1.00x"
+    printf '%-22s %10.2f %8s\n' "$label" "$overlay" "$(python3 -c "print(f'{$overlay/$plain:.2f}x')")"
+    bash ci/lab.sh down >/dev/null 2>&1
+done
