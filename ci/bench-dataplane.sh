@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Pod-to-pod throughput across nodes of the netns lab, against plain
-# forwarding between the same two node namespaces over the underlay (no
-# overlay), measured in the same run: iperf3, one TCP stream, server and
+# routing between the same two pods (host routes via the peer node's
+# underlay address, no encapsulation), measured in the same run: iperf3, one TCP stream, server and
 # client pinned to different CPUs (-A), RUNS runs of SECONDS each, medians.
 # Goals: fastdp >= 0.90x plain; sleeve >= 0.25x plain.
 #
@@ -35,8 +35,14 @@ printf '%-22s %10s %8s\n' "path" "Gbit/s" "ratio"
 for mode in "${MODES[@]}"; do
     DATAPATH=$mode bash ci/lab.sh up 2 >/dev/null 2>&1
     sleep 2
-    plain=$(measure wl-n2 wl-n1 192.168.1.12)
+    pod1=$(cat /tmp/weftlab/n1/pod-1.ip)
     pod=$(cat /tmp/weftlab/n2/pod-1.ip)
+    # Plain routing: /32 routes over the underlay beat weft's overlay routes.
+    ip -n wl-n1 route add "$pod/32" via 192.168.1.12 dev eth0
+    ip -n wl-n2 route add "$pod1/32" via 192.168.1.11 dev eth0
+    plain=$(measure wl-n2-p1 wl-n1-p1 "$pod")
+    ip -n wl-n1 route del "$pod/32" via 192.168.1.12 dev eth0
+    ip -n wl-n2 route del "$pod1/32" via 192.168.1.11 dev eth0
     overlay=$(measure wl-n2-p1 wl-n1-p1 "$pod")
     label=$mode
     [ -n "${WEFT_PASSWORD:-}" ] && label="$mode (secret)"
