@@ -64,6 +64,8 @@ pub struct Seeding {
 
 /// How long a proposal may stand without a decision before a new round.
 const ROUND_TIMEOUT: (Duration, Duration) = (Duration::from_secs(2), Duration::from_secs(4));
+/// How long peers other than the lowest-named wait before proposing.
+const LEADER_GRACE: Duration = Duration::from_secs(20);
 
 impl Seeding {
     /// `expected_peers` is the initial cluster size the operator gave
@@ -79,6 +81,14 @@ impl Seeding {
 
     pub fn quorum(&self) -> usize {
         self.quorum
+    }
+
+    /// A round's patience: gossip needs longer to reach a bigger quorum
+    /// and bring its answers back.
+    fn round_timeout(&self, rng: &mut Random) -> Duration {
+        let scale = (self.quorum as f64 / 50.0).max(1.0);
+        rng.duration_between(ROUND_TIMEOUT.0, ROUND_TIMEOUT.1)
+            .mul_f64(scale)
     }
 
     pub fn state(&self) -> Paxos {
@@ -153,8 +163,7 @@ impl Seeding {
             if highest_seen > proposal.ballot {
                 // Someone is ahead of us: stand back, retry later if needed.
                 self.state.proposal = None;
-                self.next_attempt =
-                    Some(now + rng.duration_between(ROUND_TIMEOUT.0, ROUND_TIMEOUT.1));
+                self.next_attempt = Some(now + self.round_timeout(rng));
                 return;
             }
             if proposal.value.is_none() {
@@ -164,20 +173,28 @@ impl Seeding {
                 self.state.proposal = None; // stuck: start a higher round below
             }
         }
-        if self.state.proposal.is_some() || !want_ring {
+        if self.state.proposal.is_some() {
             return;
         }
-        let eligible = view.len();
-        if eligible < self.quorum {
+        // Only the lowest-named reachable peer proposes, for everyone who
+        // wants a ring (it shows as a raised promise or a proposal): with
+        // several proposers, rounds outrun gossip in a big cluster and
+        // proposers duel forever, each round re-gossiping every entry.
+        // Others step in only when the lowest-named peer stays idle for a
+        // long while (it wants no ring itself, say), later the higher they
+        // rank.
+        let rank = view.keys().position(|n| *n == self.me).unwrap_or(0) as u32;
+        let someone_wants = view
+            .iter()
+            .any(|(n, p)| *n != self.me && (p.proposal.is_some() || p.promised.round > 0));
+        if !(want_ring || (rank == 0 && someone_wants)) || view.len() < self.quorum {
             return;
         }
-        // The lowest-named peer goes first; others wait a round timeout, so
-        // proposers rarely duel.
-        let first = view.keys().next().copied() == Some(self.me);
         match self.next_attempt {
-            None if !first => {
+            None if rank > 0 => {
+                let wait = LEADER_GRACE + ROUND_TIMEOUT.1 * rank.min(16);
                 self.next_attempt =
-                    Some(now + rng.duration_between(ROUND_TIMEOUT.0, ROUND_TIMEOUT.1));
+                    Some(now + wait + rng.duration_between(Duration::ZERO, ROUND_TIMEOUT.0));
                 return;
             }
             Some(t) if now < t => return,
@@ -191,7 +208,7 @@ impl Seeding {
             ballot,
             value: None,
         });
-        self.next_attempt = Some(now + rng.duration_between(ROUND_TIMEOUT.0, ROUND_TIMEOUT.1));
+        self.next_attempt = Some(now + self.round_timeout(rng));
         // Our own promise counts at once.
         self.act_as_acceptor(&BTreeMap::from([(self.me, self.state)]));
     }
@@ -255,6 +272,31 @@ mod tests {
             }
         }
         decisions
+    }
+
+    #[test]
+    fn in_a_big_cluster_only_the_lowest_named_peer_proposes() {
+        let names: Vec<PeerName> = (1..=200).map(PeerName).collect();
+        let mut nodes: BTreeMap<PeerName, Seeding> = names
+            .iter()
+            .map(|n| (*n, Seeding::new(*n, 200, Paxos::default())))
+            .collect();
+        let mut rng = Random::from_seed([3; 32]);
+        let mut proposers = std::collections::BTreeSet::new();
+        // 15 simulated seconds, every peer wanting a ring and seeing all.
+        for step in 0..3000u64 {
+            let me = names[(step % 200) as usize];
+            let visible: BTreeMap<PeerName, Paxos> =
+                nodes.iter().map(|(n, s)| (*n, s.state())).collect();
+            let node = nodes.get_mut(&me).unwrap();
+            node.step(Time::from_millis(step * 5), &visible, true, &mut rng);
+            if let Some(p) = node.state().proposal {
+                proposers.insert(p.ballot.proposer);
+            }
+        }
+        assert_eq!(proposers.into_iter().collect::<Vec<_>>(), vec![PeerName(1)]);
+        let all: BTreeMap<PeerName, Paxos> = nodes.iter().map(|(n, s)| (*n, s.state())).collect();
+        assert!(nodes[&PeerName(7)].decided(&all).is_some(), "no decision");
     }
 
     #[test]
