@@ -163,15 +163,7 @@ async fn reconcile(h: &Handle, d: &Desired) -> Result<(), DataplaneError> {
     for n in &neigh.set {
         set_neighbour(h, &vx.name, index, n).await?;
     }
-    for r in &routes.set {
-        let msg = route_message(r.prefix, Some(r.next_hop), Some(index), 0);
-        h.route()
-            .add(msg)
-            .replace()
-            .execute()
-            .await
-            .map_err(|e| route_error("add", r.prefix, Some(r.next_hop), &e))?;
-    }
+    set_routes(h, &routes.set, index).await?;
     for r in &routes.remove {
         del_route(h, r).await?;
     }
@@ -477,22 +469,36 @@ fn vxlan_reason(e: &rtnetlink::Error, vx: &VxlanSpec) -> String {
 // ---------------------------------------------------------------------------
 // FDB
 
-async fn list_fdb(h: &Handle, index: u32) -> Result<Vec<FdbEntry>, DataplaneError> {
-    // The dump covers every device's FDB (all bridge ports too): filter ours.
+/// The neighbour-table entries of `family` on the device `index` (the
+/// kernel dumps every device's).
+async fn dump_neighbours(
+    h: &Handle,
+    family: AddressFamily,
+    what: &'static str,
+    index: u32,
+) -> Result<Vec<NeighbourMessage>, DataplaneError> {
     let msgs: Vec<NeighbourMessage> = h
         .neighbours()
         .get()
-        .set_address_family(AddressFamily::Bridge)
+        .set_address_family(family)
         .execute()
         .try_collect()
         .await
         .map_err(|e| DataplaneError::Dump {
-            what: "FDB entries",
+            what,
             reason: describe(&e),
         })?;
     Ok(msgs
         .into_iter()
         .filter(|m| m.header.ifindex == index)
+        .collect())
+}
+
+async fn list_fdb(h: &Handle, index: u32) -> Result<Vec<FdbEntry>, DataplaneError> {
+    // The dump covers every device's FDB (all bridge ports too): filter ours.
+    let msgs = dump_neighbours(h, AddressFamily::Bridge, "FDB entries", index).await?;
+    Ok(msgs
+        .into_iter()
         .filter_map(|m| {
             let mac = lladdr(&m.attributes)?;
             // An entry without an IPv4 remote is not one of weft's: as
@@ -559,21 +565,11 @@ async fn del_fdb(
 // Neighbours
 
 async fn list_neighbours(h: &Handle, index: u32) -> Result<Vec<NeighEntry>, DataplaneError> {
-    let msgs: Vec<NeighbourMessage> = h
-        .neighbours()
-        .get()
-        .set_address_family(AddressFamily::Inet)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(|e| DataplaneError::Dump {
-            what: "neighbours",
-            reason: describe(&e),
-        })?;
+    let msgs = dump_neighbours(h, AddressFamily::Inet, "neighbours", index).await?;
     Ok(msgs
         .into_iter()
         // Only PERMANENT entries are weft's; see plan_neighbours.
-        .filter(|m| m.header.ifindex == index && m.header.state == NeighbourState::Permanent)
+        .filter(|m| m.header.state == NeighbourState::Permanent)
         .filter_map(|m| {
             Some(NeighEntry {
                 ip: neighbour_ip(&m.attributes)?,
@@ -670,15 +666,7 @@ async fn reconcile_sleeve(
         .map_err(|e| err("bring up", describe(&e)))?;
     let current = list_routes(h).await?;
     let plan = plan::plan_routes(routes, link.index, &current);
-    for r in &plan.set {
-        let msg = route_message(r.prefix, Some(r.next_hop), Some(link.index), 0);
-        h.route()
-            .add(msg)
-            .replace()
-            .execute()
-            .await
-            .map_err(|e| route_error("add", r.prefix, Some(r.next_hop), &e))?;
-    }
+    set_routes(h, &plan.set, link.index).await?;
     for r in &plan.remove {
         del_route(h, r).await?;
     }
@@ -687,6 +675,25 @@ async fn reconcile_sleeve(
 
 // ---------------------------------------------------------------------------
 // Routes
+
+/// Adds or replaces (atomically switching the next hop) pod routes on the
+/// device `index`.
+async fn set_routes(
+    h: &Handle,
+    routes: &[crate::PodRoute],
+    index: u32,
+) -> Result<(), DataplaneError> {
+    for r in routes {
+        let msg = route_message(r.prefix, Some(r.next_hop), Some(index), 0);
+        h.route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| route_error("add", r.prefix, Some(r.next_hop), &e))?;
+    }
+    Ok(())
+}
 
 /// weft's routes (protocol [`ROUTE_PROTOCOL`]) in the main table, on any
 /// device.
