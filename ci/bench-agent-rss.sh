@@ -6,8 +6,8 @@
 #   bash ci/bench-agent-rss.sh [SIZES...]   (default: 3 50); WEFT_BIN
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x "${WEFT_BIN:-target/release/weft}" ] || cargo build --release -q -p weft
-BIN=${WEFT_BIN:-$PWD/target/release/weft}
+[ -x "${WEFT_BIN:-${CARGO_TARGET_DIR:-target}/release/weft}" ] || cargo build --release -q -p weft
+BIN=${WEFT_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/release/weft}
 SIZES=("$@")
 [ ${#SIZES[@]} -gt 0 ] || SIZES=(3 50)
 

@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v iperf3 >/dev/null || { apt-get update -q >/dev/null; apt-get install -y -q iperf3 >/dev/null; }
 cargo build --release -q -p weft -p weft-cni
-export WEFT_BIN=$PWD/target/release/weft
+export WEFT_BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/weft
 RUNS=${RUNS:-3}
 T=${SECONDS_PER_RUN:-5}
 MODES=("$@")

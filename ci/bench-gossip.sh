@@ -11,8 +11,8 @@
 #   RUNS=3 (runs per size, median printed), WEFT_BIN (target/release/weft)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x "${WEFT_BIN:-target/release/weft}" ] || cargo build --release -q -p weft
-BIN=${WEFT_BIN:-$PWD/target/release/weft}
+[ -x "${WEFT_BIN:-${CARGO_TARGET_DIR:-target}/release/weft}" ] || cargo build --release -q -p weft
+BIN=${WEFT_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/release/weft}
 RUNS=${RUNS:-3}
 SIZES=("$@")
 [ ${#SIZES[@]} -gt 0 ] || SIZES=(10 30 60)

@@ -41,7 +41,7 @@ case "$MODE" in weft | reference) ;; *)
     ;;
 esac
 
-BIN=${WEFT_BIN:-$PWD/target/debug/weft}
+BIN=${WEFT_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/debug/weft}
 CNI_BIN=${WEFT_CNI_BIN:-$(dirname "$BIN")/weft-cni}
 CONFLIST=${CONFLIST:-$PWD/deploy/10-weft.conflist}
 CNITOOL=${CNITOOL:-$(bash ci/cnitool.sh)}

@@ -7,7 +7,7 @@
 #   bash ci/lab.sh test [N]    up, then the checks below, then down
 #   bash ci/lab.sh down        remove every namespace, device and process
 #
-# Env: WEFT_BIN (default target/debug/weft), WEFT_CNI_BIN (weft-cni beside
+# Env: WEFT_BIN (default target/debug/weft, under CARGO_TARGET_DIR if set), WEFT_CNI_BIN (weft-cni beside
 # it), DATAPATH (fastdp), WEFT_PASSWORD.
 # Needs root, iproute2, nftables, ping and python3. Pods are attached with weft-cni,
 # as a container runtime would.
@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 
 LAB=/tmp/weftlab
 UNDER=wl-under
-BIN=${WEFT_BIN:-$PWD/target/debug/weft}
+BIN=${WEFT_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/debug/weft}
 CNI_BIN=${WEFT_CNI_BIN:-$(dirname "$BIN")/weft-cni}
 DATAPATH=${DATAPATH:-fastdp}
 PODS_PER_NODE=2

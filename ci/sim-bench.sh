@@ -10,7 +10,7 @@ scenarios=(scenarios/three-nodes.toml scenarios/pod-churn.toml ci/bench/hundred-
 if [ "${ALL:-0}" = 1 ]; then scenarios+=(scenarios/thousand-nodes.toml); fi
 run() { # engine scenario
     # A failing check does not stop the benchmark; the figures still count.
-    out=$(./target/release/weft-sim run "$2" --engine "$1" || true)
+    out=$("${CARGO_TARGET_DIR:-./target}/release/weft-sim" run "$2" --engine "$1" || true)
     echo "$1 $(basename "$2" .toml): $(grep -o 'simulated .*' <<<"$out"); $(grep -o 'gossip [0-9]* B/s per node' <<<"$out")"
 }
 for s in "${scenarios[@]}"; do run events "$s"; done

@@ -7,7 +7,7 @@ use crate::http::{self, StatusServer};
 use crate::kernel::{KernelSync, Overlay};
 use crate::metrics::Metrics;
 use crate::settings::{Datapath, RouterArgs};
-use crate::sleeve::{Sleeve, Tun};
+use crate::sleeve::{ControlSocket, Sleeve, Tun};
 use crate::store::Store;
 use serde::Serialize;
 use std::io;
@@ -15,7 +15,7 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 use weft_core::{Event, PersistedState, Router, Time};
-use weft_driver::{Driver, Host};
+use weft_driver::{Datagrams, Driver, Host};
 
 /// Which dataplane carries pod traffic, and why not the one asked for.
 #[derive(Clone, Debug, Serialize)]
@@ -80,7 +80,6 @@ pub enum StartError {
 struct AgentHost {
     store: Store,
     events: mpsc::UnboundedSender<Event>,
-    sleeve: Option<Sleeve>,
 }
 
 impl Host for AgentHost {
@@ -91,10 +90,6 @@ impl Host for AgentHost {
     fn event(&mut self, _now: Time, event: &Event) {
         log_event(event);
         let _ = self.events.send(event.clone());
-    }
-
-    fn intercept(&mut self, from: std::net::SocketAddr, bytes: &[u8]) -> bool {
-        self.sleeve.as_ref().is_some_and(|s| s.inbound(from, bytes))
     }
 
     fn socket_error(&mut self, error: &io::Error) {
@@ -163,13 +158,21 @@ async fn run_async(args: RouterArgs) -> Result<(), StartError> {
         addr: args.listen,
         source,
     };
-    // One socket: the driver loop receives on it, the sleeve also sends.
+    // One socket, the control port. With a sleeve, its receive thread is
+    // the only reader and passes control datagrams on to the driver loop;
+    // without, the loop reads it through tokio.
     let std_socket = std::net::UdpSocket::bind(args.listen).map_err(listen_error)?;
-    std_socket.set_nonblocking(true).map_err(listen_error)?;
-    let sleeve_socket = std_socket.try_clone().map_err(listen_error)?;
-    let socket = tokio::net::UdpSocket::from_std(std_socket).map_err(listen_error)?;
     let shared = Arc::new(Mutex::new(router));
-    let sleeve = start_sleeve(&args, sleeve_socket, &shared);
+    let sleeve_socket = std_socket.try_clone().map_err(listen_error)?;
+    let control = start_sleeve(&args, sleeve_socket, &shared, &config_address);
+    let sleeve = control.is_some();
+    let socket = match control {
+        Some(control) => AgentSocket::Sleeve(control),
+        None => {
+            std_socket.set_nonblocking(true).map_err(listen_error)?;
+            AgentSocket::Tokio(tokio::net::UdpSocket::from_std(std_socket).map_err(listen_error)?)
+        }
+    };
     let (events_tx, events) = mpsc::unbounded_channel();
     let (commands, commands_rx) = mpsc::unbounded_channel();
     let (dataplane, kernel) = start_dataplane(&args)?;
@@ -206,16 +209,13 @@ async fn run_async(args: RouterArgs) -> Result<(), StartError> {
         let (router, bridge) = (shared.clone(), args.bridge.clone());
         let overlay = match args.datapath {
             Datapath::Sleeve => Overlay::Sleeve,
-            _ => Overlay::Fastdp {
-                sleeve: sleeve.is_some(),
-            },
+            _ => Overlay::Fastdp { sleeve },
         };
         tokio::task::spawn_local(follow_routes(kernel, router, events, bridge, mtu, overlay));
     }
     let host = AgentHost {
         store,
         events: events_tx,
-        sleeve,
     };
     let driver = Driver::new(shared, socket, host, epoch);
     let result = tokio::select! {
@@ -240,13 +240,37 @@ fn default_mtu(address: &std::net::SocketAddr) -> u32 {
     weft_dataplane::overlay_mtu(underlay.unwrap_or(1500).min(65_535))
 }
 
+/// The driver loop's socket: tokio's, or the sleeve's hand-over.
+enum AgentSocket {
+    Tokio(tokio::net::UdpSocket),
+    Sleeve(ControlSocket),
+}
+
+impl Datagrams for AgentSocket {
+    async fn send_to(&self, payload: &[u8], to: std::net::SocketAddr) -> io::Result<usize> {
+        match self {
+            AgentSocket::Tokio(s) => s.send_to(payload, to).await,
+            AgentSocket::Sleeve(s) => s.send_to(payload, to),
+        }
+    }
+
+    async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, std::net::SocketAddr)> {
+        match self {
+            AgentSocket::Tokio(s) => s.recv_from(buf).await,
+            AgentSocket::Sleeve(s) => s.recv_from(buf).await,
+        }
+    }
+}
+
 /// The sleeve's TUN device and threads, for `--datapath sleeve` and as
 /// fastdp's fallback; `None` without a dataplane or without TUN support.
+/// The socket must be in blocking mode: the sleeve's threads wait on it.
 fn start_sleeve(
     args: &RouterArgs,
     socket: std::net::UdpSocket,
     router: &weft_driver::SharedRouter,
-) -> Option<Sleeve> {
+    underlay: &std::net::SocketAddr,
+) -> Option<ControlSocket> {
     if args.datapath == Datapath::None {
         return None;
     }
@@ -258,9 +282,15 @@ fn start_sleeve(
             let restarts = u64::from(weft_driver::lock(router).state().restarts);
             let random = u64::from(u32::from_le_bytes(os_seed().ok()?[..4].try_into().ok()?));
             let epoch = restarts << 32 | random;
-            let sleeve = Sleeve::new(tun, socket, router.clone(), secret.as_deref(), epoch);
-            sleeve.start_outbound();
-            Some(sleeve)
+            let sleeve = Sleeve::new(
+                tun,
+                socket,
+                router.clone(),
+                secret.as_deref(),
+                epoch,
+                max_datagram(underlay),
+            );
+            Some(sleeve.start())
         }
         Err(e) => {
             tracing::warn!(
@@ -270,6 +300,16 @@ fn start_sleeve(
             None
         }
     }
+}
+
+/// The largest UDP payload the underlay carries unfragmented: its MTU
+/// (1500 when unknown) less the outer IP and UDP headers.
+fn max_datagram(underlay: &std::net::SocketAddr) -> usize {
+    let (mtu, headers) = match underlay.ip() {
+        std::net::IpAddr::V4(ip) => (crate::kernel::underlay_mtu(ip), 28),
+        std::net::IpAddr::V6(_) => (None, 48),
+    };
+    (mtu.unwrap_or(1500).min(65_535) as usize).saturating_sub(headers)
 }
 
 /// The dataplane asked for, or why it cannot be had.

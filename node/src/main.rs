@@ -6,10 +6,12 @@ mod http;
 mod kernel;
 mod masquerade;
 mod metrics;
+mod offload;
 mod report;
 mod settings;
 mod sleeve;
 mod store;
+mod udp;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::io::{BufRead, BufReader, Read, Write};
