@@ -77,6 +77,10 @@ pub struct Connections {
     scheduled: BTreeMap<SocketAddr, Time>,
     /// Addresses that turned out to be this node itself.
     own_addresses: BTreeSet<SocketAddr>,
+    /// Attempts not answered yet, until when they hold a connection slot:
+    /// without this, a node in a big cluster tries every peer it learns of
+    /// at once, and most of those attempts are refused at the limit.
+    in_flight: BTreeMap<SocketAddr, Time>,
 }
 
 /// State of one connection as shown in status.
@@ -148,7 +152,10 @@ impl Connections {
                     Heard::Unconfirmed
                 }
             }
-            None if at_limit => return Heard::Refused,
+            None if at_limit => {
+                self.in_flight.remove(&address);
+                return Heard::Refused;
+            }
             None => {
                 self.links.insert(
                     peer,
@@ -183,6 +190,7 @@ impl Connections {
         if let Some(target) = self.targets.get_mut(&address) {
             target.attempts = 0;
         }
+        self.in_flight.remove(&address);
         outcome
     }
 
@@ -234,6 +242,7 @@ impl Connections {
 
     pub fn remove_target(&mut self, address: SocketAddr) {
         self.targets.remove(&address);
+        self.in_flight.remove(&address);
         self.reschedule(address);
     }
 
@@ -255,9 +264,16 @@ impl Connections {
     }
 
     /// Addresses to try now: due, not linked, at most as many as free
-    /// connection slots, configured ones first, the rest in random order.
-    pub fn due_targets(&self, now: Time, conn_limit: usize, rng: &mut Random) -> Vec<SocketAddr> {
-        let slots = conn_limit.saturating_sub(self.links.len());
+    /// connection slots (unanswered attempts hold theirs), configured ones
+    /// first, the rest in random order.
+    pub fn due_targets(
+        &mut self,
+        now: Time,
+        conn_limit: usize,
+        rng: &mut Random,
+    ) -> Vec<SocketAddr> {
+        self.in_flight.retain(|_, until| *until > now);
+        let slots = conn_limit.saturating_sub(self.links.len() + self.in_flight.len());
         if slots == 0 {
             return Vec::new();
         }
@@ -301,6 +317,7 @@ impl Connections {
                 .min(max);
             target.attempts = target.attempts.saturating_add(1);
             target.next_try = now + rng.duration_between(step / 2, step);
+            self.in_flight.insert(address, now + base);
         }
         self.reschedule(address);
     }
@@ -341,6 +358,10 @@ impl Connections {
     pub fn refresh_next_attempt(&mut self, conn_limit: usize) {
         self.next_attempt = if self.links.len() >= conn_limit {
             None
+        } else if self.links.len() + self.in_flight.len() >= conn_limit {
+            // Unanswered attempts hold the free slots: look again when the
+            // first of them lapses.
+            self.in_flight.values().min().copied()
         } else {
             self.schedule.first().map(|(at, _)| *at)
         };
@@ -425,6 +446,34 @@ mod tests {
             c.due_targets(Time::ZERO, 1, &mut rng).is_empty(),
             "no free slot"
         );
+    }
+
+    #[test]
+    fn unanswered_attempts_hold_their_slots_until_they_lapse() {
+        let mut c = Connections::default();
+        let mut rng = Random::from_seed([1; 32]);
+        let (base, max) = (Duration::from_secs(1), Duration::from_secs(30));
+        for i in 2..12 {
+            c.add_target(Time::ZERO, addr(i), false);
+        }
+        let first = c.due_targets(Time::ZERO, 3, &mut rng);
+        assert_eq!(first.len(), 3);
+        for a in &first {
+            c.attempted(Time::ZERO, *a, base, max, &mut rng);
+        }
+        c.refresh_next_attempt(3);
+        assert_eq!(c.next_attempt(), Some(Time::from_millis(1000)));
+        assert!(
+            c.due_targets(Time::from_millis(999), 3, &mut rng)
+                .is_empty()
+        );
+        // One answers (a link), one is refused: one slot is free again.
+        c.heard(Time::from_millis(10), PeerName(99), first[0], &HB, false, 3);
+        assert_eq!(c.due_targets(Time::from_millis(20), 3, &mut rng).len(), 0);
+        c.heard(Time::from_millis(30), PeerName(98), first[1], &HB, false, 1);
+        assert_eq!(c.due_targets(Time::from_millis(40), 3, &mut rng).len(), 1);
+        // The last lapses unanswered after a base interval.
+        assert_eq!(c.due_targets(Time::from_millis(1000), 3, &mut rng).len(), 2);
     }
 
     #[test]

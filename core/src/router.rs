@@ -108,6 +108,10 @@ pub struct Router {
     /// Forgotten peers and the version they had, so stale copies are not
     /// learnt again; kept until the time given.
     forgotten: BTreeMap<PeerName, (u64, Time)>,
+    /// Entries asked for and not received yet: (version, asked at). News
+    /// of one update reaches a node from several peers within a round
+    /// trip; asking each of them would fetch the entry several times.
+    requested: BTreeMap<PeerName, (u64, Time)>,
     unreachable_since: BTreeMap<PeerName, Time>,
     sealer: Option<Sealer>,
     replay: BTreeMap<PeerName, ReplayWindow>,
@@ -201,6 +205,7 @@ impl Router {
             connections: Connections::default(),
             news: BTreeMap::from([(me, config.rumor_rounds)]),
             forgotten: BTreeMap::new(),
+            requested: BTreeMap::new(),
             unreachable_since: BTreeMap::new(),
             sealer,
             replay: BTreeMap::new(),
@@ -480,13 +485,13 @@ impl Router {
         match message {
             Message::Heartbeat(_) => {}
             Message::Gossip(entries) => entries.into_iter().for_each(|e| self.learn(now, e)),
-            Message::Digest(digest) => self.on_digest(sender, digest),
+            Message::Digest(digest) => self.on_digest(now, sender, digest),
             Message::Ring(update) => {
                 if self.ipam.merge_ring(sender, &update).is_ok() {
                     self.ipam_dirty = true;
                 }
             }
-            Message::News(versions) => self.request_newer(sender, &versions),
+            Message::News(versions) => self.request_newer(now, sender, &versions),
             Message::Request(names) => {
                 let entries: Vec<PeerEntry> = names
                     .iter()
@@ -574,7 +579,7 @@ impl Router {
 
     /// Anti-entropy, receiving side: send what the peer lacks, ask for what
     /// we lack.
-    fn on_digest(&mut self, sender: PeerName, digest: Digest) {
+    fn on_digest(&mut self, now: Time, sender: PeerName, digest: Digest) {
         let theirs: BTreeMap<PeerName, u64> = digest.versions.iter().copied().collect();
         let mut give = Vec::new();
         for (name, version) in self.topology.versions_in(digest.first, digest.last) {
@@ -585,20 +590,31 @@ impl Router {
             }
         }
         self.send_entries(sender, &give);
-        self.request_newer(sender, &digest.versions);
+        self.request_newer(now, sender, &digest.versions);
     }
 
     /// Asks `peer` for the entries it has in newer versions than ours.
-    fn request_newer(&mut self, peer: PeerName, versions: &[(PeerName, u64)]) {
-        let want: Vec<PeerName> = versions
+    /// Entries already asked for (in that version or newer) are not asked
+    /// for again until the request lapses.
+    fn request_newer(&mut self, now: Time, peer: PeerName, versions: &[(PeerName, u64)]) {
+        let lapse = self.config.gossip_interval * 2;
+        let want: Vec<(PeerName, u64)> = versions
             .iter()
             .filter(|(name, version)| {
                 *name != self.me
                     && self.topology.version(*name).is_none_or(|v| v < *version)
                     && self.forgotten.get(name).is_none_or(|(v, _)| v < version)
+                    && self
+                        .requested
+                        .get(name)
+                        .is_none_or(|(v, at)| v < version || now.saturating_since(*at) >= lapse)
             })
-            .map(|(name, _)| *name)
+            .copied()
             .collect();
+        for (name, version) in &want {
+            self.requested.insert(*name, (*version, now));
+        }
+        let want: Vec<PeerName> = want.into_iter().map(|(name, _)| name).collect();
         for chunk in want.chunks(wire::MAX_NAMES) {
             self.send_to_peer(peer, &Message::Request(chunk.to_vec()));
         }
@@ -620,6 +636,9 @@ impl Router {
             self.next_probe = Some(now + self.config.heartbeat_interval / PROBES_PER_INTERVAL);
         }
         self.forget_stale(now);
+        let lapse = self.config.gossip_interval * 2;
+        self.requested
+            .retain(|_, (_, at)| now.saturating_since(*at) < lapse);
         self.start_anti_entropy(now);
         // Seeding rounds and donations move on timers too.
         self.ipam_dirty = true;

@@ -484,11 +484,7 @@ impl Ipam {
         let mut blocks = Vec::new();
         for (region, left) in self.ring_news.iter_mut() {
             *left = (*left).min(rounds).saturating_sub(1);
-            blocks.extend(
-                self.ring
-                    .blocks()
-                    .filter(|b| region.contains(&b.prefix) || b.prefix.contains(region)),
-            );
+            blocks.extend(self.ring.blocks_touching(*region));
         }
         self.ring_news.retain(|_, left| *left > 0);
         blocks.sort_by_key(|b| b.prefix);

@@ -124,6 +124,23 @@ impl Ring {
         })
     }
 
+    /// The blocks inside `region` and the block containing it, if any:
+    /// what a peer needs to learn what changed there. A range query, not
+    /// a scan: rings of thousands of blocks gossip news every round.
+    pub fn blocks_touching(&self, region: Ipv4Net) -> impl Iterator<Item = Block> + '_ {
+        let start = u32::from(region.network());
+        let end = last(start, region.prefix_len());
+        let outer = self.covering(start).filter(|(s, _)| *s < start);
+        let outer = outer.and_then(|(s, _)| self.blocks.get_key_value(&s));
+        outer
+            .into_iter()
+            .chain(self.blocks.range(start..=end))
+            .map(|(start, (len, label))| Block {
+                prefix: net(*start, *len),
+                label: *label,
+            })
+    }
+
     /// Whether every address of the universe is labelled: a ring only
     /// partly received (one gossip datagram of it) is not.
     pub fn is_complete(&self) -> bool {
@@ -216,28 +233,30 @@ impl Ring {
     /// Returns whether anything changed. Blocks outside the universe, or
     /// a ring not yet seeded, are ignored.
     pub fn merge_block(&mut self, block: Block) -> bool {
-        let changed = self.paint(block);
-        // Even a losing block may have split one of ours: rejoin.
-        self.normalize();
-        changed
+        !self.merge_blocks(&[block]).is_empty()
     }
 
     /// Merges many blocks, normalizing once; returns the prefixes of the
     /// blocks that changed something.
     pub fn merge_blocks(&mut self, blocks: &[Block]) -> Vec<Ipv4Net> {
+        let mut split = false;
         let changed: Vec<Ipv4Net> = blocks
             .iter()
-            .filter(|b| self.paint(**b))
+            .filter(|b| self.paint(**b, &mut split))
             .map(|b| b.prefix.trunc())
             .collect();
-        if !blocks.is_empty() {
+        // Even a losing block may have split one of ours: rejoin. Most
+        // gossiped blocks are old news that neither split nor change
+        // anything, and then the ring is still canonical.
+        if split || !changed.is_empty() {
             self.normalize();
         }
         changed
     }
 
-    /// Per-address max of `block` into the blocks, without normalizing.
-    fn paint(&mut self, block: Block) -> bool {
+    /// Per-address max of `block` into the blocks, without normalizing;
+    /// sets `split` when it had to split a coarser block.
+    fn paint(&mut self, block: Block, split: &mut bool) -> bool {
         let prefix = block.prefix.trunc();
         if self.seed.is_none() || !self.universe.contains(&prefix) {
             return false;
@@ -246,6 +265,7 @@ impl Ring {
         if self.covering(start).is_some_and(|(_, l)| l < len) {
             // A coarser block covers it: split that block down to `prefix`.
             self.isolate(start, len);
+            *split = true;
         }
         let mut changed = false;
         let keys: Vec<u32> = self
@@ -632,6 +652,18 @@ mod tests {
             let mut right = rx.clone();
             right.merge(&yz).unwrap();
             prop_assert_eq!(left, right);
+        }
+
+        #[test]
+        fn blocks_touching_a_region_are_those_nested_with_it(blocks in proptest::collection::vec(arb_block(), 1..25),
+                                                             region in arb_block()) {
+            let ring = ring_of(&blocks);
+            let region = region.prefix.trunc();
+            let scanned: Vec<Block> = ring
+                .blocks()
+                .filter(|b| region.contains(&b.prefix) || b.prefix.contains(&region))
+                .collect();
+            prop_assert_eq!(ring.blocks_touching(region).collect::<Vec<_>>(), scanned);
         }
 
         #[test]
