@@ -545,7 +545,17 @@ impl Router {
         if self.ipam.ring().is_removed(entry.name) {
             return;
         }
-        let (name, nickname) = (entry.name, entry.nickname.clone());
+        let name = entry.name;
+        let known = self.topology.get(name);
+        let nickname = if known.is_none() {
+            entry.nickname.clone()
+        } else {
+            String::new()
+        };
+        let routes_matter = known.is_none_or(|old| {
+            old.connections == entry.connections
+                || self.links_matter(name, &old.connections, &entry.connections)
+        });
         match self.topology.merge(entry) {
             Merge::New => {
                 self.events.push_back(Event::PeerDiscovered {
@@ -564,7 +574,7 @@ impl Router {
                 ipam_changed,
             } => {
                 self.news.insert(name, self.config.rumor_rounds);
-                self.routes_dirty |= connections_changed;
+                self.routes_dirty |= connections_changed && routes_matter;
                 self.peers_dirty |= address_changed;
                 // Forwarding hands packets to next hops' addresses, and is
                 // rebuilt in the IPAM step.
@@ -575,6 +585,33 @@ impl Router {
             }
             Merge::Unchanged => {}
         }
+    }
+
+    /// Whether `peer`'s connections going from `old` to `new` can change
+    /// any of our routes. A link between two peers equally far from us (or
+    /// both unreachable) lies on no shortest path, so it changes neither a
+    /// distance nor a next hop: in a big cluster most links are of that
+    /// kind, and recomputing every route for each would dominate the cost.
+    fn links_matter(&self, peer: PeerName, old: &[PeerName], new: &[PeerName]) -> bool {
+        let changed = old
+            .iter()
+            .filter(|p| new.binary_search(p).is_err())
+            .chain(new.iter().filter(|p| old.binary_search(p).is_err()));
+        for &other in changed {
+            // Only mutual claims are links.
+            let mutual = self
+                .topology
+                .get(other)
+                .is_some_and(|e| e.connections.binary_search(&peer).is_ok());
+            if mutual
+                && (peer == self.me
+                    || other == self.me
+                    || self.routes.hops(peer) != self.routes.hops(other))
+            {
+                return true;
+            }
+        }
+        false
     }
 
     /// Anti-entropy, receiving side: send what the peer lacks, ask for what
@@ -887,10 +924,11 @@ impl Router {
         // Work that costs O(peers) or more (routes, learnt addresses, the
         // IPAM step) runs at most once per debounce interval, however many
         // entries change meanwhile: a starting 1,000-node cluster changes
-        // thousands of entries a second.
+        // thousands of entries a second. The interval stretches with the
+        // cluster like heartbeats do, as each run costs more.
         let dirty = self.routes_dirty || self.ipam_dirty || self.peers_dirty;
         if dirty && self.housekeeping_at.is_none() {
-            self.housekeeping_at = Some(now + HOUSEKEEPING_DEBOUNCE);
+            self.housekeeping_at = Some(now + HOUSEKEEPING_DEBOUNCE.mul_f64(self.stretch()));
         }
         self.connections
             .refresh_next_attempt(self.config.conn_limit);
