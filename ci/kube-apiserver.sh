@@ -17,7 +17,8 @@
 #                     No RBAC binding: tests grant it what the agent needs.
 #   etcd.log, kube-apiserver.log, *.pid, etcd/ (data), certs/, tokens.csv, sa.key
 # The API server listens on https://127.0.0.1:16443 (self-signed; the kubeconfigs
-# skip TLS verification), token auth, RBAC, ServiceAccount admission disabled.
+# skip TLS verification), token auth, RBAC, ServiceAccount admission disabled,
+# privileged containers allowed (as kubeadm does; the weft DaemonSet needs them).
 # etcd listens on http://127.0.0.1:12379 (peer 12380) with --unsafe-no-fsync.
 #
 # The binary is cached in the git-ignored .cache/kube/bin/kube-apiserver; a cold
@@ -317,7 +318,8 @@ start_apiserver() {
     --cert-dir="$dir/certs" --service-account-issuer=https://kubernetes.default.svc \
     --service-account-key-file="$dir/sa.pub" --service-account-signing-key-file="$dir/sa.key" \
     --service-cluster-ip-range=10.96.0.0/16 --token-auth-file="$dir/tokens.csv" \
-    --authorization-mode=RBAC --disable-admission-plugins=ServiceAccount
+    --authorization-mode=RBAC --disable-admission-plugins=ServiceAccount \
+    --allow-privileged=true
   wait_apiserver "$dir"
   log "kube-apiserver ready at $SERVER in $(since "$t") s"
 }

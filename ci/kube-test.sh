@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# weft's Kubernetes tests against a real kube-apiserver (ci/kube-apiserver.sh):
+# build the server (cached after the first time), start it, run the weft-kube
+# integration tests (kube/tests/apiserver.rs) with the admin and weft
+# kubeconfigs, check that the server accepts deploy/weft.yaml
+# (kubectl apply --dry-run=server), and always stop the server again.
+#
+#   bash ci/kube-test.sh [extra cargo test args]
+#
+# Env: KUBE_TEST_DIR (default /tmp/weft-kube) holds the server's state.
+# Needs root (apt, etcd) like ci/kube-apiserver.sh; kubectl comes with `build`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DIR=${KUBE_TEST_DIR:-/tmp/weft-kube}
+KUBE="bash ci/kube-apiserver.sh"
+
+$KUBE build
+trap '$KUBE down "$DIR"' EXIT
+$KUBE up "$DIR"
+
+echo "== kubectl apply --dry-run=server -f deploy/weft.yaml"
+kubectl --kubeconfig "$DIR/admin.kubeconfig" apply --dry-run=server -f deploy/weft.yaml
+
+echo "== weft-kube against kube-apiserver"
+WEFT_KUBE_TESTS=1 \
+    KUBECONFIG_ADMIN="$DIR/admin.kubeconfig" \
+    KUBECONFIG_WEFT="$DIR/weft.kubeconfig" \
+    cargo test -p weft-kube --test apiserver "$@" -- --test-threads=1

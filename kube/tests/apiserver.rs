@@ -1,0 +1,491 @@
+//! weft-kube against a real kube-apiserver (v1.20.2 from ci/kube-apiserver.sh).
+//!
+//! Skipped (each test prints a note and passes) unless:
+//!   WEFT_KUBE_TESTS=1
+//!   KUBECONFIG_ADMIN=/tmp/weft-kube/admin.kubeconfig   (system:masters)
+//!   KUBECONFIG_WEFT=/tmp/weft-kube/weft.kubeconfig     (the weft service account)
+//! `bash ci/kube-test.sh` sets all three. Run with `--test-threads=1`: one
+//! test stops and restarts the API server.
+//!
+//! Setup applies the RBAC objects of deploy/weft.yaml as admin; everything
+//! the crate does then runs with the weft token, so the tests prove the
+//! RBAC is enough. Only test fixtures (Nodes and their status, a crashed
+//! agent's Lease) are written as admin. The server restart runs
+//! `ci/kube-apiserver.sh stop-apiserver|start-apiserver` on the directory
+//! holding KUBECONFIG_ADMIN.
+
+mod common;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Api, Client, Resource};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use weft_kube::names::NAMESPACE;
+use weft_kube::reclaim::{Claim, lease_name, new_claim};
+use weft_kube::{
+    BoxError, NameMap, NodeChange, Outcome, ReclaimAction, ReclaimConfig, Reclaimer, condition,
+};
+
+struct Env {
+    admin: Client,
+    weft: Client,
+    kube_dir: PathBuf,
+}
+
+/// The clients, or `None` (test skipped) when the server is not configured.
+async fn env(test: &str) -> Option<Env> {
+    let vars = (
+        std::env::var("WEFT_KUBE_TESTS"),
+        std::env::var("KUBECONFIG_ADMIN"),
+        std::env::var("KUBECONFIG_WEFT"),
+    );
+    let (Ok(on), Ok(admin), Ok(weft)) = vars else {
+        eprintln!("{test}: skipped (set WEFT_KUBE_TESTS=1, KUBECONFIG_ADMIN, KUBECONFIG_WEFT)");
+        return None;
+    };
+    if on != "1" {
+        eprintln!("{test}: skipped (WEFT_KUBE_TESTS is not 1)");
+        return None;
+    }
+    let admin_path = PathBuf::from(admin);
+    let env = Env {
+        admin: weft_kube::connect_kubeconfig(&admin_path).await.unwrap(),
+        weft: weft_kube::connect_kubeconfig(Path::new(&weft))
+            .await
+            .unwrap(),
+        kube_dir: admin_path.parent().unwrap().to_path_buf(),
+    };
+    apply_rbac(&env.admin).await;
+    wait_until_authorized(&env.weft).await;
+    Some(env)
+}
+
+async fn apply<K>(api: Api<K>, obj: &K)
+where
+    K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+{
+    let name = obj.meta().name.clone().unwrap();
+    let pp = PatchParams::apply("weft-kube-test").force();
+    api.patch(&name, &pp, &Patch::Apply(obj)).await.unwrap();
+}
+
+/// Server-side apply of every RBAC object in deploy/weft.yaml, as admin.
+async fn apply_rbac(admin: &Client) {
+    let d = common::load();
+    for o in &d.service_accounts {
+        apply(Api::namespaced(admin.clone(), NAMESPACE), o).await;
+    }
+    for o in &d.roles {
+        apply(Api::namespaced(admin.clone(), NAMESPACE), o).await;
+    }
+    for o in &d.role_bindings {
+        apply(Api::namespaced(admin.clone(), NAMESPACE), o).await;
+    }
+    for o in &d.cluster_roles {
+        apply(Api::all(admin.clone()), o).await;
+    }
+    for o in &d.cluster_role_bindings {
+        apply(Api::all(admin.clone()), o).await;
+    }
+}
+
+/// RBAC changes reach the authorizer through an informer: wait for them.
+async fn wait_until_authorized(weft: &Client) {
+    let leases: Api<Lease> = Api::namespaced(weft.clone(), NAMESPACE);
+    for _ in 0..100 {
+        let nodes = weft_kube::list_nodes(weft).await;
+        let lease = leases.get_opt("weft-reclaim-probe").await;
+        if nodes.is_ok() && lease.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("weft service account never became authorized");
+}
+
+/// A node name no earlier run used.
+fn unique(tag: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("t-{tag}-{:x}", nanos % 0xffff_ffff_ffff)
+}
+
+/// Creates a Node and, as the kubelet would, reports its InternalIP.
+async fn create_node(admin: &Client, name: &str, ip: &str) {
+    let nodes: Api<Node> = Api::all(admin.clone());
+    let node = Node {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    nodes.create(&PostParams::default(), &node).await.unwrap();
+    let status = serde_json::json!({
+        "status": { "addresses": [{ "type": "InternalIP", "address": ip }] }
+    });
+    let pp = PatchParams::default();
+    nodes
+        .patch_status(name, &pp, &Patch::Merge(status))
+        .await
+        .unwrap();
+}
+
+async fn delete_node(admin: &Client, name: &str) {
+    let nodes: Api<Node> = Api::all(admin.clone());
+    let _ = nodes.delete(name, &DeleteParams::default()).await;
+}
+
+/// Polls `changes` until `want` holds, failing after `limit`.
+async fn wait_for<S>(changes: &mut S, limit: Duration, want: impl Fn(&NodeChange) -> bool)
+where
+    S: Stream<Item = NodeChange> + Unpin,
+{
+    let found = tokio::time::timeout(limit, async {
+        while let Some(change) = changes.next().await {
+            if want(&change) {
+                return;
+            }
+        }
+        panic!("node_changes ended");
+    });
+    found.await.expect("expected change within the limit");
+}
+
+fn peers_have(change: &NodeChange, name: &str) -> bool {
+    matches!(change, NodeChange::Peers(p) if p.iter().any(|p| p.node_name == name))
+}
+
+fn peers_lack(change: &NodeChange, name: &str) -> bool {
+    matches!(change, NodeChange::Peers(p) if !p.iter().any(|p| p.node_name == name))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_sees_nodes_come_and_go() {
+    let Some(env) = env("discovery_sees_nodes_come_and_go").await else {
+        return;
+    };
+    let (a, b) = (unique("disc-a"), unique("disc-b"));
+    create_node(&env.admin, &a, "192.0.2.11").await;
+
+    let list = weft_kube::list_nodes(&env.weft).await.unwrap();
+    assert!(list.node_names.contains(&a));
+    let pa = list.peers.iter().find(|p| p.node_name == a).unwrap();
+    assert_eq!(pa.addr.to_string(), "192.0.2.11");
+
+    let mut changes = Box::pin(weft_kube::node_changes(env.weft.clone()));
+    wait_for(&mut changes, Duration::from_secs(20), |c| peers_have(c, &a)).await;
+    create_node(&env.admin, &b, "192.0.2.12").await;
+    wait_for(&mut changes, Duration::from_secs(20), |c| peers_have(c, &b)).await;
+    delete_node(&env.admin, &a).await;
+    wait_for(&mut changes, Duration::from_secs(20), |c| {
+        *c == NodeChange::Deleted(a.clone())
+    })
+    .await;
+    wait_for(&mut changes, Duration::from_secs(20), |c| peers_lack(c, &a)).await;
+    delete_node(&env.admin, &b).await;
+}
+
+/// Counts calls; sleeps a little so racing agents overlap.
+#[derive(Clone, Default)]
+struct FakeReclaim {
+    calls: Arc<AtomicUsize>,
+}
+
+impl ReclaimAction for FakeReclaim {
+    async fn reclaim(&self, _peer: u64) -> Result<(), BoxError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Ok(())
+    }
+}
+
+fn reclaimer(weft: &Client, id: &str, action: &FakeReclaim) -> Reclaimer<FakeReclaim> {
+    let mut cfg = ReclaimConfig::new(id, 0x1);
+    cfg.poll = Duration::from_millis(300);
+    cfg.lease_duration = Duration::from_secs(30);
+    Reclaimer::new(weft.clone(), action.clone(), cfg)
+}
+
+fn test_peer() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    (nanos as u64) | 0x1000_0000_0000_0000
+}
+
+async fn lease_claim(weft: &Client, peer: u64) -> Option<Claim> {
+    let leases: Api<Lease> = Api::namespaced(weft.clone(), NAMESPACE);
+    leases
+        .get_opt(&lease_name(peer))
+        .await
+        .unwrap()
+        .as_ref()
+        .map(Claim::of)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_agents_race_and_exactly_one_reclaims() {
+    let Some(env) = env("three_agents_race_and_exactly_one_reclaims").await else {
+        return;
+    };
+    let node = unique("gone");
+    let peer = test_peer();
+    create_node(&env.admin, &node, "192.0.2.21").await;
+    let names = NameMap::new(env.weft.clone());
+    assert_eq!(names.register(&node, peer).await.unwrap(), None);
+    assert_eq!(names.register(&node, peer).await.unwrap(), None);
+
+    let fake = FakeReclaim::default();
+    let agents: Vec<_> = ["agent-1", "agent-2", "agent-3"]
+        .iter()
+        .map(|id| reclaimer(&env.weft, id, &fake))
+        .collect();
+    // While the Node exists, a (stale) delete event reclaims nothing.
+    assert_eq!(
+        agents[0].node_deleted(&node).await.unwrap(),
+        Outcome::NodeExists
+    );
+    delete_node(&env.admin, &node).await;
+
+    let (r1, r2, r3) = tokio::join!(
+        agents[0].node_deleted_until_settled(&node),
+        agents[1].node_deleted_until_settled(&node),
+        agents[2].node_deleted_until_settled(&node),
+    );
+    let outcomes = [r1.unwrap(), r2.unwrap(), r3.unwrap()];
+    eprintln!("outcomes: {outcomes:?}");
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+    let winners = outcomes
+        .iter()
+        .filter(|o| **o == Outcome::Reclaimed)
+        .count();
+    assert_eq!(winners, 1);
+    let claim = lease_claim(&env.weft, peer).await.unwrap();
+    assert!(claim.done);
+    assert_eq!(names.lookup(&node).await.unwrap(), None);
+
+    // The winner restarts (a new Reclaimer, same identity): nothing again.
+    let winner = outcomes
+        .iter()
+        .position(|o| *o == Outcome::Reclaimed)
+        .unwrap();
+    let id = claim.holder.unwrap();
+    assert_eq!(id, format!("agent-{}", winner + 1));
+    let restarted = reclaimer(&env.weft, &id, &fake);
+    assert_eq!(
+        restarted.node_deleted(&node).await.unwrap(),
+        Outcome::NoPeer
+    );
+    let again = restarted.reclaim_peer(&node, peer).await.unwrap();
+    assert_eq!(again, Outcome::AlreadyDone);
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+
+    // The bare Lease protocol, all three starting at the same instant: one
+    // create wins, the others see a live claim (the action takes 200 ms).
+    let peer = test_peer();
+    let (r1, r2, r3) = tokio::join!(
+        agents[0].reclaim_peer(&node, peer),
+        agents[1].reclaim_peer(&node, peer),
+        agents[2].reclaim_peer(&node, peer),
+    );
+    let outcomes = [r1.unwrap(), r2.unwrap(), r3.unwrap()];
+    eprintln!("bare race: {outcomes:?}");
+    let winners = outcomes
+        .iter()
+        .filter(|o| **o == Outcome::Reclaimed)
+        .count();
+    assert_eq!(winners, 1);
+    // AlreadyDone only if a loser was scheduled 200 ms late (loaded CI).
+    let losers = outcomes
+        .iter()
+        .filter(|o| matches!(o, Outcome::HeldByOther { .. } | Outcome::AlreadyDone));
+    assert_eq!(losers.count(), 2);
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
+}
+
+/// Writes a claim as if an agent had crashed after claiming.
+async fn crashed_claim(admin: &Client, node: &str, peer: u64, holder: &str, age: i64) {
+    let cfg = ReclaimConfig::new(holder, 0x2);
+    let when = weft_kube::reclaim::now()
+        .checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(age))
+        .unwrap();
+    let mut lease = new_claim(node, peer, &cfg, when);
+    lease.spec.as_mut().unwrap().renew_time = Some(MicroTime(when));
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), NAMESPACE);
+    leases.create(&PostParams::default(), &lease).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_claims_are_finished_or_taken_over() {
+    let Some(env) = env("unfinished_claims_are_finished_or_taken_over").await else {
+        return;
+    };
+    let fake = FakeReclaim::default();
+    let names = NameMap::new(env.weft.clone());
+
+    // The holder restarted mid-way: others wait, the holder finishes.
+    let (first, peer) = (unique("midway"), test_peer());
+    names.register(&first, peer).await.unwrap();
+    crashed_claim(&env.admin, &first, peer, "agent-a", 0).await;
+    let other = reclaimer(&env.weft, "agent-b", &fake);
+    let held = other.node_deleted(&first).await.unwrap();
+    assert!(matches!(held, Outcome::HeldByOther { ref holder, .. } if holder == "agent-a"));
+    let holder = reclaimer(&env.weft, "agent-a", &fake);
+    assert_eq!(
+        holder.node_deleted(&first).await.unwrap(),
+        Outcome::Reclaimed
+    );
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+
+    // The holder died for good: its claim expires and one agent takes over.
+    let (node, peer) = (unique("stale"), test_peer());
+    names.register(&node, peer).await.unwrap();
+    crashed_claim(&env.admin, &node, peer, "agent-dead", 3600).await;
+    let live = [
+        reclaimer(&env.weft, "agent-b", &fake),
+        reclaimer(&env.weft, "agent-c", &fake),
+    ];
+    let (r1, r2) = tokio::join!(
+        live[0].node_deleted_until_settled(&node),
+        live[1].node_deleted_until_settled(&node),
+    );
+    eprintln!("takeover outcomes: {r1:?} {r2:?}");
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
+    let claim = lease_claim(&env.weft, peer).await.unwrap();
+    assert!(claim.done);
+    assert_ne!(claim.holder.as_deref(), Some("agent-dead"));
+
+    // A sweep at start-up leaves settled nodes alone.
+    let live_nodes = weft_kube::list_nodes(&env.weft).await.unwrap().node_names;
+    let sweep_fake = FakeReclaim::default();
+    let swept = reclaimer(&env.weft, "agent-d", &sweep_fake)
+        .sweep(&live_nodes)
+        .await
+        .unwrap();
+    eprintln!("sweep (may include leftovers of earlier runs): {swept:?}");
+    assert!(!swept.contains_key(&node) && !swept.contains_key(&first));
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wiped_node_reports_its_previous_peer_name() {
+    let Some(env) = env("wiped_node_reports_its_previous_peer_name").await else {
+        return;
+    };
+    let names = NameMap::new(env.weft.clone());
+    let node = unique("wiped");
+    let (old, new) = (test_peer(), test_peer() ^ 0xff);
+    assert_eq!(names.register(&node, old).await.unwrap(), None);
+    assert_eq!(names.register(&node, new).await.unwrap(), Some(old));
+    assert_eq!(names.lookup(&node).await.unwrap(), Some(new));
+    assert!(
+        !names.remove(&node, old).await.unwrap(),
+        "entry names the new peer"
+    );
+    assert!(names.remove(&node, new).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_condition_is_set() {
+    let Some(env) = env("network_condition_is_set").await else {
+        return;
+    };
+    let node = unique("cond");
+    create_node(&env.admin, &node, "192.0.2.31").await;
+    weft_kube::set_network_available(&env.weft, &node)
+        .await
+        .unwrap();
+    let nodes: Api<Node> = Api::all(env.admin.clone());
+    let read = nodes.get(&node).await.unwrap();
+    let c = condition::network_condition(&read).unwrap().clone();
+    assert_eq!(c.status, "False");
+    assert_eq!(c.reason.as_deref(), Some("WeftIsUp"));
+    assert!(c.last_transition_time.is_some());
+    // Addresses reported by the "kubelet" survive the strategic merge.
+    assert!(weft_kube::peer_of(&read).is_some());
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    weft_kube::set_network_available(&env.weft, &node)
+        .await
+        .unwrap();
+    let again = nodes.get(&node).await.unwrap();
+    let c2 = condition::network_condition(&again).unwrap();
+    assert_eq!(c2.last_transition_time, c.last_transition_time);
+    assert_ne!(c2.last_heartbeat_time, c.last_heartbeat_time);
+    delete_node(&env.admin, &node).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weft_token_has_no_more_than_it_needs() {
+    let Some(env) = env("weft_token_has_no_more_than_it_needs").await else {
+        return;
+    };
+    let secrets: Api<Secret> = Api::namespaced(env.weft.clone(), NAMESPACE);
+    let denied = secrets.list(&Default::default()).await.unwrap_err();
+    assert!(matches!(denied, kube::Error::Api(s) if s.code == 403));
+    let nodes: Api<Node> = Api::all(env.weft.clone());
+    let denied = nodes.delete("no-such-node", &DeleteParams::default()).await;
+    assert!(matches!(denied, Err(kube::Error::Api(s)) if s.code == 403));
+}
+
+fn kube_script(dir: &Path, verb: &str) -> impl Future<Output = ()> + use<> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ci/kube-apiserver.sh");
+    let dir = dir.to_path_buf();
+    let verb = verb.to_string();
+    async move {
+        let status = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("bash")
+                .arg(script)
+                .arg(&verb)
+                .arg(dir)
+                .status()
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(status.success(), "kube-apiserver.sh failed: {status}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_survives_api_server_restart() {
+    let Some(env) = env("watch_survives_api_server_restart").await else {
+        return;
+    };
+    let before = unique("before");
+    create_node(&env.admin, &before, "192.0.2.41").await;
+    let mut changes = Box::pin(weft_kube::node_changes(env.weft.clone()));
+    wait_for(&mut changes, Duration::from_secs(20), |c| {
+        peers_have(c, &before)
+    })
+    .await;
+
+    kube_script(&env.kube_dir, "stop-apiserver").await;
+    // Keep polling while the server is gone: errors must not end the stream.
+    let quiet = tokio::time::timeout(Duration::from_secs(4), changes.next()).await;
+    assert!(quiet.is_err(), "no change while the API server is down");
+    kube_script(&env.kube_dir, "start-apiserver").await;
+
+    let after = unique("after");
+    create_node(&env.admin, &after, "192.0.2.42").await;
+    wait_for(&mut changes, Duration::from_secs(90), |c| {
+        peers_have(c, &after)
+    })
+    .await;
+    delete_node(&env.admin, &before).await;
+    delete_node(&env.admin, &after).await;
+}
