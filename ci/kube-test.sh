@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # weft's Kubernetes tests against a real kube-apiserver (ci/kube-apiserver.sh):
 # build the server (cached after the first time), start it, run the weft-kube
-# integration tests (kube/tests/apiserver.rs) with the admin and weft
+# integration tests (kube/tests/apiserver.rs) and the agent's
+# (node/tests/kube.rs: `weft router --kube`) with the admin and weft
 # kubeconfigs, check that the server accepts deploy/weft.yaml
 # (kubectl apply --dry-run=server), and always stop the server again.
 #
@@ -27,3 +28,11 @@ WEFT_KUBE_TESTS=1 \
     KUBECONFIG_ADMIN="$DIR/admin.kubeconfig" \
     KUBECONFIG_WEFT="$DIR/weft.kubeconfig" \
     cargo test -p weft-kube --test apiserver "$@" -- --test-threads=1
+
+echo "== weft router --kube: three agents on loopback"
+kubectl --kubeconfig "$DIR/admin.kubeconfig" apply -f deploy/weft.yaml 2>&1 >/dev/null |
+    grep -v 'last-applied-configuration' >&2 || true
+WEFT_KUBE_TESTS=1 \
+    KUBECONFIG_ADMIN="$DIR/admin.kubeconfig" \
+    KUBECONFIG_WEFT="$DIR/weft.kubeconfig" \
+    cargo test -p weft --test kube "$@"

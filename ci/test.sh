@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The project's test command (README: "Run the tests"): every crate's tests,
 # then, as root, the netns lab (real agents, kernel VXLAN and the sleeve,
-# pods pinging).
-# WEFT_SKIP_LAB=1 skips the lab.
+# pods pinging), and the Kubernetes tests against a real kube-apiserver
+# (built from Debian's source once, cached in .cache/kube).
+# WEFT_SKIP_LAB=1 skips the lab; WEFT_SKIP_KUBE=1 the API server tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo test --workspace --locked "$@"
@@ -22,3 +23,11 @@ DATAPATH=sleeve WEFT_PASSWORD=lab-secret bash ci/lab.sh test 3
 echo "== CNI chain through libcni (cnitool): weft-cni, portmap, loopback"
 bash ci/cnitool.sh >/dev/null
 bash ci/cni-chain.sh weft
+if [ "${WEFT_SKIP_KUBE:-0}" = 1 ]; then
+    echo "== Kubernetes tests skipped (WEFT_SKIP_KUBE=1)"
+elif [ "$(id -u)" != 0 ] && [ ! -x .cache/kube/bin/kube-apiserver ]; then
+    echo "== Kubernetes tests skipped (building kube-apiserver needs root once)"
+else
+    echo "== Kubernetes: weft-kube and weft router --kube against kube-apiserver"
+    bash ci/kube-test.sh
+fi

@@ -100,6 +100,9 @@ pub enum Command {
     },
     /// Another address to connect to.
     AddPeer(SocketAddr),
+    /// An address not to try any more (a Node that left the cluster);
+    /// addresses learnt from gossip stay.
+    ForgetPeerAddress(SocketAddr),
 }
 
 /// Why the loop stopped.
@@ -215,6 +218,7 @@ impl<D: Datagrams, H: Host> Driver<D, H> {
                 self.answer(reply, result);
             }
             Command::AddPeer(address) => router.add_peer_address(now, address),
+            Command::ForgetPeerAddress(address) => router.remove_peer_address(address),
         }
     }
 

@@ -79,6 +79,8 @@ pub mod reclaim;
 pub use client::{connect, connect_kubeconfig};
 pub use condition::set_network_available;
 pub use error::{BoxError, Error, Result};
+/// The API client, for callers that do not depend on kube themselves.
+pub use kube::Client;
 pub use names::NameMap;
 pub use peers::{
     NodeChange, NodeList, NodeTracker, Peer, list_nodes, node_changes, peer_of, peers_of,

@@ -14,6 +14,7 @@ use std::io;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
+use weft_core::ipam::IpamInit;
 use weft_core::{Event, PersistedState, Router, Time};
 use weft_driver::{Datagrams, Driver, Host};
 
@@ -70,6 +71,8 @@ pub enum StartError {
     Random(io::Error),
     #[error(transparent)]
     Driver(#[from] weft_driver::DriverError),
+    #[error("--kube: {0} (run without --kube, or give a KUBECONFIG)")]
+    Kube(weft_kube::Error),
     #[error(
         "cannot program the kernel dataplane: {0} (use --datapath none to run the control plane alone)"
     )]
@@ -134,10 +137,22 @@ pub fn run(args: RouterArgs) -> Result<(), StartError> {
     local.block_on(&runtime, run_async(args))
 }
 
-async fn run_async(args: RouterArgs) -> Result<(), StartError> {
-    let peers = args.peer_addresses()?;
+async fn run_async(mut args: RouterArgs) -> Result<(), StartError> {
+    let mut peers = args.peer_addresses()?;
+    let kube = match args.use_kube() {
+        true => Some(
+            crate::kubernetes::connect()
+                .await
+                .map_err(StartError::Kube)?,
+        ),
+        false => None,
+    };
+    if let Some(nodes) = kube.as_ref().and_then(|k| k.nodes.as_ref()) {
+        adopt_nodes(&mut args, &mut peers, nodes);
+    }
     let config = args.core_config(&peers)?;
     let config_address = config.address;
+    peers.retain(|p| *p != config_address);
     let store = Store::open(&args.data_dir)?;
     let saved = store.load()?;
     let restored = saved.is_some();
@@ -203,6 +218,7 @@ async fn run_async(args: RouterArgs) -> Result<(), StartError> {
         metrics: Rc::new(Metrics::default()),
         dataplane: dataplane.clone(),
     };
+    let ready_api = api.clone();
     tokio::task::spawn_local(api::serve(listener, api));
     tokio::task::spawn_local(http::serve(status_listener, server));
     if let Some(kernel) = kernel {
@@ -212,6 +228,17 @@ async fn run_async(args: RouterArgs) -> Result<(), StartError> {
             _ => Overlay::Fastdp { sleeve },
         };
         tokio::task::spawn_local(follow_routes(kernel, router, events, bridge, mtu, overlay));
+    }
+    if let Some(kube) = kube {
+        let agent = crate::kubernetes::Agent {
+            node_name: args.kube_node_name(),
+            me: weft_driver::lock(&shared).name(),
+            own_address: config_address.ip(),
+            port: args.listen.port(),
+            commands: commands.clone(),
+            ready: Box::new(move || ready_api.status().ready),
+        };
+        crate::kubernetes::spawn(kube, agent);
     }
     let host = AgentHost {
         store,
@@ -228,6 +255,34 @@ async fn run_async(args: RouterArgs) -> Result<(), StartError> {
     drop(commands);
     let _ = std::fs::remove_file(&args.socket);
     result
+}
+
+/// Takes the Node list's view of the cluster: every Node's address is a
+/// peer, this node's own Node gives the advertised address, and the Node
+/// count is the quorum for seeding (unless flags say otherwise).
+fn adopt_nodes(
+    args: &mut RouterArgs,
+    peers: &mut Vec<std::net::SocketAddr>,
+    nodes: &weft_kube::NodeList,
+) {
+    let own = args.kube_node_name();
+    if args.advertise_addr.is_none() && args.listen.ip().is_unspecified() {
+        args.advertise_addr = nodes
+            .peers
+            .iter()
+            .find(|p| p.node_name == own)
+            .map(|p| p.addr);
+    }
+    if args.ipalloc_init == IpamInit::Consensus(None) {
+        args.ipalloc_init = IpamInit::Consensus(Some(nodes.node_names.len().max(1)));
+    }
+    let port = args.listen.port();
+    for p in nodes.peers.iter().filter(|p| p.node_name != own) {
+        let address = std::net::SocketAddr::new(p.addr, port);
+        if !peers.contains(&address) {
+            peers.push(address);
+        }
+    }
 }
 
 /// Pod MTU: the underlay's minus the VXLAN overhead (1450 on a 1500

@@ -3,7 +3,9 @@
 mod agent;
 mod api;
 mod http;
+mod install;
 mod kernel;
+mod kubernetes;
 mod masquerade;
 mod metrics;
 mod offload;
@@ -51,6 +53,9 @@ enum Command {
     /// Delete weft's kernel devices (bridge `weft`, `weft-vxlan`) and
     /// routes from this node; stop the agent first. Pods lose the network.
     Reset,
+    /// Copy the CNI plugin and its conflist onto this node (what the
+    /// DaemonSet's init container runs); atomic and idempotent.
+    InstallCni(install::InstallArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -94,6 +99,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::InstallCni(args) => install::main(args),
         Command::Reset => {
             use weft_dataplane::Dataplane;
             match weft_dataplane::LinuxDataplane::new().and_then(|mut d| d.teardown()) {

@@ -61,6 +61,16 @@ pub struct RouterArgs {
     /// Name of the bridge pods attach to.
     #[arg(long, env = "WEFT_BRIDGE", default_value = "weft")]
     pub bridge: String,
+    /// Take peers from the Kubernetes API's Nodes, record this node's peer
+    /// name, reclaim deleted Nodes' space and set the Node condition
+    /// (in-cluster config in a pod, else KUBECONFIG) [default: on inside a
+    /// pod, i.e. when KUBERNETES_SERVICE_HOST is set]
+    #[arg(long, env = "WEFT_KUBE", num_args = 0..=1, default_missing_value = "true")]
+    pub kube: Option<bool>,
+    /// This node's Node name in Kubernetes (the DaemonSet passes
+    /// spec.nodeName) [default: --name, else the hostname]
+    #[arg(long, env = "WEFT_NODE_NAME")]
+    pub node_name: Option<String>,
     /// Log lines as `text` or `json` (levels: RUST_LOG, default info).
     #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -126,6 +136,17 @@ impl RouterArgs {
                 .filter(|h| !h.is_empty())
                 .unwrap_or_else(|| "weft".to_string())
         })
+    }
+
+    /// Whether to use the Kubernetes API: --kube, else inside a pod.
+    pub fn use_kube(&self) -> bool {
+        self.kube
+            .unwrap_or_else(|| std::env::var_os("KUBERNETES_SERVICE_HOST").is_some())
+    }
+
+    /// The Node name: --node-name, else the node's name.
+    pub fn kube_node_name(&self) -> String {
+        self.node_name.clone().unwrap_or_else(|| self.nickname())
     }
 
     /// Peer addresses, resolved; the port defaults to 6783.
