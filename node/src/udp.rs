@@ -144,8 +144,9 @@ pub fn send_segments(
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.0.as_mut_ptr().cast();
-    // SAFETY: CMSG_SPACE only computes a size.
-    msg.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as usize;
+    // SAFETY: CMSG_SPACE only computes a size. (`as _`: size_t on glibc,
+    // socklen_t on musl, here and for cmsg_len.)
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as _;
     // SAFETY: msg_control points at 64 aligned bytes, more than
     // CMSG_SPACE(2), so the first header and its 2 data bytes are in
     // bounds; CMSG_FIRSTHDR is non-null because msg_controllen covers a
@@ -155,7 +156,7 @@ pub fn send_segments(
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
         (*cmsg).cmsg_level = libc::SOL_UDP;
         (*cmsg).cmsg_type = UDP_SEGMENT;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as usize;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
         std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), segment);
         libc::sendmsg(socket.as_raw_fd(), &msg, 0)
     };
@@ -185,7 +186,7 @@ pub fn recv_coalesced(
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.0.as_mut_ptr().cast();
-    msg.msg_controllen = control.0.len();
+    msg.msg_controllen = control.0.len() as _;
     // SAFETY: every pointer in msg is to a live buffer of the stated
     // length, which the kernel writes within.
     let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, 0) };
