@@ -52,11 +52,6 @@ pub trait Host {
     fn sent(&mut self, _now: Time, _transmit: &Transmit) {}
     /// A socket error; the loop carries on.
     fn socket_error(&mut self, _error: &io::Error) {}
-    /// A received datagram, before the router sees it: `true` takes it
-    /// (the sleeve dataplane's pod packets share the control port).
-    fn intercept(&mut self, _from: SocketAddr, _bytes: &[u8]) -> bool {
-        false
-    }
 }
 
 /// The router, shared with readers (status pages, simulator checks). Only
@@ -175,9 +170,6 @@ impl<D: Datagrams, H: Host> Driver<D, H> {
                 },
                 received = self.socket.recv_from(&mut buf) => match received {
                     Ok((n, from)) => {
-                        if self.host.intercept(from, &buf[..n]) {
-                            continue;
-                        }
                         let now = self.now();
                         lock(&self.router).handle_datagram(now, from, &buf[..n]);
                     }
