@@ -271,6 +271,14 @@ impl Ipam {
     }
 
     /// Blocks this node owns.
+    /// Whether `address` is in this node's space.
+    fn owns(&self, address: Ipv4Addr) -> bool {
+        match &self.mode {
+            IpamMode::Ring(_) => self.ring.owner_of(address) == Some(self.me),
+            IpamMode::NodeCidr(cidr) => cidr.is_some_and(|c| c.contains(&address)),
+        }
+    }
+
     pub fn own_blocks(&self) -> Vec<Ipv4Net> {
         match &self.mode {
             IpamMode::Ring(_) => self.ring.blocks_of(self.me),
@@ -708,11 +716,13 @@ impl Ipam {
     /// conflicts, reported (never silently dropped).
     fn after_ring_change(&mut self) {
         self.ring_summary = self.ring.summary();
-        let own = self.own_blocks();
+        // A lookup per allocation, not a scan of the ring: a ring of
+        // thousands of blocks changes thousands of times while a cluster
+        // starts.
         let outside: Vec<(String, Ipv4Addr)> = self
             .space
             .iter()
-            .filter(|(_, a)| !own.iter().any(|b| b.contains(a)))
+            .filter(|(_, a)| !self.owns(*a))
             .map(|(c, a)| (c.to_string(), a))
             .collect();
         for (container, address) in outside {
