@@ -426,6 +426,11 @@ async fn ensure_vxlan(h: &Handle, vx: &VxlanSpec) -> Result<u32, DataplaneError>
                 .local(vx.local)
                 // weft programs every FDB entry itself; see the crate docs.
                 .learning(false)
+                // No outer UDP checksum (Linux's own default for VXLAN over
+                // IPv4, and flannel's): the inner packet carries its own,
+                // and where the underlay cannot offload tunnel checksums
+                // (veth) computing it costs ~6% of throughput.
+                .udp_csum(false)
                 .mtu(vx.mtu)
                 .address(vx.mac.to_vec())
                 .up();
