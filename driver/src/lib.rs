@@ -12,6 +12,7 @@
 //! input that changed it and *before* any datagram is sent or any command
 //! is answered, so an acknowledged allocation survives a `kill -9`.
 
+use ipnet::Ipv4Net;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
@@ -98,6 +99,8 @@ pub enum Command {
     /// An address not to try any more (a Node that left the cluster);
     /// addresses learnt from gossip stay.
     ForgetPeerAddress(SocketAddr),
+    /// This node's podCIDR (node-cidr mode), once Kubernetes assigns it.
+    SetPodCidr(Ipv4Net),
 }
 
 /// Why the loop stopped.
@@ -211,6 +214,7 @@ impl<D: Datagrams, H: Host> Driver<D, H> {
             }
             Command::AddPeer(address) => router.add_peer_address(now, address),
             Command::ForgetPeerAddress(address) => router.remove_peer_address(address),
+            Command::SetPodCidr(cidr) => router.set_pod_cidr(now, cidr),
         }
     }
 

@@ -6,7 +6,7 @@ use crate::api::{self, Api};
 use crate::http::{self, StatusServer};
 use crate::kernel::{KernelSync, Overlay};
 use crate::metrics::Metrics;
-use crate::settings::{Datapath, RouterArgs};
+use crate::settings::{Datapath, IpamKind, RouterArgs};
 use crate::sleeve::{ControlSocket, Sleeve, Tun};
 use crate::store::Store;
 use serde::Serialize;
@@ -232,6 +232,10 @@ async fn run_async(mut args: RouterArgs) -> Result<(), StartError> {
     if let Some(kube) = kube {
         let agent = crate::kubernetes::Agent {
             node_name: args.kube_node_name(),
+            pod_cidr: (args.ipam == IpamKind::NodeCidr).then_some(crate::kubernetes::PodCidr {
+                current: args.pod_cidr,
+                range: args.ipalloc_range,
+            }),
             me: weft_driver::lock(&shared).name(),
             own_address: config_address.ip(),
             port: args.listen.port(),
@@ -275,6 +279,9 @@ fn adopt_nodes(
     }
     if args.ipalloc_init == IpamInit::Consensus(None) {
         args.ipalloc_init = IpamInit::Consensus(Some(nodes.node_names.len().max(1)));
+    }
+    if args.ipam == IpamKind::NodeCidr && args.pod_cidr.is_none() {
+        args.pod_cidr = crate::kubernetes::own_pod_cidr(&nodes.peers, &own);
     }
     let port = args.listen.port();
     for p in nodes.peers.iter().filter(|p| p.node_name != own) {

@@ -7,6 +7,7 @@
 //! without the API server (with its saved state and `--peer` addresses),
 //! and losing the API server later only delays peer updates and reclaims.
 
+use ipnet::Ipv4Net;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -83,9 +84,41 @@ impl ReclaimAction for RemovePeer {
     }
 }
 
+/// This node's podCIDR as its Node says, for `--ipam node-cidr`.
+pub fn own_pod_cidr<'a>(
+    nodes: impl IntoIterator<Item = &'a weft_kube::Peer>,
+    node_name: &str,
+) -> Option<Ipv4Net> {
+    let text = nodes
+        .into_iter()
+        .find(|p| p.node_name == node_name)?
+        .pod_cidr
+        .as_deref()?;
+    match text.parse::<Ipv4Net>() {
+        Ok(cidr) => Some(cidr.trunc()),
+        Err(_) => {
+            tracing::warn!(
+                node_name,
+                "kube: Node's podCIDR {text:?} is not an IPv4 prefix"
+            );
+            None
+        }
+    }
+}
+
+/// Node-cidr mode's view of this node's podCIDR.
+pub struct PodCidr {
+    /// The podCIDR the router has, if any.
+    pub current: Option<Ipv4Net>,
+    /// --ipalloc-range, which a podCIDR must be inside.
+    pub range: Ipv4Net,
+}
+
 /// What the Kubernetes tasks need from the agent.
 pub struct Agent {
     pub node_name: String,
+    /// `Some` in node-cidr mode.
+    pub pod_cidr: Option<PodCidr>,
     pub me: PeerName,
     pub own_address: IpAddr,
     pub port: u16,
@@ -118,8 +151,12 @@ pub fn spawn(start: Start, agent: Agent) {
         client.clone(),
         reclaimer,
         known,
-        agent.own_address,
-        agent.port,
+        Own {
+            node_name: agent.node_name.clone(),
+            address: agent.own_address,
+            port: agent.port,
+            pod_cidr: agent.pod_cidr,
+        },
         agent.commands,
     ));
     tokio::task::spawn_local(report_ready(client, agent.node_name, agent.ready));
@@ -147,13 +184,47 @@ async fn register(client: Client, reclaimer: Reclaimer<RemovePeer>, node: String
     .await;
 }
 
+/// This node, as `follow_nodes` needs it.
+struct Own {
+    node_name: String,
+    address: IpAddr,
+    port: u16,
+    pod_cidr: Option<PodCidr>,
+}
+
+impl Own {
+    /// A podCIDR the Node gained (Kubernetes assigns it after the Node
+    /// registers), if the router should take it.
+    fn new_pod_cidr(&mut self, peers: &BTreeSet<weft_kube::Peer>) -> Option<Ipv4Net> {
+        let state = self.pod_cidr.as_mut()?;
+        let cidr = own_pod_cidr(peers, &self.node_name)?;
+        if state.current == Some(cidr) {
+            return None;
+        }
+        if let Some(old) = state.current {
+            // Kubernetes never changes a podCIDR; a recreated Node might.
+            tracing::warn!(%old, new = %cidr, "kube: this Node's podCIDR changed; keeping the old one until the agent restarts");
+            return None;
+        }
+        if !state.range.contains(&cidr) {
+            let e = crate::settings::SettingsError::PodCidrOutsideRange {
+                pod_cidr: cidr,
+                range: state.range,
+            };
+            tracing::error!("kube: not taking this Node's podCIDR: {e}");
+            return None;
+        }
+        state.current = Some(cidr);
+        Some(cidr)
+    }
+}
+
 /// Keeps the peer list equal to the Nodes', and reclaims deleted ones.
 async fn follow_nodes(
     client: Client,
     reclaimer: Reclaimer<RemovePeer>,
     mut known: BTreeSet<SocketAddr>,
-    own: IpAddr,
-    port: u16,
+    mut own: Own,
     commands: mpsc::UnboundedSender<Command>,
 ) {
     use futures_util::StreamExt;
@@ -161,10 +232,14 @@ async fn follow_nodes(
     while let Some(change) = changes.next().await {
         match change {
             NodeChange::Peers(peers) => {
+                if let Some(cidr) = own.new_pod_cidr(&peers) {
+                    tracing::info!(%cidr, "kube: this Node's podCIDR is assigned");
+                    let _ = commands.send(Command::SetPodCidr(cidr));
+                }
                 let now: BTreeSet<SocketAddr> = peers
                     .iter()
-                    .filter(|p| p.addr != own)
-                    .map(|p| SocketAddr::new(p.addr, port))
+                    .filter(|p| p.addr != own.address)
+                    .map(|p| SocketAddr::new(p.addr, own.port))
                     .collect();
                 for added in now.difference(&known) {
                     let _ = commands.send(Command::AddPeer(*added));

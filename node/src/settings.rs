@@ -34,6 +34,16 @@ pub struct RouterArgs {
     /// this node) or `observer` (never seed; wait for a ring from others).
     #[arg(long, env = "IPALLOC_INIT", default_value = "consensus", value_parser = parse_ipalloc_init)]
     pub ipalloc_init: IpamInit,
+    /// Where this node's pod addresses come from: `ring` (a share of
+    /// --ipalloc-range, agreed by gossip) or `node-cidr` (exactly this
+    /// node's podCIDR: --pod-cidr, else the Node's `spec.podCIDR` with
+    /// --kube; allocations wait until it is known).
+    #[arg(long, env = "WEFT_IPAM", value_enum, default_value_t = IpamKind::Ring)]
+    pub ipam: IpamKind,
+    /// This node's podCIDR in `--ipam node-cidr` mode (within
+    /// --ipalloc-range); with --kube it comes from the Node.
+    #[arg(long, env = "WEFT_POD_CIDR")]
+    pub pod_cidr: Option<Ipv4Net>,
     /// Dataplane: `fastdp` (kernel VXLAN), `sleeve` (userspace UDP
     /// tunnel) or `none` (control plane only).
     #[arg(long, env = "WEFT_DATAPATH", value_enum, default_value_t = Datapath::Fastdp)]
@@ -84,6 +94,12 @@ pub enum Datapath {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum IpamKind {
+    Ring,
+    NodeCidr,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
     Json,
@@ -105,6 +121,11 @@ pub enum SettingsError {
         "cannot tell which address other peers reach this node on: --listen is unspecified and there is no --peer to route to; set --advertise-addr"
     )]
     NoAdvertiseAddress,
+    // Pods outside the range would be masqueraded, and not routed as pods.
+    #[error(
+        "podCIDR {pod_cidr} is not inside --ipalloc-range {range}: set --ipalloc-range to the cluster's pod network (kube-controller-manager --cluster-cidr)"
+    )]
+    PodCidrOutsideRange { pod_cidr: Ipv4Net, range: Ipv4Net },
     #[error("{0}")]
     Config(#[from] weft_core::config::ConfigError),
 }
@@ -214,13 +235,32 @@ impl RouterArgs {
             .ok_or(SettingsError::NoAdvertiseAddress)
     }
 
+    /// Whether `cidr` may be this node's podCIDR.
+    pub fn check_pod_cidr(&self, cidr: Ipv4Net) -> Result<(), SettingsError> {
+        match self.ipalloc_range.contains(&cidr) {
+            true => Ok(()),
+            false => Err(SettingsError::PodCidrOutsideRange {
+                pod_cidr: cidr,
+                range: self.ipalloc_range,
+            }),
+        }
+    }
+
     /// The core configuration these flags describe.
     pub fn core_config(&self, peers: &[SocketAddr]) -> Result<Config, SettingsError> {
         let mut config = Config::new(self.nickname(), self.advertised(peers)?);
         config.conn_limit = self.conn_limit;
         config.secret = self.secret()?;
         config.ipalloc_range = self.ipalloc_range;
-        config.ipam = IpamMode::Ring(self.ipalloc_init);
+        config.ipam = match self.ipam {
+            IpamKind::Ring => IpamMode::Ring(self.ipalloc_init),
+            IpamKind::NodeCidr => {
+                if let Some(cidr) = self.pod_cidr {
+                    self.check_pod_cidr(cidr)?;
+                }
+                IpamMode::NodeCidr(self.pod_cidr)
+            }
+        };
         config.validate()?;
         Ok(config)
     }
@@ -312,5 +352,36 @@ mod tests {
         let a = parse(&["--listen", "127.0.0.1:6783", "--conn-limit", "500"]).unwrap();
         let e = a.core_config(&[]).unwrap_err().to_string();
         assert!(e.contains("500"), "{e}");
+    }
+
+    #[test]
+    fn node_cidr_mode_takes_a_pod_cidr_inside_the_range() {
+        let a = parse(&["--listen", "127.0.0.1:6783", "--ipam", "node-cidr"]).unwrap();
+        assert_eq!(a.core_config(&[]).unwrap().ipam, IpamMode::NodeCidr(None));
+        let a = parse(&[
+            "--listen",
+            "127.0.0.1:6783",
+            "--ipam",
+            "node-cidr",
+            "--pod-cidr",
+            "10.32.5.0/24",
+        ])
+        .unwrap();
+        let cidr: Ipv4Net = "10.32.5.0/24".parse().unwrap();
+        assert_eq!(
+            a.core_config(&[]).unwrap().ipam,
+            IpamMode::NodeCidr(Some(cidr))
+        );
+        let a = parse(&[
+            "--listen",
+            "127.0.0.1:6783",
+            "--ipam",
+            "node-cidr",
+            "--pod-cidr",
+            "10.244.5.0/24",
+        ])
+        .unwrap();
+        let e = a.core_config(&[]).unwrap_err().to_string();
+        assert!(e.contains("not inside --ipalloc-range 10.32.0.0/12"), "{e}");
     }
 }

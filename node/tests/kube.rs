@@ -4,12 +4,15 @@
 //! ring, set their Node condition, and the space of a Node deleted after
 //! its agent died is reclaimed by the others.
 //!
+//! A second test runs two agents in node-cidr mode (podCIDRs from the
+//! Nodes) through an API server stop and start.
+//!
 //! Skipped (prints a note and passes) unless WEFT_KUBE_TESTS=1 and
 //! KUBECONFIG_ADMIN / KUBECONFIG_WEFT name the server's kubeconfigs. The
 //! agents run with the weft service account's token; deploy/weft.yaml's
 //! RBAC must be applied (ci/kube-test.sh does).
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, NodeSpec};
 use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use std::io::{Read, Write};
@@ -35,7 +38,7 @@ fn free_port() -> u16 {
     s.local_addr().unwrap().port()
 }
 
-fn start(name: &str, ip: &str, port: u16, dir: &Path, kubeconfig: &str) -> Agent {
+fn start(name: &str, ip: &str, port: u16, dir: &Path, kubeconfig: &str, extra: &[&str]) -> Agent {
     let data = dir.join(name);
     let status = format!("{ip}:{port}");
     let child = Command::new(env!("CARGO_BIN_EXE_weft"))
@@ -47,6 +50,7 @@ fn start(name: &str, ip: &str, port: u16, dir: &Path, kubeconfig: &str) -> Agent
             "--ipalloc-init",
             "consensus=3",
         ])
+        .args(extra)
         .args(["--name", name, "--node-name", name])
         .args([
             "--listen",
@@ -90,13 +94,17 @@ async fn eventually(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
     }
 }
 
-async fn create_node(admin: &Client, name: &str, ip: &str) {
+async fn create_node(admin: &Client, name: &str, ip: &str, pod_cidr: Option<&str>) {
     let nodes: Api<Node> = Api::all(admin.clone());
     let node = Node {
         metadata: ObjectMeta {
             name: Some(name.into()),
             ..Default::default()
         },
+        spec: Some(NodeSpec {
+            pod_cidr: pod_cidr.map(Into::into),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     nodes.create(&PostParams::default(), &node).await.unwrap();
@@ -133,8 +141,16 @@ fn owned_by(status: &str, nickname: &str) -> Option<u64> {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agents_find_each_other_through_nodes_and_reclaim_a_deleted_one() {
+/// The API server's clients, or `None` (test skipped).
+struct Server {
+    admin: Client,
+    /// The weft service account's kubeconfig, for the agents.
+    weft: String,
+    /// Where ci/kube-apiserver.sh keeps the server (stop/start).
+    dir: std::path::PathBuf,
+}
+
+async fn server() -> Option<Server> {
     let on = std::env::var("WEFT_KUBE_TESTS").is_ok_and(|v| v == "1");
     let (true, Ok(admin), Ok(weft)) = (
         on,
@@ -142,11 +158,24 @@ async fn agents_find_each_other_through_nodes_and_reclaim_a_deleted_one() {
         std::env::var("KUBECONFIG_WEFT"),
     ) else {
         eprintln!("skipped: set WEFT_KUBE_TESTS=1, KUBECONFIG_ADMIN and KUBECONFIG_WEFT");
-        return;
+        return None;
     };
+    let dir = Path::new(&admin).parent()?.to_path_buf();
     let admin = weft_kube::connect_kubeconfig(Path::new(&admin))
         .await
         .unwrap();
+    Some(Server { admin, weft, dir })
+}
+
+fn ready(agent: &Agent) -> bool {
+    get(&agent.status, "/readyz").is_some_and(|(code, _)| code == 200)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_find_each_other_through_nodes_and_reclaim_a_deleted_one() {
+    let Some(Server { admin, weft, .. }) = server().await else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let tag = std::process::id();
     let names: Vec<String> = ["a", "b", "c"]
@@ -155,22 +184,19 @@ async fn agents_find_each_other_through_nodes_and_reclaim_a_deleted_one() {
         .collect();
     let ips = ["127.0.0.21", "127.0.0.22", "127.0.0.23"];
     for (name, ip) in names.iter().zip(ips) {
-        create_node(&admin, name, ip).await;
+        create_node(&admin, name, ip, None).await;
     }
     let port = free_port();
     let mut agents: Vec<Agent> = names
         .iter()
         .zip(ips)
-        .map(|(name, ip)| start(name, ip, port, dir.path(), &weft))
+        .map(|(name, ip)| start(name, ip, port, dir.path(), &weft, &[]))
         .collect();
 
     // No --peer: only the Nodes tell them about each other, and the ring
     // (consensus=3) seeds only once all three are connected.
     for a in &agents {
-        eventually("every agent ready", Duration::from_secs(60), || {
-            get(&a.status, "/readyz").is_some_and(|(code, _)| code == 200)
-        })
-        .await;
+        eventually("every agent ready", Duration::from_secs(60), || ready(a)).await;
     }
     for name in &names {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -205,6 +231,122 @@ async fn agents_find_each_other_through_nodes_and_reclaim_a_deleted_one() {
 
     drop(agents);
     for name in &names[..2] {
+        let _ = Api::<Node>::all(admin.clone())
+            .delete(name, &DeleteParams::default())
+            .await;
+    }
+}
+
+/// The prefixes the agent at `status` sees `nickname` hold.
+fn prefixes_of(status: &str, nickname: &str) -> Vec<String> {
+    let Some((_, body)) = get(status, "/status/ipam") else {
+        return Vec::new();
+    };
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let peers = v["peers"].as_array().cloned().unwrap_or_default();
+    peers
+        .iter()
+        .filter(|p| p["nickname"] == nickname)
+        .flat_map(|p| p["prefixes"].as_array().cloned().unwrap_or_default())
+        .filter_map(|p| p.as_str().map(String::from))
+        .collect()
+}
+
+/// Addresses the agent at `status` is told to connect to.
+fn targets(status: &str) -> Vec<String> {
+    let Some((_, body)) = get(status, "/status/connections") else {
+        return Vec::new();
+    };
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let targets = v["targets"].as_array().cloned().unwrap_or_default();
+    targets
+        .iter()
+        .filter_map(|t| t["address"].as_str().map(String::from))
+        .collect()
+}
+
+fn kube_script(dir: &Path, verb: &str) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ci/kube-apiserver.sh");
+    let status = Command::new("bash")
+        .arg(script)
+        .arg(verb)
+        .arg(dir)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "ci/kube-apiserver.sh {verb}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_cidr_agents_take_their_pod_cidrs_and_outlive_an_api_server_restart() {
+    let Some(Server {
+        admin,
+        weft,
+        dir: kube_dir,
+    }) = server().await
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let tag = std::process::id();
+    let names = [format!("cidr-a-{tag}"), format!("cidr-b-{tag}")];
+    let ips = ["127.0.0.24", "127.0.0.25"];
+    let cidrs = ["10.32.7.0/24", "10.32.8.0/24"];
+    for ((name, ip), cidr) in names.iter().zip(ips).zip(cidrs) {
+        create_node(&admin, name, ip, Some(cidr)).await;
+    }
+    let port = free_port();
+    let node_cidr = ["--ipam", "node-cidr"];
+    let agents: Vec<Agent> = names
+        .iter()
+        .zip(ips)
+        .map(|(name, ip)| start(name, ip, port, dir.path(), &weft, &node_cidr))
+        .collect();
+    for a in &agents {
+        eventually("every agent ready", Duration::from_secs(60), || ready(a)).await;
+    }
+    // Each owns exactly its Node's podCIDR, and the other knows it.
+    for (name, cidr) in names.iter().zip(cidrs) {
+        for a in &agents {
+            eventually("podCIDRs gossiped", Duration::from_secs(30), || {
+                prefixes_of(&a.status, name) == [cidr]
+            })
+            .await;
+        }
+    }
+
+    // The API server goes away: gossip and readiness carry on.
+    let kube_dir = kube_dir.clone();
+    tokio::task::spawn_blocking({
+        let d = kube_dir.clone();
+        move || kube_script(&d, "stop-apiserver")
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for a in &agents {
+        assert!(ready(a), "agent ready while the API server is down");
+        assert_eq!(prefixes_of(&a.status, &names[0]), [cidrs[0]]);
+    }
+    tokio::task::spawn_blocking(move || kube_script(&kube_dir, "start-apiserver"))
+        .await
+        .unwrap();
+
+    // Back: the agents' watches resume, and a new Node becomes a peer.
+    let late = format!("cidr-c-{tag}");
+    create_node(&admin, &late, "127.0.0.26", Some("10.32.9.0/24")).await;
+    let wanted = format!("127.0.0.26:{port}");
+    for a in &agents {
+        eventually(
+            "a Node created after the restart",
+            Duration::from_secs(60),
+            || targets(&a.status).contains(&wanted),
+        )
+        .await;
+    }
+
+    drop(agents);
+    for name in names.iter().chain([&late]) {
         let _ = Api::<Node>::all(admin.clone())
             .delete(name, &DeleteParams::default())
             .await;
