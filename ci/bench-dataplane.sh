@@ -35,8 +35,8 @@ printf '%-22s %10s %8s\n' "path" "Gbit/s" "ratio"
 for mode in "${MODES[@]}"; do
     DATAPATH=$mode bash ci/lab.sh up 2 >/dev/null 2>&1
     sleep 2
-    pod1=$(cat /tmp/weftlab/n1/pod-1.ip)
-    pod=$(cat /tmp/weftlab/n2/pod-1.ip)
+    pod1=$(cat /tmp/weftlab-wl/n1/pod-1.ip)
+    pod=$(cat /tmp/weftlab-wl/n2/pod-1.ip)
     # Plain routing: /32 routes over the underlay beat weft's overlay routes.
     ip -n wl-n1 route add "$pod/32" via 192.168.1.12 dev eth0
     ip -n wl-n2 route add "$pod1/32" via 192.168.1.11 dev eth0

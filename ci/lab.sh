@@ -7,23 +7,26 @@
 #   bash ci/lab.sh test [N]    up, then the checks below, then down
 #   bash ci/lab.sh down        remove every namespace, device and process
 #
-# Env: WEFT_BIN (default target/debug/weft, under CARGO_TARGET_DIR if set), WEFT_CNI_BIN (weft-cni beside
+# Env: WEFT_LAB_PREFIX (namespace prefix, default wl), WEFT_BIN (default target/debug/weft, under CARGO_TARGET_DIR if set), WEFT_CNI_BIN (weft-cni beside
 # it), DATAPATH (fastdp), WEFT_PASSWORD.
 # Needs root, iproute2, nftables, ping and python3. Pods are attached with weft-cni,
 # as a container runtime would.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-LAB=/tmp/weftlab
-UNDER=wl-under
+# Namespaces are named <prefix>-…; another prefix is another lab, which can
+# run beside this one (ci/doctor-lab.sh uses its own).
+PREFIX=${WEFT_LAB_PREFIX:-wl}
+LAB=/tmp/weftlab-$PREFIX
+UNDER=$PREFIX-under
 BIN=${WEFT_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/debug/weft}
 CNI_BIN=${WEFT_CNI_BIN:-$(dirname "$BIN")/weft-cni}
 DATAPATH=${DATAPATH:-fastdp}
 PODS_PER_NODE=2
 
-node_ns() { echo "wl-n$1"; }
+node_ns() { echo "$PREFIX-n$1"; }
 node_ip() { echo "192.168.1.$((10 + $1))"; }
-pod_ns() { echo "wl-n$1-p$2"; }
+pod_ns() { echo "$PREFIX-n$1-p$2"; }
 
 log() { echo "lab: $*" >&2; }
 
@@ -31,7 +34,7 @@ down() {
     for pidfile in "$LAB"/n*/agent.pid; do
         [ -f "$pidfile" ] && kill -9 "$(cat "$pidfile")" 2>/dev/null || true
     done
-    for ns in $(ip netns list | awk '{print $1}' | grep '^wl-' || true); do
+    for ns in $(ip netns list | awk '{print $1}' | grep "^$PREFIX-" || true); do
         ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
         ip netns del "$ns" 2>/dev/null || true
     done
@@ -69,13 +72,13 @@ up() {
     done
     # An address outside the cluster, reachable from node1 only: with no
     # route back to the pod range, pods reach it only when masqueraded.
-    ip netns add wl-outside
-    ip -n wl-outside link set lo up
-    ip -n "$(node_ns 1)" link add out0 type veth peer name eth0 netns wl-outside
+    ip netns add "$PREFIX-outside"
+    ip -n "$PREFIX-outside" link set lo up
+    ip -n "$(node_ns 1)" link add out0 type veth peer name eth0 netns "$PREFIX-outside"
     ip -n "$(node_ns 1)" addr add 203.0.113.1/24 dev out0
     ip -n "$(node_ns 1)" link set out0 up
-    ip -n wl-outside addr add 203.0.113.2/24 dev eth0
-    ip -n wl-outside link set eth0 up
+    ip -n "$PREFIX-outside" addr add 203.0.113.2/24 dev eth0
+    ip -n "$PREFIX-outside" link set eth0 up
     for i in $(seq 1 "$n"); do start_agent "$i" "$n"; done
     for i in $(seq 1 "$n"); do
         for p in $(seq 1 "$PODS_PER_NODE"); do attach_pod "$i" "$p"; done
@@ -157,6 +160,64 @@ eventually() {
     "$@" || { log "FAIL: $what"; return 1; }
 }
 
+# Whether node i's agent sends pod traffic for the peer nicknamed $2 over
+# dataplane $3 ("sleeve" must come with a reason), per /status/connections.
+peer_dataplane_is() {
+    ip netns exec "$(node_ns "$1")" python3 - "$2" "$3" <<'EOF'
+import json, sys, urllib.request
+name, want = sys.argv[1], sys.argv[2]
+status = json.load(urllib.request.urlopen("http://127.0.0.1:6784/status/connections", timeout=2))
+peer = [p for p in status["dataplane"]["peers"] if p["nickname"] == name]
+ok = len(peer) == 1 and peer[0]["dataplane"] == want and (want != "sleeve" or peer[0]["reason"])
+sys.exit(0 if ok else 1)
+EOF
+}
+
+peers_see() { # peers_see NICK DATAPLANE NODE...: every NODE sees NICK on DATAPLANE
+    local nick=$1 want=$2 i
+    shift 2
+    for i in "$@"; do peer_dataplane_is "$i" "$nick" "$want" || return 1; done
+}
+
+wait_until() { # wait_until SECS WHAT CMD...
+    local secs=$1 what=$2 t
+    shift 2
+    for t in $(seq 1 "$secs"); do
+        "$@" 2>/dev/null && { log "ok: $what (${t} s)"; return 0; }
+        sleep 1
+    done
+    "$@" || { log "FAIL: $what (not within $secs s)"; return 1; }
+}
+
+# A firewall on node2 drops VXLAN (UDP 6784) while gossip (UDP 6783) still
+# works: node1 and node3 must notice within 15 s and carry node2's pod
+# traffic over the sleeve, and return to fastdp once the rule is gone.
+fastdp_probe_check() {
+    local n=$1 ns
+    ns=$(node_ns 2)
+    ip netns exec "$ns" nft -f - <<'EOF'
+table inet weftlab-probe {
+    chain input {
+        type filter hook input priority -10;
+        udp dport 6784 drop
+    }
+}
+EOF
+    wait_until 15 "with UDP 6784 dropped on node2, node1 and node3 use the sleeve to it" \
+        peers_see node2 sleeve 1 3 || return 1
+    ip netns exec "$(node_ns 1)" python3 -c '
+import json, urllib.request
+s = json.load(urllib.request.urlopen("http://127.0.0.1:6784/status/connections", timeout=2))
+for p in s["dataplane"]["peers"]:
+    print("lab: node1 -> %s: %s (%s)" % (p["nickname"], p["dataplane"], p["reason"]))' >&2
+    eventually "with UDP 6784 dropped on node2, every pod reaches every pod" all_pods_reach_all "$n" ||
+        return 1
+    ip netns exec "$ns" nft delete table inet weftlab-probe
+    wait_until 15 "without the rule node1 and node3 use fastdp to node2 again" \
+        peers_see node2 fastdp 1 3 || return 1
+    eventually "every pod reaches every pod on fastdp again" all_pods_reach_all "$n"
+}
+
 cut_link() { # drop underlay traffic between nodes a and b (both ways)
     ip netns exec "$(node_ns "$1")" ip route add blackhole "$(node_ip "$2")/32"
     ip netns exec "$(node_ns "$2")" ip route add blackhole "$(node_ip "$1")/32"
@@ -187,6 +248,10 @@ test_lab() {
     eventually "pods reach an address outside the cluster (masquerade)" \
         ip netns exec "$(pod_ns 1 1)" ping -q -c1 -W2 203.0.113.2 >/dev/null
 
+    if [ "$DATAPATH" = fastdp ] && [ "$n" -ge 3 ]; then
+        fastdp_probe_check "$n"
+    fi
+
     cut_link 1 2
     eventually "with node1-node2 cut, traffic goes through node3" all_pods_reach_all "$n"
     heal_link 1 2
@@ -212,6 +277,9 @@ test_lab() {
     eventually "a partition heals" all_pods_reach_all "$n"
     log "all lab checks passed"
 }
+
+# Sourced (ci/doctor-lab.sh), it only defines the functions above.
+[ "${BASH_SOURCE[0]}" = "$0" ] || return 0
 
 case "${1:-}" in
 up) up "${2:-3}" ;;

@@ -17,6 +17,11 @@ use std::net::Ipv4Addr;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // For people and `weft doctor`; runtimes never pass arguments.
+    if std::env::args().nth(1).as_deref() == Some("--version") {
+        println!("weft-cni {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
     let mut stdin = Vec::new();
     let env = Env::parse(|k| std::env::var(k).ok());
     // Before anything can fail on it, the version the error should carry.

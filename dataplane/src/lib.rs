@@ -102,7 +102,9 @@ pub struct Desired {
     /// its VTEP MAC) on the VXLAN device.
     pub peers: Vec<RemotePeer>,
     /// Pod prefixes owned by other peers: `prefix via <next hop> dev
-    /// weft-vxlan onlink`.
+    /// weft-vxlan onlink`, or into the sleeve's TUN device for next hops
+    /// that VXLAN does not reach (see [`RouteDevice`]). Without `vxlan`
+    /// every route goes into the sleeve, whatever its `device`.
     pub routes: Vec<PodRoute>,
 }
 
@@ -185,6 +187,21 @@ pub struct PodRoute {
     pub prefix: Ipv4Net,
     /// Underlay IP of the owner, or of the peer relaying to it.
     pub next_hop: Ipv4Addr,
+    /// The device carrying it.
+    pub device: RouteDevice,
+}
+
+/// Which of weft's devices a pod route leaves through. Per route, because
+/// fastdp can fail towards one peer only (a firewall dropping UDP 6784 on
+/// that node): its prefixes then go into the sleeve while the others stay
+/// on VXLAN.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RouteDevice {
+    /// The VXLAN device (`via <next hop> dev weft-vxlan onlink`).
+    #[default]
+    Vxlan,
+    /// The sleeve's TUN device: the agent carries the packets.
+    Sleeve,
 }
 
 /// The VTEP MAC of the peer named `peer_name`: `02:` followed by 40 bits of a

@@ -19,8 +19,8 @@ use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
 use crate::plan::{self, FdbEntry, NeighEntry, RouteEntry};
 use crate::{
-    BRIDGE_NAME, BridgeSpec, Dataplane, DataplaneError, Desired, ROUTE_PROTOCOL, VXLAN_NAME,
-    VxlanSpec, format_mac,
+    BRIDGE_NAME, BridgeSpec, Dataplane, DataplaneError, Desired, ROUTE_PROTOCOL, RouteDevice,
+    VXLAN_NAME, VxlanSpec, format_mac,
 };
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
@@ -149,11 +149,30 @@ async fn reconcile(h: &Handle, d: &Desired) -> Result<(), DataplaneError> {
     // Read the entries only after the device is right: recreating it
     // flushes all its entries, a new MAC or MTU flushes its neighbours.
     let index = ensure_vxlan(h, vx).await?;
+    // Routes towards peers VXLAN does not reach go into the sleeve.
+    let sleeve_index = match &d.sleeve {
+        Some(sleeve) => Some(ensure_sleeve(h, sleeve).await?),
+        None => None,
+    };
+    if sleeve_index.is_none()
+        && let Some(r) = d.routes.iter().find(|r| r.device == RouteDevice::Sleeve)
+    {
+        return Err(DataplaneError::Route {
+            action: "add",
+            prefix: r.prefix,
+            next_hop: r.next_hop.to_string(),
+            reason: "it should go into the sleeve, and there is no sleeve device".into(),
+        });
+    }
+    let device_index = |device| match (device, sleeve_index) {
+        (RouteDevice::Sleeve, Some(i)) => i,
+        _ => index,
+    };
     let current_routes = list_routes(h).await?;
 
     let fdb = plan::plan_fdb(&d.peers, &list_fdb(h, index).await?);
     let neigh = plan::plan_neighbours(&d.peers, &list_neighbours(h, index).await?);
-    let routes = plan::plan_routes(&d.routes, index, &current_routes);
+    let routes = plan::plan_routes(&d.routes, device_index, &current_routes);
 
     // Add before remove, so a route never points at a missing neighbour or
     // FDB entry while the plan is being applied.
@@ -163,7 +182,7 @@ async fn reconcile(h: &Handle, d: &Desired) -> Result<(), DataplaneError> {
     for n in &neigh.set {
         set_neighbour(h, &vx.name, index, n).await?;
     }
-    set_routes(h, &routes.set, index).await?;
+    set_routes(h, &routes.set, device_index).await?;
     for r in &routes.remove {
         del_route(h, r).await?;
     }
@@ -652,12 +671,25 @@ fn neighbour_ip(attrs: &[NeighbourAttribute]) -> Option<Ipv4Addr> {
 
 /// Pod routes into the sleeve's TUN device: the same `via <next hop>
 /// onlink` routes as over VXLAN (a TUN device ignores the gateway; the
-/// agent reads each packet and forwards it by its own table).
+/// agent reads each packet and forwards it by its own table). Without
+/// VXLAN every route goes there, whatever device it names.
 async fn reconcile_sleeve(
     h: &Handle,
     sleeve: &crate::SleeveSpec,
     routes: &[crate::PodRoute],
 ) -> Result<(), DataplaneError> {
+    let index = ensure_sleeve(h, sleeve).await?;
+    let current = list_routes(h).await?;
+    let plan = plan::plan_routes(routes, |_| index, &current);
+    set_routes(h, &plan.set, |_| index).await?;
+    for r in &plan.remove {
+        del_route(h, r).await?;
+    }
+    Ok(())
+}
+
+/// Brings the sleeve's TUN device up with its MTU; returns its index.
+async fn ensure_sleeve(h: &Handle, sleeve: &crate::SleeveSpec) -> Result<u32, DataplaneError> {
     let err = |action: &'static str, reason: String| DataplaneError::Sleeve {
         name: sleeve.name.clone(),
         action,
@@ -669,27 +701,21 @@ async fn reconcile_sleeve(
     tune_link(h, &link, sleeve.mtu, None)
         .await
         .map_err(|e| err("bring up", describe(&e)))?;
-    let current = list_routes(h).await?;
-    let plan = plan::plan_routes(routes, link.index, &current);
-    set_routes(h, &plan.set, link.index).await?;
-    for r in &plan.remove {
-        del_route(h, r).await?;
-    }
-    Ok(())
+    Ok(link.index)
 }
 
 // ---------------------------------------------------------------------------
 // Routes
 
-/// Adds or replaces (atomically switching the next hop) pod routes on the
-/// device `index`.
+/// Adds or replaces (atomically switching the next hop or device) pod
+/// routes, each on the device `index` gives for it.
 async fn set_routes(
     h: &Handle,
     routes: &[crate::PodRoute],
-    index: u32,
+    index: impl Fn(RouteDevice) -> u32,
 ) -> Result<(), DataplaneError> {
     for r in routes {
-        let msg = route_message(r.prefix, Some(r.next_hop), Some(index), 0);
+        let msg = route_message(r.prefix, Some(r.next_hop), Some(index(r.device)), 0);
         h.route()
             .add(msg)
             .replace()

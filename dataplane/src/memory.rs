@@ -1,6 +1,6 @@
 //! An in-memory dataplane for the agent's tests and the simulator.
 
-use crate::{Dataplane, DataplaneError, Desired};
+use crate::{Dataplane, DataplaneError, Desired, RouteDevice};
 
 /// Records the last applied [`Desired`] (normalized: peers and routes sorted
 /// and de-duplicated) and counts the reconciliations that changed it.
@@ -54,6 +54,22 @@ impl Dataplane for MemoryDataplane {
                 name: vxlan.name.clone(),
                 action: "create",
                 reason: reason.clone(),
+            });
+        }
+        // As the kernel would: a route into the sleeve next to VXLAN needs
+        // the sleeve's device.
+        if desired.vxlan.is_some()
+            && desired.sleeve.is_none()
+            && let Some(r) = desired
+                .routes
+                .iter()
+                .find(|r| r.device == RouteDevice::Sleeve)
+        {
+            return Err(DataplaneError::Route {
+                action: "add",
+                prefix: r.prefix,
+                next_hop: r.next_hop.to_string(),
+                reason: "it should go into the sleeve, and there is no sleeve device".into(),
             });
         }
         let next = desired.normalized();

@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
-use crate::{PodRoute, RemotePeer};
+use crate::{PodRoute, RemotePeer, RouteDevice};
 
 /// A VXLAN FDB entry: one remote of one MAC (the kernel allows several
 /// remotes per MAC; weft uses exactly one).
@@ -145,27 +145,37 @@ impl RoutePlan {
 }
 
 /// Plans weft's routes: one metric-0 route per desired prefix, via its next
-/// hop on the VXLAN device (index `vxlan_index`), onlink. A weft route for a
-/// prefix nobody owns any more, or with another metric, is stale. A route
-/// with the desired prefix and metric but the wrong next hop is not removed:
-/// `set` replaces it in place (deleting it afterwards would delete the
-/// replacement). Several desired routes for one prefix: the last wins.
-pub fn plan_routes(desired: &[PodRoute], vxlan_index: u32, current: &[RouteEntry]) -> RoutePlan {
-    let want: BTreeMap<Ipv4Net, Ipv4Addr> = desired
+/// hop, onlink, on the device the route names (`index` gives a device's
+/// interface index). A weft route for a prefix nobody owns any more, or
+/// with another metric, is stale. A route with the desired prefix and
+/// metric but the wrong next hop or device is not removed: `set` replaces
+/// it in place (deleting it afterwards would delete the replacement), which
+/// is also how a prefix moves between VXLAN and the sleeve without a gap.
+/// Several desired routes for one prefix: the last wins.
+pub fn plan_routes(
+    desired: &[PodRoute],
+    index: impl Fn(RouteDevice) -> u32,
+    current: &[RouteEntry],
+) -> RoutePlan {
+    let want: BTreeMap<Ipv4Net, (Ipv4Addr, RouteDevice)> = desired
         .iter()
-        .map(|r| (r.prefix.trunc(), r.next_hop))
+        .map(|r| (r.prefix.trunc(), (r.next_hop, r.device)))
         .collect();
     let mut plan = RoutePlan::default();
-    for (&prefix, &next_hop) in &want {
+    for (&prefix, &(next_hop, device)) in &want {
         let ok = current.iter().any(|c| {
             c.prefix == prefix
                 && c.metric == 0
                 && c.next_hop == Some(next_hop)
-                && c.oif == Some(vxlan_index)
+                && c.oif == Some(index(device))
                 && c.onlink
         });
         if !ok {
-            plan.set.push(PodRoute { prefix, next_hop });
+            plan.set.push(PodRoute {
+                prefix,
+                next_hop,
+                device,
+            });
         }
     }
     let mut seen = BTreeSet::new();
@@ -210,6 +220,14 @@ mod tests {
         PodRoute {
             prefix: net(p),
             next_hop: ip(nh),
+            device: RouteDevice::Vxlan,
+        }
+    }
+    /// Interface indexes: VXLAN 7, sleeve 9.
+    fn idx(device: RouteDevice) -> u32 {
+        match device {
+            RouteDevice::Vxlan => 7,
+            RouteDevice::Sleeve => 9,
         }
     }
     fn cur(p: &str, nh: u8, oif: u32) -> RouteEntry {
@@ -284,9 +302,9 @@ mod tests {
     #[test]
     fn routes_from_empty_and_in_sync() {
         let want = [route("10.32.1.0/24", 12), route("10.32.2.0/24", 13)];
-        assert_eq!(plan_routes(&want, 7, &[]).set, want.to_vec());
+        assert_eq!(plan_routes(&want, idx, &[]).set, want.to_vec());
         let have = [cur("10.32.2.0/24", 13, 7), cur("10.32.1.0/24", 12, 7)];
-        assert!(plan_routes(&want, 7, &have).is_empty());
+        assert!(plan_routes(&want, idx, &have).is_empty());
     }
 
     #[test]
@@ -298,7 +316,7 @@ mod tests {
             cur("10.32.2.0/24", 13, 7),
             stale,
         ];
-        let plan = plan_routes(&want, 7, &have);
+        let plan = plan_routes(&want, idx, &have);
         // 10.32.2.0/24 now goes through the relay .12: replaced, not removed.
         assert_eq!(plan.set, vec![route("10.32.2.0/24", 12)]);
         assert_eq!(plan.remove, vec![stale]);
@@ -309,12 +327,12 @@ mod tests {
         let want = [route("10.32.1.0/24", 12)];
         // Old device index 5 (the VXLAN device was recreated as 7).
         assert_eq!(
-            plan_routes(&want, 7, &[cur("10.32.1.0/24", 12, 5)]).set,
+            plan_routes(&want, idx, &[cur("10.32.1.0/24", 12, 5)]).set,
             want.to_vec()
         );
         let mut not_onlink = cur("10.32.1.0/24", 12, 7);
         not_onlink.onlink = false;
-        assert_eq!(plan_routes(&want, 7, &[not_onlink]).set, want.to_vec());
+        assert_eq!(plan_routes(&want, idx, &[not_onlink]).set, want.to_vec());
     }
 
     #[test]
@@ -322,8 +340,30 @@ mod tests {
         let mut other_metric = cur("10.32.1.0/24", 12, 7);
         other_metric.metric = 100;
         let want = [route("10.32.1.77/24", 12)];
-        let plan = plan_routes(&want, 7, &[other_metric, cur("10.32.1.0/24", 12, 7)]);
+        let plan = plan_routes(&want, idx, &[other_metric, cur("10.32.1.0/24", 12, 7)]);
         assert!(plan.set.is_empty());
         assert_eq!(plan.remove, vec![other_metric]);
+    }
+
+    #[test]
+    fn routes_move_between_vxlan_and_the_sleeve_in_place() {
+        let mut sleeved = route("10.32.2.0/24", 13);
+        sleeved.device = RouteDevice::Sleeve;
+        let want = [route("10.32.1.0/24", 12), sleeved];
+        // Both on VXLAN now: only the sleeved prefix is replaced, nothing
+        // is removed (removal would take the replacement with it).
+        let have = [cur("10.32.1.0/24", 12, 7), cur("10.32.2.0/24", 13, 7)];
+        let plan = plan_routes(&want, idx, &have);
+        assert_eq!(plan.set, vec![sleeved]);
+        assert!(plan.remove.is_empty());
+        // Mixed and in sync: idempotent.
+        let have = [cur("10.32.1.0/24", 12, 7), cur("10.32.2.0/24", 13, 9)];
+        assert!(plan_routes(&want, idx, &have).is_empty());
+        // And back to VXLAN.
+        let back = [route("10.32.1.0/24", 12), route("10.32.2.0/24", 13)];
+        assert_eq!(
+            plan_routes(&back, idx, &have).set,
+            vec![route("10.32.2.0/24", 13)]
+        );
     }
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use weft_dataplane::{
     BridgeSpec, Dataplane, DataplaneError, Desired, LinuxDataplane, PodRoute, ROUTE_PROTOCOL,
-    RemotePeer, VxlanSpec, format_mac, vtep_mac,
+    RemotePeer, RouteDevice, SleeveSpec, VxlanSpec, format_mac, vtep_mac,
 };
 
 /// A network namespace that is deleted when dropped.
@@ -138,6 +138,7 @@ fn route(prefix: &str, d: u8) -> PodRoute {
     PodRoute {
         prefix: prefix.parse().unwrap(),
         next_hop: ul(d),
+        device: RouteDevice::Vxlan,
     }
 }
 
@@ -400,5 +401,51 @@ fn vxlan_failures_are_reported_as_vxlan_errors() {
         eprintln!("conflicting VXLAN device: {err}");
         assert!(matches!(err, DataplaneError::Vxlan { action: "create", .. }), "{err}");
         assert!(err.to_string().starts_with("cannot create VXLAN device weft-vxlan: "), "{err}");
+    });
+}
+
+#[test]
+fn routes_mix_vxlan_and_the_sleeve_per_prefix() {
+    let Some(ns) = Netns::new() else { return };
+    ns.underlay();
+    // The agent creates the TUN device (it holds its descriptor).
+    ns.ip(&["tuntap", "add", "dev", "weft-sleeve", "mode", "tun"]);
+    ns.run_inside(|| {
+        let mut dp = LinuxDataplane::new().unwrap();
+        let mut d = desired();
+        d.sleeve = Some(SleeveSpec {
+            name: "weft-sleeve".into(),
+            mtu: 1450,
+        });
+        dp.reconcile(&d).unwrap();
+        // Peer .2 stops answering over VXLAN: its prefixes (the relayed
+        // one too) go into the sleeve; its FDB and neighbour entries stay.
+        for r in d.routes.iter_mut().filter(|r| r.next_hop == ul(2)) {
+            r.device = RouteDevice::Sleeve;
+        }
+        dp.reconcile(&d).unwrap();
+        // No process holds the TUN device here, so the kernel marks its
+        // routes "linkdown".
+        let sleeve = |p: &str| format!("{p} via {} dev weft-sleeve onlink linkdown", ul(2));
+        let want = vec![
+            sleeve("10.32.16.0/20"),
+            route_line("10.32.32.0/20", 3),
+            sleeve("10.32.48.0/20"),
+        ];
+        assert_eq!(ns.weft_routes(), want);
+        assert_eq!(ns.fdb().len(), 2);
+        assert_eq!(ns.neigh().len(), 2);
+        // Idempotent, and back to VXLAN.
+        dp.reconcile(&d).unwrap();
+        assert_eq!(ns.weft_routes(), want);
+        dp.reconcile(&desired()).unwrap();
+        assert_eq!(ns.weft_routes().len(), 3);
+        assert!(ns.weft_routes().iter().all(|r| r.contains("weft-vxlan")));
+        // A sleeve route without a sleeve device is refused.
+        let mut d = desired();
+        d.routes[0].device = RouteDevice::Sleeve;
+        let err = dp.reconcile(&d).unwrap_err();
+        assert!(matches!(err, DataplaneError::Route { .. }), "{err}");
+        dp.teardown().unwrap();
     });
 }

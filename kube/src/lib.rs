@@ -70,6 +70,7 @@
 //! The reclaim protocol is described in [`reclaim`].
 
 pub mod client;
+pub mod cluster;
 pub mod condition;
 pub mod error;
 pub mod names;
@@ -77,6 +78,7 @@ pub mod peers;
 pub mod reclaim;
 
 pub use client::{connect, connect_kubeconfig};
+pub use cluster::{AgentPod, NodeHealth, cluster_health};
 pub use condition::set_network_available;
 pub use error::{BoxError, Error, Result};
 /// The API client, for callers that do not depend on kube themselves.

@@ -18,6 +18,8 @@ use weft_core::ipam::IpamInit;
 use weft_core::{Event, PersistedState, Router, Time};
 use weft_driver::{Datagrams, Driver, Host};
 
+use crate::fastdp_probe::{self, PeerDataplane, Prober, Received};
+
 /// Which dataplane carries pod traffic, and why not the one asked for.
 #[derive(Clone, Debug, Serialize)]
 pub struct DataplaneState {
@@ -29,6 +31,10 @@ pub struct DataplaneState {
     pub kernel_error: Option<String>,
     /// Why pods cannot reach addresses outside the cluster, if they cannot.
     pub egress_problem: Option<String>,
+    /// Per direct neighbour, with fastdp: whether VXLAN reaches it or its
+    /// pods' traffic fell back to the sleeve, and why. Filled in when
+    /// status is asked for.
+    pub peers: Vec<PeerDataplane>,
 }
 
 impl DataplaneState {
@@ -73,6 +79,13 @@ pub enum StartError {
     Driver(#[from] weft_driver::DriverError),
     #[error("--kube: {0} (run without --kube, or give a KUBECONFIG)")]
     Kube(weft_kube::Error),
+    #[error(
+        "the pod range {range} collides with this node's network: {collisions}; choose another --ipalloc-range (IPALLOC_RANGE) that overlaps no node network, route or service range"
+    )]
+    RangeCollides {
+        range: ipnet::Ipv4Net,
+        collisions: String,
+    },
     #[error(
         "cannot program the kernel dataplane: {0} (use --datapath none to run the control plane alone)"
     )]
@@ -150,6 +163,7 @@ async fn run_async(mut args: RouterArgs) -> Result<(), StartError> {
     if let Some(nodes) = kube.as_ref().and_then(|k| k.nodes.as_ref()) {
         adopt_nodes(&mut args, &mut peers, nodes);
     }
+    check_range(&args)?;
     let config = args.core_config(&peers)?;
     let config_address = config.address;
     peers.retain(|p| *p != config_address);
@@ -177,15 +191,38 @@ async fn run_async(mut args: RouterArgs) -> Result<(), StartError> {
     // the only reader and passes control datagrams on to the driver loop;
     // without, the loop reads it through tokio.
     let std_socket = std::net::UdpSocket::bind(args.listen).map_err(listen_error)?;
+    // fastdp's per-peer health; whoever reads the socket hands it probes.
+    let prober = (args.datapath == Datapath::Fastdp).then(|| {
+        let nonce_seed = os_seed().map_or(0, |s| {
+            u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]])
+        });
+        Arc::new(Prober::new(
+            router.name(),
+            epoch.into_std(),
+            nonce_seed,
+            true,
+        ))
+    });
+    let probe_socket = std_socket.try_clone().map_err(listen_error)?;
     let shared = Arc::new(Mutex::new(router));
     let sleeve_socket = std_socket.try_clone().map_err(listen_error)?;
-    let control = start_sleeve(&args, sleeve_socket, &shared, &config_address);
+    let control = start_sleeve(
+        &args,
+        sleeve_socket,
+        &shared,
+        &config_address,
+        prober.clone(),
+    );
     let sleeve = control.is_some();
+    if let Some(prober) = &prober {
+        prober.set_sleeve(sleeve);
+    }
     let socket = match control {
         Some(control) => AgentSocket::Sleeve(control),
         None => {
             std_socket.set_nonblocking(true).map_err(listen_error)?;
-            AgentSocket::Tokio(tokio::net::UdpSocket::from_std(std_socket).map_err(listen_error)?)
+            let socket = tokio::net::UdpSocket::from_std(std_socket).map_err(listen_error)?;
+            AgentSocket::Tokio(socket, prober.clone())
         }
     };
     let (events_tx, events) = mpsc::unbounded_channel();
@@ -217,6 +254,7 @@ async fn run_async(mut args: RouterArgs) -> Result<(), StartError> {
         api: api.clone(),
         metrics: Rc::new(Metrics::default()),
         dataplane: dataplane.clone(),
+        prober: prober.clone(),
     };
     let ready_api = api.clone();
     tokio::task::spawn_local(api::serve(listener, api));
@@ -227,7 +265,29 @@ async fn run_async(mut args: RouterArgs) -> Result<(), StartError> {
             Datapath::Sleeve => Overlay::Sleeve,
             _ => Overlay::Fastdp { sleeve },
         };
-        tokio::task::spawn_local(follow_routes(kernel, router, events, bridge, mtu, overlay));
+        tokio::task::spawn_local(follow_routes(
+            kernel,
+            router,
+            events,
+            bridge,
+            mtu,
+            overlay,
+            prober.clone(),
+        ));
+    }
+    if let Some(prober) = prober {
+        // Not after a node-wide fallback: no VXLAN device, nothing to probe.
+        let state = dataplane.clone();
+        let fastdp_up = move || {
+            let state = state.lock().unwrap_or_else(|p| p.into_inner());
+            state.fallback.is_none()
+        };
+        tokio::task::spawn_local(fastdp_probe::run(
+            prober,
+            shared.clone(),
+            probe_socket,
+            fastdp_up,
+        ));
     }
     if let Some(kube) = kube {
         let agent = crate::kubernetes::Agent {
@@ -292,6 +352,36 @@ fn adopt_nodes(
     }
 }
 
+/// Refuses a pod range that overlaps the service range or, when weft
+/// programs the kernel, the node's own networks and routes: pods there
+/// would be unreachable or hijack the node's traffic.
+fn check_range(args: &RouterArgs) -> Result<(), StartError> {
+    let (interfaces, routes) = match args.datapath {
+        Datapath::None => (Default::default(), Vec::new()),
+        _ => (crate::underlay::interfaces(), crate::underlay::routes()),
+    };
+    let ours = [
+        args.bridge.as_str(),
+        weft_dataplane::VXLAN_NAME,
+        crate::sleeve::DEVICE,
+    ];
+    let found = crate::underlay::collisions(
+        args.ipalloc_range,
+        interfaces.values(),
+        &routes,
+        args.service_cidr,
+        &ours,
+    );
+    if found.is_empty() {
+        return Ok(());
+    }
+    let collisions = found.iter().map(|c| c.to_string()).collect::<Vec<_>>();
+    Err(StartError::RangeCollides {
+        range: args.ipalloc_range,
+        collisions: collisions.join("; "),
+    })
+}
+
 /// Pod MTU: the underlay's minus the VXLAN overhead (1450 on a 1500
 /// underlay, also when the underlay cannot be found).
 fn default_mtu(address: &std::net::SocketAddr) -> u32 {
@@ -302,23 +392,37 @@ fn default_mtu(address: &std::net::SocketAddr) -> u32 {
     weft_dataplane::overlay_mtu(underlay.unwrap_or(1500).min(65_535))
 }
 
-/// The driver loop's socket: tokio's, or the sleeve's hand-over.
+/// The driver loop's socket: tokio's (taking fastdp probes out of the
+/// stream first, as the sleeve does on its side), or the sleeve's
+/// hand-over.
 enum AgentSocket {
-    Tokio(tokio::net::UdpSocket),
+    Tokio(tokio::net::UdpSocket, Option<Arc<Prober>>),
     Sleeve(ControlSocket),
 }
 
 impl Datagrams for AgentSocket {
     async fn send_to(&self, payload: &[u8], to: std::net::SocketAddr) -> io::Result<usize> {
         match self {
-            AgentSocket::Tokio(s) => s.send_to(payload, to).await,
+            AgentSocket::Tokio(s, _) => s.send_to(payload, to).await,
             AgentSocket::Sleeve(s) => s.send_to(payload, to),
         }
     }
 
     async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, std::net::SocketAddr)> {
         match self {
-            AgentSocket::Tokio(s) => s.recv_from(buf).await,
+            AgentSocket::Tokio(s, prober) => loop {
+                let (n, from) = s.recv_from(buf).await?;
+                let Some(prober) = prober else {
+                    return Ok((n, from));
+                };
+                match prober.receive(&buf[..n], from) {
+                    Received::NotProbe => return Ok((n, from)),
+                    Received::Taken => {}
+                    Received::Answer(reply) => {
+                        let _ = s.try_send_to(&reply, from);
+                    }
+                }
+            },
             AgentSocket::Sleeve(s) => s.recv_from(buf).await,
         }
     }
@@ -332,6 +436,7 @@ fn start_sleeve(
     socket: std::net::UdpSocket,
     router: &weft_driver::SharedRouter,
     underlay: &std::net::SocketAddr,
+    prober: Option<Arc<Prober>>,
 ) -> Option<ControlSocket> {
     if args.datapath == Datapath::None {
         return None;
@@ -351,6 +456,7 @@ fn start_sleeve(
                 secret.as_deref(),
                 epoch,
                 max_datagram(underlay),
+                prober,
             );
             Some(sleeve.start())
         }
@@ -389,6 +495,7 @@ fn start_dataplane(
         fallback: None,
         kernel_error: None,
         egress_problem: None,
+        peers: Vec::new(),
     };
     if args.datapath == Datapath::None {
         return Ok((Arc::new(Mutex::new(state)), None));
@@ -404,7 +511,8 @@ fn start_dataplane(
 }
 
 /// Re-applies the desired kernel state after route, prefix and address
-/// changes (coalesced over 100 ms), and every 30 s to repair drift.
+/// changes and peers falling back to the sleeve or recovering (coalesced
+/// over 100 ms), and every 30 s to repair drift.
 async fn follow_routes(
     kernel: KernelSync,
     router: weft_driver::SharedRouter,
@@ -412,17 +520,30 @@ async fn follow_routes(
     bridge: String,
     mtu: u32,
     overlay: Overlay,
+    prober: Option<Arc<Prober>>,
 ) {
     let resync = std::time::Duration::from_secs(30);
     loop {
+        let sleeved = prober.as_ref().map(|p| p.sleeved()).unwrap_or_default();
         let desired = {
             let router = weft_driver::lock(&router);
-            crate::kernel::desired(&router, &bridge, mtu, overlay)
+            crate::kernel::desired(&router, &bridge, mtu, overlay, &sleeved)
         };
         kernel.update(desired);
+        let path_changed = async {
+            match &prober {
+                Some(prober) => prober.changed.notified().await,
+                None => std::future::pending().await,
+            }
+        };
         // A change, or the periodic resync; the loop ends with the agent.
-        if let Ok(None) = tokio::time::timeout(resync, events.recv()).await {
-            return;
+        tokio::select! {
+            event = tokio::time::timeout(resync, events.recv()) => {
+                if let Ok(None) = event {
+                    return;
+                }
+            }
+            () = path_changed => {}
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         while events.try_recv().is_ok() {}

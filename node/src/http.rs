@@ -20,6 +20,8 @@ pub struct StatusServer {
     pub api: crate::api::Api,
     pub metrics: std::rc::Rc<Metrics>,
     pub dataplane: std::sync::Arc<std::sync::Mutex<crate::agent::DataplaneState>>,
+    /// fastdp's per-peer health, when fastdp runs.
+    pub prober: Option<std::sync::Arc<crate::fastdp_probe::Prober>>,
 }
 
 /// An HTTP answer: status code, content type, body.
@@ -125,10 +127,15 @@ impl StatusServer {
     }
 
     fn dataplane_state(&self) -> crate::agent::DataplaneState {
-        self.dataplane
+        let mut state = self
+            .dataplane
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .clone();
+        if let Some(prober) = &self.prober {
+            state.peers = prober.view();
+        }
+        state
     }
 
     pub fn page(&self, path: &str) -> Page {

@@ -5,14 +5,15 @@
 
 use crate::agent::DataplaneState;
 use ipnet::Ipv4Net;
-use std::net::IpAddr;
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use weft_core::Router;
 use weft_core::forward::Forward;
+use weft_core::{PeerName, Router};
 use weft_dataplane::{
-    BridgeSpec, Dataplane, DataplaneError, Desired, PodRoute, RemotePeer, SleeveSpec, VxlanSpec,
-    vtep_mac,
+    BridgeSpec, Dataplane, DataplaneError, Desired, PodRoute, RemotePeer, RouteDevice, SleeveSpec,
+    VxlanSpec, vtep_mac,
 };
 
 /// Which overlay carries pod traffic between nodes.
@@ -25,8 +26,19 @@ pub enum Overlay {
     Sleeve,
 }
 
-/// What the kernel should hold for this router.
-pub fn desired(router: &Router, bridge: &str, mtu: u32, overlay: Overlay) -> Desired {
+/// What the kernel should hold for this router. `sleeved`: peers VXLAN
+/// does not reach (see `fastdp_probe`); with fastdp and a sleeve, prefixes
+/// whose next hop is one of them go into the sleeve's TUN device, whose
+/// reader forwards them by the same table. Their FDB and neighbour entries
+/// stay: the probes that tell when VXLAN works again need them on the
+/// peer's side, and they cost nothing here.
+pub fn desired(
+    router: &Router,
+    bridge: &str,
+    mtu: u32,
+    overlay: Overlay,
+    sleeved: &BTreeSet<PeerName>,
+) -> Desired {
     let range = router.ipam().range();
     let bridge = router.gateway().map(|gateway| BridgeSpec {
         name: bridge.to_string(),
@@ -39,35 +51,31 @@ pub fn desired(router: &Router, bridge: &str, mtu: u32, overlay: Overlay) -> Des
             ..Desired::default()
         };
     };
-    let underlay = |peer| {
-        let entry = router.topology().get(peer)?;
-        match entry.address.ip() {
-            IpAddr::V4(ip) => Some(ip),
-            IpAddr::V6(_) => None,
-        }
-    };
-    // Direct neighbours: every peer some route's next hop goes through.
-    let mut peers: Vec<RemotePeer> = router
-        .routes()
-        .iter()
-        .filter(|(peer, hop)| peer == hop)
-        .filter_map(|(peer, _)| {
-            Some(RemotePeer {
-                underlay: underlay(peer)?,
-                mac: vtep_mac(peer.0),
-            })
+    let mut peers: Vec<RemotePeer> = direct_neighbours(router)
+        .into_iter()
+        .map(|(peer, control)| RemotePeer {
+            underlay: *control.ip(),
+            mac: vtep_mac(peer.0),
         })
         .collect();
     peers.sort();
+    let device = |next_hop: &PeerName| match overlay {
+        Overlay::Fastdp { sleeve: true } if sleeved.contains(next_hop) => RouteDevice::Sleeve,
+        Overlay::Fastdp { .. } => RouteDevice::Vxlan,
+        Overlay::Sleeve => RouteDevice::Sleeve,
+    };
     let routes = router
         .forwarding()
         .prefixes()
         .iter()
         .filter_map(|(prefix, forward)| match forward {
-            Forward::Peer { underlay, .. } => match underlay.ip() {
-                IpAddr::V4(next_hop) => Some(PodRoute {
+            Forward::Peer {
+                underlay, next_hop, ..
+            } => match underlay.ip() {
+                IpAddr::V4(next_hop_ip) => Some(PodRoute {
                     prefix: *prefix,
-                    next_hop,
+                    next_hop: next_hop_ip,
+                    device: device(next_hop),
                 }),
                 IpAddr::V6(_) => None,
             },
@@ -94,6 +102,20 @@ pub fn desired(router: &Router, bridge: &str, mtu: u32, overlay: Overlay) -> Des
             routes,
         },
     }
+}
+
+/// Direct neighbours over IPv4, with their control address: every peer
+/// some route's next hop goes through.
+pub fn direct_neighbours(router: &Router) -> Vec<(PeerName, SocketAddrV4)> {
+    router
+        .routes()
+        .iter()
+        .filter(|(peer, hop)| peer == hop)
+        .filter_map(|(peer, _)| match router.topology().get(peer)?.address {
+            SocketAddr::V4(control) => Some((peer, control)),
+            SocketAddr::V6(_) => None,
+        })
+        .collect()
 }
 
 /// Work for the kernel thread.
@@ -161,11 +183,7 @@ fn apply(dataplane: &mut dyn Dataplane, desired: &Desired, state: &Mutex<Datapla
     let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
     let fell_back = state.fallback.is_some();
     let want = if fell_back {
-        Desired {
-            vxlan: None,
-            peers: Vec::new(),
-            ..desired.clone()
-        }
+        without_vxlan(desired)
     } else {
         desired.clone()
     };
@@ -175,14 +193,11 @@ fn apply(dataplane: &mut dyn Dataplane, desired: &Desired, state: &Mutex<Datapla
             if let Some(bridge) = &want.bridge {
                 answer_arp_for_remote_pods(&bridge.name);
             }
+            no_rp_filter_on_overlays(&want);
             state.in_use = in_use(&want);
         }
         Err(e @ DataplaneError::Vxlan { .. }) => {
-            let without_vxlan = Desired {
-                vxlan: None,
-                peers: Vec::new(),
-                ..desired.clone()
-            };
+            let without_vxlan = without_vxlan(desired);
             state.fallback = Some(e.to_string());
             state.in_use = in_use(&without_vxlan);
             tracing::warn!("fastdp unavailable, using {}: {e}", state.in_use);
@@ -195,6 +210,60 @@ fn apply(dataplane: &mut dyn Dataplane, desired: &Desired, state: &Mutex<Datapla
             tracing::error!("kernel dataplane: {e}");
             state.kernel_error = Some(e.to_string());
         }
+    }
+}
+
+/// `desired` with the sleeve carrying everything (node-wide fallback).
+fn without_vxlan(desired: &Desired) -> Desired {
+    Desired {
+        vxlan: None,
+        peers: Vec::new(),
+        routes: desired
+            .routes
+            .iter()
+            .map(|r| PodRoute {
+                device: RouteDevice::Sleeve,
+                ..*r
+            })
+            .collect(),
+        ..desired.clone()
+    }
+}
+
+/// No reverse-path filtering on weft's overlay devices. A peer's pod
+/// packets may arrive over VXLAN while our route back to that peer's
+/// prefix goes into the sleeve, or the other way round (each node decides
+/// its own direction), and fastdp probes arrive on the VXLAN device from
+/// the peer's underlay address, which is routed over the underlay. Loose
+/// filtering (2) is not enough: on a device without an address (both of
+/// weft's) the kernel refuses every source not routed through that very
+/// device, in loose mode as in strict. The kernel applies the larger of
+/// `all` and the device's value, so `all` must be 0 too; lowering it
+/// leaves every other device's own setting in force (distributions set
+/// `default`, which devices copy when they are created), as Cilium does.
+/// The sleeve alone needs none of this: its routes and its packets' sources
+/// all go through its device.
+fn no_rp_filter_on_overlays(d: &Desired) {
+    let Some(vxlan) = &d.vxlan else { return };
+    let sleeve = d.sleeve.as_ref().map(|s| s.name.as_str());
+    for dev in std::iter::once(vxlan.name.as_str()).chain(sleeve) {
+        set_sysctl(&format!("/proc/sys/net/ipv4/conf/{dev}/rp_filter"), "0");
+    }
+    set_sysctl("/proc/sys/net/ipv4/conf/all/rp_filter", "0");
+}
+
+/// Writes `value` where it differs, saying so; a failure is logged (the
+/// overlay still works for peers on the same path both ways).
+fn set_sysctl(path: &str, value: &str) {
+    let Ok(old) = std::fs::read_to_string(path) else {
+        return;
+    };
+    if old.trim() == value {
+        return;
+    }
+    match std::fs::write(path, value) {
+        Ok(()) => tracing::info!("set {path} to {value} (was {})", old.trim()),
+        Err(e) => tracing::warn!("cannot set {path} to {value}: {e}"),
     }
 }
 
@@ -257,6 +326,7 @@ mod tests {
             fallback: None,
             kernel_error: None,
             egress_problem: None,
+            peers: Vec::new(),
         }))
     }
 
@@ -319,5 +389,126 @@ mod tests {
         apply(&mut memory, &desired, &state);
         assert_eq!(state.lock().unwrap().in_use, "fastdp");
         assert_eq!(memory.state().vxlan, desired.vxlan);
+    }
+
+    /// Three routers in node-cidr mode (node i owns 10.32.i.0/24), fully
+    /// connected, datagrams delivered at once, run for `secs`.
+    fn three_routers(secs: u64) -> Vec<Router> {
+        use weft_core::ipam::IpamMode;
+        use weft_core::{Config, Time};
+        let address = |i: u8| std::net::SocketAddr::from(([192, 168, 1, 10 + i], 6783));
+        let mut routers: Vec<Router> = (1..=3u8)
+            .map(|i| {
+                let mut config = Config::new(format!("node{i}"), address(i));
+                config.ipam = IpamMode::NodeCidr(Some(format!("10.32.{i}.0/24").parse().unwrap()));
+                let mut seed = [0u8; 32];
+                seed[0] = i;
+                let mut r = Router::new(config, None, seed, Time::ZERO).unwrap();
+                for j in (1..=3u8).filter(|j| *j != i) {
+                    r.add_peer_address(Time::ZERO, address(j));
+                }
+                r
+            })
+            .collect();
+        for step in 0..secs * 100 {
+            let now = Time::from_millis(step * 10);
+            for i in 0..3 {
+                routers[i].handle_timeout(now);
+                while let Some(t) = routers[i].poll_transmit() {
+                    if let Some(j) = (0..3).find(|j| routers[*j].config().address == t.destination)
+                    {
+                        let from = routers[i].config().address;
+                        routers[j].handle_datagram(now, from, &t.payload);
+                    }
+                }
+                while routers[i].poll_event().is_some() {}
+            }
+        }
+        routers
+    }
+
+    #[test]
+    fn prefixes_of_a_fallen_back_peer_go_into_the_sleeve() {
+        let routers = three_routers(10);
+        let (r1, node2) = (&routers[0], routers[1].name());
+        let sleeved = BTreeSet::from([node2]);
+        let fastdp = Overlay::Fastdp { sleeve: true };
+        let d = desired(r1, "weft", 1450, fastdp, &sleeved);
+        let device = |d: &Desired, prefix: &str| {
+            let prefix: Ipv4Net = prefix.parse().unwrap();
+            d.routes
+                .iter()
+                .find(|r| r.prefix == prefix)
+                .map(|r| r.device)
+        };
+        assert_eq!(
+            device(&d, "10.32.2.0/24"),
+            Some(RouteDevice::Sleeve),
+            "{d:?}"
+        );
+        assert_eq!(
+            device(&d, "10.32.3.0/24"),
+            Some(RouteDevice::Vxlan),
+            "{d:?}"
+        );
+        // Node 2 keeps its FDB and neighbour entries, and the sleeve exists.
+        assert_eq!(d.peers.len(), 2);
+        assert!(d.sleeve.is_some() && d.vxlan.is_some());
+        // Nobody fell back: all VXLAN.
+        let all = desired(r1, "weft", 1450, fastdp, &BTreeSet::new());
+        assert!(all.routes.iter().all(|r| r.device == RouteDevice::Vxlan));
+        assert_eq!(all.routes.len(), 2);
+        // Without a sleeve there is nothing to fall back to.
+        let lone = desired(
+            r1,
+            "weft",
+            1450,
+            Overlay::Fastdp { sleeve: false },
+            &sleeved,
+        );
+        assert!(lone.routes.iter().all(|r| r.device == RouteDevice::Vxlan));
+        // The sleeve dataplane carries everything.
+        let sleeve = desired(r1, "weft", 1450, Overlay::Sleeve, &BTreeSet::new());
+        assert!(
+            sleeve
+                .routes
+                .iter()
+                .all(|r| r.device == RouteDevice::Sleeve)
+        );
+        // The in-memory dataplane takes the mix, and refuses it without a
+        // sleeve device.
+        let mut memory = MemoryDataplane::new();
+        memory.reconcile(&d).unwrap();
+        assert_eq!(memory.state().routes, d.normalized().routes);
+        let no_device = Desired {
+            sleeve: None,
+            ..d.clone()
+        };
+        assert!(memory.reconcile(&no_device).is_err());
+    }
+
+    #[test]
+    fn a_node_wide_fallback_puts_every_route_into_the_sleeve() {
+        let routers = three_routers(10);
+        let d = desired(
+            &routers[0],
+            "weft",
+            1450,
+            Overlay::Fastdp { sleeve: true },
+            &BTreeSet::new(),
+        );
+        let mut memory = MemoryDataplane::new();
+        memory.fail_vxlan(Some("Operation not supported".into()));
+        let state = state();
+        apply(&mut memory, &d, &state);
+        assert_eq!(state.lock().unwrap().in_use, "sleeve");
+        assert_eq!(memory.state().routes.len(), 2);
+        assert!(
+            memory
+                .state()
+                .routes
+                .iter()
+                .all(|r| r.device == RouteDevice::Sleeve)
+        );
     }
 }

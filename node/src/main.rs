@@ -2,6 +2,8 @@
 
 mod agent;
 mod api;
+mod doctor;
+mod fastdp_probe;
 mod http;
 mod install;
 mod kernel;
@@ -14,6 +16,7 @@ mod settings;
 mod sleeve;
 mod store;
 mod udp;
+mod underlay;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -56,6 +59,10 @@ enum Command {
     /// Copy the CNI plugin and its conflist onto this node (what the
     /// DaemonSet's init container runs); atomic and idempotent.
     InstallCni(install::InstallArgs),
+    /// Check this node's pod network and say what is wrong and how to fix
+    /// it: one line per check (ok / warn / FAIL); exit status 0 when all
+    /// are ok, 1 with warnings, 2 with failures.
+    Doctor(doctor::DoctorArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -87,7 +94,7 @@ fn main() -> ExitCode {
                 Some(View::Ipam) => "/status/ipam",
             };
             match http_get(status_addr, path) {
-                Ok(body) => {
+                Ok((_, body)) => {
                     print!("{body}");
                     ExitCode::SUCCESS
                 }
@@ -100,6 +107,7 @@ fn main() -> ExitCode {
             }
         }
         Command::InstallCni(args) => install::main(args),
+        Command::Doctor(args) => doctor::main(args),
         Command::Reset => {
             use weft_dataplane::Dataplane;
             match weft_dataplane::LinuxDataplane::new().and_then(|mut d| d.teardown()) {
@@ -145,7 +153,8 @@ fn init_logging(format: settings::LogFormat) {
     }
 }
 
-fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+/// The status code and body of a GET from the agent's status server.
+fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
@@ -154,14 +163,22 @@ fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
     )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
     let body = response
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
-    Ok(body)
+    Ok((code, body))
 }
 
-fn api_call(socket: &PathBuf, request: &serde_json::Value) -> std::io::Result<serde_json::Value> {
+fn api_call(
+    socket: &std::path::Path,
+    request: &serde_json::Value,
+) -> std::io::Result<serde_json::Value> {
     let mut stream = std::os::unix::net::UnixStream::connect(socket)?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     writeln!(stream, "{request}")?;

@@ -37,6 +37,7 @@ pub struct Metrics {
     reachable: Gauge,
     connections: Family<State, Gauge>,
     connections_by_dataplane: Family<Dataplane, Gauge>,
+    peers_by_dataplane: Family<Dataplane, Gauge>,
     addresses: Family<State, Gauge>,
     gossip_bytes: Family<Direction, Counter>,
     gossip_datagrams: Family<Direction, Counter>,
@@ -52,6 +53,7 @@ impl Default for Metrics {
             reachable: Gauge::default(),
             connections: Family::default(),
             connections_by_dataplane: Family::default(),
+            peers_by_dataplane: Family::default(),
             addresses: Family::default(),
             gossip_bytes: Family::default(),
             gossip_datagrams: Family::default(),
@@ -70,6 +72,11 @@ impl Default for Metrics {
             "connections_dataplane",
             "Established connections by the dataplane carrying pod traffic",
             m.connections_by_dataplane.clone(),
+        );
+        registry.register(
+            "peers_dataplane",
+            "Direct neighbours by the dataplane carrying pod traffic to them (with fastdp, peers VXLAN does not reach fall back to the sleeve)",
+            m.peers_by_dataplane.clone(),
         );
         registry.register(
             "ipam_addresses",
@@ -137,6 +144,18 @@ impl Metrics {
                 dataplane: dataplane.in_use.to_string(),
             })
             .set(established as i64);
+        for label in ["fastdp", "sleeve"] {
+            let n = dataplane
+                .peers
+                .iter()
+                .filter(|p| p.dataplane == label)
+                .count();
+            self.peers_by_dataplane
+                .get_or_create(&Dataplane {
+                    dataplane: label.into(),
+                })
+                .set(n as i64);
+        }
         let mine = status.ipam.peers.iter().find(|p| p.name == status.name);
         let (used, free) = mine.map_or((0, 0), |p| (p.used, p.free));
         for (state, n) in [

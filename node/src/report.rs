@@ -42,6 +42,21 @@ pub fn text(status: &Status, dataplane: &DataplaneState) -> String {
         .into(),
     );
     line(&mut s, "Dataplane", dataplane.describe());
+    // Per peer only when it says something: some peer's traffic fell back.
+    if dataplane.peers.iter().any(|p| p.reason.is_some()) {
+        for p in &dataplane.peers {
+            let why = p
+                .reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default();
+            line(
+                &mut s,
+                "Peer dataplane",
+                format!("{}({}) {}{why}", p.peer, p.nickname, p.dataplane),
+            );
+        }
+    }
     line(
         &mut s,
         "Targets",

@@ -29,6 +29,11 @@ pub struct RouterArgs {
     /// The range pod addresses come from.
     #[arg(long, env = "IPALLOC_RANGE", default_value = weft_core::config::DEFAULT_IPALLOC_RANGE)]
     pub ipalloc_range: Ipv4Net,
+    /// The cluster's service range (kube-apiserver
+    /// --service-cluster-ip-range); the agent refuses a pod range that
+    /// overlaps it.
+    #[arg(long, env = "WEFT_SERVICE_CIDR")]
+    pub service_cidr: Option<Ipv4Net>,
     /// How the address ring is first created: `consensus=N` (seed once N
     /// initial peers agree; plain `consensus` counts --peer addresses plus
     /// this node) or `observer` (never seed; wait for a ring from others).

@@ -17,6 +17,7 @@
 //! With a secret, every frame is sealed (XChaCha20-Poly1305, a key
 //! derived apart from the control plane's) and replays are refused.
 
+use crate::fastdp_probe::{Prober, Received};
 use crate::offload::{self, Coalescer, MAX_IP_PACKET, VNET_HDR_LEN, VnetHdr};
 use crate::udp;
 use std::borrow::Cow;
@@ -136,13 +137,16 @@ pub struct Sleeve {
     gso: Arc<AtomicBool>,
     /// Cleared for good when the kernel refuses GSO writes to the TUN.
     coalesce: Arc<AtomicBool>,
+    /// Answers and records fastdp probes, which arrive on this socket.
+    prober: Option<Arc<Prober>>,
     pub counters: Arc<Counters>,
 }
 
 impl Sleeve {
     /// `secret`: seal every frame with a key derived from it; `epoch`: a
     /// random number new at every start; `max_datagram`: the largest UDP
-    /// payload the underlay carries unfragmented.
+    /// payload the underlay carries unfragmented; `prober`: fastdp's, when
+    /// fastdp runs.
     pub fn new(
         tun: Tun,
         socket: UdpSocket,
@@ -150,6 +154,7 @@ impl Sleeve {
         secret: Option<&[u8]>,
         epoch: u64,
         max_datagram: usize,
+        prober: Option<Arc<Prober>>,
     ) -> Sleeve {
         let crypto = secret.map(|secret| {
             // Apart from the control plane's key, so nonces never collide.
@@ -174,6 +179,7 @@ impl Sleeve {
             max_packet: max_datagram.saturating_sub(overhead),
             gso: Arc::new(AtomicBool::new(true)),
             coalesce: Arc::new(AtomicBool::new(true)),
+            prober,
             counters: Arc::default(),
         }
     }
@@ -361,6 +367,18 @@ impl Sleeve {
     ) -> Vec<Cow<'a, [u8]>> {
         let mut packets = Vec::new();
         for datagram in datagrams {
+            if let Some(prober) = &self.prober {
+                match prober.receive(datagram, from) {
+                    Received::NotProbe => {}
+                    Received::Taken => continue,
+                    Received::Answer(reply) => {
+                        // A plain datagram: the reply must not depend on
+                        // the VXLAN path it vouches for.
+                        let _ = self.socket.send_to(&reply, from);
+                        continue;
+                    }
+                }
+            }
             let Some(frame) = wire::parse_sleeve(datagram) else {
                 // A full queue drops, like a full socket buffer would.
                 let _ = control.try_send((datagram.to_vec(), from));

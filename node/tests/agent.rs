@@ -216,6 +216,38 @@ fn two_agents_cannot_share_a_data_directory() {
 }
 
 #[test]
+fn state_for_another_range_is_refused_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path());
+    agent.allocate("c1");
+    drop(agent);
+    let state = dir.path().join("data/state.json");
+    let saved = std::fs::read(&state).unwrap();
+    let other = spawn(dir.path(), &["--ipalloc-range", "10.64.0.0/12"]);
+    let (ok, stderr) = agent_output(other);
+    assert!(!ok, "started with another range over saved state");
+    assert!(
+        stderr.contains(
+            "the saved state is for allocation range 10.32.0.0/12, but 10.64.0.0/12 is configured"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&state).unwrap(), saved, "nothing wiped");
+}
+
+#[test]
+fn a_range_overlapping_the_service_range_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = spawn(dir.path(), &["--service-cidr", "10.32.0.0/16"]);
+    let (ok, stderr) = agent_output(agent);
+    assert!(!ok);
+    assert!(
+        stderr.contains("the pod range 10.32.0.0/12 collides with this node's network: the service range 10.32.0.0/16 overlaps it"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn sigterm_stops_cleanly_and_removes_the_socket() {
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::start(dir.path());

@@ -144,6 +144,8 @@ fn owned_by(status: &str, nickname: &str) -> Option<u64> {
 /// The API server's clients, or `None` (test skipped).
 struct Server {
     admin: Client,
+    /// The admin kubeconfig's path (for `weft doctor --cluster`).
+    admin_path: String,
     /// The weft service account's kubeconfig, for the agents.
     weft: String,
     /// Where ci/kube-apiserver.sh keeps the server (stop/start).
@@ -161,10 +163,16 @@ async fn server() -> Option<Server> {
         return None;
     };
     let dir = Path::new(&admin).parent()?.to_path_buf();
+    let admin_path = admin.clone();
     let admin = weft_kube::connect_kubeconfig(Path::new(&admin))
         .await
         .unwrap();
-    Some(Server { admin, weft, dir })
+    Some(Server {
+        admin,
+        admin_path,
+        weft,
+        dir,
+    })
 }
 
 fn ready(agent: &Agent) -> bool {
@@ -173,7 +181,13 @@ fn ready(agent: &Agent) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_find_each_other_through_nodes_and_reclaim_a_deleted_one() {
-    let Some(Server { admin, weft, .. }) = server().await else {
+    let Some(Server {
+        admin,
+        admin_path,
+        weft,
+        ..
+    }) = server().await
+    else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -208,6 +222,24 @@ async fn agents_find_each_other_through_nodes_and_reclaim_a_deleted_one() {
             assert!(Instant::now() < deadline, "{name}: condition is {c:?}");
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+    }
+
+    // `weft doctor --cluster` on the first node: a line per Node with its
+    // condition and peer; no weft pods (no kubelet here) is a failure.
+    let lines = doctor_cluster(&agents[0], &dir.path().join(&names[0]), &admin_path);
+    for (i, name) in names.iter().enumerate() {
+        let line = &lines[&format!("node {name}")];
+        let peer = if i == 0 {
+            "this node"
+        } else {
+            "peer connected"
+        };
+        assert!(
+            line.contains("no weft pod")
+                && line.contains(peer)
+                && line.contains("NetworkUnavailable=False (WeftIsUp)"),
+            "{name}: {line}"
+        );
     }
 
     // The third node's agent dies and its Node is deleted: the others
@@ -265,6 +297,39 @@ fn targets(status: &str) -> Vec<String> {
         .collect()
 }
 
+/// `weft doctor --cluster --json` against the agent at `agent`: each
+/// check's name to its evidence.
+fn doctor_cluster(
+    agent: &Agent,
+    data: &Path,
+    kubeconfig: &str,
+) -> std::collections::BTreeMap<String, String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args([
+            "doctor",
+            "--cluster",
+            "--json",
+            "--status-addr",
+            &agent.status,
+        ])
+        .arg("--socket")
+        .arg(data.join("weft.sock"))
+        .env("KUBECONFIG", kubeconfig)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "no weft pods: failures");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let text = format!("{} {}", c["level"], c["evidence"]);
+            (c["check"].as_str().unwrap().to_string(), text)
+        })
+        .collect()
+}
+
 fn kube_script(dir: &Path, verb: &str) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ci/kube-apiserver.sh");
     let status = Command::new("bash")
@@ -283,6 +348,7 @@ async fn node_cidr_agents_take_their_pod_cidrs_and_outlive_an_api_server_restart
         admin,
         weft,
         dir: kube_dir,
+        ..
     }) = server().await
     else {
         return;

@@ -1,0 +1,492 @@
+//! What `weft doctor` looks at: the agent's status API and local socket,
+//! and the node's interfaces, routes, sysctls and CNI files. Gathering
+//! only; the verdicts are in `checks`.
+
+use crate::api::NodeStatus;
+use crate::underlay::{Collision, Interface, Route};
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Everything the checks need, gathered once.
+pub struct Facts {
+    pub status_addr: SocketAddr,
+    pub socket: PathBuf,
+    pub agent: Result<Agent, String>,
+    pub node: Result<NodeStatus, String>,
+    pub interfaces: BTreeMap<String, Interface>,
+    pub routes: Vec<Route>,
+    pub forwarding: Option<bool>,
+    pub cni_conf_dir: PathBuf,
+    pub cni_configs: Result<Vec<CniConfig>, String>,
+    pub cni_bin_dir: PathBuf,
+    /// `weft-cni --version`'s version, or why there is none.
+    pub cni_plugin: Result<String, String>,
+    pub service_cidr: Option<Ipv4Net>,
+    /// Port probes of the peers not connected directly.
+    pub probes: Vec<Probe>,
+}
+
+impl Facts {
+    /// The interface holding the agent's advertised address.
+    pub fn underlay_device(&self) -> Option<&Interface> {
+        let IpAddr::V4(ip) = self.agent.as_ref().ok()?.me_address()?.ip() else {
+            return None;
+        };
+        self.interfaces
+            .values()
+            .find(|i| i.addrs.iter().any(|a| a.addr() == ip))
+    }
+
+    /// What of the node's network collides with the pod range.
+    pub fn collisions(&self, node: &NodeStatus) -> Vec<Collision> {
+        let ours = [
+            node.bridge.as_str(),
+            weft_dataplane::VXLAN_NAME,
+            crate::sleeve::DEVICE,
+        ];
+        // Pods' host-side veths carry /32 routes into the range.
+        let routes: Vec<Route> = self
+            .routes
+            .iter()
+            .filter(|r| !r.device.starts_with("vethwf"))
+            .cloned()
+            .collect();
+        crate::underlay::collisions(
+            node.range,
+            self.interfaces.values(),
+            &routes,
+            self.service_cidr,
+            &ours,
+        )
+    }
+}
+
+/// The agent's view, from its status API.
+#[derive(Clone, Debug, Default)]
+pub struct Agent {
+    /// Why /readyz says not ready.
+    pub not_ready: Option<String>,
+    pub peers: Vec<PeerView>,
+    pub connections: Vec<ConnectionView>,
+    pub targets: Vec<TargetView>,
+    pub dataplane: DataplaneView,
+    pub ipam: IpamView,
+    /// Datagrams refused, by reason (from /metrics).
+    pub dropped: BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct PeerView {
+    pub name: String,
+    pub nickname: String,
+    pub address: SocketAddr,
+    pub reachable: bool,
+    pub hops: Option<u32>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct ConnectionView {
+    pub peer: String,
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct TargetView {
+    pub address: SocketAddr,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct DataplaneView {
+    pub requested: String,
+    pub in_use: String,
+    pub fallback: Option<String>,
+    pub kernel_error: Option<String>,
+    /// Per direct peer, when the agent reports it.
+    #[serde(default)]
+    pub peers: Vec<PeerDataplaneView>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct PeerDataplaneView {
+    pub nickname: String,
+    pub dataplane: String,
+    pub reason: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct IpamView {
+    pub mode: String,
+    pub seeded: bool,
+    pub peers: Vec<IpamPeerView>,
+    pub pending: Vec<PendingView>,
+    pub errors: Vec<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct IpamPeerView {
+    pub name: String,
+    pub nickname: String,
+    pub reachable: bool,
+    pub owned: u64,
+    pub free: u64,
+    pub used: u64,
+    pub prefixes: Vec<Ipv4Net>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct PendingView {
+    pub container: String,
+    pub reason: String,
+}
+
+/// A peer the agent should be connected to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExpectedPeer {
+    /// Nickname (and name), or the address for a peer not heard yet.
+    pub label: String,
+    /// Its peer name, once heard of.
+    pub name: Option<weft_core::PeerName>,
+    pub address: SocketAddr,
+    pub connected: bool,
+    pub reachable: bool,
+}
+
+impl Agent {
+    fn own(&self) -> Option<&PeerView> {
+        self.peers.iter().find(|p| p.hops == Some(0))
+    }
+
+    /// This node's peer name.
+    pub fn me(&self) -> Option<&str> {
+        self.own().map(|p| p.name.as_str())
+    }
+
+    pub fn me_address(&self) -> Option<SocketAddr> {
+        self.own().map(|p| p.address)
+    }
+
+    /// Every other known peer, and every address being tried that no
+    /// known peer has.
+    pub fn expected(&self) -> Vec<ExpectedPeer> {
+        let established = |name: &str| {
+            self.connections
+                .iter()
+                .any(|c| c.peer == name && c.state == "established")
+        };
+        let mut out: Vec<ExpectedPeer> = self
+            .peers
+            .iter()
+            .filter(|p| p.hops != Some(0))
+            .map(|p| ExpectedPeer {
+                label: format!("{} ({})", p.nickname, p.name),
+                name: p.name.parse().ok(),
+                address: p.address,
+                connected: established(&p.name),
+                reachable: p.reachable,
+            })
+            .collect();
+        for t in &self.targets {
+            if !out.iter().any(|p| p.address == t.address) {
+                out.push(ExpectedPeer {
+                    label: t.address.to_string(),
+                    name: None,
+                    address: t.address,
+                    connected: false,
+                    reachable: false,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// A CNI configuration file, as a runtime would see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CniConfig {
+    pub name: String,
+    /// The plugin types it chains.
+    pub types: Vec<String>,
+}
+
+impl CniConfig {
+    pub fn is_weft(&self) -> bool {
+        self.types.iter().any(|t| t == crate::install::PLUGIN_NAME)
+    }
+}
+
+/// The configurations in `dir` a runtime would consider, in the order it
+/// picks them (by file name; `.conf`, `.conflist` and `.json`).
+pub fn cni_configs(dir: &Path) -> Result<Vec<CniConfig>, String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| e.to_string())?;
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| {
+            [".conf", ".conflist", ".json"]
+                .iter()
+                .any(|x| n.ends_with(x))
+        })
+        .collect();
+    names.sort();
+    Ok(names
+        .into_iter()
+        .map(|name| {
+            let types = std::fs::read(dir.join(&name))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .map(|v| plugin_types(&v))
+                .unwrap_or_default();
+            CniConfig { name, types }
+        })
+        .collect())
+}
+
+/// The `type`s of a conflist's plugins, or of a single-plugin conf.
+fn plugin_types(conf: &serde_json::Value) -> Vec<String> {
+    let single = conf.get("type").into_iter();
+    let listed = conf
+        .get("plugins")
+        .and_then(|p| p.as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.get("type"));
+    single
+        .chain(listed)
+        .filter_map(|t| t.as_str().map(String::from))
+        .collect()
+}
+
+/// The installed plugin's version (`weft-cni --version`).
+pub fn cni_plugin_version(bin_dir: &Path) -> Result<String, String> {
+    let path = bin_dir.join(crate::install::PLUGIN_NAME);
+    if !path.exists() {
+        return Err("not installed".into());
+    }
+    let out = std::process::Command::new(&path)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run it: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .strip_prefix("weft-cni ")
+        .map(str::to_string)
+        .ok_or_else(|| "does not report a version (an older or foreign weft-cni)".into())
+}
+
+pub fn ip_forwarding() -> Option<bool> {
+    let v = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").ok()?;
+    Some(v.trim() == "1")
+}
+
+/// Reads the agent's status API.
+pub fn agent(addr: SocketAddr) -> Result<Agent, String> {
+    let get = |path: &str| crate::http_get(addr, path).map_err(|e| e.to_string());
+    let json = |path: &str| -> Result<serde_json::Value, String> {
+        serde_json::from_str(&get(path)?.1).map_err(|e| format!("{path}: {e}"))
+    };
+    let (code, body) = get("/readyz")?;
+    let connections = json("/status/connections")?;
+    fn field<T: serde::de::DeserializeOwned>(
+        v: &serde_json::Value,
+        name: &str,
+    ) -> Result<T, String> {
+        serde_json::from_value(v[name].clone()).map_err(|e| format!("{name}: {e}"))
+    }
+    Ok(Agent {
+        not_ready: (code != 200).then(|| body.trim().to_string()),
+        peers: serde_json::from_value(json("/status/peers")?).map_err(|e| e.to_string())?,
+        connections: field(&connections, "connections")?,
+        targets: field(&connections, "targets")?,
+        dataplane: field(&connections, "dataplane")?,
+        ipam: serde_json::from_value(json("/status/ipam")?).map_err(|e| e.to_string())?,
+        dropped: get("/metrics")
+            .map(|(_, m)| dropped(&m))
+            .unwrap_or_default(),
+    })
+}
+
+/// `datagrams_dropped_total{reason="…"} N` lines of the metrics.
+fn dropped(metrics: &str) -> BTreeMap<String, u64> {
+    metrics
+        .lines()
+        .filter_map(|line| {
+            let rest = line.split_once("datagrams_dropped_total{reason=\"")?.1;
+            let (reason, rest) = rest.split_once("\"}")?;
+            let n: f64 = rest.split_whitespace().next()?.parse().ok()?;
+            (n > 0.0).then(|| (reason.to_string(), n as u64))
+        })
+        .collect()
+}
+
+/// Asks the agent's local API (the CNI plugin's socket) for its status.
+pub fn node(socket: &Path) -> Result<NodeStatus, String> {
+    let answer =
+        crate::api_call(socket, &serde_json::json!({"op": "status"})).map_err(|e| e.to_string())?;
+    serde_json::from_value(answer).map_err(|e| format!("unexpected answer: {e}"))
+}
+
+/// What a UDP port did with a probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortAnswer {
+    /// A reply came back.
+    Answers,
+    /// ICMP port unreachable: the host is up, nothing listens.
+    Refused,
+    /// Nothing came back: dropped on the way, or the host is down.
+    Silent,
+}
+
+impl std::fmt::Display for PortAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PortAnswer::Answers => "answers",
+            PortAnswer::Refused => "is refused (no listener)",
+            PortAnswer::Silent => "gets no answer",
+        })
+    }
+}
+
+/// A peer address's two ports, probed from this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Probe {
+    pub address: SocketAddr,
+    pub control: PortAnswer,
+    pub vxlan: PortAnswer,
+}
+
+/// Sends `payload` to `to` from a fresh socket and waits up to `wait` for
+/// a reply or an ICMP error.
+pub fn probe_port(to: SocketAddr, payload: &[u8], wait: Duration) -> PortAnswer {
+    let Ok(socket) = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) else {
+        return PortAnswer::Silent;
+    };
+    // Connected, so the kernel reports an ICMP error as ECONNREFUSED.
+    if socket.connect(to).is_err() || socket.set_read_timeout(Some(wait)).is_err() {
+        return PortAnswer::Silent;
+    }
+    let _ = socket.send(payload);
+    let mut buf = [0u8; 1500];
+    match socket.recv(&mut buf) {
+        Ok(_) => PortAnswer::Answers,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => PortAnswer::Refused,
+        Err(_) => PortAnswer::Silent,
+    }
+}
+
+/// Whether a probe sent through the peer's VXLAN port comes back: the
+/// peer's kernel decapsulates it to its agent's control port, which
+/// answers this socket directly (so no ICMP error can be seen: silence is
+/// all a blocked port shows).
+pub fn probe_vxlan(
+    peer: weft_core::PeerName,
+    to: SocketAddrV4,
+    from: Ipv4Addr,
+    wait: Duration,
+) -> PortAnswer {
+    use crate::fastdp_probe::{Encapsulation, encapsulate};
+    let Ok(socket) = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) else {
+        return PortAnswer::Silent;
+    };
+    let Ok(local) = socket.local_addr() else {
+        return PortAnswer::Silent;
+    };
+    let frame = encapsulate(
+        &Encapsulation {
+            vni: weft_dataplane::DEFAULT_VNI,
+            src_mac: weft_dataplane::vtep_mac(0),
+            dst_mac: weft_dataplane::vtep_mac(peer.0),
+            src: SocketAddrV4::new(from, local.port()),
+            dst: to,
+        },
+        &probe_request(),
+    );
+    let vxlan = SocketAddr::new(IpAddr::V4(*to.ip()), crate::settings::PORT + 1);
+    if socket.set_read_timeout(Some(wait)).is_err() || socket.send_to(&frame, vxlan).is_err() {
+        return PortAnswer::Silent;
+    }
+    let mut buf = [0u8; 1500];
+    match socket.recv_from(&mut buf) {
+        Ok((n, _)) if crate::fastdp_probe::is_probe(&buf[..n]) => PortAnswer::Answers,
+        _ => PortAnswer::Silent,
+    }
+}
+
+/// A probe request, which every agent answers on its control port.
+pub fn probe_request() -> Vec<u8> {
+    use crate::fastdp_probe::{Probe, ProbeKind};
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    Probe {
+        kind: ProbeKind::Request,
+        nonce,
+        sender: weft_core::PeerName(0),
+    }
+    .encode()
+    .to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_datagrams_are_read_from_the_metrics() {
+        let m = "# HELP datagrams_dropped Datagrams refused, by reason\n\
+                 datagrams_dropped_total{reason=\"authentication\"} 12\n\
+                 datagrams_dropped_total{reason=\"malformed\"} 0\n\
+                 datagrams_dropped_total{reason=\"bad\n";
+        assert_eq!(
+            dropped(m),
+            BTreeMap::from([("authentication".to_string(), 12)])
+        );
+    }
+
+    #[test]
+    fn cni_configs_are_listed_in_the_runtimes_order_with_their_types() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        write(
+            "10-weft.conflist",
+            r#"{"plugins":[{"type":"weft-cni"},{"type":"portmap"}]}"#,
+        );
+        write("05-other.conf", r#"{"type":"bridge"}"#);
+        write("README", "not a config");
+        write("99-broken.json", "{");
+        let found = cni_configs(dir.path()).unwrap();
+        let names: Vec<&str> = found.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["05-other.conf", "10-weft.conflist", "99-broken.json"]
+        );
+        assert!(!found[0].is_weft() && found[1].is_weft() && !found[2].is_weft());
+        assert_eq!(found[1].types, ["weft-cni", "portmap"]);
+    }
+
+    #[test]
+    fn a_closed_port_is_refused_and_an_echo_answers() {
+        let closed = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        assert_eq!(
+            probe_port(addr, b"x", Duration::from_millis(500)),
+            PortAnswer::Refused
+        );
+        let echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = echo.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let mut buf = [0u8; 16];
+            let (n, from) = echo.recv_from(&mut buf).unwrap();
+            echo.send_to(&buf[..n], from).unwrap();
+        });
+        assert_eq!(
+            probe_port(addr, b"x", Duration::from_secs(2)),
+            PortAnswer::Answers
+        );
+        server.join().unwrap();
+    }
+}
