@@ -176,20 +176,8 @@ pub fn encapsulate(e: &Encapsulation, payload: &[u8]) -> Vec<u8> {
 /// The Internet checksum of the concatenated parts (each of even length
 /// but the last).
 fn checksum(parts: &[&[u8]]) -> u16 {
-    let mut sum: u32 = 0;
-    for part in parts {
-        let mut chunks = part.chunks_exact(2);
-        for c in &mut chunks {
-            sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
-        }
-        if let [last] = chunks.remainder() {
-            sum += u32::from(*last) << 8;
-        }
-    }
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+    use crate::offload::{fold, sum};
+    !fold(parts.iter().fold(0, |acc, part| sum(part, acc)))
 }
 
 // ---------------------------------------------------------------------------

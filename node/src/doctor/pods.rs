@@ -272,14 +272,7 @@ fn is_echo_reply(datagram: &[u8], id: u16, seq: u16) -> bool {
 
 /// The Internet checksum (RFC 1071).
 fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+    !crate::offload::fold(crate::offload::sum(bytes, 0))
 }
 
 #[cfg(test)]
