@@ -2,7 +2,8 @@
 # Pod-to-pod throughput across nodes of the netns lab, against plain
 # routing between the same two pods (host routes via the peer node's
 # underlay address, no encapsulation), measured in the same run: iperf3, one TCP stream, server and
-# client pinned to different CPUs (-A), RUNS runs of SECONDS each, medians.
+# client pinned to different CPUs (-A), RUNS runs of SECONDS each, plain and
+# overlay alternating, medians.
 # Goals: fastdp >= 0.90x plain; sleeve >= 0.25x plain.
 #
 #   bash ci/bench-dataplane.sh [fastdp|sleeve ...]   (default: fastdp sleeve)
@@ -18,18 +19,18 @@ MODES=("$@")
 [ ${#MODES[@]} -gt 0 ] || MODES=(fastdp sleeve)
 trap 'bash ci/lab.sh down >/dev/null 2>&1' EXIT
 
-# Median Gbit/s of RUNS iperf3 runs: server in namespace $1, client in $2.
-measure() {
-    local server=$1 client=$2 dst=$3 out=()
-    for _ in $(seq 1 "$RUNS"); do
-        ip netns exec "$server" iperf3 -s -1 -A 1 >/dev/null 2>&1 &
-        sleep 0.5
-        out+=("$(ip netns exec "$client" iperf3 -c "$dst" -t "$T" -A 0 -J |
-            python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9)')")
-        wait
-    done
-    printf '%s\n' "${out[@]}" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'
+# Gbit/s of one iperf3 run: server in namespace $1, client in $2.
+run_once() {
+    local server=$1 client=$2 dst=$3 gbits
+    ip netns exec "$server" iperf3 -s -1 -A 1 >/dev/null 2>&1 &
+    sleep 0.5
+    gbits=$(ip netns exec "$client" iperf3 -c "$dst" -t "$T" -A 0 -J |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9)')
+    wait
+    echo "$gbits"
 }
+
+median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 printf '%-22s %10s %8s\n' "path" "Gbit/s" "ratio"
 for mode in "${MODES[@]}"; do
@@ -37,13 +38,20 @@ for mode in "${MODES[@]}"; do
     sleep 2
     pod1=$(cat /tmp/weftlab-wl/n1/pod-1.ip)
     pod=$(cat /tmp/weftlab-wl/n2/pod-1.ip)
-    # Plain routing: /32 routes over the underlay beat weft's overlay routes.
-    ip -n wl-n1 route add "$pod/32" via 192.168.1.12 dev eth0
-    ip -n wl-n2 route add "$pod1/32" via 192.168.1.11 dev eth0
-    plain=$(measure wl-n2-p1 wl-n1-p1 "$pod")
-    ip -n wl-n1 route del "$pod/32" via 192.168.1.12 dev eth0
-    ip -n wl-n2 route del "$pod1/32" via 192.168.1.11 dev eth0
-    overlay=$(measure wl-n2-p1 wl-n1-p1 "$pod")
+    plain=() overlay=()
+    # Plain and overlay runs alternate, so a machine that slows down (or
+    # speeds up) during the benchmark affects both alike.
+    for _ in $(seq 1 "$RUNS"); do
+        # Plain routing: /32 routes over the underlay beat weft's overlay routes.
+        ip -n wl-n1 route add "$pod/32" via 192.168.1.12 dev eth0
+        ip -n wl-n2 route add "$pod1/32" via 192.168.1.11 dev eth0
+        plain+=("$(run_once wl-n2-p1 wl-n1-p1 "$pod")")
+        ip -n wl-n1 route del "$pod/32" via 192.168.1.12 dev eth0
+        ip -n wl-n2 route del "$pod1/32" via 192.168.1.11 dev eth0
+        overlay+=("$(run_once wl-n2-p1 wl-n1-p1 "$pod")")
+    done
+    plain=$(printf '%s\n' "${plain[@]}" | median)
+    overlay=$(printf '%s\n' "${overlay[@]}" | median)
     label=$mode
     [ -n "${WEFT_PASSWORD:-}" ] && label="$mode (secret)"
     printf '%-22s %10.2f %8s\n' "plain (same run)" "$plain" "1.00x"

@@ -53,6 +53,8 @@ fn rbac_grants_exactly_what_the_crate_uses() {
         set(&[
             "/configmaps[]: create",
             "/configmaps[weft]: get,update",
+            // `weft doctor --cluster` lists the weft pods.
+            "/pods[]: list",
             "coordination.k8s.io/leases[]: get,create,update",
         ])
     );
