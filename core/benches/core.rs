@@ -88,6 +88,24 @@ fn benches(c: &mut Criterion) {
         b.iter(|| Routes::compute_sorted(black_box(PeerName(0)), &claims))
     });
 
+    // Real names are random 64-bit values, not 0..1000.
+    let random = |p: PeerName| PeerName(next(&mut p.0.clone()));
+    let mut renamed: Vec<(PeerName, Vec<PeerName>)> = claims
+        .iter()
+        .map(|(p, cs)| {
+            let mut cs: Vec<PeerName> = cs.iter().map(|c| random(*c)).collect();
+            cs.sort_unstable();
+            (random(*p), cs)
+        })
+        .collect();
+    renamed.sort_unstable();
+    let random_claims: Vec<(PeerName, &[PeerName])> =
+        renamed.iter().map(|(p, cs)| (*p, cs.as_slice())).collect();
+    let me = random_claims[0].0;
+    c.bench_function("routes: compute for 1000 random names x 100 links", |b| {
+        b.iter(|| Routes::compute_sorted(black_box(me), &random_claims))
+    });
+
     let routes = Routes::compute_sorted(PeerName(0), &claims);
     c.bench_function("routes: next_hop lookup", |b| {
         let mut s = 7;

@@ -547,6 +547,11 @@ impl Router {
         }
         let name = entry.name;
         let known = self.topology.get(name);
+        // Most gossip repeats what we hold: skip the link analysis below
+        // for an entry that the merge would leave unchanged anyway.
+        if known.is_some_and(|old| entry <= *old) {
+            return;
+        }
         let nickname = if known.is_none() {
             entry.nickname.clone()
         } else {
@@ -852,8 +857,16 @@ impl Router {
     /// peer, for `forget_after`.
     fn forget_stale(&mut self, now: Time) {
         self.forgotten.retain(|_, (_, until)| *until > now);
-        // Usually nobody is unreachable: skip building the reference set.
-        if self.unreachable_since.is_empty() {
+        // Usually nobody has been unreachable for long (a starting cluster
+        // has many peers not reachable yet, none for `forget_after`): skip
+        // building the reference set, which costs every link of every peer.
+        let due: Vec<PeerName> = self
+            .unreachable_since
+            .iter()
+            .filter(|(_, since)| now.saturating_since(**since) >= self.config.forget_after)
+            .map(|(n, _)| *n)
+            .collect();
+        if due.is_empty() {
             return;
         }
         let referenced: BTreeSet<PeerName> = self
@@ -862,13 +875,9 @@ impl Router {
             .filter(|e| self.routes.is_reachable(e.name))
             .flat_map(|e| e.connections.iter().copied())
             .collect();
-        let stale: Vec<PeerName> = self
-            .unreachable_since
-            .iter()
-            .filter(|(n, since)| {
-                !referenced.contains(n) && now.saturating_since(**since) >= self.config.forget_after
-            })
-            .map(|(n, _)| *n)
+        let stale: Vec<PeerName> = due
+            .into_iter()
+            .filter(|n| !referenced.contains(n))
             .collect();
         for name in stale {
             self.unreachable_since.remove(&name);
@@ -966,9 +975,14 @@ impl Router {
         if routes == self.routes {
             return;
         }
-        let names: BTreeSet<PeerName> = self.topology.names().filter(|n| *n != self.me).collect();
-        let previously: BTreeSet<PeerName> = self.routes.iter().map(|(n, _)| n).collect();
-        for name in names.union(&previously) {
+        // Known peers and previously reachable ones, ascending: both lists
+        // come sorted, so a stable sort just merges the two runs.
+        let names: Vec<PeerName> = self.topology.names().filter(|n| *n != self.me).collect();
+        let mut union: Vec<PeerName> = names.clone();
+        union.extend(self.routes.iter().map(|(n, _)| n));
+        union.sort();
+        union.dedup();
+        for name in &union {
             let (old, new) = (self.routes.next_hop(*name), routes.next_hop(*name));
             if old != new {
                 self.events.push_back(Event::Route {

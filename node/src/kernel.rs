@@ -89,7 +89,13 @@ pub fn desired(
     match overlay {
         Overlay::Fastdp { sleeve: fallback } => Desired {
             bridge,
-            vxlan: Some(VxlanSpec::new(local, mtu, vtep_mac(router.name().0))),
+            vxlan: Some(VxlanSpec {
+                underlay_dev: crate::underlay::interfaces()
+                    .into_values()
+                    .find(|i| i.addrs.iter().any(|a| a.addr() == local))
+                    .map(|i| i.name),
+                ..VxlanSpec::new(local, mtu, vtep_mac(router.name().0))
+            }),
             sleeve: fallback.then_some(sleeve),
             peers,
             routes,

@@ -27,8 +27,8 @@ pub struct SimNode {
     saved: Option<PersistedState>,
     boots: u64,
     pub removed: bool,
-    /// Generation of the node's current timer entry in the queue.
-    timer_gen: u64,
+    /// The queue key of the node's pending timer.
+    timer: Option<(Time, u64)>,
 }
 
 impl SimNode {
@@ -80,10 +80,7 @@ pub(crate) enum Step {
         to: usize,
         bytes: Vec<u8>,
     },
-    Timer {
-        node: usize,
-        generation: u64,
-    },
+    Timer(usize),
     Scenario(usize),
     Check(usize),
     Reclaim {
@@ -91,6 +88,86 @@ pub(crate) enum Step {
         name: weft_core::PeerName,
     },
     Sample,
+}
+
+/// The event queue: steps by due time, then by the order they were
+/// scheduled in (`seq`, unique, so the order is total and runs are
+/// deterministic).
+#[derive(Debug, Default)]
+pub(crate) struct Queue {
+    /// Every step but node timers: a binary heap, as a 1,000-node run
+    /// pushes and pops millions of datagrams.
+    heap: std::collections::BinaryHeap<Queued>,
+    /// Each running node's one pending timer, apart: every input re-arms
+    /// the node's timer, and replacing the entry keeps this small where
+    /// leaving superseded ones in the heap made it hold hundreds of
+    /// thousands of dead entries.
+    timers: BTreeMap<(Time, u64), usize>,
+}
+
+#[derive(Debug)]
+struct Queued {
+    at: Time,
+    seq: u64,
+    step: Step,
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+
+impl Eq for Queued {}
+
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Queued {
+    /// Reversed, so that the max-heap yields the earliest (time, seq) first;
+    /// `seq` is unique, so the order is total and the run deterministic.
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (other.at, other.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+impl Queue {
+    fn push(&mut self, at: Time, seq: u64, step: Step) {
+        self.heap.push(Queued { at, seq, step });
+    }
+
+    /// Arms `node`'s timer at `key`, replacing its pending one.
+    fn arm(&mut self, node: usize, pending: Option<(Time, u64)>, key: (Time, u64)) {
+        self.disarm(pending);
+        self.timers.insert(key, node);
+    }
+
+    fn disarm(&mut self, pending: Option<(Time, u64)>) {
+        if let Some(key) = pending {
+            self.timers.remove(&key);
+        }
+    }
+
+    /// Removes the first step if it is due by `until`: whichever of the
+    /// first timer and the heap's first step comes first.
+    pub(crate) fn pop_due(&mut self, until: Time) -> Option<(Time, Step)> {
+        let timer = self.timers.first_key_value().map(|(k, _)| *k);
+        let other = self.heap.peek().map(|q| (q.at, q.seq));
+        match (timer, other) {
+            (Some(t), o) if o.is_none_or(|o| t < o) => {
+                if t.0 > until {
+                    return None;
+                }
+                let (_, node) = self.timers.pop_first()?;
+                Some((t.0, Step::Timer(node)))
+            }
+            (_, Some(o)) if o.0 <= until => self.heap.pop().map(|q| (q.at, q.step)),
+            _ => None,
+        }
+    }
 }
 
 /// How often convergence and traffic are sampled.
@@ -106,7 +183,7 @@ pub struct Sim<'a> {
     pub pods: BTreeMap<String, Pod>,
     /// Deletions waiting for a node to come back (kubelet retries DEL).
     pub(crate) releases: BTreeMap<usize, BTreeSet<String>>,
-    pub(crate) queue: BTreeMap<(Time, u64), Step>,
+    pub(crate) queue: Queue,
     seq: u64,
     rng: Random,
     pub network: Network,
@@ -145,7 +222,7 @@ impl<'a> Sim<'a> {
                 saved: None,
                 boots: 0,
                 removed: false,
-                timer_gen: 0,
+                timer: None,
             })
             .collect();
         let mut seed_bytes = [0u8; 32];
@@ -158,7 +235,7 @@ impl<'a> Sim<'a> {
             nodes,
             pods: BTreeMap::new(),
             releases: BTreeMap::new(),
-            queue: BTreeMap::new(),
+            queue: Queue::default(),
             seq: 0,
             rng: Random::from_seed(seed_bytes),
             network: Network::new(scenario),
@@ -195,7 +272,7 @@ impl<'a> Sim<'a> {
 
     pub(crate) fn schedule(&mut self, at: Time, step: Step) {
         self.seq += 1;
-        self.queue.insert((at, self.seq), step);
+        self.queue.push(at, self.seq, step);
     }
 
     /// Runs to the end of the scenario and evaluates the `end` checks.
@@ -213,14 +290,9 @@ impl<'a> Sim<'a> {
 
     /// Takes the next queued step due by `until`; false when there is none.
     pub(crate) fn next_step(&mut self, until: Time) -> bool {
-        let Some(entry) = self.queue.first_entry() else {
+        let Some((at, step)) = self.queue.pop_due(until) else {
             return false;
         };
-        let (at, _) = *entry.key();
-        if at > until {
-            return false;
-        }
-        let step = entry.remove();
         self.now = at;
         self.step(step);
         self.after_step();
@@ -244,10 +316,10 @@ impl<'a> Sim<'a> {
                 let src = self.nodes[from].address;
                 self.with(to, |r, now| r.handle_datagram(now, src, &bytes));
             }
-            Step::Timer { node, generation } => {
-                if self.nodes[node].timer_gen == generation {
-                    self.with(node, |r, now| r.handle_timeout(now));
-                }
+            Step::Timer(node) => {
+                // It fired: nothing is pending until `with` re-arms it.
+                self.nodes[node].timer = None;
+                self.with(node, |r, now| r.handle_timeout(now));
             }
             Step::Scenario(i) => {
                 let event = self.scenario.events[i].clone();
@@ -346,26 +418,22 @@ impl<'a> Sim<'a> {
             self.on_event(i, e);
         }
         if let Some(at) = timeout {
-            let node = &mut self.nodes[i];
-            node.timer_gen += 1;
-            let generation = node.timer_gen;
-            self.schedule(
-                at.max(now),
-                Step::Timer {
-                    node: i,
-                    generation,
-                },
-            );
+            self.seq += 1;
+            let key = (at.max(now), self.seq);
+            self.queue.arm(i, self.nodes[i].timer.replace(key), key);
         }
         Some(result)
     }
 
-    /// Re-reads the node's own blocks when its ring changed.
+    /// Re-reads the node's own blocks when its ring changed. Uniqueness is
+    /// re-checked only when the blocks did: most ring changes move other
+    /// peers' blocks, and a check sorts every node's blocks.
     pub(crate) fn note_ownership(&mut self, i: usize, router: &Router) {
         let summary = router.ipam().ring_summary();
         if self.owned[i].0 != Some(summary) {
-            self.owned[i] = (Some(summary), router.ipam().own_blocks());
-            self.unique_dirty = true;
+            let blocks = router.ipam().own_blocks();
+            self.unique_dirty |= blocks != self.owned[i].1;
+            self.owned[i] = (Some(summary), blocks);
         }
     }
 
@@ -599,7 +667,7 @@ impl<'a> Sim<'a> {
             // The agent persists every change before acknowledging it, so
             // the last state is what a crash leaves behind.
             self.nodes[i].saved = Some(weft_driver::lock(&shared).state());
-            self.nodes[i].timer_gen += 1;
+            self.queue.disarm(self.nodes[i].timer.take());
             self.owned[i] = (None, Vec::new());
         }
     }

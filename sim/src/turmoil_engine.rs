@@ -127,13 +127,9 @@ impl<'a> TurmoilSim<'a> {
     }
 
     fn due(&mut self, now: Time) -> Option<Step> {
-        let entry = self.sim.queue.first_entry()?;
-        let (at, _) = *entry.key();
-        if at > now {
-            return None;
-        }
+        let (at, step) = self.sim.queue.pop_due(now)?;
         self.sim.now = at;
-        Some(entry.remove())
+        Some(step)
     }
 
     fn step(&mut self, step: Step) {

@@ -20,7 +20,7 @@
 use crate::peer::PeerName;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 /// Who owns an address, and how recent that statement is.
@@ -76,6 +76,11 @@ pub struct Ring {
     /// thousands of blocks after each change dominated a 1,000-node run.
     #[serde(skip)]
     block_sum: u64,
+    /// (label owner, block start) of every block, kept with the blocks:
+    /// each node asks for its own blocks after every ring change, and
+    /// scanning thousands of blocks for them dominated a 1,000-node run.
+    #[serde(skip)]
+    by_owner: BTreeSet<(PeerName, u32)>,
 }
 
 /// A ring as saved: its running sum is recomputed on loading.
@@ -90,12 +95,14 @@ struct RingFields {
 impl From<RingFields> for Ring {
     fn from(f: RingFields) -> Ring {
         let block_sum = sum_of(&f.blocks);
+        let by_owner = owners_of(&f.blocks);
         Ring {
             universe: f.universe,
             seed: f.seed,
             blocks: f.blocks,
             tombstones: f.tombstones,
             block_sum,
+            by_owner,
         }
     }
 }
@@ -111,6 +118,10 @@ fn sum_of(blocks: &BTreeMap<u32, (u8, Label)>) -> u64 {
         .fold(0u64, |sum, (s, b)| sum.wrapping_add(block_hash(*s, *b)))
 }
 
+fn owners_of(blocks: &BTreeMap<u32, (u8, Label)>) -> BTreeSet<(PeerName, u32)> {
+    blocks.iter().map(|(s, (_, l))| (l.owner, *s)).collect()
+}
+
 /// Most heirs followed when resolving an owner (removed peers whose heir
 /// was removed too); bounds the work on a malicious cycle.
 const MAX_HEIR_CHAIN: usize = 16;
@@ -124,6 +135,7 @@ impl Ring {
             blocks: BTreeMap::new(),
             tombstones: BTreeMap::new(),
             block_sum: 0,
+            by_owner: BTreeSet::new(),
         }
     }
 
@@ -217,9 +229,23 @@ impl Ring {
 
     /// Blocks `peer` owns (after resolving heirs), ascending.
     pub fn blocks_of(&self, peer: PeerName) -> Vec<Ipv4Net> {
-        self.blocks()
-            .filter(|b| self.resolve(b.label.owner) == peer)
-            .map(|b| b.prefix)
+        // The labels that resolve to `peer`: its own, and those of removed
+        // peers whose heirs lead to it.
+        let mut owners: Vec<PeerName> = std::iter::once(peer)
+            .chain(self.tombstones.keys().copied())
+            .filter(|o| self.resolve(*o) == peer)
+            .collect();
+        owners.sort_unstable();
+        owners.dedup();
+        let mut starts: Vec<u32> = owners
+            .iter()
+            .flat_map(|o| self.by_owner.range((*o, 0)..=(*o, u32::MAX)))
+            .map(|(_, start)| *start)
+            .collect();
+        starts.sort_unstable();
+        starts
+            .into_iter()
+            .filter_map(|s| self.blocks.get(&s).map(|(len, _)| net(s, *len)))
             .collect()
     }
 
@@ -438,14 +464,17 @@ impl Ring {
     fn put(&mut self, start: u32, len: u8, label: Label) {
         if let Some(old) = self.blocks.insert(start, (len, label)) {
             self.block_sum = self.block_sum.wrapping_sub(block_hash(start, old));
+            self.by_owner.remove(&(old.1.owner, start));
         }
         self.block_sum = self.block_sum.wrapping_add(block_hash(start, (len, label)));
+        self.by_owner.insert((label.owner, start));
     }
 
     /// Removes a block, keeping the running sum.
     fn take(&mut self, start: u32) -> Option<(u8, Label)> {
         let old = self.blocks.remove(&start)?;
         self.block_sum = self.block_sum.wrapping_sub(block_hash(start, old));
+        self.by_owner.remove(&(old.1.owner, start));
         Some(old)
     }
 
@@ -515,6 +544,7 @@ impl Ring {
         }
         self.blocks = out.into_iter().map(|(s, l, b)| (s, (l, b))).collect();
         self.block_sum = sum_of(&self.blocks);
+        self.by_owner = owners_of(&self.blocks);
     }
 }
 
@@ -787,6 +817,27 @@ mod tests {
             prop_assert_ne!(ring.summary(), before);
             let saved: Ring = serde_json::from_str(&serde_json::to_string(&ring).unwrap()).unwrap();
             prop_assert_eq!(saved.summary(), ring.summary());
+        }
+
+        #[test]
+        fn the_owner_index_follows_every_change(blocks in proptest::collection::vec(arb_block(), 1..25),
+                                                removed in 1..4u64, heir in 1..4u64) {
+            let mut ring = Ring::new(universe());
+            ring.check_compatible(universe(), Some(SEED)).unwrap();
+            let scan = |ring: &Ring, peer: PeerName| -> Vec<Ipv4Net> {
+                ring.blocks()
+                    .filter(|b| ring.resolve(b.label.owner) == peer)
+                    .map(|b| b.prefix)
+                    .collect()
+            };
+            for b in &blocks {
+                ring.merge_block(*b);
+                prop_assert_eq!(&ring.by_owner, &owners_of(&ring.blocks));
+            }
+            ring.merge_tombstone(PeerName(removed), PeerName(heir));
+            for peer in (0..6).map(PeerName) {
+                prop_assert_eq!(ring.blocks_of(peer), scan(&ring, peer));
+            }
         }
 
         #[test]
