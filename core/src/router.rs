@@ -254,6 +254,13 @@ impl Router {
         &self.topology
     }
 
+    /// When each peer with a link was last heard from.
+    pub fn last_heard(&self) -> impl Iterator<Item = (PeerName, Time)> + '_ {
+        self.connections
+            .links()
+            .map(|(peer, link)| (peer, link.last_heard))
+    }
+
     pub fn routes(&self) -> &Routes {
         &self.routes
     }

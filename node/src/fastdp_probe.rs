@@ -533,7 +533,7 @@ pub async fn run(
         interval.tick().await;
         let now = prober.now();
         let (local, targets) = match active() {
-            true => targets(&lock(&router), now),
+            true => targets(&lock(&router)),
             false => (None, Vec::new()),
         };
         let (sends, changed) = prober.health().tick(now, &targets);
@@ -568,16 +568,11 @@ pub async fn run(
 /// Our underlay control address, and the peers to probe: the direct
 /// neighbours `kernel::desired` gives FDB and neighbour entries, with
 /// when the control plane last heard from each.
-fn targets(router: &weft_core::Router, now: Time) -> (Option<SocketAddrV4>, Vec<Target>) {
+fn targets(router: &weft_core::Router) -> (Option<SocketAddrV4>, Vec<Target>) {
     let SocketAddr::V4(local) = router.config().address else {
         return (None, Vec::new());
     };
-    let heard: BTreeMap<PeerName, Time> = router
-        .status(now)
-        .connections
-        .iter()
-        .map(|c| (c.peer, now - Duration::from_millis(c.last_heard_ms_ago)))
-        .collect();
+    let heard: BTreeMap<PeerName, Time> = router.last_heard().collect();
     let targets = crate::kernel::direct_neighbours(router)
         .into_iter()
         .filter_map(|(peer, control)| {

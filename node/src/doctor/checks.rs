@@ -80,7 +80,7 @@ fn node_checks(facts: &Facts, agent: Option<&Agent>) -> Vec<Check> {
     if let Some(agent) = agent {
         out.push(bridge(facts, agent));
         out.push(mtu(facts, agent));
-        out.push(range(facts, agent));
+        out.push(range(facts));
     }
     out.push(cni_config(&facts.cni_configs, &facts.cni_conf_dir));
     out.push(cni_plugin(facts));
@@ -427,7 +427,7 @@ fn mtu(facts: &Facts, agent: &Agent) -> Check {
     }
 }
 
-fn range(facts: &Facts, agent: &Agent) -> Check {
+fn range(facts: &Facts) -> Check {
     let Ok(node) = &facts.node else {
         return Check::warn(
             "range",
@@ -435,7 +435,6 @@ fn range(facts: &Facts, agent: &Agent) -> Check {
             "see the agent line",
         );
     };
-    let _ = agent;
     let collisions: Vec<String> = facts
         .collisions(node)
         .iter()
