@@ -74,7 +74,15 @@ doctor_lab() {
     trap finish EXIT
     up "$N"
     install_cni
-    eventually "every pod reaches every pod" all_pods_reach_all "$N"
+    eventually "every pod reaches every pod" all_pods_reach_all "$N" || {
+        # What the nodes looked like, for the one reading CI's log.
+        for i in $(seq 1 "$N"); do
+            log "--- node$i: weft doctor --pods, routes"
+            doctor "$i" --pods >&2 || true
+            ip -n "$(node_ns "$i")" route >&2 || true
+        done
+        return 1
+    }
 
     # Healthy: every line ok, exit 0, within two seconds.
     eventually "doctor: all ok on every node" all_ok
