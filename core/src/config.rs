@@ -27,6 +27,9 @@ pub struct Config {
     /// First retry delay for an address that does not answer; doubles per
     /// attempt (with jitter) up to `retry_max`.
     pub retry_base: Duration,
+    /// Longest retry delay, reached with 100 addresses or more; with fewer
+    /// it is cut in proportion (never below twice `retry_base`), so a
+    /// node retries few addresses often and many seldom.
     pub retry_max: Duration,
     /// Most peers this node keeps direct connections to.
     pub conn_limit: usize,

@@ -194,6 +194,36 @@ impl Connections {
         outcome
     }
 
+    /// `peer` at `address` refused a link with us (it is at its limit):
+    /// drop our side, and try the address again after the next backoff
+    /// step rather than at once.
+    pub fn refused_by(
+        &mut self,
+        now: Time,
+        peer: PeerName,
+        address: SocketAddr,
+        base: Duration,
+        max: Duration,
+        rng: &mut Random,
+    ) {
+        if self.links.get(&peer).is_some_and(|l| l.address == address) {
+            self.links.remove(&peer);
+            self.linked.remove(&address);
+        }
+        self.in_flight.remove(&address);
+        if let Some(target) = self.targets.get_mut(&address)
+            && target.next_try <= now
+        {
+            let step = base
+                .checked_mul(1u32 << target.attempts.min(16))
+                .unwrap_or(max)
+                .min(max);
+            target.attempts = target.attempts.saturating_add(1);
+            target.next_try = now + rng.duration_between(step / 2, step);
+        }
+        self.reschedule(address);
+    }
+
     /// Drops links silent for longer than `dead_after`; their addresses are
     /// retried from the first backoff step.
     pub fn expire(&mut self, now: Time, dead_after: Duration) -> Vec<PeerName> {
@@ -389,6 +419,7 @@ mod tests {
         topology_summary: 0,
         ring_summary: 0,
         probe: false,
+        refused: false,
     };
 
     fn addr(i: u8) -> SocketAddr {

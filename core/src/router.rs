@@ -17,7 +17,7 @@ use crate::status::{
 };
 use crate::time::Time;
 use crate::topology::{Merge, PeerEntry, Topology};
-use crate::wire::{self, Digest, Frame, Heartbeat, Message, WireError};
+use crate::wire::{self, Announcement, Digest, Frame, Heartbeat, Message, WireError};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -133,6 +133,8 @@ pub struct Router {
     housekeeping_at: Option<Time>,
     /// A link may have become, or stopped being, established.
     links_changed: bool,
+    /// Our ring summary and the tick that first saw it.
+    ring_since: (u64, Time),
 
     rng: Random,
     next_tick: Time,
@@ -227,6 +229,7 @@ impl Router {
             next_gossip: None,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            ring_since: (0, now),
             traffic: Traffic::default(),
             dropped: BTreeMap::new(),
             config,
@@ -499,13 +502,8 @@ impl Router {
                 }
             }
             Message::News(versions) => self.request_newer(now, sender, &versions),
-            Message::Request(names) => {
-                let entries: Vec<PeerEntry> = names
-                    .iter()
-                    .filter_map(|n| self.topology.get(*n).cloned())
-                    .collect();
-                self.send_entries(sender, &entries);
-            }
+            Message::Request(wanted) => self.answer_request(sender, &wanted),
+            Message::Announcements(list) => self.on_announcements(now, sender, list),
         }
     }
 
@@ -513,6 +511,17 @@ impl Router {
         let echoes_us = hb
             .echo
             .is_some_and(|echo| self.tokens.iter().any(|(t, _)| *t == echo));
+        if hb.refused {
+            // Only an answer to one of our heartbeats can end a link: a
+            // forger without our token cannot cut us off.
+            if echoes_us {
+                let (base, max) = (self.config.retry_base, self.retry_cap());
+                self.connections
+                    .refused_by(now, sender, from, base, max, &mut self.rng);
+                self.links_changed = true;
+            }
+            return;
+        }
         let dead_after = self.dead_after();
         let established = |c: &Connections| {
             c.link(sender)
@@ -525,7 +534,10 @@ impl Router {
         // A new link may also have replaced an old one at that address.
         self.links_changed |= heard == Heard::NewLink || was != established(&self.connections);
         match heard {
-            Heard::Refused => *self.dropped.entry(DropReason::ConnectionLimit).or_default() += 1,
+            Heard::Refused => {
+                *self.dropped.entry(DropReason::ConnectionLimit).or_default() += 1;
+                self.send(from, &self.heartbeat(Some(hb.token), false, true));
+            }
             Heard::NewLink | Heard::Unconfirmed => self.send_heartbeat(from, Some(hb.token), false),
             Heard::Known if hb.probe => self.send_heartbeat(from, Some(hb.token), false),
             Heard::Known => {}
@@ -626,6 +638,46 @@ impl Router {
         false
     }
 
+    /// Sends the entries asked for: whole, or as announcements where the
+    /// asker holds the same connection list.
+    fn answer_request(&mut self, peer: PeerName, wanted: &[(PeerName, Option<u64>)]) {
+        let mut whole = Vec::new();
+        let mut announcements = Vec::new();
+        for (name, held) in wanted {
+            let Some(entry) = self.topology.get(*name) else {
+                continue;
+            };
+            if *held == Some(entry.links_fingerprint()) {
+                announcements.push(Announcement::of(entry));
+            } else {
+                whole.push(entry.clone());
+            }
+        }
+        self.send_entries(peer, &whole);
+        for message in wire::pack_announcements(announcements) {
+            self.send_to_peer(peer, &message);
+        }
+    }
+
+    /// Learns announced entries with the connection list we hold; asks
+    /// again, for whole entries, where ours changed since we asked.
+    fn on_announcements(&mut self, now: Time, sender: PeerName, list: Vec<Announcement>) {
+        let mut refetch = Vec::new();
+        for announcement in list {
+            match self.topology.get(announcement.name) {
+                Some(held) if held.links_fingerprint() == announcement.links => {
+                    let entry = announcement.with_connections(held.connections.clone());
+                    self.learn(now, entry);
+                }
+                Some(held) if held.version >= announcement.version => {}
+                _ => refetch.push((announcement.name, None)),
+            }
+        }
+        for chunk in refetch.chunks(wire::MAX_NAMES) {
+            self.send_to_peer(sender, &Message::Request(chunk.to_vec()));
+        }
+    }
+
     /// Anti-entropy, receiving side: send what the peer lacks, ask for what
     /// we lack.
     fn on_digest(&mut self, now: Time, sender: PeerName, digest: Digest) {
@@ -663,7 +715,13 @@ impl Router {
         for (name, version) in &want {
             self.requested.insert(*name, (*version, now));
         }
-        let want: Vec<PeerName> = want.into_iter().map(|(name, _)| name).collect();
+        let want: Vec<(PeerName, Option<u64>)> = want
+            .into_iter()
+            .map(|(name, _)| {
+                let held = self.topology.get(name).map(PeerEntry::links_fingerprint);
+                (name, held)
+            })
+            .collect();
         for chunk in want.chunks(wire::MAX_NAMES) {
             self.send_to_peer(peer, &Message::Request(chunk.to_vec()));
         }
@@ -761,6 +819,18 @@ impl Router {
         }
     }
 
+    /// The longest backoff between attempts at one address: `retry_max`
+    /// from 100 addresses up, less below, so this node sends at most about
+    /// three attempts a second in all. A small cluster that healed from a
+    /// partition then reconnects within seconds, not at the end of a
+    /// 30-second backoff; a big one does as soon as any of its many
+    /// addresses is tried.
+    fn retry_cap(&self) -> Duration {
+        let targets = self.connections.targets().count() as f64;
+        let (base, max) = (self.config.retry_base, self.config.retry_max);
+        max.mul_f64(targets / 100.0).clamp((base * 2).min(max), max)
+    }
+
     /// Tries due addresses, within the connection limit.
     fn attempt_due(&mut self, now: Time) {
         let due = self
@@ -768,7 +838,7 @@ impl Router {
             .due_targets(now, self.config.conn_limit, &mut self.rng);
         for address in due {
             self.send_heartbeat(address, None, false);
-            let (base, max) = (self.config.retry_base, self.config.retry_max);
+            let (base, max) = (self.config.retry_base, self.retry_cap());
             self.connections
                 .attempted(now, address, base, max, &mut self.rng);
         }
@@ -781,12 +851,25 @@ impl Router {
     fn start_anti_entropy(&mut self, now: Time) {
         let summary = self.topology.summary();
         let ring_summary = self.ipam.ring_summary();
+        if self.ring_since.0 != ring_summary {
+            self.ring_since = (ring_summary, now);
+        }
+        // A peer's ring summary comes with its heartbeats, seconds apart
+        // in a big cluster: one heard before our ring last changed, or
+        // before that change had time to spread by push, says nothing.
+        // Sending whole rings on such stale differences cost a 300-node
+        // cluster a ring a second per node after every donation.
+        let settled =
+            self.ring_since.1 + self.config.gossip_interval * u32::from(self.config.rumor_rounds);
+        let ring_differs = |l: &crate::connections::Link| {
+            l.ring_summary != ring_summary && l.last_heard >= settled
+        };
         let interval = self.config.anti_entropy_interval;
         let candidates: Vec<PeerName> = self
             .connections
             .links()
             .filter(|(_, l)| {
-                (l.summary != summary || l.ring_summary != ring_summary)
+                (l.summary != summary || ring_differs(l))
                     && l.last_anti_entropy
                         .is_none_or(|t| now.saturating_since(t) >= interval)
             })
@@ -799,7 +882,7 @@ impl Router {
             return;
         };
         link.last_anti_entropy = Some(now);
-        if link.ring_summary != ring_summary && self.ipam.ring().is_seeded() {
+        if ring_differs(link) && self.ipam.ring().is_seeded() {
             self.send_ring(peer, &self.ipam.full_ring());
         }
         if self
@@ -930,21 +1013,24 @@ impl Router {
                 self.events.push_back(Event::ConnectionDown { peer: *peer });
             }
             self.connections_seen = established;
-            // Announce connection changes at most once per gossip interval:
-            // a starting node gains its links one by one, and announcing
-            // each would flood the cluster with versions of one entry.
+            // Announce connection changes at most once per gossip interval,
+            // stretched like heartbeats: a starting node gains its links
+            // one by one, and each announcement is a version of an entry
+            // of up to 100 names that every peer fetches.
             if self.announce_at.is_none() {
-                self.announce_at = Some(now + self.config.gossip_interval);
+                self.announce_at = Some(now + self.config.gossip_interval.mul_f64(self.stretch()));
             }
         }
         // Work that costs O(peers) or more (routes, learnt addresses, the
         // IPAM step) runs at most once per debounce interval, however many
         // entries change meanwhile: a starting 1,000-node cluster changes
-        // thousands of entries a second. The interval stretches with the
-        // cluster like heartbeats do, as each run costs more.
+        // thousands of entries a second. The interval grows with the
+        // cluster, as each run costs more: 50 ms up to 100 peers, 500 ms
+        // at 1,000.
         let dirty = self.routes_dirty || self.ipam_dirty || self.peers_dirty;
         if dirty && self.housekeeping_at.is_none() {
-            self.housekeeping_at = Some(now + HOUSEKEEPING_DEBOUNCE.mul_f64(self.stretch()));
+            let scale = self.stretch().max(self.topology.len() as f64 / 100.0);
+            self.housekeeping_at = Some(now + HOUSEKEEPING_DEBOUNCE.mul_f64(scale));
         }
         self.connections
             .refresh_next_attempt(self.config.conn_limit);
@@ -1127,15 +1213,19 @@ impl Router {
         if self.tokens.is_empty() {
             self.tokens.push_back((self.rng.next_u64(), self.next_tick));
         }
-        let token = self.tokens.back().map_or(0, |(t, _)| *t);
-        let message = Message::Heartbeat(Heartbeat {
-            token,
+        let message = self.heartbeat(echo, probe, false);
+        self.send(to, &message);
+    }
+
+    fn heartbeat(&self, echo: Option<u64>, probe: bool, refused: bool) -> Message {
+        Message::Heartbeat(Heartbeat {
+            token: self.tokens.back().map_or(0, |(t, _)| *t),
             echo,
             topology_summary: self.topology.summary(),
             ring_summary: self.ipam.ring_summary(),
             probe,
-        });
-        self.send(to, &message);
+            refused,
+        })
     }
 
     fn send_entries(&mut self, peer: PeerName, entries: &[PeerEntry]) {
@@ -1177,6 +1267,17 @@ impl Router {
         };
         self.traffic.sent_datagrams += 1;
         self.traffic.sent_bytes += payload.len() as u64;
+        let by_kind = &mut self.traffic.sent_bytes_by_kind;
+        let counter = match message {
+            Message::Heartbeat(_) => &mut by_kind.heartbeat,
+            Message::Gossip(_) => &mut by_kind.gossip,
+            Message::Digest(_) => &mut by_kind.digest,
+            Message::Request(_) => &mut by_kind.request,
+            Message::News(_) => &mut by_kind.news,
+            Message::Ring(_) => &mut by_kind.ring,
+            Message::Announcements(_) => &mut by_kind.announcements,
+        };
+        *counter += payload.len() as u64;
         self.transmits.push_back(Transmit {
             destination,
             payload,

@@ -1,5 +1,6 @@
 //! Multi-peer behaviour of the router, driven by the in-crate harness.
 
+use crate::connections::LinkState;
 use crate::harness::{Net, address};
 use crate::router::Event;
 use crate::status::DropReason;
@@ -153,6 +154,7 @@ fn a_spoofed_plain_heartbeat_does_not_make_a_connection() {
         topology_summary: 0,
         ring_summary: 0,
         probe: false,
+        refused: false,
     })
     .encode_plain(PeerName(99))
     .unwrap();
@@ -171,7 +173,7 @@ fn garbage_is_counted_and_changes_nothing() {
     for junk in [
         &b""[..],
         b"WEFT",
-        b"WEFT\x01\x00\x00\x00\x00\x00\x00\x00\x00\x01\xff\xff",
+        b"WEFT\x02\x00\x00\x00\x00\x00\x00\x00\x00\x01\xff\xff",
         &[0xff; 1500],
     ] {
         net.inject(0, 1, junk);
@@ -238,6 +240,60 @@ fn the_connection_limit_is_respected() {
         let links = r.status(net.now).connections.len();
         assert!(links <= 3, "node {i} has {links} links");
     }
+}
+
+#[test]
+fn a_full_node_refuses_at_once_and_no_slot_is_held_by_a_pending_link() {
+    // Six nodes that may each link with two: many attempts meet a full
+    // node. A refusal makes the other side drop its half at once, so a
+    // pending link (one side only) lasts a round trip, not until it dies
+    // of silence and keeps a slot from a peer that would link.
+    let mut net = Net::new(6, 21, |_, c| c.conn_limit = 2);
+    for _ in 0..100 {
+        net.run_for(Duration::from_millis(100));
+        for (i, r) in net.running() {
+            let pending = r
+                .status(net.now)
+                .connections
+                .iter()
+                .filter(|c| c.state == LinkState::Pending && c.last_heard_ms_ago > 500)
+                .count();
+            assert_eq!(pending, 0, "node {i} holds a pending link at {:?}", net.now);
+        }
+    }
+    let refusals: u64 = net
+        .running()
+        .map(|(_, r)| r.dropped(DropReason::ConnectionLimit))
+        .sum();
+    assert!(refusals > 0, "no attempt met a full node");
+    for (i, r) in net.running() {
+        assert!(
+            r.established(net.now).len() <= 2,
+            "node {i} exceeds its limit"
+        );
+    }
+}
+
+#[test]
+fn an_ipam_only_change_travels_without_the_connection_list() {
+    let mut net = Net::new(5, 22, plain);
+    net.run_for(secs(15));
+    assert!(net.converged());
+    let sent = |net: &Net| {
+        net.running()
+            .map(|(_, r)| r.traffic().sent_bytes_by_kind)
+            .fold((0, 0), |(g, a), k| (g + k.gossip, a + k.announcements))
+    };
+    let (gossip_before, announced_before) = sent(&net);
+    // A pod changes node 0's free count, so its entry, not its links.
+    net.call(0, |r, now| r.allocate(now, "pod-a"))
+        .unwrap()
+        .unwrap();
+    net.run_for(secs(5));
+    assert!(net.converged(), "everyone learnt the new entry");
+    let (gossip_after, announced_after) = sent(&net);
+    assert!(announced_after > announced_before, "announced");
+    assert_eq!(gossip_after, gossip_before, "no whole entry was sent");
 }
 
 #[test]
@@ -354,6 +410,7 @@ fn heartbeats_per_node_stay_within_the_budget_in_a_big_cluster() {
         topology_summary: u64::MAX,
         ring_summary: u64::MAX,
         probe: false,
+        refused: false,
     })
     .encode_plain(PeerName(u64::MAX))
     .unwrap()

@@ -99,6 +99,20 @@ pub struct Traffic {
     pub sent_bytes: u64,
     pub received_datagrams: u64,
     pub received_bytes: u64,
+    /// Sent bytes by message kind: which part of the protocol costs what.
+    pub sent_bytes_by_kind: BytesByKind,
+}
+
+/// Bytes per message kind (see `wire::Message`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct BytesByKind {
+    pub heartbeat: u64,
+    pub gossip: u64,
+    pub digest: u64,
+    pub request: u64,
+    pub news: u64,
+    pub ring: u64,
+    pub announcements: u64,
 }
 
 /// Why an incoming datagram was refused.

@@ -12,15 +12,16 @@
 //! sender name and nonce cannot be altered either.
 
 use crate::config::MAX_CONN_LIMIT;
-use crate::ipam::RingUpdate;
+use crate::ipam::{IpamInfo, RingUpdate};
 use crate::peer::{MAX_NICKNAME, PeerName};
 use crate::seal::{OpenError, SealNonce, Sealer, TAG_LEN};
 use crate::topology::PeerEntry;
 use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
 
 pub const MAGIC: [u8; 4] = *b"WEFT";
 /// Bumped on any incompatible change; peers of another version are refused.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Largest datagram weft sends or accepts: fits any underlay MTU of 1,500
 /// with room for IP, UDP and overlay headers, so nothing is fragmented.
 pub const MAX_DATAGRAM: usize = 1400;
@@ -123,14 +124,57 @@ pub enum Message {
     Gossip(Vec<PeerEntry>),
     /// Anti-entropy: the versions the sender holds for names in a range.
     Digest(Digest),
-    /// "Send me these entries": the receiver answers with `Gossip`.
-    Request(Vec<PeerName>),
+    /// "Send me these entries", each with the fingerprint of the
+    /// connection list the sender holds for it, if any: the receiver
+    /// answers with `Gossip`, or with `Announcements` for entries whose
+    /// list is the one the sender holds.
+    Request(Vec<(PeerName, Option<u64>)>),
     /// News: the sender has these (name, version) entries, new to it; the
     /// receiver requests those it lacks.
     News(Vec<(PeerName, u64)>),
     /// Part of the IPAM ring: changed blocks being pushed, or the whole
     /// ring (in several datagrams) for a peer whose ring differs.
     Ring(RingUpdate),
+    /// Entries without their connection lists, which the receiver holds
+    /// already: a tenth of the bytes when only the IPAM part changed.
+    Announcements(Vec<Announcement>),
+}
+
+/// A peer entry without its connection list, and the fingerprint of that
+/// list (see [`PeerEntry::links_fingerprint`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Announcement {
+    pub version: u64,
+    pub name: PeerName,
+    pub nickname: String,
+    pub address: SocketAddr,
+    pub ipam: IpamInfo,
+    pub links: u64,
+}
+
+impl Announcement {
+    pub fn of(entry: &PeerEntry) -> Announcement {
+        Announcement {
+            version: entry.version,
+            name: entry.name,
+            nickname: entry.nickname.clone(),
+            address: entry.address,
+            ipam: entry.ipam.clone(),
+            links: entry.links_fingerprint(),
+        }
+    }
+
+    /// The whole entry, given the connection list it was announced with.
+    pub fn with_connections(self, connections: Vec<PeerName>) -> PeerEntry {
+        PeerEntry {
+            version: self.version,
+            name: self.name,
+            nickname: self.nickname,
+            address: self.address,
+            connections,
+            ipam: self.ipam,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,6 +193,12 @@ pub struct Heartbeat {
     /// The sender has not heard from the receiver for a while and asks
     /// for a heartbeat at once, rather than at the receiver's next turn.
     pub probe: bool,
+    /// The sender is at its connection limit and will not link with the
+    /// receiver, which should drop its side and try later (as Weave closes
+    /// the connection with "connection limit reached"). Without it, the
+    /// receiver would hold a link that is never confirmed, and a slot with
+    /// it, until the link dies of silence.
+    pub refused: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -340,6 +390,13 @@ impl Message {
                 Ok(())
             }
             Message::Request(names) => at_most("requested names", names.len(), MAX_NAMES),
+            Message::Announcements(list) => {
+                at_most("announcements", list.len(), MAX_ENTRIES)?;
+                if list.iter().any(|a| a.nickname.len() > MAX_NICKNAME) {
+                    return Err(WireError::Invalid("nickname longer than 63 bytes"));
+                }
+                Ok(())
+            }
             Message::News(versions) => at_most("news entries", versions.len(), MAX_NEWS),
             Message::Ring(update) => {
                 at_most("ring blocks", update.blocks.len(), MAX_BLOCKS)?;
@@ -389,25 +446,37 @@ fn strictly_ascending(mut names: impl Iterator<Item = PeerName>) -> bool {
 
 /// Splits entries into as few `Gossip` messages as fit one datagram each.
 pub fn pack_gossip<'a>(entries: impl IntoIterator<Item = &'a PeerEntry>) -> Vec<Message> {
+    pack(entries.into_iter().cloned(), Message::Gossip)
+}
+
+/// Splits announcements into as few messages as fit one datagram each.
+pub fn pack_announcements(list: Vec<Announcement>) -> Vec<Message> {
+    pack(list, Message::Announcements)
+}
+
+fn pack<T: Serialize>(
+    items: impl IntoIterator<Item = T>,
+    wrap: fn(Vec<T>) -> Message,
+) -> Vec<Message> {
     // Room for the enum tag and the vector's length prefix.
     const OVERHEAD: usize = 1 + 5;
     let mut messages = Vec::new();
-    let mut batch: Vec<PeerEntry> = Vec::new();
+    let mut batch: Vec<T> = Vec::new();
     let mut size = OVERHEAD;
-    for entry in entries {
-        // An entry is bounded (nickname, connection count), so it always
+    for item in items {
+        // An item is bounded (nickname, connection count), so it always
         // fits a datagram on its own; the size is only an estimate if
         // encoding failed, which it cannot for these plain types.
-        let entry_size = postcard::experimental::serialized_size(entry).unwrap_or(MAX_BODY);
-        if !batch.is_empty() && (size + entry_size > MAX_BODY || batch.len() == MAX_ENTRIES) {
-            messages.push(Message::Gossip(std::mem::take(&mut batch)));
+        let item_size = postcard::experimental::serialized_size(&item).unwrap_or(MAX_BODY);
+        if !batch.is_empty() && (size + item_size > MAX_BODY || batch.len() == MAX_ENTRIES) {
+            messages.push(wrap(std::mem::take(&mut batch)));
             size = OVERHEAD;
         }
-        size += entry_size;
-        batch.push(entry.clone());
+        size += item_size;
+        batch.push(item);
     }
     if !batch.is_empty() {
-        messages.push(Message::Gossip(batch));
+        messages.push(wrap(batch));
     }
     messages
 }
@@ -490,6 +559,7 @@ mod tests {
             ipam: IpamInfo {
                 ring: Some(0x0102_0304_0506_0708),
                 free: 1000,
+                owned: 1024,
                 wants_space: false,
                 seeding: None,
                 pod_cidr: Some("10.244.1.0/24".parse().unwrap()),
@@ -525,6 +595,7 @@ mod tests {
                     topology_summary: 0x0123_4567_89ab_cdef,
                     ring_summary: 0x0fed_cba9_8765_4321,
                     probe: false,
+                    refused: false,
                 }),
             ),
             ("gossip", Message::Gossip(vec![entry(1, &[2, 3])])),
@@ -536,7 +607,14 @@ mod tests {
                     versions: vec![(PeerName(1), 7), (PeerName(2), 300)],
                 }),
             ),
-            ("request", Message::Request(vec![PeerName(1), PeerName(2)])),
+            (
+                "request",
+                Message::Request(vec![(PeerName(1), None), (PeerName(2), Some(7))]),
+            ),
+            (
+                "announcements",
+                Message::Announcements(vec![Announcement::of(&entry(1, &[2, 3]))]),
+            ),
             ("ring", Message::Ring(ring_update())),
             (
                 "news",
@@ -704,7 +782,7 @@ mod tests {
         bad[4] = 9;
         assert_eq!(
             Frame::parse(&bad).unwrap_err().to_string(),
-            "wire version 9 is not supported (this node speaks 1)"
+            "wire version 9 is not supported (this node speaks 2)"
         );
         let mut bad = good.clone();
         bad[5] = 7;
@@ -733,7 +811,7 @@ mod tests {
         let self_loop = Message::Gossip(vec![entry(1, &[1])]);
         let bytes = self_loop.encode_plain(PeerName(1)).unwrap();
         assert!(Frame::parse(&bytes).unwrap().plain_message().is_err());
-        let too_many = Message::Request((0..150).map(PeerName).collect());
+        let too_many = Message::Request((0..150).map(|n| (PeerName(n), None)).collect());
         let bytes = too_many.encode_plain(PeerName(1)).unwrap();
         assert_eq!(
             Frame::parse(&bytes)
@@ -761,6 +839,7 @@ mod tests {
         e.ipam = IpamInfo {
             ring: Some(u64::MAX),
             free: u64::MAX,
+            owned: u64::MAX,
             wants_space: true,
             seeding: Some(Paxos {
                 promised: ballot,

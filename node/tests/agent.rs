@@ -141,11 +141,14 @@ fn bad_input_gets_typed_errors_and_never_stops_the_agent() {
     assert_eq!(agent.http("\u{1}\u{2}\u{3}\r\n\r\n").0, 400);
     // Malformed and forged datagrams on the gossip port.
     let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
-    for payload in [
-        &b"hello"[..],
-        b"WEFT\x01\x00\x00\x00\x00\x00\x00\x00\x00\x07\xff\xff\xff",
-        &[0u8; 1500][..],
-    ] {
+    // A header of this wire version with a body that is not a message.
+    let bad_body = [
+        &b"WEFT"[..],
+        &[weft_core::wire::VERSION],
+        b"\x00\x00\x00\x00\x00\x00\x00\x00\x07\xff\xff\xff",
+    ]
+    .concat();
+    for payload in [&b"hello"[..], &bad_body, &[0u8; 1500][..]] {
         udp.send_to(payload, agent.udp).unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(5);

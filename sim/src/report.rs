@@ -20,6 +20,11 @@ pub struct Report {
     pub unique_ips_always: String,
     pub convergence_after_last_disruption_s: Option<f64>,
     pub gossip_bytes_per_node_per_s: u64,
+    /// What each message kind cost, per running node per second of its
+    /// router's life: for finding where gossip goes, not for snapshots
+    /// (a restart resets a router's counters).
+    #[serde(skip)]
+    pub sent_by_kind: Vec<(&'static str, u64)>,
     /// The ring every running node holds, if they agree.
     pub ring_summary: Option<String>,
     pub nodes_running: usize,
@@ -122,12 +127,39 @@ fn report(sim: &Sim, engine: Engine) -> Report {
         unique_ips_always,
         convergence_after_last_disruption_s: sim.convergence_time().map(|d| d.as_secs_f64()),
         gossip_bytes_per_node_per_s: sim.gossip_bytes_per_node_per_s().round() as u64,
+        sent_by_kind: sent_by_kind(sim),
         ring_summary: (rings.len() == 1)
             .then(|| format!("{:016x}", rings.first().copied().unwrap_or(0))),
         nodes_running: sim.nodes.iter().filter(|n| n.running()).count(),
         pods,
         trace_hash: format!("{:016x}", sim.trace.hash()),
     }
+}
+
+fn sent_by_kind(sim: &Sim) -> Vec<(&'static str, u64)> {
+    let mut total = weft_core::status::BytesByKind::default();
+    let mut running = 0u64;
+    for router in sim.nodes.iter().filter_map(|n| n.router()) {
+        let k = router.traffic().sent_bytes_by_kind;
+        running += 1;
+        total.heartbeat += k.heartbeat;
+        total.gossip += k.gossip;
+        total.digest += k.digest;
+        total.request += k.request;
+        total.news += k.news;
+        total.ring += k.ring;
+        total.announcements += k.announcements;
+    }
+    let per = |b: u64| b / running.max(1) / sim.now.since_epoch().as_secs().max(1);
+    vec![
+        ("heartbeat", per(total.heartbeat)),
+        ("gossip", per(total.gossip)),
+        ("digest", per(total.digest)),
+        ("request", per(total.request)),
+        ("news", per(total.news)),
+        ("ring", per(total.ring)),
+        ("announcements", per(total.announcements)),
+    ]
 }
 
 impl Report {
@@ -162,6 +194,16 @@ impl Report {
             self.pods.pending,
             self.pods.failed,
             self.trace_hash
+        );
+        let kinds: Vec<String> = self
+            .sent_by_kind
+            .iter()
+            .map(|(kind, b)| format!("{kind} {b}"))
+            .collect();
+        let _ = writeln!(
+            s,
+            "  sent over the whole run, B/s per node: {}",
+            kinds.join(", ")
         );
         s
     }

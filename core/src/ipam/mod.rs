@@ -53,6 +53,10 @@ pub struct IpamInfo {
     pub ring: Option<u64>,
     /// Free addresses in its space.
     pub free: u64,
+    /// Addresses in its space (free or not): a donor whose ring gives the
+    /// peer more than it announces knows the announcement predates a
+    /// donation, and does not donate again on it.
+    pub owned: u64,
     /// It has allocations waiting for space.
     pub wants_space: bool,
     /// Its seeding state, while there is no ring (not for observers).
@@ -311,6 +315,7 @@ impl Ipam {
         IpamInfo {
             ring: self.ring.seed().map(|s| s.id),
             free,
+            owned: size_of(&self.own_blocks()),
             wants_space: !self.pending.is_empty() && self.ring.is_seeded() && free == 0,
             seeding: seeding_now.then(|| self.seeding.state()),
             pod_cidr: match &self.mode {
@@ -602,8 +607,15 @@ impl Ipam {
         }
     }
 
-    /// Gives space to one needy peer this step, if we are the one it
-    /// should come from: the reachable peer with the most free space.
+    /// Gives space to the needy peers this donor serves this step. Donors
+    /// (richest first, us included) share out the needy (by name) in turn,
+    /// and each gives every peer it serves an equal block at once: a ring
+    /// just seeded with one owner is split among a thousand starting peers
+    /// in one step, as Weave divides the range among the peers it seeds,
+    /// instead of in ten rounds of doubling that each re-announce half the
+    /// cluster. Each donor computes the same sharing from (nearly) the same
+    /// announcements; where views differ, a peer may get two donations,
+    /// which is harmless.
     fn donate(&mut self, now: Time, peers: &BTreeMap<PeerName, PeerView>) {
         let Some(ring_id) = self.ring.seed().map(|s| s.id) else {
             return;
@@ -613,9 +625,26 @@ impl Ipam {
             return;
         }
         let same_ring = |p: &PeerView| p.reachable && p.info.ring == Some(ring_id);
+        // Right after seeding, the first owner gives every peer without
+        // space its share whether it asked or not, those still without a
+        // ring included: they are about to adopt ours and will need a
+        // gateway, and one split spares rounds of asking (Weave divides the
+        // range among the peers that seed it). Later, peers ask.
+        let seeding_split = free > size_of(&[self.ring.universe()]) / 2;
+        let spaceless = |p: &PeerView| {
+            seeding_split
+                && p.reachable
+                && p.info.ring.is_none_or(|r| r == ring_id)
+                && p.info.pod_cidr.is_none()
+                && p.info.owned == 0
+        };
         let needy: Vec<PeerName> = peers
             .iter()
-            .filter(|(n, p)| **n != self.me && same_ring(p) && p.info.wants_space)
+            .filter(|(n, p)| {
+                **n != self.me && ((same_ring(p) && p.info.wants_space) || spaceless(p))
+            })
+            // An announcement older than a donation we know of.
+            .filter(|(n, p)| size_of(&self.ring.blocks_of(**n)) <= p.info.owned)
             .filter(|(n, _)| {
                 self.donated
                     .get(n)
@@ -623,18 +652,17 @@ impl Ipam {
             })
             .map(|(n, _)| *n)
             .collect();
+        // While ring news is still spreading, our ring may lack a donation
+        // another donor just made (a ring split arrives in many datagrams):
+        // wait for it rather than give a peer space twice.
         if needy.is_empty()
+            || self.has_ring_news()
             || self
                 .last_donation
                 .is_some_and(|t| now.saturating_since(t) < DONATION_PACE)
         {
             return;
         }
-        // Pair the needy (by name) with the donors (richest first, us
-        // included): every donor serves one needy peer per round, so space
-        // spreads by doubling instead of queueing at one donor. Each donor
-        // computes the same pairing from (nearly) the same announcements;
-        // where views differ, a peer may get two donations, which is harmless.
         let mut donors: Vec<(u64, PeerName)> = peers
             .iter()
             .filter(|(n, p)| {
@@ -647,27 +675,36 @@ impl Ipam {
         let Some(rank) = donors.iter().position(|(_, n)| *n == self.me) else {
             return;
         };
-        let Some(recipient) = needy.get(rank).copied() else {
+        let served: Vec<PeerName> = needy
+            .iter()
+            .skip(rank)
+            .step_by(donors.len())
+            .copied()
+            .collect();
+        if served.is_empty() {
             return;
-        };
+        }
+        // Equal shares, the donor keeping at least one: half the space for
+        // one peer, as before, a thousandth each for a thousand.
+        let share = (free / (served.len() as u64 + 1)).max(1);
         let reserved = self.reserved();
-        let most = (free / 2).max(1);
-        let Some(block) = self
-            .space
-            .largest_empty_block(&self.own_blocks(), &reserved, most)
-        else {
-            return;
-        };
-        let label = Label {
-            version: self.ring.max_version_in(block) + 1,
-            owner: recipient,
-        };
-        self.ring.merge_block(Block {
-            prefix: block,
-            label,
-        });
-        self.ring_news.insert(block, u8::MAX);
-        self.donated.insert(recipient, now);
+        let mut own = self.own_blocks();
+        for recipient in served {
+            let Some(block) = self.space.largest_empty_block(&own, &reserved, share) else {
+                break;
+            };
+            let label = Label {
+                version: self.ring.max_version_in(block) + 1,
+                owner: recipient,
+            };
+            self.ring.merge_block(Block {
+                prefix: block,
+                label,
+            });
+            self.ring_news.insert(block, u8::MAX);
+            self.donated.insert(recipient, now);
+            own = self.own_blocks();
+        }
         self.last_donation = Some(now);
         self.after_ring_change();
     }
@@ -855,6 +892,14 @@ fn validate_container_id(id: &str) -> Result<(), IpamError> {
 }
 
 /// The ring id every learner derives from the same decision.
+/// How many addresses `blocks` hold.
+fn size_of(blocks: &[Ipv4Net]) -> u64 {
+    blocks
+        .iter()
+        .map(|b| 1u64 << (32 - u32::from(b.prefix_len())))
+        .sum()
+}
+
 fn seed_id(round: u64, proposer: PeerName, first_owner: PeerName) -> u64 {
     let mut h = 0x6a09_e667_f3bc_c908u64;
     for v in [round, proposer.0, first_owner.0] {

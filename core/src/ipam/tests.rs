@@ -106,6 +106,32 @@ fn three_peers_seed_one_ring_and_every_pod_gets_a_unique_address() {
 }
 
 #[test]
+fn a_seeded_ring_is_shared_out_in_one_block_per_peer() {
+    // Twenty peers start together: the first owner gives every other peer
+    // an equal block in one step (as Weave divides the range among the
+    // peers that seed it), not halves passed on in rounds of doubling, and
+    // no peer is given space twice on an announcement older than a
+    // donation.
+    let mut net = Net::new(20, 23, plain);
+    net.run_for(secs(15));
+    assert_eq!(ring_summaries(&net).len(), 1, "one ring everywhere");
+    let first_owner = net
+        .running()
+        .find_map(|(_, r)| r.ipam().ring().seed())
+        .expect("seeded")
+        .first_owner;
+    let mut sizes = BTreeSet::new();
+    for (i, r) in net.running().filter(|(_, r)| r.name() != first_owner) {
+        let blocks = r.ipam().own_blocks();
+        assert_eq!(blocks.len(), 1, "node {i} owns {blocks:?}");
+        sizes.insert(blocks[0].prefix_len());
+        assert!(r.gateway().is_some(), "node {i} has a gateway");
+    }
+    assert_eq!(sizes.len(), 1, "unequal shares: /{sizes:?}");
+    assert_unique(&net);
+}
+
+#[test]
 fn allocation_is_idempotent_and_release_too() {
     let mut net = Net::new(2, 22, plain);
     net.run_for(secs(10));
