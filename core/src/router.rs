@@ -748,7 +748,7 @@ impl Router {
             .retain(|_, (_, at)| now.saturating_since(*at) < lapse);
         self.start_anti_entropy(now);
         // Seeding rounds and donations move on timers too.
-        self.ipam_dirty = true;
+        self.ipam_dirty |= self.ipam.needs_timer();
         self.links_changed = true;
         // ±10% jitter keeps a cluster restarted at once from ticking in step.
         let interval = self.config.heartbeat_interval;
@@ -826,7 +826,7 @@ impl Router {
     /// 30-second backoff; a big one does as soon as any of its many
     /// addresses is tried.
     fn retry_cap(&self) -> Duration {
-        let targets = self.connections.targets().count() as f64;
+        let targets = self.connections.target_count() as f64;
         let (base, max) = (self.config.retry_base, self.config.retry_max);
         max.mul_f64(targets / 100.0).clamp((base * 2).min(max), max)
     }

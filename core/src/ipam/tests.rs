@@ -132,6 +132,23 @@ fn a_seeded_ring_is_shared_out_in_one_block_per_peer() {
 }
 
 #[test]
+fn a_settled_ring_needs_no_timer_and_a_pending_pod_does() {
+    let mut net = Net::new(3, 24, |_, c| {
+        c.ipalloc_range = "10.9.0.0/26".parse().unwrap();
+    });
+    net.run_for(secs(15));
+    for (i, r) in net.running() {
+        assert!(!r.ipam().needs_timer(), "node {i} still steps on timers");
+    }
+    // Exhaust node 0's space: the next pod waits for a donation.
+    let mut k = 0;
+    while let Ok(Allocation::Ready(_)) = allocate(&mut net, 0, &format!("pod-{k}")) {
+        k += 1;
+    }
+    assert!(net.router(0).ipam().needs_timer(), "a pending pod steps on timers");
+}
+
+#[test]
 fn allocation_is_idempotent_and_release_too() {
     let mut net = Net::new(2, 22, plain);
     net.run_for(secs(10));
