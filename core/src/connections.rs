@@ -55,6 +55,20 @@ pub struct Target {
     pub next_try: Time,
 }
 
+impl Target {
+    /// The next try after one more failed attempt: base·2^attempts capped
+    /// at `max`, then a uniform pick in [half, all] of it, so restarted
+    /// nodes do not retry in lockstep.
+    fn back_off(&mut self, now: Time, base: Duration, max: Duration, rng: &mut Random) {
+        let step = base
+            .checked_mul(1u32 << self.attempts.min(16))
+            .unwrap_or(max)
+            .min(max);
+        self.attempts = self.attempts.saturating_add(1);
+        self.next_try = now + rng.duration_between(step / 2, step);
+    }
+}
+
 /// What became of a heartbeat from a peer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Heard {
@@ -225,12 +239,7 @@ impl Connections {
         if let Some(target) = self.targets.get_mut(&address)
             && target.next_try <= now
         {
-            let step = base
-                .checked_mul(1u32 << target.attempts.min(16))
-                .unwrap_or(max)
-                .min(max);
-            target.attempts = target.attempts.saturating_add(1);
-            target.next_try = now + rng.duration_between(step / 2, step);
+            target.back_off(now, base, max, rng);
         }
         self.reschedule(address);
     }
@@ -346,12 +355,7 @@ impl Connections {
         rng: &mut Random,
     ) {
         if let Some(target) = self.targets.get_mut(&address) {
-            let step = base
-                .checked_mul(1u32 << target.attempts.min(16))
-                .unwrap_or(max)
-                .min(max);
-            target.attempts = target.attempts.saturating_add(1);
-            target.next_try = now + rng.duration_between(step / 2, step);
+            target.back_off(now, base, max, rng);
             self.in_flight.insert(address, now + base);
         }
         self.reschedule(address);

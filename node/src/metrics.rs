@@ -22,6 +22,11 @@ struct Direction {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Kind {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Reason {
     reason: String,
 }
@@ -41,6 +46,7 @@ pub struct Metrics {
     addresses: Family<State, Gauge>,
     gossip_bytes: Family<Direction, Counter>,
     gossip_datagrams: Family<Direction, Counter>,
+    gossip_sent_by_kind: Family<Kind, Counter>,
     dropped: Family<Reason, Counter>,
     fallback: Gauge,
 }
@@ -57,6 +63,7 @@ impl Default for Metrics {
             addresses: Family::default(),
             gossip_bytes: Family::default(),
             gossip_datagrams: Family::default(),
+            gossip_sent_by_kind: Family::default(),
             dropped: Family::default(),
             fallback: Gauge::default(),
             registry: Registry::default(),
@@ -92,6 +99,11 @@ impl Default for Metrics {
             "gossip_datagrams",
             "Control-plane datagrams",
             m.gossip_datagrams.clone(),
+        );
+        registry.register(
+            "gossip_sent_bytes_by_kind",
+            "Control-plane bytes sent, by message kind",
+            m.gossip_sent_by_kind.clone(),
         );
         registry.register(
             "datagrams_dropped",
@@ -179,6 +191,19 @@ impl Metrics {
             };
             follow(&self.gossip_bytes.get_or_create(&label), bytes);
             follow(&self.gossip_datagrams.get_or_create(&label), datagrams);
+        }
+        let k = t.sent_bytes_by_kind;
+        for (kind, bytes) in [
+            ("heartbeat", k.heartbeat),
+            ("gossip", k.gossip),
+            ("announcements", k.announcements),
+            ("digest", k.digest),
+            ("request", k.request),
+            ("news", k.news),
+            ("ring", k.ring),
+        ] {
+            let label = Kind { kind: kind.into() };
+            follow(&self.gossip_sent_by_kind.get_or_create(&label), bytes);
         }
         for (reason, n) in &status.dropped {
             let label = serde_json::to_value(reason)

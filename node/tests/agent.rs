@@ -116,6 +116,15 @@ impl Agent {
     }
 }
 
+/// The value of the Prometheus sample whose name and labels are `series`.
+fn metric(metrics: &str, series: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -154,12 +163,11 @@ fn bad_input_gets_typed_errors_and_never_stops_the_agent() {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let (_, metrics) = agent.get("/metrics");
-        let dropped: u64 = metrics
-            .lines()
-            .find(|l| l.starts_with("weft_datagrams_dropped_total{reason=\"malformed\"}"))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or(0);
-        if dropped >= 3 {
+        if metric(
+            &metrics,
+            "weft_datagrams_dropped_total{reason=\"malformed\"}",
+        ) >= 3
+        {
             break;
         }
         assert!(Instant::now() < deadline, "drops not counted:\n{metrics}");
@@ -168,6 +176,30 @@ fn bad_input_gets_typed_errors_and_never_stops_the_agent() {
     // Still serving.
     agent.allocate("pod-after-garbage");
     assert_eq!(agent.get("/healthz").0, 200);
+}
+
+#[test]
+fn control_bytes_are_counted_by_message_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    // A configured peer that never answers: the agent keeps trying it.
+    let silent = format!("127.0.0.1:{}", free_port());
+    let agent = spawn(dir.path(), &["--peer", &silent]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, metrics) = agent.get("/metrics");
+        if metric(
+            &metrics,
+            "weft_gossip_sent_bytes_by_kind_total{kind=\"heartbeat\"}",
+        ) > 0
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "heartbeats not counted:\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]

@@ -145,7 +145,10 @@ fn a_settled_ring_needs_no_timer_and_a_pending_pod_does() {
     while let Ok(Allocation::Ready(_)) = allocate(&mut net, 0, &format!("pod-{k}")) {
         k += 1;
     }
-    assert!(net.router(0).ipam().needs_timer(), "a pending pod steps on timers");
+    assert!(
+        net.router(0).ipam().needs_timer(),
+        "a pending pod steps on timers"
+    );
 }
 
 #[test]
