@@ -39,6 +39,10 @@ impl Link {
     }
 }
 
+/// How often a node at its connection limit looks for a peer it has no
+/// route to (see `due_targets`).
+const RESERVE_PACE: Duration = Duration::from_secs(1);
+
 /// Whether a scheduled address was given by the operator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Configured {
@@ -90,6 +94,8 @@ pub struct Connections {
     /// Earliest due attempt, as of the last refresh (it is asked for after
     /// every input).
     next_attempt: Option<Time>,
+    /// When a node at its limit looks again for a peer it has no route to.
+    reserve_check: Option<Time>,
     targets: BTreeMap<SocketAddr, Target>,
     /// Unlinked targets by their next try, so that finding due ones never
     /// scans every target (thousands in a big cluster).
@@ -125,6 +131,10 @@ impl Connections {
 
     pub fn links(&self) -> impl Iterator<Item = (PeerName, &Link)> + '_ {
         self.links.iter().map(|(p, l)| (*p, l))
+    }
+
+    pub fn link_count(&self) -> usize {
+        self.links.len()
     }
 
     pub fn target_count(&self) -> usize {
@@ -316,16 +326,31 @@ impl Connections {
     /// Addresses to try now: due, not linked, at most as many as free
     /// connection slots (unanswered attempts hold theirs), configured ones
     /// first, the rest in random order.
+    ///
+    /// At the limit, one address of `reserve` (peers with no route) may be
+    /// tried while no other attempt is in flight.
     pub fn due_targets(
         &mut self,
         now: Time,
         conn_limit: usize,
+        reserve: &BTreeSet<SocketAddr>,
         rng: &mut Random,
     ) -> Vec<SocketAddr> {
         self.in_flight.retain(|_, until| *until > now);
         let slots = conn_limit.saturating_sub(self.links.len() + self.in_flight.len());
         if slots == 0 {
-            return Vec::new();
+            self.reserve_check = Some(now + RESERVE_PACE);
+            if !self.in_flight.is_empty() || reserve.is_empty() {
+                return Vec::new();
+            }
+            let due: Vec<SocketAddr> = self
+                .schedule
+                .iter()
+                .take_while(|(at, _, _)| *at <= now)
+                .map(|(_, a, _)| *a)
+                .filter(|a| reserve.contains(a))
+                .collect();
+            return rng.pick(&due, 1);
         }
         // One pass over what is due, no lookups: a starting node of a
         // 1,000-node cluster has ~1,000 addresses due and looks again after
@@ -399,9 +424,11 @@ impl Connections {
         self.next_attempt
     }
 
-    pub fn refresh_next_attempt(&mut self, conn_limit: usize) {
+    /// `reserve_open`: some known peer has no route, and a reserve link
+    /// is free for it.
+    pub fn refresh_next_attempt(&mut self, conn_limit: usize, reserve_open: bool) {
         self.next_attempt = if self.links.len() >= conn_limit {
-            None
+            reserve_open.then(|| self.reserve_check.unwrap_or(Time::ZERO))
         } else if self.links.len() + self.in_flight.len() >= conn_limit {
             // Unanswered attempts hold the free slots: look again when the
             // first of them lapses.
@@ -469,7 +496,7 @@ mod tests {
         assert_eq!(c.expire(Time::from_millis(5001), DEAD), vec![PeerName(2)]);
         let mut rng = Random::from_seed([0; 32]);
         assert_eq!(
-            c.due_targets(Time::from_millis(5001), 100, &mut rng),
+            c.due_targets(Time::from_millis(5001), 100, &BTreeSet::new(), &mut rng),
             vec![addr(2)]
         );
     }
@@ -488,7 +515,8 @@ mod tests {
         let mut rng = Random::from_seed([0; 32]);
         c.add_target(Time::ZERO, addr(4), true);
         assert!(
-            c.due_targets(Time::ZERO, 1, &mut rng).is_empty(),
+            c.due_targets(Time::ZERO, 1, &BTreeSet::new(), &mut rng)
+                .is_empty(),
             "no free slot"
         );
     }
@@ -501,24 +529,36 @@ mod tests {
         for i in 2..12 {
             c.add_target(Time::ZERO, addr(i), false);
         }
-        let first = c.due_targets(Time::ZERO, 3, &mut rng);
+        let first = c.due_targets(Time::ZERO, 3, &BTreeSet::new(), &mut rng);
         assert_eq!(first.len(), 3);
         for a in &first {
             c.attempted(Time::ZERO, *a, base, max, &mut rng);
         }
-        c.refresh_next_attempt(3);
+        c.refresh_next_attempt(3, false);
         assert_eq!(c.next_attempt(), Some(Time::from_millis(1000)));
         assert!(
-            c.due_targets(Time::from_millis(999), 3, &mut rng)
+            c.due_targets(Time::from_millis(999), 3, &BTreeSet::new(), &mut rng)
                 .is_empty()
         );
         // One answers (a link), one is refused: one slot is free again.
         c.heard(Time::from_millis(10), PeerName(99), first[0], &HB, false, 3);
-        assert_eq!(c.due_targets(Time::from_millis(20), 3, &mut rng).len(), 0);
+        assert_eq!(
+            c.due_targets(Time::from_millis(20), 3, &BTreeSet::new(), &mut rng)
+                .len(),
+            0
+        );
         c.heard(Time::from_millis(30), PeerName(98), first[1], &HB, false, 1);
-        assert_eq!(c.due_targets(Time::from_millis(40), 3, &mut rng).len(), 1);
+        assert_eq!(
+            c.due_targets(Time::from_millis(40), 3, &BTreeSet::new(), &mut rng)
+                .len(),
+            1
+        );
         // The last lapses unanswered after a base interval.
-        assert_eq!(c.due_targets(Time::from_millis(1000), 3, &mut rng).len(), 2);
+        assert_eq!(
+            c.due_targets(Time::from_millis(1000), 3, &BTreeSet::new(), &mut rng)
+                .len(),
+            2
+        );
     }
 
     #[test]

@@ -155,6 +155,8 @@ const VERSION_BITS: u32 = 40;
 const PROBES_PER_INTERVAL: u32 = 4;
 /// Routes, learnt addresses and the IPAM step wait this long for more
 /// changes before running (Weave debounced routes by 100 ms).
+/// Links beyond the limit a node keeps for peers it cannot reach otherwise.
+const LINK_RESERVE: usize = 1;
 const HOUSEKEEPING_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl Router {
@@ -283,7 +285,7 @@ impl Router {
         // Tried at the next timeout, which is now: adding a thousand
         // addresses then costs one pass over them, not a thousand.
         self.connections
-            .refresh_next_attempt(self.config.conn_limit);
+            .refresh_next_attempt(self.config.conn_limit, self.reserve_open(now));
     }
 
     /// An address for `container` (a CNI container ID): the same one every
@@ -373,8 +375,9 @@ impl Router {
     /// Stops trying an operator-given address (learnt ones stay).
     pub fn remove_peer_address(&mut self, address: SocketAddr) {
         self.connections.remove_target(address);
+        // The reserve is looked at again on the next input, which has a time.
         self.connections
-            .refresh_next_attempt(self.config.conn_limit);
+            .refresh_next_attempt(self.config.conn_limit, false);
     }
 
     /// A datagram from the network: untrusted bytes.
@@ -410,7 +413,7 @@ impl Router {
             self.push_news(now);
         }
         self.connections
-            .refresh_next_attempt(self.config.conn_limit);
+            .refresh_next_attempt(self.config.conn_limit, self.reserve_open(now));
         if self.connections.next_attempt().is_some_and(|t| t <= now) {
             self.attempt_due(now);
         }
@@ -528,9 +531,14 @@ impl Router {
                 .is_some_and(|l| l.is_established(now, dead_after))
         };
         let was = established(&self.connections);
-        let heard =
-            self.connections
-                .heard(now, sender, from, &hb, echoes_us, self.config.conn_limit);
+        let heard = self.connections.heard(
+            now,
+            sender,
+            from,
+            &hb,
+            echoes_us,
+            self.link_limit(now, sender),
+        );
         // A new link may also have replaced an old one at that address.
         self.links_changed |= heard == Heard::NewLink || was != established(&self.connections);
         match heard {
@@ -831,11 +839,57 @@ impl Router {
         max.mul_f64(targets / 100.0).clamp((base * 2).min(max), max)
     }
 
-    /// Tries due addresses, within the connection limit.
+    /// Links allowed with `peer`: one more than the limit (within
+    /// `MAX_CONN_LIMIT`) for a peer cut off from us. When a partition
+    /// heals, both sides may be full of links among themselves; without a
+    /// reserve no node would try or accept a link across, and the halves
+    /// would stay apart for good.
+    fn link_limit(&self, now: Time, peer: PeerName) -> usize {
+        if self.is_cut_off(now, peer) {
+            self.reserve_limit()
+        } else {
+            self.config.conn_limit
+        }
+    }
+
+    fn reserve_limit(&self) -> usize {
+        (self.config.conn_limit + LINK_RESERVE).min(crate::config::MAX_CONN_LIMIT)
+    }
+
+    /// No route to `peer` for longer than a link takes to die: cut off,
+    /// not merely not reached yet (a starting cluster has many of those,
+    /// and they must not take the reserve).
+    fn is_cut_off(&self, now: Time, peer: PeerName) -> bool {
+        self.unreachable_since
+            .get(&peer)
+            .is_some_and(|since| now.saturating_since(*since) >= self.dead_after())
+    }
+
+    /// Whether a node at its limit may still try a cut-off peer.
+    fn reserve_open(&self, now: Time) -> bool {
+        self.connections.link_count() < self.reserve_limit()
+            && self
+                .unreachable_since
+                .keys()
+                .any(|peer| self.is_cut_off(now, *peer))
+    }
+
+    /// Tries due addresses, within the connection limit (and the reserve,
+    /// for peers we have no route to).
     fn attempt_due(&mut self, now: Time) {
-        let due = self
-            .connections
-            .due_targets(now, self.config.conn_limit, &mut self.rng);
+        let reserve: BTreeSet<SocketAddr> =
+            if self.connections.link_count() >= self.config.conn_limit {
+                self.unreachable_since
+                    .keys()
+                    .filter(|peer| self.is_cut_off(now, **peer))
+                    .filter_map(|n| self.topology.get(*n).map(|e| e.address))
+                    .collect()
+            } else {
+                BTreeSet::new()
+            };
+        let due =
+            self.connections
+                .due_targets(now, self.config.conn_limit, &reserve, &mut self.rng);
         for address in due {
             self.send_heartbeat(address, None, false);
             let (base, max) = (self.config.retry_base, self.retry_cap());
@@ -1033,7 +1087,7 @@ impl Router {
             self.housekeeping_at = Some(now + HOUSEKEEPING_DEBOUNCE.mul_f64(scale));
         }
         self.connections
-            .refresh_next_attempt(self.config.conn_limit);
+            .refresh_next_attempt(self.config.conn_limit, self.reserve_open(now));
         if (!self.news.is_empty() || self.ipam.has_ring_news()) && self.next_gossip.is_none() {
             self.next_gossip = Some(now + self.config.gossip_interval);
         }

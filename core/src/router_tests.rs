@@ -297,6 +297,26 @@ fn an_ipam_only_change_travels_without_the_connection_list() {
 }
 
 #[test]
+fn halves_full_of_links_among_themselves_still_join_when_healed() {
+    // Three nodes a side, each allowed two links: apart, every node fills
+    // both slots with its own side. Healed, only the reserve link for a
+    // peer with no route lets the halves find each other again.
+    let mut net = Net::new(6, 25, |_, c| c.conn_limit = 2);
+    net.run_for(secs(20));
+    net.partition(&[&[0, 1, 2], &[3, 4, 5]]);
+    net.run_for(secs(40));
+    for i in 0..6 {
+        assert_eq!(net.established(i).len(), 2, "node {i} is full");
+    }
+    net.heal();
+    net.run_for(secs(30));
+    for (i, r) in net.running() {
+        assert_eq!(r.routes().len(), 5, "node {i} reaches every peer");
+    }
+    assert!(net.converged());
+}
+
+#[test]
 fn ten_peers_converge_over_a_lossy_network() {
     let mut net = Net::new(10, 12, plain);
     net.loss = 0.2;
