@@ -15,4 +15,4 @@ run() { # engine scenario
 }
 for s in "${scenarios[@]}"; do run events "$s"; done
 # The turmoil engine: the agent's driver loop, at the 10-node scale it is for.
-for s in scenarios/three-nodes.toml scenarios/loss-30.toml scenarios/partition-heal.toml; do run turmoil "$s"; done
+for s in scenarios/three-nodes.toml scenarios/loss-30.toml scenarios/partition-heal.toml scenarios/ten-nodes.toml; do run turmoil "$s"; done
