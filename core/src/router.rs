@@ -865,9 +865,13 @@ impl Router {
             .is_some_and(|since| now.saturating_since(*since) >= self.dead_after())
     }
 
-    /// Whether a node at its limit may still try a cut-off peer.
+    /// Whether a node at its limit may still try a cut-off peer (below
+    /// the limit the question does not arise, and it is asked after every
+    /// input).
     fn reserve_open(&self, now: Time) -> bool {
-        self.connections.link_count() < self.reserve_limit()
+        let links = self.connections.link_count();
+        links >= self.config.conn_limit
+            && links < self.reserve_limit()
             && self
                 .unreachable_since
                 .keys()
