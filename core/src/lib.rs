@@ -38,7 +38,8 @@
 //! - [`connections`]: direct links confirmed by heartbeats both ways,
 //!   address retries with backoff, the connection limit.
 //! - [`topology`]: every peer's own entry, merged by version.
-//! - [`routes`]: next hops and broadcast trees over confirmed links.
+//! - [`routes`]: next hops and broadcast trees over confirmed links;
+//!   [`unreachable`]: peers without a route, oldest first.
 //! - [`wire`]: the datagram format; [`seal`]: encryption and replay refusal.
 //! - [`router`]: the state machine tying them together; [`status`]: its
 //!   serializable view.
@@ -55,6 +56,7 @@ pub mod seal;
 pub mod status;
 pub mod time;
 pub mod topology;
+pub mod unreachable;
 pub mod wire;
 
 /// A tiny in-memory network for tests and examples (feature `harness`).

@@ -17,6 +17,7 @@ use crate::status::{
 };
 use crate::time::Time;
 use crate::topology::{Merge, PeerEntry, Topology};
+use crate::unreachable::Unreachable;
 use crate::wire::{self, Announcement, Digest, Frame, Heartbeat, Message, WireError};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
@@ -112,7 +113,7 @@ pub struct Router {
     /// of one update reaches a node from several peers within a round
     /// trip; asking each of them would fetch the entry several times.
     requested: BTreeMap<PeerName, (u64, Time)>,
-    unreachable_since: BTreeMap<PeerName, Time>,
+    unreachable: Unreachable,
     sealer: Option<Sealer>,
     replay: BTreeMap<PeerName, ReplayWindow>,
     ipam: Ipam,
@@ -210,7 +211,7 @@ impl Router {
             news: BTreeMap::from([(me, config.rumor_rounds)]),
             forgotten: BTreeMap::new(),
             requested: BTreeMap::new(),
-            unreachable_since: BTreeMap::new(),
+            unreachable: Unreachable::default(),
             sealer,
             replay: BTreeMap::new(),
             ipam,
@@ -340,7 +341,7 @@ impl Router {
             self.events
                 .push_back(Event::PeerForgotten { peer: entry.name });
         }
-        self.unreachable_since.remove(&peer);
+        self.unreachable.clear(peer);
         self.news.remove(&peer);
         self.routes_dirty = true;
         self.peers_dirty = true;
@@ -594,7 +595,7 @@ impl Router {
                     peer: name,
                     nickname,
                 });
-                self.unreachable_since.insert(name, now);
+                self.unreachable.mark(name, now);
                 self.news.insert(name, self.config.rumor_rounds);
                 self.routes_dirty = true;
                 self.peers_dirty = true;
@@ -686,19 +687,33 @@ impl Router {
         }
     }
 
-    /// Anti-entropy, receiving side: send what the peer lacks, ask for what
-    /// we lack.
+    /// Anti-entropy, receiving side: give the peer what it lacks, ask for
+    /// what we lack.
+    ///
+    /// Entries we are still spreading as news go as news, not whole: other
+    /// neighbours are likely pushing the same news to the peer, and it
+    /// pulls each entry once however many of them tell it. Pushing them
+    /// whole made a starting 1,000-node cluster send every entry about
+    /// twice as often as needed (most of its gossip bytes). Settled
+    /// entries, which only a lost datagram can have kept from the peer,
+    /// go whole: repair takes one trip, not three, on a lossy network.
     fn on_digest(&mut self, now: Time, sender: PeerName, digest: Digest) {
         let theirs: BTreeMap<PeerName, u64> = digest.versions.iter().copied().collect();
-        let mut give = Vec::new();
+        let (mut spreading, mut settled) = (Vec::new(), Vec::new());
         for (name, version) in self.topology.versions_in(digest.first, digest.last) {
-            if theirs.get(&name).is_none_or(|v| *v < version)
-                && let Some(entry) = self.topology.get(name)
-            {
-                give.push(entry.clone());
+            if theirs.get(&name).is_some_and(|v| *v >= version) {
+                continue;
+            }
+            if self.news.contains_key(&name) {
+                spreading.push((name, version));
+            } else if let Some(entry) = self.topology.get(name) {
+                settled.push(entry.clone());
             }
         }
-        self.send_entries(sender, &give);
+        for news in spreading.chunks(wire::MAX_NEWS) {
+            self.send_to_peer(sender, &Message::News(news.to_vec()));
+        }
+        self.send_entries(sender, &settled);
         self.request_newer(now, sender, &digest.versions);
     }
 
@@ -860,9 +875,8 @@ impl Router {
     /// not merely not reached yet (a starting cluster has many of those,
     /// and they must not take the reserve).
     fn is_cut_off(&self, now: Time, peer: PeerName) -> bool {
-        self.unreachable_since
-            .get(&peer)
-            .is_some_and(|since| now.saturating_since(*since) >= self.dead_after())
+        self.unreachable
+            .is_longer_than(peer, now, self.dead_after())
     }
 
     /// Whether a node at its limit may still try a cut-off peer (below
@@ -873,9 +887,10 @@ impl Router {
         links >= self.config.conn_limit
             && links < self.reserve_limit()
             && self
-                .unreachable_since
-                .keys()
-                .any(|peer| self.is_cut_off(now, *peer))
+                .unreachable
+                .longer_than(now, self.dead_after())
+                .next()
+                .is_some()
     }
 
     /// Tries due addresses, within the connection limit (and the reserve,
@@ -883,10 +898,9 @@ impl Router {
     fn attempt_due(&mut self, now: Time) {
         let reserve: BTreeSet<SocketAddr> =
             if self.connections.link_count() >= self.config.conn_limit {
-                self.unreachable_since
-                    .keys()
-                    .filter(|peer| self.is_cut_off(now, **peer))
-                    .filter_map(|n| self.topology.get(*n).map(|e| e.address))
+                self.unreachable
+                    .longer_than(now, self.dead_after())
+                    .filter_map(|n| self.topology.get(n).map(|e| e.address))
                     .collect()
             } else {
                 BTreeSet::new()
@@ -1009,10 +1023,8 @@ impl Router {
         // has many peers not reachable yet, none for `forget_after`): skip
         // building the reference set, which costs every link of every peer.
         let due: Vec<PeerName> = self
-            .unreachable_since
-            .iter()
-            .filter(|(_, since)| now.saturating_since(**since) >= self.config.forget_after)
-            .map(|(n, _)| *n)
+            .unreachable
+            .longer_than(now, self.config.forget_after)
             .collect();
         if due.is_empty() {
             return;
@@ -1028,7 +1040,7 @@ impl Router {
             .filter(|n| !referenced.contains(n))
             .collect();
         for name in stale {
-            self.unreachable_since.remove(&name);
+            self.unreachable.clear(name);
             self.news.remove(&name);
             self.replay.remove(&name);
             self.routes_dirty = true;
@@ -1147,14 +1159,14 @@ impl Router {
                 // Reachable again through others (a partition healed): try
                 // the direct link now rather than at the end of a backoff
                 // that grew while it was cut off.
-                if self.unreachable_since.remove(&name).is_some()
+                if self.unreachable.clear(name)
                     && let Some(entry) = self.topology.get(name)
                 {
                     self.connections
                         .retry_soon(now, entry.address, &mut self.rng);
                 }
             } else {
-                self.unreachable_since.entry(name).or_insert(now);
+                self.unreachable.mark(name, now);
             }
         }
         self.routes = routes;

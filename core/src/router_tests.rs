@@ -297,6 +297,39 @@ fn an_ipam_only_change_travels_without_the_connection_list() {
 }
 
 #[test]
+fn a_digest_is_answered_with_news_of_what_is_spreading_and_settled_entries_whole() {
+    let mut net = Net::new(3, 23, plain);
+    let kinds = |net: &Net, i: usize| net.router(i).traffic().sent_bytes_by_kind;
+    // Node 1 says it holds nothing at all.
+    let digest = |net: &Net| {
+        Message::Digest(crate::wire::Digest {
+            first: PeerName(0),
+            last: PeerName(u64::MAX),
+            versions: Vec::new(),
+        })
+        .encode_plain(net.name(1))
+        .unwrap()
+    };
+    // While entries are news, node 0 tells of them rather than pushing
+    // them (others may be pushing the same news): node 1 pulls once.
+    net.run_until(Time::from_millis(300));
+    assert!(net.established(0).contains(&net.name(1)), "linked");
+    let before = kinds(&net, 0);
+    net.inject(1, 0, &digest(&net));
+    let after = kinds(&net, 0);
+    assert!(after.news > before.news, "answered with news");
+    assert_eq!(after.gossip, before.gossip, "no spreading entry pushed");
+    // Once settled, what a peer lacks was lost on the way: it goes whole.
+    net.run_for(secs(10));
+    assert!(net.converged());
+    let before = kinds(&net, 0);
+    net.inject(1, 0, &digest(&net));
+    let after = kinds(&net, 0);
+    assert!(after.gossip > before.gossip, "settled entries pushed whole");
+    assert_eq!(after.news, before.news);
+}
+
+#[test]
 fn halves_full_of_links_among_themselves_still_join_when_healed() {
     // Three nodes a side, each allowed two links: apart, every node fills
     // both slots with its own side. Healed, only the reserve link for a

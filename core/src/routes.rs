@@ -8,7 +8,8 @@
 //!
 //! * the next hop toward every reachable peer (the peer itself when it is a
 //!   direct neighbour, otherwise a neighbour on a shortest path), and
-//! * on demand, its children in the broadcast tree rooted at any origin.
+//! * on demand ([`Graph::broadcast_children`]), its children in the
+//!   broadcast tree rooted at any origin.
 //!
 //! # Determinism
 //!
@@ -28,11 +29,12 @@
 //!
 //! # Representation
 //!
-//! [`Routes::compute`] maps every peer that has an entry of its own in the
+//! A [`Graph`] maps every peer that has an entry of its own in the
 //! announcement map to a dense `u32` index (in ascending name order, so index
-//! order equals name order), builds a compact CSR adjacency of the symmetric
-//! links once, and runs a single BFS from `me` over it. Lookups are a binary
-//! search over the sorted peer list followed by array reads.
+//! order equals name order) and holds a compact CSR adjacency of the
+//! symmetric links; [`Graph::routes_from`] runs a single BFS from `me` over
+//! it into [`Routes`], which keep only distances and next hops. Lookups are
+//! a binary search over the sorted peer list followed by array reads.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -54,21 +56,21 @@ const MAX_PEERS: usize = (u32::MAX - 1) as usize;
 /// graph: a peer that appears only as someone else's claimed neighbour has
 /// confirmed nothing, so none of its links are symmetric.
 ///
+/// It keeps only what lookups need (a few bytes per peer); the links
+/// themselves stay in the [`Graph`] it was computed from. A node of a
+/// 1,000-peer cluster keeping 100,000 links per table held 400 KB it never
+/// read again.
+///
 /// `Default` is the routing table of `PeerName(0)` over an empty graph (equal
 /// to `Routes::compute(PeerName(0), &BTreeMap::new())`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Routes {
     /// The peer these routes are computed for.
     me: PeerName,
-    /// Index of `me` in `nodes`, if `me` has an announcement entry.
-    me_idx: Option<u32>,
     /// Every peer with an announcement entry, ascending; position = index.
     nodes: Vec<PeerName>,
-    /// CSR offsets: the symmetric neighbours of node `i` are
-    /// `adj[adj_off[i]..adj_off[i + 1]]`. Length `nodes.len() + 1`.
-    adj_off: Vec<usize>,
-    /// CSR targets, ascending within each node's slice (so ascending by name).
-    adj: Vec<u32>,
+    /// Symmetric neighbours of `me` (node indices, ascending).
+    neighbours: Vec<u32>,
     /// Hop count from `me` per node; `UNREACHED` when unreachable.
     dist: Vec<u32>,
     /// Next hop (node index) from `me` per node; `NO_HOP` for `me` and for
@@ -81,6 +83,214 @@ pub struct Routes {
 impl Default for Routes {
     fn default() -> Self {
         Routes::compute(PeerName(0), &BTreeMap::new())
+    }
+}
+
+/// The symmetric link graph of a set of announcements, in compact (CSR)
+/// form. Building it again reuses its buffers.
+#[derive(Clone, Debug, Default)]
+pub struct Graph {
+    /// Every peer with an announcement entry, ascending; position = index.
+    nodes: Vec<PeerName>,
+    /// CSR offsets: the symmetric neighbours of node `i` are
+    /// `adj[adj_off[i]..adj_off[i + 1]]`. Length `nodes.len() + 1`.
+    adj_off: Vec<usize>,
+    /// CSR targets, ascending within each node's slice (so ascending by name).
+    adj: Vec<u32>,
+    /// Scratch of `build`: every claim as a node index, CSR-encoded.
+    claim_off: Vec<usize>,
+    claims: Vec<u32>,
+    cursor: Vec<usize>,
+}
+
+impl Graph {
+    /// The graph of `(peer, its claims)` ascending by peer, each claim
+    /// list ascending (what topology entries hold). A link is kept only
+    /// where both sides claim it; self-claims and claims of peers without
+    /// an entry are dropped.
+    ///
+    /// Cost: O(V + E) with names evenly spread (they are random).
+    pub fn build(&mut self, announced: &[(PeerName, &[PeerName])]) {
+        self.nodes.clear();
+        self.nodes
+            .extend(announced.iter().map(|(p, _)| *p).take(MAX_PEERS));
+        let n = self.nodes.len();
+
+        // Pass 1: every claim as a node index. Both `nodes` and each claim
+        // set are ascending, so the resulting index lists are ascending and
+        // each search can gallop forward from just after the previous
+        // position.
+        self.claim_off.clear();
+        self.claims.clear();
+        self.claim_off.push(0);
+        let buckets = Buckets::new(&self.nodes);
+        for &(owner, set) in announced.iter().take(n) {
+            let mut lo = 0usize;
+            for &p in set {
+                if p == owner {
+                    continue;
+                }
+                match gallop(&self.nodes, lo.max(buckets.start(p)), p) {
+                    Ok(k) => {
+                        // `k < n <= MAX_PEERS < u32::MAX`, so this fits.
+                        self.claims.push(to_u32(k));
+                        lo = k + 1;
+                    }
+                    Err(k) => lo = k,
+                }
+            }
+            self.claim_off.push(self.claims.len());
+        }
+
+        // Pass 2: keep a claim i -> j only if j also claims i. Nodes are
+        // visited in ascending i, so the queries "does j claim i?" arrive in
+        // ascending i for every j: one forward-only cursor per node into its
+        // (ascending) claim list answers them all in O(V + E) total.
+        let (claim_off, claims) = (&self.claim_off, &self.claims);
+        self.cursor.clear();
+        self.cursor.extend_from_slice(&claim_off[..n]);
+        self.adj_off.clear();
+        self.adj.clear();
+        self.adj_off.push(0);
+        for i in 0..n {
+            let iu = to_u32(i);
+            for &j in &claims[claim_off[i]..claim_off[i + 1]] {
+                let ju = j as usize;
+                let end = claim_off[ju + 1];
+                let mut c = self.cursor[ju];
+                while c < end && claims[c] < iu {
+                    c += 1;
+                }
+                self.cursor[ju] = c;
+                if c < end && claims[c] == iu {
+                    self.adj.push(j);
+                }
+            }
+            self.adj_off.push(self.adj.len());
+        }
+    }
+
+    /// Index of `p` among the peers with an announcement entry.
+    fn index_of(&self, p: PeerName) -> Option<usize> {
+        self.nodes.binary_search(&p).ok()
+    }
+
+    /// Symmetric neighbours of node `i` (ascending).
+    fn neighbours_of(&self, i: usize) -> &[u32] {
+        match (self.adj_off.get(i), self.adj_off.get(i + 1)) {
+            (Some(&s), Some(&e)) => self.adj.get(s..e).unwrap_or(&[]),
+            _ => &[],
+        }
+    }
+
+    /// Shortest-path routes from `me`: one BFS.
+    ///
+    /// Next-hop tie-break: `next[v]` is the minimum (by index, which is by
+    /// name) over all BFS parents `u` of `v` (neighbours at distance
+    /// `dist[v] - 1`) of `next[u]`, where a direct neighbour's next hop is
+    /// itself. That is exactly the lowest-named neighbour of `me` on some
+    /// shortest path to `v`. Every parent of `v` is dequeued before any node
+    /// at `v`'s level, and its own `next` is final by then (all of *its*
+    /// parents were dequeued earlier still), so a running minimum is exact.
+    pub fn routes_from(&self, me: PeerName) -> Routes {
+        let n = self.nodes.len();
+        let mut routes = Routes {
+            me,
+            nodes: self.nodes.clone(),
+            neighbours: Vec::new(),
+            dist: vec![UNREACHED; n],
+            next: vec![NO_HOP; n],
+            reachable: 0,
+        };
+        let Some(m) = self.index_of(me) else {
+            return routes;
+        };
+        routes.neighbours = self.neighbours_of(m).to_vec();
+        let (dist, next) = (&mut routes.dist, &mut routes.next);
+        let m = to_u32(m);
+        let mut queue: Vec<u32> = Vec::with_capacity(n);
+        dist[m as usize] = 0;
+        queue.push(m);
+        let mut head = 0usize;
+        while let Some(&u) = queue.get(head) {
+            head += 1;
+            let uu = u as usize;
+            let du = dist[uu];
+            let hop_via_u = next[uu];
+            for &v in self.neighbours_of(uu) {
+                let vu = v as usize;
+                let dv = dist[vu];
+                // A direct neighbour of `me` is its own next hop.
+                let candidate = if u == m { v } else { hop_via_u };
+                if dv == UNREACHED {
+                    dist[vu] = du + 1;
+                    next[vu] = candidate;
+                    queue.push(v);
+                } else if dv == du + 1 && candidate < next[vu] {
+                    next[vu] = candidate;
+                }
+            }
+        }
+        routes.reachable = queue.len() - 1;
+        routes
+    }
+
+    /// Peers `me` must forward a broadcast that originated at `origin` to: its children in the BFS tree rooted at `origin`
+    /// over the symmetric graph, with a deterministic tie-break (a node's parent is its lowest-named neighbour at distance d-1).
+    /// Every peer computes the same tree, so a broadcast reaches each peer in origin's component exactly once. Computed on demand, O(V+E).
+    ///
+    /// Returns an empty list when `me` or `origin` has no usable links, or
+    /// when `me` is not in `origin`'s component. The result is ascending.
+    pub fn broadcast_children(&self, me: PeerName, origin: PeerName) -> Vec<PeerName> {
+        let (Some(m), Some(o)) = (self.index_of(me), self.index_of(origin)) else {
+            return Vec::new();
+        };
+
+        // BFS from the origin. It can stop once every node at my level has
+        // been expanded (that labels my level + 1 completely), but a full BFS
+        // is already O(V + E); stop early only where it is free to do so.
+        let n = self.nodes.len();
+        let mut dist = vec![UNREACHED; n];
+        let mut queue: Vec<u32> = Vec::with_capacity(n);
+        dist[o] = 0;
+        queue.push(to_u32(o));
+        let mut head = 0usize;
+        while let Some(&u) = queue.get(head) {
+            head += 1;
+            let uu = u as usize;
+            let du = dist[uu];
+            if dist[m] != UNREACHED && du > dist[m] {
+                // Levels up to dist[m] + 1 are fully labelled.
+                break;
+            }
+            for &v in self.neighbours_of(uu) {
+                let vu = v as usize;
+                if dist[vu] == UNREACHED {
+                    dist[vu] = du + 1;
+                    queue.push(v);
+                }
+            }
+        }
+
+        let dm = dist[m];
+        if dm == UNREACHED {
+            return Vec::new();
+        }
+        // A neighbour v one level further out is my child iff its
+        // lowest-named neighbour at my level is me. Adjacency is ascending,
+        // so that is the first neighbour of v at distance dm.
+        self.neighbours_of(m)
+            .iter()
+            .map(|&v| v as usize)
+            .filter(|&v| dist[v] == dm + 1)
+            .filter(|&v| {
+                self.neighbours_of(v)
+                    .iter()
+                    .find(|&&w| dist[w as usize] == dm)
+                    .is_some_and(|&w| w as usize == m)
+            })
+            .map(|v| self.nodes[v])
+            .collect()
     }
 }
 
@@ -106,128 +316,14 @@ impl Routes {
     /// each claim list ascending (what topology entries hold), without
     /// building maps first.
     pub fn compute_sorted(me: PeerName, announced: &[(PeerName, &[PeerName])]) -> Routes {
-        let nodes: Vec<PeerName> = announced.iter().map(|(p, _)| *p).take(MAX_PEERS).collect();
-        let n = nodes.len();
-
-        // Pass 1: every claim as a node index, CSR-encoded. Claims of peers
-        // without an entry of their own and self-claims are dropped. Both
-        // `nodes` and each claim set are ascending, so the resulting index
-        // lists are ascending and each search can gallop forward from just
-        // after the previous position.
-        let mut claim_off: Vec<usize> = Vec::with_capacity(n + 1);
-        let total: usize = announced.iter().take(n).map(|(_, set)| set.len()).sum();
-        let mut claims: Vec<u32> = Vec::with_capacity(total);
-        claim_off.push(0);
-        let buckets = Buckets::new(&nodes);
-        for &(owner, set) in announced.iter().take(n) {
-            let mut lo = 0usize;
-            for &p in set {
-                if p == owner {
-                    continue;
-                }
-                match gallop(&nodes, lo.max(buckets.start(p)), p) {
-                    Ok(k) => {
-                        // `k < n <= MAX_PEERS < u32::MAX`, so this fits.
-                        claims.push(to_u32(k));
-                        lo = k + 1;
-                    }
-                    Err(k) => lo = k,
-                }
-            }
-            claim_off.push(claims.len());
-        }
-
-        // Pass 2: keep a claim i -> j only if j also claims i. Nodes are
-        // visited in ascending i, so the queries "does j claim i?" arrive in
-        // ascending i for every j: one forward-only cursor per node into its
-        // (ascending) claim list answers them all in O(V + E) total.
-        let mut cursor: Vec<usize> = claim_off.get(..n).unwrap_or(&[]).to_vec();
-        let mut adj_off: Vec<usize> = Vec::with_capacity(n + 1);
-        let mut adj: Vec<u32> = Vec::with_capacity(claims.len());
-        adj_off.push(0);
-        for i in 0..n {
-            let iu = to_u32(i);
-            for &j in &claims[claim_off[i]..claim_off[i + 1]] {
-                let ju = j as usize;
-                let end = claim_off[ju + 1];
-                let mut c = cursor[ju];
-                while c < end && claims[c] < iu {
-                    c += 1;
-                }
-                cursor[ju] = c;
-                if c < end && claims[c] == iu {
-                    adj.push(j);
-                }
-            }
-            adj_off.push(adj.len());
-        }
-
-        let me_idx = nodes.binary_search(&me).ok().map(to_u32);
-
-        let mut routes = Routes {
-            me,
-            me_idx,
-            nodes,
-            adj_off,
-            adj,
-            dist: vec![UNREACHED; n],
-            next: vec![NO_HOP; n],
-            reachable: 0,
-        };
-        routes.bfs_from_me();
-        routes
-    }
-
-    /// Single BFS from `me` filling `dist`, `next` and `reachable`.
-    ///
-    /// Next-hop tie-break: `next[v]` is the minimum (by index, which is by
-    /// name) over all BFS parents `u` of `v` (neighbours at distance
-    /// `dist[v] - 1`) of `next[u]`, where a direct neighbour's next hop is
-    /// itself. That is exactly the lowest-named neighbour of `me` on some
-    /// shortest path to `v`. Every parent of `v` is dequeued before any node
-    /// at `v`'s level, and its own `next` is final by then (all of *its*
-    /// parents were dequeued earlier still), so a running minimum is exact.
-    fn bfs_from_me(&mut self) {
-        let Some(m) = self.me_idx else {
-            return;
-        };
-        let mut queue: Vec<u32> = Vec::with_capacity(self.nodes.len());
-        self.dist[m as usize] = 0;
-        queue.push(m);
-        let mut head = 0usize;
-        while let Some(&u) = queue.get(head) {
-            head += 1;
-            let uu = u as usize;
-            let du = self.dist[uu];
-            let hop_via_u = self.next[uu];
-            for &v in &self.adj[self.adj_off[uu]..self.adj_off[uu + 1]] {
-                let vu = v as usize;
-                let dv = self.dist[vu];
-                // A direct neighbour of `me` is its own next hop.
-                let candidate = if u == m { v } else { hop_via_u };
-                if dv == UNREACHED {
-                    self.dist[vu] = du + 1;
-                    self.next[vu] = candidate;
-                    queue.push(v);
-                } else if dv == du + 1 && candidate < self.next[vu] {
-                    self.next[vu] = candidate;
-                }
-            }
-        }
-        self.reachable = queue.len() - 1;
+        let mut graph = Graph::default();
+        graph.build(announced);
+        graph.routes_from(me)
     }
 
     /// Index of `p` among the peers with an announcement entry.
     fn index_of(&self, p: PeerName) -> Option<usize> {
         self.nodes.binary_search(&p).ok()
-    }
-
-    /// Symmetric neighbours of node `i` (ascending).
-    fn neighbours_of(&self, i: usize) -> &[u32] {
-        match (self.adj_off.get(i), self.adj_off.get(i + 1)) {
-            (Some(&s), Some(&e)) => self.adj.get(s..e).unwrap_or(&[]),
-            _ => &[],
-        }
     }
 
     /// The peer these routes were computed for.
@@ -288,70 +384,7 @@ impl Routes {
 
     /// Direct (symmetric) neighbours of me, ascending.
     pub fn neighbours(&self) -> impl Iterator<Item = PeerName> + '_ {
-        let slice = match self.me_idx {
-            Some(m) => self.neighbours_of(m as usize),
-            None => &[],
-        };
-        slice.iter().map(|&v| self.nodes[v as usize])
-    }
-
-    /// Peers I must forward a broadcast that originated at `origin` to: my children in the BFS tree rooted at `origin`
-    /// over the symmetric graph, with a deterministic tie-break (a node's parent is its lowest-named neighbour at distance d-1).
-    /// Every peer computes the same tree, so a broadcast reaches each peer in origin's component exactly once. Computed on demand, O(V+E).
-    ///
-    /// Returns an empty list when `me` or `origin` has no usable links, or
-    /// when `me` is not in `origin`'s component. The result is ascending.
-    pub fn broadcast_children(&self, origin: PeerName) -> Vec<PeerName> {
-        let (Some(m), Some(o)) = (self.me_idx, self.index_of(origin)) else {
-            return Vec::new();
-        };
-        let m = m as usize;
-
-        // BFS from the origin. It can stop once every node at my level has
-        // been expanded (that labels my level + 1 completely), but a full BFS
-        // is already O(V + E); stop early only where it is free to do so.
-        let n = self.nodes.len();
-        let mut dist = vec![UNREACHED; n];
-        let mut queue: Vec<u32> = Vec::with_capacity(n);
-        dist[o] = 0;
-        queue.push(to_u32(o));
-        let mut head = 0usize;
-        while let Some(&u) = queue.get(head) {
-            head += 1;
-            let uu = u as usize;
-            let du = dist[uu];
-            if dist[m] != UNREACHED && du > dist[m] {
-                // Levels up to dist[m] + 1 are fully labelled.
-                break;
-            }
-            for &v in self.neighbours_of(uu) {
-                let vu = v as usize;
-                if dist[vu] == UNREACHED {
-                    dist[vu] = du + 1;
-                    queue.push(v);
-                }
-            }
-        }
-
-        let dm = dist[m];
-        if dm == UNREACHED {
-            return Vec::new();
-        }
-        // A neighbour v one level further out is my child iff its
-        // lowest-named neighbour at my level is me. Adjacency is ascending,
-        // so that is the first neighbour of v at distance dm.
-        self.neighbours_of(m)
-            .iter()
-            .map(|&v| v as usize)
-            .filter(|&v| dist[v] == dm + 1)
-            .filter(|&v| {
-                self.neighbours_of(v)
-                    .iter()
-                    .find(|&&w| dist[w as usize] == dm)
-                    .is_some_and(|&w| w as usize == m)
-            })
-            .map(|v| self.nodes[v])
-            .collect()
+        self.neighbours.iter().map(|&v| self.nodes[v as usize])
     }
 }
 
@@ -459,6 +492,18 @@ mod tests {
             .collect()
     }
 
+    fn graph_of(a: &Announced) -> Graph {
+        let claims: Vec<(PeerName, Vec<PeerName>)> = a
+            .iter()
+            .map(|(p, set)| (*p, set.iter().copied().collect()))
+            .collect();
+        let view: Vec<(PeerName, &[PeerName])> =
+            claims.iter().map(|(p, c)| (*p, c.as_slice())).collect();
+        let mut g = Graph::default();
+        g.build(&view);
+        g
+    }
+
     /// Add a symmetric link to an announcement map.
     fn link(a: &mut Announced, x: u64, y: u64) {
         a.entry(p(x)).or_default().insert(p(y));
@@ -528,8 +573,9 @@ mod tests {
         assert!(r.is_reachable(p(9)));
         assert_eq!(r.hops(p(9)), Some(0));
         assert!(!r.is_reachable(p(1)));
-        assert_eq!(r.broadcast_children(p(9)), Vec::<PeerName>::new());
-        assert_eq!(r.broadcast_children(p(1)), Vec::<PeerName>::new());
+        let g = graph_of(&a);
+        assert_eq!(g.broadcast_children(p(9), p(9)), Vec::<PeerName>::new());
+        assert_eq!(g.broadcast_children(p(9), p(1)), Vec::<PeerName>::new());
         // And the others cannot reach it either.
         assert!(!Routes::compute(p(1), &a).is_reachable(p(9)));
 
@@ -631,7 +677,8 @@ mod tests {
         link(&mut a, 2, 3);
         link(&mut a, 3, 4);
         link(&mut a, 4, 1);
-        let kids = |me: u64, origin: u64| Routes::compute(p(me), &a).broadcast_children(p(origin));
+        let g = graph_of(&a);
+        let kids = |me: u64, origin: u64| g.broadcast_children(p(me), p(origin));
         assert_eq!(kids(1, 1), vec![p(2), p(4)]);
         // 3's parent is the lowest of {2, 4} = 2.
         assert_eq!(kids(2, 1), vec![p(3)]);
@@ -812,8 +859,7 @@ mod tests {
 
         #[test]
         fn broadcast_reaches_component_exactly_once((all, a) in graph()) {
-            let routes: BTreeMap<PeerName, Routes> =
-                all.iter().map(|&x| (x, Routes::compute(x, &a))).collect();
+            let g = graph_of(&a);
             for &origin in &all {
                 let dorig = ref_dist(&a, &all, origin);
                 let component: BTreeSet<PeerName> = dorig.keys().copied().collect();
@@ -834,7 +880,7 @@ mod tests {
                             })
                             .collect(),
                     };
-                    prop_assert_eq!(routes[&x].broadcast_children(origin), want);
+                    prop_assert_eq!(g.broadcast_children(x, origin), want);
                 }
 
                 // The origin holds the message from the start.
@@ -842,7 +888,7 @@ mod tests {
                 received.insert(origin, 1);
                 let mut q = VecDeque::from([origin]);
                 while let Some(x) = q.pop_front() {
-                    for c in routes[&x].broadcast_children(origin) {
+                    for c in g.broadcast_children(x, origin) {
                         prop_assert!(ref_sym(&a, x, c), "{:?} forwarded to non-neighbour {:?}", x, c);
                         let k = received.entry(c).or_insert(0);
                         *k += 1;
@@ -855,7 +901,7 @@ mod tests {
                 // Peers outside the component, asked directly, forward nothing.
                 for &x in &all {
                     if !received.contains_key(&x) {
-                        prop_assert!(routes[&x].broadcast_children(origin).is_empty());
+                        prop_assert!(g.broadcast_children(x, origin).is_empty());
                     }
                 }
             }

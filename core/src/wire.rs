@@ -129,8 +129,9 @@ pub enum Message {
     /// answers with `Gossip`, or with `Announcements` for entries whose
     /// list is the one the sender holds.
     Request(Vec<(PeerName, Option<u64>)>),
-    /// News: the sender has these (name, version) entries, new to it; the
-    /// receiver requests those it lacks.
+    /// News: the sender has these (name, version) entries, new to it (a
+    /// push) or newer than the receiver's digest said (an answer to it);
+    /// the receiver requests those it lacks.
     News(Vec<(PeerName, u64)>),
     /// Part of the IPAM ring: changed blocks being pushed, or the whole
     /// ring (in several datagrams) for a peer whose ring differs.

@@ -132,6 +132,43 @@ fn a_seeded_ring_is_shared_out_in_one_block_per_peer() {
 }
 
 #[test]
+fn the_first_owner_splits_the_ring_as_soon_as_it_holds_it() {
+    // The first owner has no other donor to wait for: it splits in the
+    // step it seeds the ring or adopts it (the ring may reach it from a
+    // peer that saw the decision first), not after its ring news has
+    // spread, so peers do not announce the ring and then, a round of
+    // gossip later, their block.
+    let mut net = Net::new(20, 25, plain);
+    let end = net.now + secs(15);
+    let mut whole_since = None;
+    let mut split = false;
+    while net.now < end && !split {
+        net.run_for(Duration::from_millis(10));
+        for (_, r) in net.running() {
+            let Some(seed) = r.ipam().ring().seed() else {
+                continue;
+            };
+            if seed.first_owner != r.name() {
+                continue;
+            }
+            if r.ipam().own_blocks() == vec![r.ipam().ring().universe()] {
+                whole_since.get_or_insert(net.now);
+            } else {
+                split = true;
+            }
+        }
+    }
+    assert!(split, "the ring was split");
+    // At most one housekeeping run (50 ms at this size) after adopting it.
+    let held = whole_since.map_or(Duration::ZERO, |t| net.now.saturating_since(t));
+    assert!(
+        held <= Duration::from_millis(100),
+        "held the whole range for {held:?}"
+    );
+    assert_unique(&net);
+}
+
+#[test]
 fn a_settled_ring_needs_no_timer_and_a_pending_pod_does() {
     let mut net = Net::new(3, 24, |_, c| {
         c.ipalloc_range = "10.9.0.0/26".parse().unwrap();
