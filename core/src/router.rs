@@ -653,11 +653,14 @@ impl Router {
         let mut whole = Vec::new();
         let mut announcements = Vec::new();
         for (name, held) in wanted {
-            let Some(entry) = self.topology.get(*name) else {
+            let (Some(entry), Some(links)) = (
+                self.topology.get(*name),
+                self.topology.links_fingerprint(*name),
+            ) else {
                 continue;
             };
-            if *held == Some(entry.links_fingerprint()) {
-                announcements.push(Announcement::of(entry));
+            if *held == Some(links) {
+                announcements.push(Announcement::of(entry, links));
             } else {
                 whole.push(entry.clone());
             }
@@ -673,8 +676,9 @@ impl Router {
     fn on_announcements(&mut self, now: Time, sender: PeerName, list: Vec<Announcement>) {
         let mut refetch = Vec::new();
         for announcement in list {
+            let held_links = self.topology.links_fingerprint(announcement.name);
             match self.topology.get(announcement.name) {
-                Some(held) if held.links_fingerprint() == announcement.links => {
+                Some(held) if held_links == Some(announcement.links) => {
                     let entry = announcement.with_connections(held.connections.clone());
                     self.learn(now, entry);
                 }
@@ -741,7 +745,7 @@ impl Router {
         let want: Vec<(PeerName, Option<u64>)> = want
             .into_iter()
             .map(|(name, _)| {
-                let held = self.topology.get(name).map(PeerEntry::links_fingerprint);
+                let held = self.topology.links_fingerprint(name);
                 (name, held)
             })
             .collect();

@@ -30,6 +30,11 @@ impl PeerEntry {
     /// Fingerprint of the whole entry: equal entries give equal values on
     /// every node (no random hasher), so digests can be compared.
     pub fn fingerprint(&self) -> u64 {
+        self.fingerprint_with(self.links_fingerprint())
+    }
+
+    /// [`PeerEntry::fingerprint`], given the list's fingerprint.
+    fn fingerprint_with(&self, links: u64) -> u64 {
         // Everything but the list is hashed through its canonical wire
         // encoding (fixed field order, no maps), streamed into FNV; the
         // list, nine tenths of an entry at scale, a word at a time (see
@@ -51,7 +56,7 @@ impl PeerEntry {
             // Cannot happen (the hasher takes every byte).
             Err(_) => Fnv::default().finish(),
         };
-        (rest ^ self.links_fingerprint().rotate_left(32)).wrapping_mul(FNV_PRIME)
+        (rest ^ links.rotate_left(32)).wrapping_mul(FNV_PRIME)
     }
 }
 
@@ -101,6 +106,20 @@ pub struct Topology {
 struct Stored {
     entry: PeerEntry,
     mixed: u64,
+    /// Its `links_fingerprint`, asked for with every request and answer.
+    links: u64,
+}
+
+impl Stored {
+    fn of(entry: PeerEntry) -> Stored {
+        let links = entry.links_fingerprint();
+        let mixed = mix(entry.fingerprint_with(links));
+        Stored {
+            entry,
+            mixed,
+            links,
+        }
+    }
 }
 
 impl Topology {
@@ -117,19 +136,22 @@ impl Topology {
     pub fn merge(&mut self, entry: PeerEntry) -> Merge {
         match self.entries.get_mut(&entry.name) {
             None => {
-                let mixed = mix(entry.fingerprint());
-                self.summary = self.summary.wrapping_add(mixed);
-                self.entries.insert(entry.name, Stored { entry, mixed });
+                let stored = Stored::of(entry);
+                self.summary = self.summary.wrapping_add(stored.mixed);
+                self.entries.insert(stored.entry.name, stored);
                 Merge::New
             }
             // Most gossip repeats what we have: compare before hashing.
             Some(stored) if entry > stored.entry => {
-                let mixed = mix(entry.fingerprint());
                 let connections_changed = stored.entry.connections != entry.connections;
                 let address_changed = stored.entry.address != entry.address;
                 let ipam_changed = stored.entry.ipam != entry.ipam;
-                self.summary = self.summary.wrapping_sub(stored.mixed).wrapping_add(mixed);
-                *stored = Stored { entry, mixed };
+                let new = Stored::of(entry);
+                self.summary = self
+                    .summary
+                    .wrapping_sub(stored.mixed)
+                    .wrapping_add(new.mixed);
+                *stored = new;
                 Merge::Updated {
                     connections_changed,
                     address_changed,
@@ -149,6 +171,11 @@ impl Topology {
 
     pub fn get(&self, name: PeerName) -> Option<&PeerEntry> {
         self.entries.get(&name).map(|s| &s.entry)
+    }
+
+    /// The fingerprint of `name`'s connection list, kept from the merge.
+    pub fn links_fingerprint(&self, name: PeerName) -> Option<u64> {
+        self.entries.get(&name).map(|s| s.links)
     }
 
     pub fn version(&self, name: PeerName) -> Option<u64> {

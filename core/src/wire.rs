@@ -154,14 +154,15 @@ pub struct Announcement {
 }
 
 impl Announcement {
-    pub fn of(entry: &PeerEntry) -> Announcement {
+    /// `entry` without its list, whose fingerprint is `links`.
+    pub fn of(entry: &PeerEntry, links: u64) -> Announcement {
         Announcement {
             version: entry.version,
             name: entry.name,
             nickname: entry.nickname.clone(),
             address: entry.address,
             ipam: entry.ipam.clone(),
-            links: entry.links_fingerprint(),
+            links,
         }
     }
 
@@ -614,7 +615,10 @@ mod tests {
             ),
             (
                 "announcements",
-                Message::Announcements(vec![Announcement::of(&entry(1, &[2, 3]))]),
+                Message::Announcements(vec![{
+                    let e = entry(1, &[2, 3]);
+                    Announcement::of(&e, e.links_fingerprint())
+                }]),
             ),
             ("ring", Message::Ring(ring_update())),
             (
