@@ -541,7 +541,18 @@ impl Router {
             self.link_limit(now, sender),
         );
         // A new link may also have replaced an old one at that address.
-        self.links_changed |= heard == Heard::NewLink || was != established(&self.connections);
+        let is = established(&self.connections);
+        self.links_changed |= heard == Heard::NewLink || was != is;
+        // A link to a peer we have had no route to for a while (longer
+        // than routes take to form when a cluster starts) joins two parts
+        // of the cluster, a partition healing: each side has news the
+        // other lacks, and rumours, pushed to a few random links a round,
+        // would cross this one only by chance (seconds at 1,000 nodes).
+        // Sync over it at once.
+        let apart = self.config.heartbeat_interval.mul_f64(self.stretch());
+        if is && !was && self.unreachable.is_longer_than(sender, now, apart) {
+            self.sync_with(now, sender);
+        }
         match heard {
             Heard::Refused => {
                 *self.dropped.entry(DropReason::ConnectionLimit).or_default() += 1;
@@ -925,11 +936,30 @@ impl Router {
     /// steady state summaries agree and nothing is sent: the cost does not
     /// grow with the cluster.
     fn start_anti_entropy(&mut self, now: Time) {
-        let summary = self.topology.summary();
         let ring_summary = self.ipam.ring_summary();
         if self.ring_since.0 != ring_summary {
             self.ring_since = (ring_summary, now);
         }
+        let summary = self.topology.summary();
+        let interval = self.config.anti_entropy_interval;
+        let candidates: Vec<PeerName> = self
+            .connections
+            .links()
+            .filter(|(_, l)| {
+                (l.summary != summary || self.ring_differs(l))
+                    && l.last_anti_entropy
+                        .is_none_or(|t| now.saturating_since(t) >= interval)
+            })
+            .map(|(p, _)| p)
+            .collect();
+        if let Some(peer) = self.rng.pick(&candidates, 1).pop() {
+            self.sync_with(now, peer);
+        }
+    }
+
+    /// Whether `link`'s peer holds another ring than ours, as far as its
+    /// heartbeats tell.
+    fn ring_differs(&self, link: &crate::connections::Link) -> bool {
         // A peer's ring summary comes with its heartbeats, seconds apart
         // in a big cluster: one heard before our ring last changed, or
         // before that change had time to spread by push, says nothing.
@@ -937,35 +967,24 @@ impl Router {
         // cluster a ring a second per node after every donation.
         let settled =
             self.ring_since.1 + self.config.gossip_interval * u32::from(self.config.rumor_rounds);
-        let ring_differs = |l: &crate::connections::Link| {
-            l.ring_summary != ring_summary && l.last_heard >= settled
-        };
-        let interval = self.config.anti_entropy_interval;
-        let candidates: Vec<PeerName> = self
-            .connections
-            .links()
-            .filter(|(_, l)| {
-                (l.summary != summary || ring_differs(l))
-                    && l.last_anti_entropy
-                        .is_none_or(|t| now.saturating_since(t) >= interval)
-            })
-            .map(|(p, _)| p)
-            .collect();
-        let Some(peer) = self.rng.pick(&candidates, 1).pop() else {
+        link.ring_summary != self.ipam.ring_summary() && link.last_heard >= settled
+    }
+
+    /// One anti-entropy exchange with `peer`: our ring if its differs, and
+    /// the versions of our entries if its summary differs.
+    fn sync_with(&mut self, now: Time, peer: PeerName) {
+        let Some(link) = self.connections.link(peer) else {
             return;
         };
-        let Some(link) = self.connections.link_mut(peer) else {
-            return;
-        };
-        link.last_anti_entropy = Some(now);
-        if ring_differs(link) && self.ipam.ring().is_seeded() {
+        let ring_differs = self.ring_differs(link);
+        let entries_differ = link.summary != self.topology.summary();
+        if let Some(link) = self.connections.link_mut(peer) {
+            link.last_anti_entropy = Some(now);
+        }
+        if ring_differs && self.ipam.ring().is_seeded() {
             self.send_ring(peer, &self.ipam.full_ring());
         }
-        if self
-            .connections
-            .link(peer)
-            .is_some_and(|l| l.summary == summary)
-        {
+        if !entries_differ {
             return;
         }
         let versions: Vec<(PeerName, u64)> = self

@@ -502,3 +502,39 @@ fn a_healed_partition_reconnects_in_seconds_not_at_the_end_of_the_backoff() {
         );
     }
 }
+
+#[test]
+fn a_link_across_a_healed_partition_syncs_at_once() {
+    let mut net = Net::new(6, 26, plain);
+    net.run_for(secs(10));
+    net.partition(&[&[0, 1, 2], &[3, 4, 5]]);
+    net.run_for(secs(30));
+    let digests = |net: &Net| -> Vec<u64> {
+        (0..6)
+            .map(|i| net.router(i).traffic().sent_bytes_by_kind.digest)
+            .collect()
+    };
+    net.heal();
+    let before = digests(&net);
+    // Step until the first link across comes up: both of its ends send a
+    // digest over it at once, not at some later tick.
+    let across = |net: &Net| {
+        (0..3).find_map(|a| {
+            (3..6)
+                .find(|b| net.established(a).contains(&net.name(*b)))
+                .map(|b| (a, b))
+        })
+    };
+    let (a, b) = loop {
+        net.run_for(Duration::from_millis(1));
+        if let Some(pair) = across(&net) {
+            break pair;
+        }
+        assert!(net.now < Time::from_millis(45_000), "no link across");
+    };
+    // Ticks sync too, about once a second: give them no time.
+    net.run_for(Duration::from_millis(10));
+    let after = digests(&net);
+    assert!(after[a] > before[a], "node {a} synced over the new link");
+    assert!(after[b] > before[b], "node {b} synced over the new link");
+}
