@@ -170,6 +170,19 @@ impl Graph {
         }
     }
 
+    /// The graph of `announced[p]` = the peers p says it is connected to.
+    pub fn of(announced: &BTreeMap<PeerName, BTreeSet<PeerName>>) -> Graph {
+        let claims: Vec<(PeerName, Vec<PeerName>)> = announced
+            .iter()
+            .map(|(p, set)| (*p, set.iter().copied().collect()))
+            .collect();
+        let view: Vec<(PeerName, &[PeerName])> =
+            claims.iter().map(|(p, c)| (*p, c.as_slice())).collect();
+        let mut graph = Graph::default();
+        graph.build(&view);
+        graph
+    }
+
     /// Index of `p` among the peers with an announcement entry.
     fn index_of(&self, p: PeerName) -> Option<usize> {
         self.nodes.binary_search(&p).ok()
@@ -303,13 +316,7 @@ impl Routes {
     /// Cost: O((V + E) · log V) to index the announcements and check
     /// symmetry, plus one O(V + E) BFS.
     pub fn compute(me: PeerName, announced: &BTreeMap<PeerName, BTreeSet<PeerName>>) -> Routes {
-        let claims: Vec<(PeerName, Vec<PeerName>)> = announced
-            .iter()
-            .map(|(p, set)| (*p, set.iter().copied().collect()))
-            .collect();
-        let view: Vec<(PeerName, &[PeerName])> =
-            claims.iter().map(|(p, c)| (*p, c.as_slice())).collect();
-        Routes::compute_sorted(me, &view)
+        Graph::of(announced).routes_from(me)
     }
 
     /// Like [`Routes::compute`], from `(peer, its claims)` ascending by peer,
@@ -492,18 +499,6 @@ mod tests {
             .collect()
     }
 
-    fn graph_of(a: &Announced) -> Graph {
-        let claims: Vec<(PeerName, Vec<PeerName>)> = a
-            .iter()
-            .map(|(p, set)| (*p, set.iter().copied().collect()))
-            .collect();
-        let view: Vec<(PeerName, &[PeerName])> =
-            claims.iter().map(|(p, c)| (*p, c.as_slice())).collect();
-        let mut g = Graph::default();
-        g.build(&view);
-        g
-    }
-
     /// Add a symmetric link to an announcement map.
     fn link(a: &mut Announced, x: u64, y: u64) {
         a.entry(p(x)).or_default().insert(p(y));
@@ -573,7 +568,7 @@ mod tests {
         assert!(r.is_reachable(p(9)));
         assert_eq!(r.hops(p(9)), Some(0));
         assert!(!r.is_reachable(p(1)));
-        let g = graph_of(&a);
+        let g = Graph::of(&a);
         assert_eq!(g.broadcast_children(p(9), p(9)), Vec::<PeerName>::new());
         assert_eq!(g.broadcast_children(p(9), p(1)), Vec::<PeerName>::new());
         // And the others cannot reach it either.
@@ -677,7 +672,7 @@ mod tests {
         link(&mut a, 2, 3);
         link(&mut a, 3, 4);
         link(&mut a, 4, 1);
-        let g = graph_of(&a);
+        let g = Graph::of(&a);
         let kids = |me: u64, origin: u64| g.broadcast_children(p(me), p(origin));
         assert_eq!(kids(1, 1), vec![p(2), p(4)]);
         // 3's parent is the lowest of {2, 4} = 2.
@@ -859,7 +854,7 @@ mod tests {
 
         #[test]
         fn broadcast_reaches_component_exactly_once((all, a) in graph()) {
-            let g = graph_of(&a);
+            let g = Graph::of(&a);
             for &origin in &all {
                 let dorig = ref_dist(&a, &all, origin);
                 let component: BTreeSet<PeerName> = dorig.keys().copied().collect();
