@@ -108,6 +108,9 @@ pub struct Connections {
     /// without this, a node in a big cluster tries every peer it learns of
     /// at once, and most of those attempts are refused at the limit.
     in_flight: BTreeMap<SocketAddr, Time>,
+    /// Addresses of peers we have a route to and that announce free
+    /// slots: tried before the others, which are likely full or gone.
+    open: BTreeSet<SocketAddr>,
 }
 
 /// State of one connection as shown in status.
@@ -323,9 +326,15 @@ impl Connections {
         }
     }
 
+    /// Sets the addresses of peers known to be up with free slots.
+    pub fn set_open(&mut self, open: BTreeSet<SocketAddr>) {
+        self.open = open;
+    }
+
     /// Addresses to try now: due, not linked, at most as many as free
-    /// connection slots (unanswered attempts hold theirs), configured ones
-    /// first, the rest in random order.
+    /// connection slots (unanswered attempts hold theirs): open ones
+    /// first (see [`Connections::set_open`]), then configured ones, each
+    /// group in random order.
     ///
     /// At the limit, one address of `reserve` (peers with no route) may be
     /// tried while no other attempt is in flight.
@@ -339,7 +348,14 @@ impl Connections {
         self.in_flight.retain(|_, until| *until > now);
         let slots = conn_limit.saturating_sub(self.links.len() + self.in_flight.len());
         if slots == 0 {
-            self.reserve_check = Some(now + RESERVE_PACE);
+            // Paced, and spread out in a big cluster: when a partition
+            // heals, every node has a reserve slot and peers without a
+            // route, but a few links across join the halves, and every
+            // further one changes two entries that all must learn (a
+            // thousand nodes linking across at once took three seconds to
+            // settle).
+            let pace = RESERVE_PACE.mul_f64((self.targets.len() as f64 / 10.0).max(1.0));
+            self.reserve_check = Some(now + rng.duration_between(pace / 2, pace));
             if !self.in_flight.is_empty() || reserve.is_empty() {
                 return Vec::new();
             }
@@ -355,16 +371,19 @@ impl Connections {
         // One pass over what is due, no lookups: a starting node of a
         // 1,000-node cluster has ~1,000 addresses due and looks again after
         // every refusal.
-        let (mut configured, mut learnt) = (Vec::new(), Vec::new());
+        let (mut open, mut configured, mut learnt) = (Vec::new(), Vec::new(), Vec::new());
         for (_, address, kind) in self.schedule.iter().take_while(|(at, _, _)| *at <= now) {
             match kind {
+                _ if self.open.contains(address) => open.push(*address),
                 Configured::Yes => configured.push(*address),
                 Configured::No => learnt.push(*address),
             }
         }
-        let mut chosen = rng.pick(&configured, slots);
-        let rest = slots - chosen.len();
-        chosen.extend(rng.pick(&learnt, rest));
+        let mut chosen = rng.pick(&open, slots);
+        for group in [configured, learnt] {
+            let rest = slots - chosen.len();
+            chosen.extend(rng.pick(&group, rest));
+        }
         chosen
     }
 
@@ -499,6 +518,28 @@ mod tests {
             c.due_targets(Time::from_millis(5001), 100, &BTreeSet::new(), &mut rng),
             vec![addr(2)]
         );
+    }
+
+    #[test]
+    fn peers_known_up_with_free_slots_are_tried_first() {
+        let mut c = Connections::default();
+        for i in 2..40 {
+            c.add_target(Time::ZERO, addr(i), i % 2 == 0);
+        }
+        // Two open peers among 38 due addresses, configured or not.
+        c.set_open(BTreeSet::from([addr(7), addr(20)]));
+        for seed in 0..20 {
+            let mut rng = Random::from_seed([seed; 32]);
+            let mut chosen = c.due_targets(Time::ZERO, 3, &BTreeSet::new(), &mut rng);
+            assert_eq!(chosen.len(), 3);
+            let third = chosen.pop();
+            chosen.sort();
+            assert_eq!(chosen, vec![addr(7), addr(20)], "seed {seed}");
+            // Then configured addresses (the even ones), as before.
+            let configured =
+                |a: SocketAddr| matches!(a, SocketAddr::V4(v) if v.ip().octets()[3] % 2 == 0);
+            assert!(third.is_some_and(configured), "seed {seed}: {third:?}");
+        }
     }
 
     #[test]

@@ -543,14 +543,11 @@ impl Router {
         // A new link may also have replaced an old one at that address.
         let is = established(&self.connections);
         self.links_changed |= heard == Heard::NewLink || was != is;
-        // A link to a peer we have had no route to for a while (longer
-        // than routes take to form when a cluster starts) joins two parts
-        // of the cluster, a partition healing: each side has news the
-        // other lacks, and rumours, pushed to a few random links a round,
-        // would cross this one only by chance (seconds at 1,000 nodes).
-        // Sync over it at once.
-        let apart = self.config.heartbeat_interval.mul_f64(self.stretch());
-        if is && !was && self.unreachable.is_longer_than(sender, now, apart) {
+        // A link to a cut-off peer joins two parts of the cluster, a
+        // partition healing: each side has news the other lacks, and
+        // rumours, pushed to a few random links a round, would cross this
+        // one only by chance (seconds at 1,000 nodes). Sync over it at once.
+        if is && !was && self.is_cut_off(now, sender) {
             self.sync_with(now, sender);
         }
         match heard {
@@ -886,12 +883,17 @@ impl Router {
         (self.config.conn_limit + LINK_RESERVE).min(crate::config::MAX_CONN_LIMIT)
     }
 
-    /// No route to `peer` for longer than a link takes to die: cut off,
-    /// not merely not reached yet (a starting cluster has many of those,
-    /// and they must not take the reserve).
+    /// No route to `peer` for longer than routes take to form when a
+    /// cluster starts (a stretched heartbeat interval): cut off, not merely
+    /// not reached yet (a starting cluster has many of those, and they must
+    /// not take the reserve). A link to such a peer joins two parts of the
+    /// cluster.
     fn is_cut_off(&self, now: Time, peer: PeerName) -> bool {
-        self.unreachable
-            .is_longer_than(peer, now, self.dead_after())
+        self.unreachable.is_longer_than(peer, now, self.apart())
+    }
+
+    fn apart(&self) -> Duration {
+        self.config.heartbeat_interval.mul_f64(self.stretch())
     }
 
     /// Whether a node at its limit may still try a cut-off peer (below
@@ -903,7 +905,7 @@ impl Router {
             && links < self.reserve_limit()
             && self
                 .unreachable
-                .longer_than(now, self.dead_after())
+                .longer_than(now, self.apart())
                 .next()
                 .is_some()
     }
@@ -914,7 +916,7 @@ impl Router {
         let reserve: BTreeSet<SocketAddr> =
             if self.connections.link_count() >= self.config.conn_limit {
                 self.unreachable
-                    .longer_than(now, self.dead_after())
+                    .longer_than(now, self.apart())
                     .filter_map(|n| self.topology.get(n).map(|e| e.address))
                     .collect()
             } else {
@@ -1149,6 +1151,26 @@ impl Router {
         if std::mem::take(&mut self.ipam_dirty) {
             self.step_ipam(now);
         }
+        self.note_open_peers();
+    }
+
+    /// Which peers to try first for a free slot: those we have a route to
+    /// (so they are up) that announce fewer links than the limit. After a
+    /// partition each node has half its slots to refill; picking among
+    /// all addresses, half of them behind the partition and most of the
+    /// rest full, took over ten seconds and kept the cluster churning.
+    fn note_open_peers(&mut self) {
+        if self.connections.link_count() >= self.config.conn_limit {
+            return;
+        }
+        let open: BTreeSet<SocketAddr> = self
+            .topology
+            .entries()
+            .filter(|e| e.name != self.me && e.connections.len() < self.config.conn_limit)
+            .filter(|e| self.routes.is_reachable(e.name))
+            .map(|e| e.address)
+            .collect();
+        self.connections.set_open(open);
     }
 
     fn update_routes(&mut self, now: Time) {
