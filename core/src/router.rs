@@ -501,7 +501,7 @@ impl Router {
             Message::Gossip(entries) => entries.into_iter().for_each(|e| self.learn(now, e)),
             Message::Digest(digest) => self.on_digest(now, sender, digest),
             Message::Ring(update) => {
-                if self.ipam.merge_ring(sender, &update).is_ok() {
+                if self.ipam.merge_ring(now, sender, &update).is_ok() {
                     self.ipam_dirty = true;
                 }
             }
@@ -903,11 +903,12 @@ impl Router {
         let links = self.connections.link_count();
         links >= self.config.conn_limit
             && links < self.reserve_limit()
-            && self
-                .unreachable
-                .longer_than(now, self.apart())
-                .next()
-                .is_some()
+            && self.cut_off_peers(now).next().is_some()
+    }
+
+    /// Peers [`Router::is_cut_off`] holds cut off, oldest first.
+    fn cut_off_peers(&self, now: Time) -> impl Iterator<Item = PeerName> + '_ {
+        self.unreachable.longer_than(now, self.apart())
     }
 
     /// Tries due addresses, within the connection limit (and the reserve,
@@ -915,8 +916,7 @@ impl Router {
     fn attempt_due(&mut self, now: Time) {
         let reserve: BTreeSet<SocketAddr> =
             if self.connections.link_count() >= self.config.conn_limit {
-                self.unreachable
-                    .longer_than(now, self.apart())
+                self.cut_off_peers(now)
                     .filter_map(|n| self.topology.get(n).map(|e| e.address))
                     .collect()
             } else {
@@ -1242,7 +1242,7 @@ impl Router {
             self.forget_for_good(peer);
         }
         let info = self.ipam.info();
-        if info != self.own_entry().ipam {
+        if info != self.own_entry().ipam && !self.ipam.announcement_waits() {
             let mut entry = self.own_entry().clone();
             entry.ipam = info;
             self.own_version += 1;

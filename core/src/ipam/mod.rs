@@ -166,6 +166,13 @@ const DONATION_INTERVAL: Duration = Duration::from_secs(2);
 /// Least time between two donations by this peer: one round of gossip, so
 /// the donors and the needy of the next round know about this one.
 const DONATION_PACE: Duration = Duration::from_millis(500);
+/// How long a peer that saw the seeding decided, with another peer as
+/// first owner, keeps announcing what it announced before: the first owner
+/// splits the ring among the peers at once, so the ring with our block in
+/// it is on its way, and announcing "a ring, no space" first and the
+/// block after made every peer of a 1,000-node cluster fetch a thousand
+/// more entries. If no block comes, we announce then and ask for space.
+const SPLIT_WAIT: Duration = Duration::from_secs(2);
 /// Most ring errors remembered (one per peer), so a flood of misconfigured
 /// peers cannot grow memory without bound.
 const MAX_RING_ERRORS: usize = 64;
@@ -194,6 +201,8 @@ pub struct Ipam {
     last_donation: Option<Time>,
     /// A peer needs space we may give once a pace or interval has passed.
     donation_waiting: bool,
+    /// Until when we wait for the first owner's split (see [`SPLIT_WAIT`]).
+    awaiting_split: Option<Time>,
 }
 
 impl Ipam {
@@ -226,6 +235,7 @@ impl Ipam {
             exhausted_since: None,
             last_donation: None,
             donation_waiting: false,
+            awaiting_split: None,
         };
         ipam.ring_summary = ipam.ring.summary();
         ipam.pending.insert(GATEWAY_ID.to_string());
@@ -318,7 +328,7 @@ impl Ipam {
         IpamInfo {
             ring: self.ring.seed().map(|s| s.id),
             free,
-            owned: size_of(&self.own_blocks()),
+            owned: self.owned(),
             wants_space: !self.pending.is_empty() && self.ring.is_seeded() && free == 0,
             seeding: seeding_now.then(|| self.seeding.state()),
             pod_cidr: match &self.mode {
@@ -326,6 +336,35 @@ impl Ipam {
                 IpamMode::Ring(_) => None,
             },
         }
+    }
+
+    /// We just got a ring: unless we seeded it, our block is on its way.
+    fn await_split(&mut self, now: Time) {
+        if self.split_coming() {
+            self.awaiting_split = Some(now + SPLIT_WAIT);
+        }
+    }
+
+    /// Whether the ring is still being split at its seeding: its first
+    /// owner (another peer) holds more than half of it, as it does until
+    /// it has shared it out (see [`Ipam::donate`]) and until all of the
+    /// split has reached us. A peer that joins later, when the first
+    /// owner has shared out its space, asks for space at once.
+    fn split_coming(&self) -> bool {
+        let universe = size_of(&[self.ring.universe()]);
+        self.ring.seed().is_some_and(|s| {
+            s.first_owner != self.me && size_of(&self.ring.blocks_of(s.first_owner)) > universe / 2
+        })
+    }
+
+    /// Whether our announcement should wait: we adopted a ring another
+    /// peer seeded and its split, with our block, has not reached us yet.
+    pub fn announcement_waits(&self) -> bool {
+        self.awaiting_split.is_some() && self.owned() == 0 && self.split_coming()
+    }
+
+    fn owned(&self) -> u64 {
+        size_of(&self.own_blocks())
     }
 
     // ---- requests ---------------------------------------------------------
@@ -459,7 +498,12 @@ impl Ipam {
 
     /// Merges part of a peer's ring. An incompatible ring is refused and
     /// remembered as an error for status.
-    pub fn merge_ring(&mut self, from: PeerName, update: &RingUpdate) -> Result<bool, RingError> {
+    pub fn merge_ring(
+        &mut self,
+        now: Time,
+        from: PeerName,
+        update: &RingUpdate,
+    ) -> Result<bool, RingError> {
         if !matches!(self.mode, IpamMode::Ring(_)) {
             return Ok(false);
         }
@@ -484,6 +528,9 @@ impl Ipam {
         for prefix in self.ring.merge_blocks(&update.blocks) {
             changed = true;
             self.ring_news.insert(prefix, u8::MAX);
+        }
+        if adopted {
+            self.await_split(now);
         }
         if changed {
             self.after_ring_change();
@@ -547,6 +594,7 @@ impl Ipam {
             matches!(self.mode, IpamMode::Ring(IpamInit::Consensus(_))) && !self.ring.is_seeded();
         seeding
             || self.donation_waiting
+            || self.awaiting_split.is_some()
             || !self.pending.is_empty()
             || !self.pending_claims.is_empty()
     }
@@ -567,6 +615,9 @@ impl Ipam {
         }
         self.donate(now, peers);
         self.complete_pending();
+        if self.awaiting_split.is_some_and(|until| now >= until) || !self.announcement_waits() {
+            self.awaiting_split = None;
+        }
         if let Err(error) = self.check_exhausted(now, peers) {
             for container in std::mem::take(&mut self.pending) {
                 self.events.push_back(IpamEvent::AllocationFailed {
@@ -614,6 +665,7 @@ impl Ipam {
                 first_owner: decision.first_owner,
             };
             self.ring = Ring::seeded(self.ring.universe(), seed);
+            self.await_split(now);
             self.ring_news.insert(self.ring.universe(), u8::MAX);
             self.events.push_back(IpamEvent::RingSeeded {
                 seed: seed.id,
@@ -677,7 +729,7 @@ impl Ipam {
         // for: it splits at once, so the ring that spreads is the split
         // one and peers adopt it and their block in one announcement
         // instead of two (a wave of a million requests at 1,000 nodes).
-        let sole_owner = size_of(&self.own_blocks()) == size_of(&[self.ring.universe()]);
+        let sole_owner = self.owned() == size_of(&[self.ring.universe()]);
         if needy.is_empty()
             || (self.has_ring_news() && !sole_owner)
             || self

@@ -169,6 +169,81 @@ fn the_first_owner_splits_the_ring_as_soon_as_it_holds_it() {
 }
 
 #[test]
+fn peers_announce_the_ring_and_their_block_together() {
+    // The first owner splits the ring among all the peers it knows, so a
+    // peer that gets the ring from elsewhere (or sees the seeding decided)
+    // waits for its block instead of announcing "a ring, no space" first:
+    // at 1,000 nodes that announcement cost every peer a thousand fetches.
+    let mut net = Net::new(20, 26, plain);
+    let end = net.now + secs(15);
+    while net.now < end {
+        net.run_for(Duration::from_millis(10));
+        for (i, r) in net.running() {
+            let own = &r.topology().get(r.name()).expect("own entry").ipam;
+            assert!(
+                own.ring.is_none() || own.owned > 0,
+                "node {i} announced a ring without space: {own:?}"
+            );
+        }
+    }
+    for (i, r) in net.running() {
+        assert!(r.ipam().free() > 0, "node {i} got no block");
+    }
+    assert_unique(&net);
+}
+
+#[test]
+fn a_peer_left_out_of_the_split_asks_for_space_at_once() {
+    // Node 2 is cut off while nodes 0 and 1 seed the ring and split it
+    // between them. When it gets the ring, no block of its own is coming
+    // (the first owner has shared out its space): it asks at once.
+    let mut net = Net::new(3, 27, plain);
+    net.partition(&[&[0, 1], &[2]]);
+    net.run_for(secs(10));
+    net.heal();
+    let end = net.now + secs(20);
+    while net.now < end && net.router(2).ipam().free() == 0 {
+        net.run_for(Duration::from_millis(10));
+        assert!(!net.router(2).ipam().announcement_waits());
+    }
+    assert!(net.router(2).ipam().free() > 0, "node 2 got space");
+    assert_unique(&net);
+}
+
+#[test]
+fn a_peer_waits_for_its_block_from_the_first_owner_for_a_while_only() {
+    use super::ring::{Ring, Seed};
+    use super::{Ipam, RingUpdate};
+    let range: Ipv4Net = "10.32.0.0/16".parse().unwrap();
+    let seed = Seed {
+        id: 1,
+        first_owner: crate::PeerName(1),
+    };
+    let unsplit = RingUpdate {
+        universe: range,
+        seed: Some(seed),
+        blocks: Ring::seeded(range, seed).blocks().collect(),
+        tombstones: Vec::new(),
+    };
+    let mode = IpamMode::Ring(IpamInit::Consensus(Some(3)));
+    let mut ipam = Ipam::new(crate::PeerName(2), range, mode, 3, None);
+    let mut rng = crate::random::Random::from_seed([9; 32]);
+    let (peers, at) = (BTreeMap::new(), |ms| Time::ZERO + Duration::from_millis(ms));
+    ipam.merge_ring(at(0), crate::PeerName(1), &unsplit)
+        .expect("a compatible ring");
+    // The first owner holds it all: our block is on its way.
+    ipam.step(at(100), &peers, 2, &mut rng);
+    assert!(ipam.announcement_waits());
+    assert!(ipam.needs_timer(), "the wait ends on a timer");
+    ipam.step(at(1_900), &peers, 2, &mut rng);
+    assert!(ipam.announcement_waits());
+    // No block came: announce that we want space.
+    ipam.step(at(2_000), &peers, 2, &mut rng);
+    assert!(!ipam.announcement_waits());
+    assert!(ipam.info().wants_space, "{:?}", ipam.info());
+}
+
+#[test]
 fn a_settled_ring_needs_no_timer_and_a_pending_pod_does() {
     let mut net = Net::new(3, 24, |_, c| {
         c.ipalloc_range = "10.9.0.0/26".parse().unwrap();
