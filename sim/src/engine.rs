@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use weft_core::ipam::{Allocation, IpamEvent, IpamInit, IpamMode};
 use weft_core::random::Random;
-use weft_core::{Config, Event, PersistedState, Router, Time};
+use weft_core::{Config, Event, PersistedState, Router, Time, Transmit};
 use weft_driver::SharedRouter;
 
 pub const PORT: u16 = 6783;
@@ -28,7 +28,7 @@ pub struct SimNode {
     boots: u64,
     pub removed: bool,
     /// The queue key of the node's pending timer.
-    timer: Option<(Time, u64)>,
+    pub(crate) timer: Option<(Time, u64)>,
 }
 
 impl SimNode {
@@ -170,6 +170,75 @@ impl Queue {
     }
 }
 
+/// What a router asks of its surroundings after an input (the core's
+/// calling rule: drain it all).
+pub(crate) struct Outputs {
+    pub transmits: Vec<Transmit>,
+    pub events: Vec<Event>,
+    pub timeout: Option<Time>,
+}
+
+impl Outputs {
+    pub(crate) fn drain(router: &mut Router) -> Outputs {
+        let mut transmits = Vec::new();
+        while let Some(t) = router.poll_transmit() {
+            transmits.push(t);
+        }
+        let mut events = Vec::new();
+        while let Some(e) = router.poll_event() {
+            events.push(e);
+        }
+        Outputs {
+            transmits,
+            events,
+            timeout: router.poll_timeout(),
+        }
+    }
+}
+
+/// A node's ring summary and own blocks, read when the summary changed.
+pub(crate) type RingChange = (u64, Vec<ipnet::Ipv4Net>);
+
+/// The node's ring summary and own blocks if the summary is not `known`.
+pub(crate) fn ring_change(known: Option<u64>, router: &Router) -> Option<RingChange> {
+    let summary = router.ipam().ring_summary();
+    (known != Some(summary)).then(|| (summary, router.ipam().own_blocks()))
+}
+
+impl Queue {
+    /// Removes the first step if it is a node's (a delivery or a timer)
+    /// due before `before` and by `until`, with its sequence number.
+    pub(crate) fn pop_node_step(&mut self, before: Time, until: Time) -> Option<(Time, u64, Step)> {
+        let timer = self.timers.first_key_value().map(|(k, _)| *k);
+        let other = self.heap.peek().map(|q| (q.at, q.seq));
+        let first = match (timer, other) {
+            (Some(t), Some(o)) => t.min(o),
+            (t, o) => t.or(o)?,
+        };
+        if first.0 >= before || first.0 > until {
+            return None;
+        }
+        if timer == Some(first) {
+            let (_, node) = self.timers.pop_first()?;
+            return Some((first.0, first.1, Step::Timer(node)));
+        }
+        if !matches!(self.heap.peek()?.step, Step::Deliver { .. }) {
+            return None;
+        }
+        self.heap.pop().map(|q| (q.at, q.seq, q.step))
+    }
+
+    /// When the first step is due.
+    pub(crate) fn first_due(&self) -> Option<Time> {
+        let timer = self.timers.first_key_value().map(|(k, _)| k.0);
+        let other = self.heap.peek().map(|q| q.at);
+        match (timer, other) {
+            (Some(t), Some(o)) => Some(t.min(o)),
+            (t, o) => t.or(o),
+        }
+    }
+}
+
 /// How often convergence and traffic are sampled.
 const SAMPLE: Duration = Duration::from_millis(100);
 /// Traffic window of `gossip_bytes` checks and reports.
@@ -208,6 +277,13 @@ pub struct Sim<'a> {
     by_address: BTreeMap<SocketAddr, usize>,
     /// Every datagram sent, when `--pcap` asks for it.
     pub capture: Option<crate::pcap::Capture>,
+    /// Whether node steps may run in lookahead windows (see `window`):
+    /// not when an `always` check other than `unique_ips` reads the
+    /// routers after every step.
+    pub(crate) windows: bool,
+    /// Fewest steps in a window run on two threads, and how many were.
+    pub(crate) parallel_from: usize,
+    pub(crate) parallel_windows: u64,
 }
 
 impl<'a> Sim<'a> {
@@ -251,6 +327,12 @@ impl<'a> Sim<'a> {
             names: BTreeMap::new(),
             by_address: BTreeMap::new(),
             capture: None,
+            windows: scenario
+                .checks
+                .iter()
+                .all(|c| c.at != CheckAt::Always || c.expect == crate::scenario::Expect::UniqueIps),
+            parallel_from: crate::window::PARALLEL_STEPS,
+            parallel_windows: 0,
         };
         sim.by_address = sim
             .nodes
@@ -290,6 +372,9 @@ impl<'a> Sim<'a> {
 
     /// Takes the next queued step due by `until`; false when there is none.
     pub(crate) fn next_step(&mut self, until: Time) -> bool {
+        if self.run_window(until) {
+            return true;
+        }
         let Some((at, step)) = self.queue.pop_due(until) else {
             return false;
         };
@@ -383,17 +468,28 @@ impl<'a> Sim<'a> {
         let shared = self.nodes[i].shared.clone()?;
         let mut router = weft_driver::lock(&shared);
         let result = f(&mut router, now);
-        let mut transmits = Vec::new();
-        while let Some(t) = router.poll_transmit() {
-            transmits.push(t);
-        }
-        let mut events = Vec::new();
-        while let Some(e) = router.poll_event() {
-            events.push(e);
-        }
-        let timeout = router.poll_timeout();
-        self.note_ownership(i, &router);
+        let outputs = Outputs::drain(&mut router);
+        let ring = ring_change(self.owned[i].0, &router);
         drop(router);
+        self.act_on(i, outputs.transmits, outputs.events, ring);
+        self.arm_timer(i, outputs.timeout.map(|at| at.max(now)));
+        Some(result)
+    }
+
+    /// Sends what node `i` transmitted, acts on its events and notes its
+    /// own blocks, at `self.now`.
+    pub(crate) fn act_on(
+        &mut self,
+        i: usize,
+        transmits: Vec<Transmit>,
+        events: Vec<Event>,
+        ring: Option<RingChange>,
+    ) {
+        let now = self.now;
+        if let Some((summary, blocks)) = ring {
+            self.unique_dirty |= blocks != self.owned[i].1;
+            self.owned[i] = (Some(summary), blocks);
+        }
         for t in transmits {
             self.sent[i] += t.payload.len() as u64;
             self.trace.datagram(&t.payload);
@@ -417,23 +513,26 @@ impl<'a> Sim<'a> {
         for e in events {
             self.on_event(i, e);
         }
-        if let Some(at) = timeout {
-            self.seq += 1;
-            let key = (at.max(now), self.seq);
-            self.queue.arm(i, self.nodes[i].timer.replace(key), key);
+    }
+
+    /// Arms node `i`'s timer at `at`, replacing its pending one.
+    pub(crate) fn arm_timer(&mut self, i: usize, at: Option<Time>) {
+        match at {
+            Some(at) => {
+                self.seq += 1;
+                let key = (at, self.seq);
+                self.queue.arm(i, self.nodes[i].timer.replace(key), key);
+            }
+            None => self.queue.disarm(self.nodes[i].timer.take()),
         }
-        Some(result)
     }
 
     /// Re-reads the node's own blocks when its ring changed. Uniqueness is
     /// re-checked only when the blocks did: most ring changes move other
     /// peers' blocks, and a check sorts every node's blocks.
     pub(crate) fn note_ownership(&mut self, i: usize, router: &Router) {
-        let summary = router.ipam().ring_summary();
-        if self.owned[i].0 != Some(summary) {
-            let blocks = router.ipam().own_blocks();
-            self.unique_dirty |= blocks != self.owned[i].1;
-            self.owned[i] = (Some(summary), blocks);
+        if let Some(ring) = ring_change(self.owned[i].0, router) {
+            self.act_on(i, Vec::new(), Vec::new(), Some(ring));
         }
     }
 

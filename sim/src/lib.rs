@@ -10,3 +10,4 @@ pub mod report;
 pub mod scenario;
 pub mod trace;
 pub mod turmoil_engine;
+mod window;

@@ -52,6 +52,11 @@ impl Network {
         &self.loss
     }
 
+    /// The least time any datagram takes.
+    pub fn least_latency(&self) -> Duration {
+        self.latency.iter().map(|l| l.min).min().unwrap_or_default()
+    }
+
     /// Latency of datagrams node `a` sends.
     pub fn latency(&self, a: usize) -> Latency {
         self.latency[a]
