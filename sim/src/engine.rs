@@ -284,6 +284,9 @@ pub struct Sim<'a> {
     /// Fewest steps in a window run on two threads, and how many were.
     pub(crate) parallel_from: usize,
     pub(crate) parallel_windows: u64,
+    /// The thread that takes half of each big window (`None` inside: none
+    /// could be started).
+    pub(crate) helper: Option<Option<crate::window::Helper>>,
 }
 
 impl<'a> Sim<'a> {
@@ -333,6 +336,7 @@ impl<'a> Sim<'a> {
                 .all(|c| c.at != CheckAt::Always || c.expect == crate::scenario::Expect::UniqueIps),
             parallel_from: crate::window::PARALLEL_STEPS,
             parallel_windows: 0,
+            helper: None,
         };
         sim.by_address = sim
             .nodes

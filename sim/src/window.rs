@@ -11,12 +11,13 @@
 use crate::engine::{Outputs, RingChange, Sim, Step, ring_change};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::mpsc;
 use weft_core::{Event, Time, Transmit};
 use weft_driver::SharedRouter;
 
-/// Fewest steps in a window worth a second thread: starting one costs
-/// tens of microseconds, a step a few.
-pub(crate) const PARALLEL_STEPS: usize = 256;
+/// Fewest steps in a window worth handing half to the helper thread (a
+/// hand-over costs some microseconds, a step a few).
+pub(crate) const PARALLEL_STEPS: usize = 64;
 
 /// Where a step falls among the steps due at the same time: queued steps
 /// by their sequence number, then timers armed inside the window, by node
@@ -88,9 +89,13 @@ impl Sim<'_> {
         if let Some(next) = self.queue.first_due() {
             window.before = window.before.min(next);
         }
-        let parallel = steps >= self.parallel_from;
-        self.parallel_windows += u64::from(parallel);
-        let (mut done, timers) = run_shares(shares, window, parallel);
+        let helper = if steps >= self.parallel_from {
+            self.parallel_windows += 1;
+            self.helper.get_or_insert_with(Helper::start).as_mut()
+        } else {
+            None
+        };
+        let (mut done, timers) = run_shares(shares, window, helper);
         done.sort_by_key(|d| (d.at, d.order));
         for d in done {
             self.now = d.at;
@@ -141,25 +146,15 @@ impl Sim<'_> {
     }
 }
 
-/// Runs every node's steps, on two threads if `parallel`: what each step
-/// produced, and each node's timer after its last step.
-fn run_shares(
-    mut shares: Vec<NodeSteps>,
-    window: Window,
-    parallel: bool,
-) -> (Vec<Done>, Vec<(usize, Option<Time>)>) {
-    let run_all = |shares: Vec<NodeSteps>| {
-        let mut done = Vec::new();
-        let mut timers = Vec::new();
-        for share in shares {
-            let node = share.node;
-            timers.push((node, run_node(share, window, &mut done)));
-        }
-        (done, timers)
+type Ran = (Vec<Done>, Vec<(usize, Option<Time>)>);
+
+/// Runs every node's steps, half of the work on the helper thread if there
+/// is one: what each step produced, and each node's timer after its last
+/// step.
+fn run_shares(mut shares: Vec<NodeSteps>, window: Window, helper: Option<&mut Helper>) -> Ran {
+    let Some(helper) = helper else {
+        return run_all(shares, window);
     };
-    if !parallel {
-        return run_all(shares);
-    }
     // Halves of about equal work.
     let total: usize = shares.iter().map(size).sum();
     let mut acc = 0;
@@ -171,16 +166,80 @@ fn run_shares(
         })
         .map_or(shares.len(), |i| i + 1);
     let theirs = shares.split_off(mid);
-    std::thread::scope(|scope| {
-        let helper = scope.spawn(|| run_all(theirs));
-        let (mut done, mut timers) = run_all(shares);
-        let (more, later) = helper
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        done.extend(more);
-        timers.extend(later);
-        (done, timers)
-    })
+    helper.send(theirs, window);
+    let (mut done, mut timers) = run_all(shares, window);
+    let (more, later) = helper.receive();
+    done.extend(more);
+    timers.extend(later);
+    (done, timers)
+}
+
+fn run_all(shares: Vec<NodeSteps>, window: Window) -> Ran {
+    let mut done = Vec::new();
+    let mut timers = Vec::new();
+    for share in shares {
+        let node = share.node;
+        timers.push((node, run_node(share, window, &mut done)));
+    }
+    (done, timers)
+}
+
+/// A second thread for the whole run, taking half of each big window.
+pub(crate) struct Helper {
+    jobs: Option<mpsc::Sender<(Vec<NodeSteps>, Window)>>,
+    results: mpsc::Receiver<Ran>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Helper {
+    /// The helper, or none if no thread can be started (windows then run
+    /// on one thread, with the same outcome).
+    fn start() -> Option<Helper> {
+        let (jobs, inbox) = mpsc::channel::<(Vec<NodeSteps>, Window)>();
+        let (outbox, results) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("weft-sim-helper".into())
+            .spawn(move || {
+                for (shares, window) in inbox {
+                    if outbox.send(run_all(shares, window)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .ok()?;
+        Some(Helper {
+            jobs: Some(jobs),
+            results,
+            thread: Some(thread),
+        })
+    }
+
+    fn send(&mut self, shares: Vec<NodeSteps>, window: Window) {
+        if let Some(jobs) = &self.jobs {
+            // A send fails only if the thread is gone; `receive` says why.
+            let _ = jobs.send((shares, window));
+        }
+    }
+
+    fn receive(&mut self) -> Ran {
+        match self.results.recv() {
+            Ok(ran) => ran,
+            // The thread panicked (a bug in the core): fail as one thread would.
+            Err(_) => match self.thread.take().map(|t| t.join()) {
+                Some(Err(panic)) => std::panic::resume_unwind(panic),
+                _ => panic!("the simulator's helper thread stopped"),
+            },
+        }
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 fn size(share: &NodeSteps) -> usize {
