@@ -401,7 +401,7 @@ impl Router {
         if self.announce_at.is_some_and(|t| now >= t) {
             self.announce_at = None;
             if self.connections_seen != self.own_entry().connections {
-                self.announce_self(self.connections_seen.clone());
+                self.announce_links();
             }
         }
         if now >= self.next_tick {
@@ -986,9 +986,14 @@ impl Router {
         if ring_differs && self.ipam.ring().is_seeded() {
             self.send_ring(peer, &self.ipam.full_ring());
         }
-        if !entries_differ {
-            return;
+        if entries_differ {
+            self.send_digest(peer);
         }
+    }
+
+    /// The versions of all our entries, to `peer`: it answers with what
+    /// we lack and asks for what it lacks.
+    fn send_digest(&mut self, peer: PeerName) {
         let versions: Vec<(PeerName, u64)> = self
             .topology
             .versions_in(PeerName(0), PeerName(u64::MAX))
@@ -1006,6 +1011,24 @@ impl Router {
         let targets = self.rng.pick(&established, fanout);
         if targets.is_empty() {
             // Nobody to tell yet: keep the news for when someone connects.
+            return;
+        }
+        // More news than a datagram holds (a healed partition brings half
+        // a cluster's entries at once): a digest tells the targets of all
+        // of it, and each pulls what it lacks in one exchange, where news
+        // at one datagram a round took seconds to get through it.
+        if self.news.len() > wire::MAX_NEWS {
+            let ring_news = self.ipam.take_ring_news(self.config.rumor_rounds);
+            for peer in targets {
+                if let Some(update) = &ring_news {
+                    self.send_ring(peer, update);
+                }
+                self.send_digest(peer);
+            }
+            self.news.retain(|_, rounds| {
+                *rounds = rounds.saturating_sub(1);
+                *rounds > 0
+            });
             return;
         }
         // Push only (name, version) of the news; peers pull the entries
@@ -1307,6 +1330,25 @@ impl Router {
         self.topology
             .get(self.me)
             .expect("the topology always holds our own entry")
+    }
+
+    /// Announces our links as they are now, and tells new neighbours of
+    /// it directly: links across a healed partition are a few among
+    /// thousands, and rumours pushed to random links crossed them only by
+    /// chance (at 1,000 nodes one half went 3 s without the other's news).
+    fn announce_links(&mut self) {
+        let old = self.own_entry().connections.clone();
+        self.announce_self(self.connections_seen.clone());
+        let news = Message::News(vec![(self.me, self.own_entry().version)]);
+        let new: Vec<PeerName> = self
+            .connections_seen
+            .iter()
+            .filter(|p| old.binary_search(p).is_err())
+            .copied()
+            .collect();
+        for peer in new {
+            self.send_to_peer(peer, &news);
+        }
     }
 
     fn announce_self(&mut self, connections: Vec<PeerName>) {

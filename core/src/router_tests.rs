@@ -538,3 +538,76 @@ fn a_link_across_a_healed_partition_syncs_at_once() {
     assert!(after[a] > before[a], "node {a} synced over the new link");
     assert!(after[b] > before[b], "node {b} synced over the new link");
 }
+
+#[test]
+fn more_news_than_a_datagram_holds_goes_out_as_a_digest() {
+    // A healed partition brings half a cluster's entries at once. Pushed
+    // as news, at most one datagram of names per round, they would take
+    // many rounds; a digest tells a peer of all of them in one exchange.
+    let mut net = Net::new(3, 27, plain);
+    net.run_for(secs(10));
+    assert!(net.converged());
+    let strangers: Vec<crate::PeerEntry> = (0..crate::wire::MAX_NEWS as u64 + 6)
+        .map(|k| crate::PeerEntry {
+            version: 1,
+            name: PeerName(0xfeed_0000 + k),
+            nickname: String::new(),
+            address: address(100 + k as usize),
+            connections: Vec::new(),
+            ipam: Default::default(),
+        })
+        .collect();
+    let before = net.router(0).traffic().sent_bytes_by_kind;
+    for chunk in strangers.chunks(20) {
+        let bytes = Message::Gossip(chunk.to_vec())
+            .encode_plain(net.name(1))
+            .unwrap();
+        net.inject(1, 0, &bytes);
+    }
+    net.run_for(Duration::from_millis(500));
+    let after = net.router(0).traffic().sent_bytes_by_kind;
+    assert_eq!(after.news, before.news, "no news pushed");
+    assert!(after.digest > before.digest, "a digest instead");
+    for s in &strangers {
+        assert!(
+            net.router(2).topology().get(s.name).is_some(),
+            "node 2 learnt {:?} through the digest",
+            s.name
+        );
+    }
+}
+
+#[test]
+fn a_new_neighbour_hears_of_our_links_from_us_at_once() {
+    // A link across a healed partition is one among many: news of it,
+    // pushed to random links, would cross it only by chance. The node
+    // that announces the link tells the peer at its other end directly.
+    let mut net = Net::new(6, 28, plain);
+    net.partition(&[&[0, 1, 2, 3, 4], &[5]]);
+    net.run_for(secs(10));
+    net.heal();
+    let (me, new) = (net.name(0), net.name(5));
+    let announced = |net: &Net| {
+        let own = net.router(0).topology().get(me).unwrap();
+        own.connections.contains(&new).then_some(own.version)
+    };
+    let version = loop {
+        let checked = net.sent.len();
+        net.run_for(Duration::from_millis(1));
+        if let Some(v) = announced(&net) {
+            // Gossip rounds come later; only the direct word is this soon.
+            let direct = net.sent[checked..].iter().any(|(_, from, to, bytes)| {
+                *from == 0
+                    && *to == address(5)
+                    && matches!(
+                        crate::wire::Frame::parse(bytes).and_then(|f| f.plain_message()),
+                        Ok(Message::News(n)) if n == vec![(me, v)]
+                    )
+            });
+            assert!(direct, "node 5 was told of the link in the same instant");
+            break v;
+        }
+        assert!(net.now < Time::from_millis(60_000), "never linked");
+    };
+    assert!(version > 0);
+}

@@ -194,19 +194,34 @@ fn peers_announce_the_ring_and_their_block_together() {
 
 #[test]
 fn a_peer_left_out_of_the_split_asks_for_space_at_once() {
-    // Node 2 is cut off while nodes 0 and 1 seed the ring and split it
-    // between them. When it gets the ring, no block of its own is coming
+    // Node 3 is cut off while nodes 0, 1 and 2 seed the ring and split it
+    // among them. When it gets the ring, no block of its own is coming
     // (the first owner has shared out its space): it asks at once.
-    let mut net = Net::new(3, 27, plain);
-    net.partition(&[&[0, 1], &[2]]);
+    let mut net = Net::new(4, 27, plain);
+    net.partition(&[&[0, 1, 2], &[3]]);
     net.run_for(secs(10));
+    // The premise: the first owner kept no more than half (with another
+    // split, the first owner still shares out space to whoever shows up
+    // without any, and a peer does well to wait for it).
+    let ring = net.router(0).ipam().ring();
+    let first = ring.seed().expect("nodes 0 to 2 seeded").first_owner;
+    let universe = u64::from(!u32::from(ring.universe().netmask())) + 1;
+    let kept: u64 = ring
+        .blocks_of(first)
+        .iter()
+        .map(|b| u64::from(!u32::from(b.netmask())) + 1)
+        .sum();
+    assert!(
+        kept <= universe / 2,
+        "first owner kept {kept} of {universe}"
+    );
     net.heal();
     let end = net.now + secs(20);
-    while net.now < end && net.router(2).ipam().free() == 0 {
+    while net.now < end && net.router(3).ipam().free() == 0 {
         net.run_for(Duration::from_millis(10));
-        assert!(!net.router(2).ipam().announcement_waits());
+        assert!(!net.router(3).ipam().announcement_waits());
     }
-    assert!(net.router(2).ipam().free() > 0, "node 2 got space");
+    assert!(net.router(3).ipam().free() > 0, "node 3 got space");
     assert_unique(&net);
 }
 
