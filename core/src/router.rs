@@ -1013,29 +1013,16 @@ impl Router {
             // Nobody to tell yet: keep the news for when someone connects.
             return;
         }
-        // More news than a datagram holds (a healed partition brings half
-        // a cluster's entries at once): a digest tells the targets of all
-        // of it, and each pulls what it lacks in one exchange, where news
-        // at one datagram a round took seconds to get through it.
-        if self.news.len() > wire::MAX_NEWS {
-            let ring_news = self.ipam.take_ring_news(self.config.rumor_rounds);
-            for peer in targets {
-                if let Some(update) = &ring_news {
-                    self.send_ring(peer, update);
-                }
-                self.send_digest(peer);
-            }
-            self.news.retain(|_, rounds| {
-                *rounds = rounds.saturating_sub(1);
-                *rounds > 0
-            });
-            return;
-        }
         // Push only (name, version) of the news; peers pull the entries
         // they lack. Most pushes reach peers that already heard, and then
         // cost 16 bytes an entry instead of the whole entry. At most one
         // datagram of news per peer per round, freshest first: a burst (a
         // cluster starting) then spreads over rounds instead of flooding.
+        // More news than that (a healed partition brings half a cluster's
+        // entries at once) goes as a digest of all our versions instead:
+        // each target pulls what it lacks in one exchange, where a
+        // datagram a round took seconds to get through it.
+        let digest = self.news.len() > wire::MAX_NEWS;
         let mut fresh: Vec<(u8, PeerName)> = self.news.iter().map(|(n, r)| (*r, *n)).collect();
         fresh.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
         fresh.truncate(wire::MAX_NEWS);
@@ -1050,13 +1037,15 @@ impl Router {
             if let Some(update) = &ring_news {
                 self.send_ring(peer, update);
             }
-            if !versions.is_empty() {
+            if digest {
+                self.send_digest(peer);
+            } else if !versions.is_empty() {
                 self.send_to_peer(peer, &Message::News(versions.clone()));
             }
         }
         let pushed: BTreeSet<PeerName> = fresh.iter().map(|(_, n)| *n).collect();
         self.news.retain(|name, rounds| {
-            if pushed.contains(name) {
+            if digest || pushed.contains(name) {
                 *rounds = rounds.saturating_sub(1);
             }
             *rounds > 0
