@@ -1015,17 +1015,15 @@ impl Router {
         }
         // Push only (name, version) of the news; peers pull the entries
         // they lack. Most pushes reach peers that already heard, and then
-        // cost 16 bytes an entry instead of the whole entry. At most one
-        // datagram of news per peer per round, freshest first: a burst (a
-        // cluster starting) then spreads over rounds instead of flooding.
-        // More news than that (a healed partition brings half a cluster's
-        // entries at once) goes as a digest of all our versions instead:
-        // each target pulls what it lacks in one exchange, where a
-        // datagram a round took seconds to get through it.
-        let digest = self.news.len() > wire::MAX_NEWS;
+        // cost 16 bytes an entry instead of the whole entry. All of it
+        // goes each round, freshest first, a datagram per 64 names: a
+        // healed partition brings half a cluster's entries at once, and a
+        // datagram a round took seconds to get through them. A digest of
+        // all our versions would do as well after a heal, but a starting
+        // cluster overflows a datagram of news for seconds, and digests
+        // of every entry to every target each round were most of its cost.
         let mut fresh: Vec<(u8, PeerName)> = self.news.iter().map(|(n, r)| (*r, *n)).collect();
         fresh.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        fresh.truncate(wire::MAX_NEWS);
         let versions: Vec<(PeerName, u64)> = fresh
             .iter()
             .filter_map(|(_, n)| Some((*n, self.topology.version(*n)?)))
@@ -1037,17 +1035,12 @@ impl Router {
             if let Some(update) = &ring_news {
                 self.send_ring(peer, update);
             }
-            if digest {
-                self.send_digest(peer);
-            } else if !versions.is_empty() {
-                self.send_to_peer(peer, &Message::News(versions.clone()));
+            for news in versions.chunks(wire::MAX_NEWS) {
+                self.send_to_peer(peer, &Message::News(news.to_vec()));
             }
         }
-        let pushed: BTreeSet<PeerName> = fresh.iter().map(|(_, n)| *n).collect();
-        self.news.retain(|name, rounds| {
-            if digest || pushed.contains(name) {
-                *rounds = rounds.saturating_sub(1);
-            }
+        self.news.retain(|_, rounds| {
+            *rounds = rounds.saturating_sub(1);
             *rounds > 0
         });
     }

@@ -10,11 +10,23 @@ use std::process::ExitCode;
 use weft_sim::report::{self, Engine};
 use weft_sim::scenario::{self, Scenario};
 
-// A 1,000-node run holds a gigabyte of topology that churns while the
+// A 1,000-node run holds two gigabytes of topology that churns while the
 // cluster starts; glibc's allocator handed pages back and faulted them in
-// again (a tenth of the run), mimalloc keeps them.
+// again (a tenth of the run). So did mimalloc, 100 ms after they fell
+// free: `keep_freed_memory` tells it not to.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// mimalloc's `mi_option_purge_delay` (mimalloc.h; its Rust binding
+/// names no constant for it): how long freed memory waits before it goes
+/// back to the OS, -1 for never.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+fn keep_freed_memory() {
+    // SAFETY: sets a process-wide allocator option, first thing in
+    // `main`, while no other thread exists to read it.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}
 
 #[derive(Parser)]
 #[command(
@@ -71,6 +83,7 @@ fn parse_seeds(s: &str) -> Result<(u64, u64), String> {
 }
 
 fn main() -> ExitCode {
+    keep_freed_memory();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

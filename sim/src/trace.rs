@@ -26,16 +26,29 @@ impl Trace {
     }
 
     fn absorb(&mut self, bytes: &[u8]) {
-        // FNV-1a: fixed and the same on every machine.
+        // FNV-1a's constants, eight bytes a step with the high half folded
+        // down: fixed and the same on every machine, and fast enough for
+        // the gigabytes a 1,000-node run sends (a byte a step was a tenth
+        // of the work that cannot run on two threads).
+        const PRIME: u64 = 0x0100_0000_01b3;
         let mut h = if self.hash == 0 {
             0xcbf2_9ce4_8422_2325
         } else {
             self.hash
         };
-        for b in bytes {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
+        let mut mix = |word: u64| {
+            h = (h ^ word).wrapping_mul(PRIME);
+            h ^= h >> 32;
+        };
+        let words = bytes.chunks_exact(8);
+        let tail = words.remainder();
+        for word in words {
+            mix(u64::from_le_bytes(word.try_into().unwrap_or_default()));
         }
+        let mut last = [0u8; 8];
+        last[..tail.len()].copy_from_slice(tail);
+        mix(u64::from_le_bytes(last));
+        mix(bytes.len() as u64);
         self.hash = h;
     }
 
@@ -47,5 +60,38 @@ impl Trace {
         let mut out = self.lines.join("\n");
         out.push('\n');
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Trace;
+
+    fn hash_of(datagrams: &[&[u8]]) -> u64 {
+        let mut trace = Trace::default();
+        for d in datagrams {
+            trace.datagram(d);
+        }
+        trace.hash()
+    }
+
+    #[test]
+    fn any_changed_bit_changes_the_hash() {
+        let datagram: Vec<u8> = (0..21).collect();
+        let original = hash_of(&[&datagram]);
+        for byte in 0..datagram.len() {
+            for bit in 0..8 {
+                let mut changed = datagram.clone();
+                changed[byte] ^= 1 << bit;
+                assert_ne!(hash_of(&[&changed]), original, "byte {byte} bit {bit}");
+            }
+        }
+    }
+
+    #[test]
+    fn where_datagrams_split_counts() {
+        assert_ne!(hash_of(&[b"ab", b"c"]), hash_of(&[b"a", b"bc"]));
+        assert_ne!(hash_of(&[b"a"]), hash_of(&[b"a\0"]));
+        assert_ne!(hash_of(&[b"", b"a"]), hash_of(&[b"a"]));
     }
 }

@@ -1,23 +1,25 @@
 //! Many nodes' steps at once. A datagram takes at least the network's
 //! least latency to arrive, so nothing a node does within that long after
 //! the earliest pending step can change what another node does in that
-//! time: each node's steps in such a window run in their own order, the
-//! nodes split between two threads, and what they sent and reported is
-//! then acted on in one order (by time, then as queued), the same
-//! whichever thread ran what, so a run stays deterministic. A 1,000-node
-//! start is thousands of steps a millisecond; a quiet cluster's windows
-//! hold a few and run on one thread.
+//! time: each node's steps in such a window run in their own order, two
+//! threads taking the nodes one at a time, and what they sent and
+//! reported is then acted on in one order (by time, then as queued), the
+//! same whichever thread ran what, so a run stays deterministic. A
+//! 1,000-node start is thousands of steps a millisecond; a quiet
+//! cluster's windows hold a few and run on one thread.
 
 use crate::engine::{Outputs, RingChange, Sim, Step, ring_change};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use weft_core::{Event, Time, Transmit};
 use weft_driver::SharedRouter;
 
-/// Fewest steps in a window worth handing half to the helper thread (a
-/// hand-over costs some microseconds, a step a few).
-pub(crate) const PARALLEL_STEPS: usize = 64;
+/// Fewest steps in a window worth sharing with the helper thread (a
+/// hand-over to a thread looking for work costs a microsecond or two, a
+/// step from one to thousands).
+pub(crate) const PARALLEL_STEPS: usize = 8;
 
 /// Where a step falls among the steps due at the same time: queued steps
 /// by their sequence number, then timers armed inside the window, by node
@@ -148,46 +150,91 @@ impl Sim<'_> {
 
 type Ran = (Vec<Done>, Vec<(usize, Option<Time>)>);
 
-/// Runs every node's steps, half of the work on the helper thread if there
-/// is one: what each step produced, and each node's timer after its last
-/// step.
-fn run_shares(mut shares: Vec<NodeSteps>, window: Window, helper: Option<&mut Helper>) -> Ran {
-    let Some(helper) = helper else {
-        return run_all(shares, window);
-    };
-    // Halves of about equal work.
-    let total: usize = shares.iter().map(size).sum();
-    let mut acc = 0;
-    let mid = shares
-        .iter()
-        .position(|s| {
-            acc += size(s);
-            acc * 2 >= total
-        })
-        .map_or(shares.len(), |i| i + 1);
-    let theirs = shares.split_off(mid);
-    helper.send(theirs, window);
-    let (mut done, mut timers) = run_all(shares, window);
-    let (more, later) = helper.receive();
-    done.extend(more);
-    timers.extend(later);
-    (done, timers)
+/// A window's shares, taken one node at a time by whichever thread is
+/// free: a node's steps cost from a microsecond (a heartbeat) to
+/// milliseconds (routes over 100,000 links), so halves split by step
+/// count left one thread waiting on the other for a third of the run.
+struct Pool {
+    shares: Vec<Mutex<Option<NodeSteps>>>,
+    next: AtomicUsize,
+    window: Window,
 }
 
-fn run_all(shares: Vec<NodeSteps>, window: Window) -> Ran {
-    let mut done = Vec::new();
-    let mut timers = Vec::new();
-    for share in shares {
-        let node = share.node;
-        timers.push((node, run_node(share, window, &mut done)));
+impl Pool {
+    /// Runs shares until none is left: what each step produced, and each
+    /// node's timer after its last step.
+    fn drain(&self) -> Ran {
+        let mut done = Vec::new();
+        let mut timers = Vec::new();
+        loop {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            let Some(slot) = self.shares.get(i) else {
+                return (done, timers);
+            };
+            let share = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(share) = share {
+                let node = share.node;
+                timers.push((node, run_node(share, self.window, &mut done)));
+            }
+        }
     }
+}
+
+/// Runs every node's steps, on the helper thread too if there is one:
+/// what each step produced, and each node's timer after its last step,
+/// by node (timers are armed in that order, the same whoever ran what).
+fn run_shares(shares: Vec<NodeSteps>, window: Window, helper: Option<&mut Helper>) -> Ran {
+    let pool = Arc::new(Pool {
+        shares: shares.into_iter().map(|s| Mutex::new(Some(s))).collect(),
+        next: AtomicUsize::new(0),
+        window,
+    });
+    let (done, mut timers) = match helper {
+        Some(helper) => {
+            helper.send(Arc::clone(&pool));
+            let (mut done, mut timers) = pool.drain();
+            let (more, later) = helper.receive();
+            done.extend(more);
+            timers.extend(later);
+            (done, timers)
+        }
+        None => pool.drain(),
+    };
+    timers.sort_unstable_by_key(|(node, _)| *node);
     (done, timers)
 }
 
-/// A second thread for the whole run, taking half of each big window.
+/// How long the helper keeps looking for the next window before it
+/// sleeps. A starting 1,000-node cluster runs a window every few hundred
+/// microseconds, and waking a sleeping thread takes about as long (more
+/// on a busy VM): the helper then took little of each window's work.
+/// It yields while it looks, so another thread that has work gets the
+/// core.
+const LOOK_FOR_WORK: std::time::Duration = std::time::Duration::from_micros(300);
+
+/// What the main thread and the helper share: the window being run, and
+/// what the helper ran of it.
+#[derive(Default)]
+struct Handoff {
+    state: Mutex<Slot>,
+    wake: Condvar,
+    /// Set with a job put in `state`, so a looking helper sees it without
+    /// the lock.
+    posted: AtomicBool,
+    /// Set with a result put in `state`.
+    finished: AtomicBool,
+}
+
+#[derive(Default)]
+struct Slot {
+    job: Option<Arc<Pool>>,
+    result: Option<Ran>,
+    stop: bool,
+}
+
+/// A second thread for the whole run, sharing the work of each big window.
 pub(crate) struct Helper {
-    jobs: Option<mpsc::Sender<(Vec<NodeSteps>, Window)>>,
-    results: mpsc::Receiver<Ran>,
+    handoff: Arc<Handoff>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -195,55 +242,88 @@ impl Helper {
     /// The helper, or none if no thread can be started (windows then run
     /// on one thread, with the same outcome).
     fn start() -> Option<Helper> {
-        let (jobs, inbox) = mpsc::channel::<(Vec<NodeSteps>, Window)>();
-        let (outbox, results) = mpsc::channel();
+        let handoff = Arc::new(Handoff::default());
+        let theirs = Arc::clone(&handoff);
         let thread = std::thread::Builder::new()
             .name("weft-sim-helper".into())
-            .spawn(move || {
-                for (shares, window) in inbox {
-                    if outbox.send(run_all(shares, window)).is_err() {
-                        break;
-                    }
-                }
-            })
+            .spawn(move || theirs.serve())
             .ok()?;
         Some(Helper {
-            jobs: Some(jobs),
-            results,
+            handoff,
             thread: Some(thread),
         })
     }
 
-    fn send(&mut self, shares: Vec<NodeSteps>, window: Window) {
-        if let Some(jobs) = &self.jobs {
-            // A send fails only if the thread is gone; `receive` says why.
-            let _ = jobs.send((shares, window));
-        }
+    fn send(&mut self, pool: Arc<Pool>) {
+        let mut slot = self.handoff.lock();
+        slot.job = Some(pool);
+        self.handoff.posted.store(true, Ordering::Release);
+        self.handoff.wake.notify_one();
     }
 
+    /// What the helper ran of the window, once the pool is drained.
     fn receive(&mut self) -> Ran {
-        match self.results.recv() {
-            Ok(ran) => ran,
-            // The thread panicked (a bug in the core): fail as one thread would.
-            Err(_) => match self.thread.take().map(|t| t.join()) {
-                Some(Err(panic)) => std::panic::resume_unwind(panic),
-                _ => panic!("the simulator's helper thread stopped"),
-            },
+        {
+            let mut slot = self.handoff.lock();
+            if slot.job.take().is_some() {
+                // Not picked up: we ran it all.
+                self.handoff.posted.store(false, Ordering::Relaxed);
+                return (Vec::new(), Vec::new());
+            }
+        }
+        // It is running its last node: wait for it without sleeping.
+        while !self.handoff.finished.swap(false, Ordering::Acquire) {
+            if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
+                // It panicked (a bug in the core): fail as one thread would.
+                match self.thread.take().map(|t| t.join()) {
+                    Some(Err(panic)) => std::panic::resume_unwind(panic),
+                    _ => panic!("the simulator's helper thread stopped"),
+                }
+            }
+            std::thread::yield_now();
+        }
+        self.handoff.lock().result.take().unwrap_or_default()
+    }
+}
+
+impl Handoff {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slot> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The helper's loop: run what is posted until told to stop.
+    fn serve(&self) {
+        loop {
+            let looking = std::time::Instant::now();
+            while !self.posted.load(Ordering::Acquire) && looking.elapsed() < LOOK_FOR_WORK {
+                std::thread::yield_now();
+            }
+            let pool = {
+                let mut slot = self.lock();
+                while slot.job.is_none() && !slot.stop {
+                    slot = self.wake.wait(slot).unwrap_or_else(|e| e.into_inner());
+                }
+                self.posted.store(false, Ordering::Relaxed);
+                match slot.job.take() {
+                    Some(pool) => pool,
+                    None => return,
+                }
+            };
+            let ran = pool.drain();
+            self.lock().result = Some(ran);
+            self.finished.store(true, Ordering::Release);
         }
     }
 }
 
 impl Drop for Helper {
     fn drop(&mut self) {
-        self.jobs = None;
+        self.handoff.lock().stop = true;
+        self.handoff.wake.notify_one();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
     }
-}
-
-fn size(share: &NodeSteps) -> usize {
-    share.deliveries.len() + usize::from(share.timer.is_some())
 }
 
 /// Runs one node's steps in order, timers it arms within the window
