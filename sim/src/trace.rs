@@ -2,6 +2,7 @@
 //! plus a hash over every line and every datagram, so two runs can be
 //! compared byte for byte.
 
+use std::fmt::Write as _;
 use weft_core::Time;
 
 #[derive(Default)]
@@ -10,15 +11,24 @@ pub struct Trace {
     pub keep: bool,
     pub lines: Vec<String>,
     hash: u64,
+    scratch: String,
 }
 
 impl Trace {
     pub fn line(&mut self, now: Time, node: &str, what: &str) {
-        let line = format!("{:>10.3} {node:<8} {what}", now.since_epoch().as_secs_f64());
+        // One buffer for every line: a 1,000-node run tells millions.
+        let mut line = std::mem::take(&mut self.scratch);
+        line.clear();
+        let _ = write!(
+            line,
+            "{:>10.3} {node:<8} {what}",
+            now.since_epoch().as_secs_f64()
+        );
         self.absorb(line.as_bytes());
         if self.keep {
-            self.lines.push(line);
+            self.lines.push(line.clone());
         }
+        self.scratch = line;
     }
 
     pub fn datagram(&mut self, bytes: &[u8]) {
