@@ -212,6 +212,17 @@ fn run_shares(shares: Vec<NodeSteps>, window: Window, helper: Option<&mut Helper
 /// core.
 const LOOK_FOR_WORK: std::time::Duration = std::time::Duration::from_micros(300);
 
+/// A moment's wait in a loop begun at `since`: a spin at first (a
+/// system call to yield costs microseconds on a VM), then a yield, so a
+/// thread with work gets the core.
+fn pause(since: std::time::Instant) {
+    if since.elapsed() < std::time::Duration::from_micros(50) {
+        std::hint::spin_loop();
+    } else {
+        std::thread::yield_now();
+    }
+}
+
 /// What the main thread and the helper share: the window being run, and
 /// what the helper ran of it.
 #[derive(Default)]
@@ -272,6 +283,7 @@ impl Helper {
             }
         }
         // It is running its last node: wait for it without sleeping.
+        let waiting = std::time::Instant::now();
         while !self.handoff.finished.swap(false, Ordering::Acquire) {
             if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
                 // It panicked (a bug in the core): fail as one thread would.
@@ -280,7 +292,7 @@ impl Helper {
                     _ => panic!("the simulator's helper thread stopped"),
                 }
             }
-            std::thread::yield_now();
+            pause(waiting);
         }
         self.handoff.lock().result.take().unwrap_or_default()
     }
@@ -296,7 +308,7 @@ impl Handoff {
         loop {
             let looking = std::time::Instant::now();
             while !self.posted.load(Ordering::Acquire) && looking.elapsed() < LOOK_FOR_WORK {
-                std::thread::yield_now();
+                pause(looking);
             }
             let pool = {
                 let mut slot = self.lock();
