@@ -1090,35 +1090,11 @@ impl Router {
     fn settle(&mut self, now: Time) {
         // Links change state only on heartbeats and ticks (expiry, aging);
         // between those there is nothing to recompute.
-        let mut established = if std::mem::take(&mut self.links_changed) {
-            self.connections.established(now, self.dead_after())
-        } else {
-            self.connections_seen.clone()
-        };
-        established.truncate(crate::config::MAX_CONN_LIMIT);
-        // Both lists are ascending; the sets are built only on a change.
-        if established != self.connections_seen {
-            let before: BTreeSet<PeerName> = self.connections_seen.iter().copied().collect();
-            let after: BTreeSet<PeerName> = established.iter().copied().collect();
-            for peer in after.difference(&before) {
-                if let Some(link) = self.connections.link(*peer) {
-                    let address = link.address;
-                    self.events.push_back(Event::ConnectionUp {
-                        peer: *peer,
-                        address,
-                    });
-                }
-            }
-            for peer in before.difference(&after) {
-                self.events.push_back(Event::ConnectionDown { peer: *peer });
-            }
-            self.connections_seen = established;
-            // Announce connection changes at most once per gossip interval,
-            // stretched like heartbeats: a starting node gains its links
-            // one by one, and each announcement is a version of an entry
-            // of up to 100 names that every peer fetches.
-            if self.announce_at.is_none() {
-                self.announce_at = Some(now + self.config.gossip_interval.mul_f64(self.stretch()));
+        if std::mem::take(&mut self.links_changed) {
+            let mut established = self.connections.established(now, self.dead_after());
+            established.truncate(crate::config::MAX_CONN_LIMIT);
+            if established != self.connections_seen {
+                self.note_connections(now, established);
             }
         }
         // Work that costs O(peers) or more (routes, learnt addresses, the
@@ -1136,6 +1112,33 @@ impl Router {
             .refresh_next_attempt(self.config.conn_limit, self.reserve_open(now));
         if (!self.news.is_empty() || self.ipam.has_ring_news()) && self.next_gossip.is_none() {
             self.next_gossip = Some(now + self.config.gossip_interval);
+        }
+    }
+
+    /// Our established links changed to `established` (ascending): tell
+    /// the dataplane, and announce them soon.
+    fn note_connections(&mut self, now: Time, established: Vec<PeerName>) {
+        let before: BTreeSet<PeerName> = self.connections_seen.iter().copied().collect();
+        let after: BTreeSet<PeerName> = established.iter().copied().collect();
+        for peer in after.difference(&before) {
+            if let Some(link) = self.connections.link(*peer) {
+                let address = link.address;
+                self.events.push_back(Event::ConnectionUp {
+                    peer: *peer,
+                    address,
+                });
+            }
+        }
+        for peer in before.difference(&after) {
+            self.events.push_back(Event::ConnectionDown { peer: *peer });
+        }
+        self.connections_seen = established;
+        // Announce connection changes at most once per gossip interval,
+        // stretched like heartbeats: a starting node gains its links
+        // one by one, and each announcement is a version of an entry
+        // of up to 100 names that every peer fetches.
+        if self.announce_at.is_none() {
+            self.announce_at = Some(now + self.config.gossip_interval.mul_f64(self.stretch()));
         }
     }
 
