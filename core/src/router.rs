@@ -629,16 +629,12 @@ impl Router {
     }
 
     /// Whether `peer`'s connections going from `old` to `new` can change
-    /// any of our routes. A link between two peers equally far from us (or
-    /// both unreachable) lies on no shortest path, so it changes neither a
-    /// distance nor a next hop: in a big cluster most links are of that
-    /// kind, and recomputing every route for each would dominate the cost.
+    /// any of our routes. In a big cluster most link changes change none,
+    /// and recomputing every route for each would dominate the cost.
     fn links_matter(&self, peer: PeerName, old: &[PeerName], new: &[PeerName]) -> bool {
-        let changed = old
-            .iter()
-            .filter(|p| new.binary_search(p).is_err())
-            .chain(new.iter().filter(|p| old.binary_search(p).is_err()));
-        for &other in changed {
+        let lost = old.iter().filter(|p| new.binary_search(p).is_err());
+        let gained = new.iter().filter(|p| old.binary_search(p).is_err());
+        for (&other, is_new) in lost.map(|p| (p, false)).chain(gained.map(|p| (p, true))) {
             // Only mutual claims are links.
             let mutual = self
                 .topology
@@ -647,7 +643,7 @@ impl Router {
             if mutual
                 && (peer == self.me
                     || other == self.me
-                    || self.routes.hops(peer) != self.routes.hops(other))
+                    || self.routes.link_changes(peer, other, is_new))
             {
                 return true;
             }
