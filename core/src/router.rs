@@ -101,6 +101,9 @@ pub struct Router {
     routes_dirty: bool,
     /// The set of known peers changed since learnt addresses were synced.
     peers_dirty: bool,
+    /// A peer's connections changed: which peers have free slots (see
+    /// `note_open_peers`) may have, whether or not our routes did.
+    open_dirty: bool,
     topology: Topology,
     routes: Routes,
     connections: Connections,
@@ -205,6 +208,7 @@ impl Router {
             tokens: VecDeque::new(),
             routes_dirty: true,
             peers_dirty: true,
+            open_dirty: false,
             topology: Topology::new(own),
             routes: Routes::compute(me, &BTreeMap::new()),
             connections: Connections::default(),
@@ -617,6 +621,7 @@ impl Router {
                 self.news.insert(name, self.config.rumor_rounds);
                 self.routes_dirty |= connections_changed && routes_matter;
                 self.peers_dirty |= address_changed;
+                self.open_dirty |= connections_changed;
                 // Forwarding hands packets to next hops' addresses, and is
                 // rebuilt in the IPAM step.
                 self.ipam_dirty |= ipam_changed || address_changed;
@@ -1099,7 +1104,7 @@ impl Router {
         // thousands of entries a second. The interval grows with the
         // cluster, as each run costs more: 50 ms up to 100 peers, 500 ms
         // at 1,000.
-        let dirty = self.routes_dirty || self.ipam_dirty || self.peers_dirty;
+        let dirty = self.routes_dirty || self.ipam_dirty || self.peers_dirty || self.open_dirty;
         if dirty && self.housekeeping_at.is_none() {
             let scale = self.stretch().max(self.topology.len() as f64 / 100.0);
             self.housekeeping_at = Some(now + HOUSEKEEPING_DEBOUNCE.mul_f64(scale));
@@ -1155,6 +1160,7 @@ impl Router {
         if std::mem::take(&mut self.ipam_dirty) {
             self.step_ipam(now);
         }
+        self.open_dirty = false;
         self.note_open_peers();
     }
 
