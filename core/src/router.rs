@@ -576,13 +576,7 @@ impl Router {
             }
             return;
         }
-        if let Some((version, _)) = self.forgotten.get(&entry.name) {
-            if entry.version <= *version {
-                return;
-            }
-            self.forgotten.remove(&entry.name);
-        }
-        if self.ipam.ring().is_removed(entry.name) {
+        if !self.admits(entry.name, entry.version) {
             return;
         }
         let name = entry.name;
@@ -601,7 +595,45 @@ impl Router {
             old.connections == entry.connections
                 || self.links_matter(name, &old.connections, &entry.connections)
         });
-        match self.topology.merge(entry) {
+        let merge = self.topology.merge(entry);
+        self.took(now, name, merge, nickname, routes_matter);
+    }
+
+    /// Merges an announcement for a peer whose held connections it keeps
+    /// (most updates only change the IPAM part): in place, without copying
+    /// the list or hashing it again, millions of times while a big cluster
+    /// starts.
+    fn learn_announcement(&mut self, now: Time, announcement: Announcement) {
+        let name = announcement.name;
+        if !self.admits(name, announcement.version) {
+            return;
+        }
+        let merge = self.topology.merge_keeping_links(announcement);
+        self.took(now, name, merge, String::new(), false);
+    }
+
+    /// Whether an entry of `name` in `version` may be merged: not one of a
+    /// forgotten peer's old versions, nor of a peer removed from the ring.
+    fn admits(&mut self, name: PeerName, version: u64) -> bool {
+        if let Some((forgotten, _)) = self.forgotten.get(&name) {
+            if version <= *forgotten {
+                return false;
+            }
+            self.forgotten.remove(&name);
+        }
+        !self.ipam.ring().is_removed(name)
+    }
+
+    /// Does what a merge of `name`'s entry calls for.
+    fn took(
+        &mut self,
+        now: Time,
+        name: PeerName,
+        merge: Merge,
+        nickname: String,
+        routes_matter: bool,
+    ) {
+        match merge {
             Merge::New => {
                 self.events.push_back(Event::PeerDiscovered {
                     peer: name,
@@ -687,6 +719,11 @@ impl Router {
         for announcement in list {
             let held_links = self.topology.links_fingerprint(announcement.name);
             match self.topology.get(announcement.name) {
+                Some(_)
+                    if held_links == Some(announcement.links) && announcement.name != self.me =>
+                {
+                    self.learn_announcement(now, announcement);
+                }
                 Some(held) if held_links == Some(announcement.links) => {
                     let entry = announcement.with_connections(held.connections.clone());
                     self.learn(now, entry);

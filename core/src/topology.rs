@@ -8,6 +8,7 @@
 
 use crate::ipam::IpamInfo;
 use crate::peer::PeerName;
+use crate::wire::Announcement;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -159,6 +160,49 @@ impl Topology {
                 }
             }
             Some(_) => Merge::Unchanged,
+        }
+    }
+
+    /// Merges an announcement of a held peer whose connection list it
+    /// keeps (its `links` fingerprint equals the held one's), in place: the
+    /// same as merging the entry with the held list, without copying the
+    /// list or hashing it again.
+    pub fn merge_keeping_links(&mut self, announcement: Announcement) -> Merge {
+        let Some(stored) = self.entries.get_mut(&announcement.name) else {
+            return Merge::Unchanged;
+        };
+        let held = &stored.entry;
+        // The entries' order with equal lists (see `PeerEntry`'s fields).
+        let newer = (
+            announcement.version,
+            announcement.name,
+            &announcement.nickname,
+            announcement.address,
+            &announcement.ipam,
+        ) > (
+            held.version,
+            held.name,
+            &held.nickname,
+            held.address,
+            &held.ipam,
+        );
+        if stored.links != announcement.links || !newer {
+            return Merge::Unchanged;
+        }
+        let address_changed = held.address != announcement.address;
+        let ipam_changed = held.ipam != announcement.ipam;
+        let entry = &mut stored.entry;
+        entry.version = announcement.version;
+        entry.nickname = announcement.nickname;
+        entry.address = announcement.address;
+        entry.ipam = announcement.ipam;
+        let mixed = mix(entry.fingerprint_with(stored.links));
+        self.summary = self.summary.wrapping_sub(stored.mixed).wrapping_add(mixed);
+        stored.mixed = mixed;
+        Merge::Updated {
+            connections_changed: false,
+            address_changed,
+            ipam_changed,
         }
     }
 
@@ -345,6 +389,29 @@ mod tests {
             let bc: Vec<_> = merged(&[b, c].concat());
             let right = merged(&[a, bc].concat());
             prop_assert_eq!(left, right);
+        }
+
+        #[test]
+        fn merging_an_announcement_in_place_is_merging_its_entry(
+            es in proptest::collection::vec(arb_entry(), 0..12),
+            updates in proptest::collection::vec((arb_entry(), 0u8..3, 0u16..2), 0..12),
+        ) {
+            let (mut whole, mut in_place) = (Topology::new(entry(100, 1, &[])), Topology::new(entry(100, 1, &[])));
+            for e in &es {
+                whole.merge(e.clone());
+                in_place.merge(e.clone());
+            }
+            for (mut update, nickname, port) in updates {
+                let Some(held) = whole.get(update.name).cloned() else { continue };
+                // Announcements keep the held list; vary what they carry.
+                update.connections = held.connections.clone();
+                update.nickname = format!("n{nickname}");
+                update.address.set_port(6783 + port);
+                let announcement = Announcement::of(&update, held.links_fingerprint());
+                prop_assert_eq!(in_place.merge_keeping_links(announcement), whole.merge(update));
+                prop_assert_eq!(in_place.summary(), whole.summary());
+                prop_assert_eq!(in_place.entries().collect::<Vec<_>>(), whole.entries().collect::<Vec<_>>());
+            }
         }
 
         #[test]
