@@ -10,7 +10,8 @@ use crate::ipam::IpamInfo;
 use crate::peer::PeerName;
 use crate::wire::Announcement;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
 
 /// What one peer says about itself.
@@ -101,6 +102,12 @@ pub struct Topology {
     /// entries have the same summary, so a heartbeat can carry it and
     /// anti-entropy runs only where summaries differ.
     summary: u64,
+    /// Each entry's version, beside the ordered map: news and digests ask
+    /// for versions of up to 64 names a datagram, millions of times while
+    /// a big cluster starts, and a hash lookup in this small table is a
+    /// fraction of a walk down the map's big nodes (~10 % of a 1,000-node
+    /// start).
+    versions: HashMap<PeerName, u64, NameHashing>,
 }
 
 #[derive(Clone, Debug)]
@@ -128,6 +135,9 @@ impl Topology {
         let mut t = Topology {
             entries: BTreeMap::new(),
             summary: 0,
+            versions: HashMap::with_hasher(NameHashing {
+                key: mix(own.name.0),
+            }),
         };
         t.merge(own);
         t
@@ -139,6 +149,8 @@ impl Topology {
             None => {
                 let stored = Stored::of(entry);
                 self.summary = self.summary.wrapping_add(stored.mixed);
+                self.versions
+                    .insert(stored.entry.name, stored.entry.version);
                 self.entries.insert(stored.entry.name, stored);
                 Merge::New
             }
@@ -152,6 +164,7 @@ impl Topology {
                     .summary
                     .wrapping_sub(stored.mixed)
                     .wrapping_add(new.mixed);
+                self.versions.insert(new.entry.name, new.entry.version);
                 *stored = new;
                 Merge::Updated {
                     connections_changed,
@@ -199,6 +212,7 @@ impl Topology {
         let mixed = mix(entry.fingerprint_with(stored.links));
         self.summary = self.summary.wrapping_sub(stored.mixed).wrapping_add(mixed);
         stored.mixed = mixed;
+        self.versions.insert(entry.name, entry.version);
         Merge::Updated {
             connections_changed: false,
             address_changed,
@@ -209,6 +223,7 @@ impl Topology {
     /// Drops a peer's entry (a forgotten peer).
     pub fn remove(&mut self, name: PeerName) -> Option<PeerEntry> {
         let stored = self.entries.remove(&name)?;
+        self.versions.remove(&name);
         self.summary = self.summary.wrapping_sub(stored.mixed);
         Some(stored.entry)
     }
@@ -223,7 +238,7 @@ impl Topology {
     }
 
     pub fn version(&self, name: PeerName) -> Option<u64> {
-        self.get(name).map(|e| e.version)
+        self.versions.get(&name).copied()
     }
 
     pub fn entries(&self) -> impl Iterator<Item = &PeerEntry> + '_ {
@@ -255,6 +270,42 @@ impl Topology {
         self.entries
             .range(first..=last)
             .map(|(n, s)| (*n, s.entry.version))
+    }
+}
+
+/// Hashing of peer names for the versions table: one multiply and fold
+/// (names are random 64-bit values), keyed so that names chosen to collide
+/// in one node's table do not collide in another's. Lookups only; nothing
+/// iterates the table, so its order never shows.
+#[derive(Clone, Debug)]
+struct NameHashing {
+    key: u64,
+}
+
+impl BuildHasher for NameHashing {
+    type Hasher = NameHasher;
+    fn build_hasher(&self) -> NameHasher {
+        NameHasher(self.key)
+    }
+}
+
+struct NameHasher(u64);
+
+impl Hasher for NameHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn finish(&self) -> u64 {
+        // The table takes its bucket from the low bits: fold the high
+        // bits, where the multiply put the mixing, down onto them.
+        self.0 ^ (self.0 >> 32)
     }
 }
 
@@ -411,6 +462,11 @@ mod tests {
                 prop_assert_eq!(in_place.merge_keeping_links(announcement), whole.merge(update));
                 prop_assert_eq!(in_place.summary(), whole.summary());
                 prop_assert_eq!(in_place.entries().collect::<Vec<_>>(), whole.entries().collect::<Vec<_>>());
+                for t in [&whole, &in_place] {
+                    for e in t.entries() {
+                        prop_assert_eq!(t.version(e.name), Some(e.version));
+                    }
+                }
             }
         }
 
@@ -501,7 +557,9 @@ mod tests {
         let before = t.summary();
         t.merge(entry(1, 2, &[2]));
         assert_ne!(t.summary(), before);
+        assert_eq!(t.version(PeerName(1)), Some(2));
         t.remove(PeerName(1));
         assert_eq!(t.summary(), before);
+        assert_eq!(t.version(PeerName(1)), None);
     }
 }
