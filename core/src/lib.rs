@@ -48,6 +48,7 @@ pub mod config;
 pub mod connections;
 pub mod forward;
 pub mod ipam;
+mod name_map;
 pub mod peer;
 pub mod random;
 pub mod router;

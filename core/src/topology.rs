@@ -7,11 +7,11 @@
 //! associative, and nodes converge whatever order gossip arrives in.
 
 use crate::ipam::IpamInfo;
+use crate::name_map::{NameMap, name_map};
 use crate::peer::PeerName;
 use crate::wire::Announcement;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasher, Hasher};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 /// What one peer says about itself.
@@ -107,7 +107,7 @@ pub struct Topology {
     /// a big cluster starts, and a hash lookup in this small table is a
     /// fraction of a walk down the map's big nodes (~10 % of a 1,000-node
     /// start).
-    versions: HashMap<PeerName, u64, NameHashing>,
+    versions: NameMap<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -135,9 +135,7 @@ impl Topology {
         let mut t = Topology {
             entries: BTreeMap::new(),
             summary: 0,
-            versions: HashMap::with_hasher(NameHashing {
-                key: mix(own.name.0),
-            }),
+            versions: name_map(mix(own.name.0)),
         };
         t.merge(own);
         t
@@ -270,42 +268,6 @@ impl Topology {
         self.entries
             .range(first..=last)
             .map(|(n, s)| (*n, s.entry.version))
-    }
-}
-
-/// Hashing of peer names for the versions table: one multiply and fold
-/// (names are random 64-bit values), keyed so that names chosen to collide
-/// in one node's table do not collide in another's. Lookups only; nothing
-/// iterates the table, so its order never shows.
-#[derive(Clone, Debug)]
-struct NameHashing {
-    key: u64,
-}
-
-impl BuildHasher for NameHashing {
-    type Hasher = NameHasher;
-    fn build_hasher(&self) -> NameHasher {
-        NameHasher(self.key)
-    }
-}
-
-struct NameHasher(u64);
-
-impl Hasher for NameHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.write_u64(u64::from(*b));
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-
-    fn finish(&self) -> u64 {
-        // The table takes its bucket from the low bits: fold the high
-        // bits, where the multiply put the mixing, down onto them.
-        self.0 ^ (self.0 >> 32)
     }
 }
 
