@@ -587,21 +587,17 @@ impl<'a> Sim<'a> {
                 peer,
                 next_hop: None,
             } => write!(out, "route {} unreachable", nick(peer)),
-            Event::Prefix { prefix, forward } => match forward {
-                None => write!(out, "prefix {prefix} withdrawn"),
-                Some(weft_core::forward::Forward::Local) => write!(out, "prefix {prefix} local"),
-                Some(weft_core::forward::Forward::Unreachable) => {
-                    write!(out, "prefix {prefix} unreachable")
+            Event::Prefix { prefix, forward } => {
+                let _ = write!(out, "prefix {prefix} ");
+                match forward {
+                    None => write!(out, "withdrawn"),
+                    Some(weft_core::forward::Forward::Local) => write!(out, "local"),
+                    Some(weft_core::forward::Forward::Unreachable) => write!(out, "unreachable"),
+                    Some(weft_core::forward::Forward::Peer {
+                        owner, next_hop, ..
+                    }) => write!(out, "owner {} via {}", nick(owner), nick(next_hop)),
                 }
-                Some(weft_core::forward::Forward::Peer {
-                    owner, next_hop, ..
-                }) => write!(
-                    out,
-                    "prefix {prefix} owner {} via {}",
-                    nick(owner),
-                    nick(next_hop)
-                ),
-            },
+            }
             Event::Ipam(IpamEvent::Allocated { container, address }) => {
                 write!(out, "allocated {address} to {container}")
             }

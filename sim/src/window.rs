@@ -208,8 +208,8 @@ fn run_shares(shares: Vec<NodeSteps>, window: Window, helper: Option<&mut Helper
 /// sleeps. A starting 1,000-node cluster runs a window every few hundred
 /// microseconds, and waking a sleeping thread takes about as long (more
 /// on a busy VM): the helper then took little of each window's work.
-/// It yields while it looks, so another thread that has work gets the
-/// core.
+/// It looks as `pause` waits (a short spin, then yields), so another
+/// thread that has work gets the core.
 const LOOK_FOR_WORK: std::time::Duration = std::time::Duration::from_micros(300);
 
 /// A moment's wait in a loop begun at `since`: a spin at first (a
