@@ -375,12 +375,10 @@ impl Routes {
     /// links by the thousand, and four in five of the route computations
     /// they caused changed nothing.
     pub fn link_changes(&self, a: PeerName, b: PeerName, new: bool) -> bool {
-        let (Some(ha), Some(hb)) = (self.hops(a), self.hops(b)) else {
-            return self.hops(a) != self.hops(b);
+        let (ha, hb) = match (self.hops(a), self.hops(b)) {
+            (Some(ha), Some(hb)) if ha != hb => (ha, hb),
+            (ha, hb) => return ha != hb,
         };
-        if ha == hb {
-            return false;
-        }
         if !new || ha.abs_diff(hb) > 1 {
             return true;
         }

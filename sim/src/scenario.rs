@@ -390,8 +390,18 @@ impl Validator<'_> {
         }
         let mut pods = BTreeSet::new();
         let mut events = Vec::new();
+        let mut pods_added = 0usize;
         for e in &raw.events {
             let event = self.event(e, &names, &mut pods)?;
+            if let Action::AddPod { pods: list, .. } = &event.action {
+                pods_added += list.len();
+                if pods_added > MAX_POD_ADDS {
+                    return Err(self.src.error(
+                        e.get_ref().action.span(),
+                        format!("the scenario adds more than {MAX_POD_ADDS} pods in all"),
+                    ));
+                }
+            }
             if event.at > duration {
                 return Err(self.src.error(
                     e.get_ref().at.span(),
@@ -521,6 +531,12 @@ impl Validator<'_> {
                     None => vec![base],
                     Some(c) if *c.get_ref() == 0 => {
                         return Err(self.src.error(c.span(), "count must be at least 1"));
+                    }
+                    Some(c) if *c.get_ref() > MAX_POD_COUNT => {
+                        return Err(self.src.error(
+                            c.span(),
+                            format!("count {} is more than the {MAX_POD_COUNT} pods one add_pod may add", c.get_ref()),
+                        ));
                     }
                     Some(c) => (1..=*c.get_ref()).map(|i| format!("{base}-{i}")).collect(),
                 };
@@ -756,6 +772,12 @@ fn default_latency() -> Latency {
     }
 }
 
+/// The most pods one `add_pod` may add with `count`, and all `add_pod`s
+/// together: far beyond any cluster the simulator runs, and a file that
+/// asks for billions gets an error, not an out-of-memory abort.
+const MAX_POD_COUNT: u32 = 100_000;
+const MAX_POD_ADDS: usize = 1_000_000;
+
 /// "250ms", "5s", "1.5s", "2m", "1h".
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
@@ -901,6 +923,115 @@ expect = "converged"
             }
         );
     }
+
+    #[test]
+    fn a_file_asking_for_billions_of_pods_gets_an_error() {
+        let add = |pod: &str, count: u64| {
+            format!(
+                "\n[[events]]\nat = \"1s\"\ndo = \"add_pod\"\nnode = \"node1\"\npod = \"{pod}\"\ncount = {count}\n"
+            )
+        };
+        assert!(
+            err(&add("web", 4_000_000_000))
+                .contains("count 4000000000 is more than the 100000 pods one add_pod may add")
+        );
+        let eleven: String = (0..11).map(|i| add(&format!("p{i}"), 100_000)).collect();
+        let e = err(&eleven);
+        assert!(
+            e.contains("the scenario adds more than 1000000 pods in all"),
+            "{e}"
+        );
+        let ten: String = (0..10).map(|i| add(&format!("p{i}"), 100_000)).collect();
+        assert!(parse("t.toml", &format!("{MINIMAL}{ten}")).is_ok());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// A scenario file is untrusted input: whatever a cut, a stray
+        /// character or a changed value makes of a valid one, parsing
+        /// answers with a scenario or an error, never a panic.
+        #[test]
+        fn mangled_files_are_errors_not_panics(
+            cut in proptest::prelude::any::<proptest::sample::Index>(),
+            len in 0usize..24,
+            insert in "[\\[\\]=\"a-z0-9.,_ \n#{}-]{0,8}",
+        ) {
+            let text = format!("{MINIMAL}{LIBRARY_LIKE}");
+            let cut = cut.index(text.len());
+            let end = (cut + len).min(text.len());
+            if text.is_char_boundary(cut) && text.is_char_boundary(end) {
+                let mangled = format!("{}{insert}{}", &text[..cut], &text[end..]);
+                let _ = parse("t.toml", &mangled);
+            }
+        }
+    }
+
+    #[test]
+    fn the_mangling_starts_from_a_valid_file() {
+        let s = parse("t.toml", &format!("{MINIMAL}{LIBRARY_LIKE}")).unwrap();
+        assert_eq!((s.events.len(), s.checks.len()), (8, 2));
+    }
+
+    /// Every kind of event and check once, for the mangling above to cut.
+    const LIBRARY_LIKE: &str = r#"
+[network]
+latency = "1ms..5ms"
+loss = 0.1
+
+[[events]]
+at = "1s"
+do = "add_pod"
+node = "node1"
+pod = "web"
+count = 3
+
+[[events]]
+at = "2s"
+do = "partition"
+groups = [["node1"], ["node2"]]
+
+[[events]]
+at = "3s"
+do = "cut"
+a = "node1"
+b = "node2"
+
+[[events]]
+at = "4s"
+do = "loss"
+rate = 0.3
+nodes = ["node1"]
+
+[[events]]
+at = "5s"
+do = "latency"
+value = "10ms"
+
+[[events]]
+at = "6s"
+do = "heal"
+
+[[events]]
+at = "7s"
+do = "del_pod"
+pod = "web-1"
+
+[[events]]
+at = "8s"
+do = "crash"
+nodes = ["node2"]
+
+[[checks]]
+at = "end"
+expect = "reachable"
+from = "web-2"
+to = "web-3"
+
+[[checks]]
+at = "9s"
+expect = "converged"
+"#;
 
     #[test]
     fn durations_take_units() {
