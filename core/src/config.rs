@@ -100,17 +100,34 @@ impl Config {
         if self.retry_base.is_zero() || self.retry_max < self.retry_base {
             return Err(ConfigError::Retry);
         }
-        if self.secret.as_ref().is_some_and(|s| s.is_empty()) {
-            return Err(ConfigError::EmptySecret);
+        if let Some(secret) = &self.secret {
+            check_secret(secret)?;
         }
-        if self.ipalloc_range.prefix_len() > 30 {
-            return Err(ConfigError::RangeTooSmall(self.ipalloc_range));
-        }
+        check_ipalloc_range(self.ipalloc_range)?;
         if self.ipam == IpamMode::Ring(IpamInit::Consensus(Some(0))) {
             return Err(ConfigError::ZeroConsensus);
         }
         Ok(())
     }
+}
+
+/// A shared secret the router accepts: not empty (an empty one would
+/// look like encryption and be none).
+pub fn check_secret(secret: &[u8]) -> Result<(), ConfigError> {
+    if secret.is_empty() {
+        return Err(ConfigError::EmptySecret);
+    }
+    Ok(())
+}
+
+/// An allocation range the router accepts: a /30 or larger, so that it
+/// holds addresses to hand out once the network and broadcast addresses
+/// are kept back.
+pub fn check_ipalloc_range(range: Ipv4Net) -> Result<(), ConfigError> {
+    if range.prefix_len() > 30 {
+        return Err(ConfigError::RangeTooSmall(range));
+    }
+    Ok(())
 }
 
 /// A configuration the router refuses, with what to change.

@@ -181,7 +181,7 @@ struct File {
     duration: Spanned<String>,
     ipam: Option<Spanned<String>>,
     ipalloc_range: Option<Spanned<String>>,
-    secret: Option<String>,
+    secret: Option<Spanned<String>>,
     network: Option<NetworkSpec>,
     #[serde(default)]
     nodes: Vec<Spanned<NodeSpec>>,
@@ -206,7 +206,7 @@ struct NodeSpec {
     pod_cidr: Option<Spanned<String>>,
     start: Option<bool>,
     peers: Option<Vec<Spanned<String>>>,
-    secret: Option<String>,
+    secret: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -307,8 +307,14 @@ impl Validator<'_> {
             None => weft_core::config::DEFAULT_IPALLOC_RANGE
                 .parse()
                 .expect("valid default"),
-            Some(s) => self.cidr(s)?,
+            Some(s) => {
+                let range = self.cidr(s)?;
+                weft_core::config::check_ipalloc_range(range)
+                    .map_err(|e| self.src.error(s.span(), e.to_string()))?;
+                range
+            }
         };
+        let secret = raw.secret.as_ref().map(|s| self.secret(s)).transpose()?;
         let (latency, loss) = match &raw.network {
             None => (default_latency(), 0.0),
             Some(n) => (
@@ -385,7 +391,7 @@ impl Validator<'_> {
                 pod_cidr,
                 start: n.start.unwrap_or(true),
                 peers,
-                secret: n.secret.clone(),
+                secret: n.secret.as_ref().map(|s| self.secret(s)).transpose()?,
             });
         }
         let mut pods = BTreeSet::new();
@@ -423,7 +429,7 @@ impl Validator<'_> {
             duration,
             ipam,
             ipalloc_range,
-            secret: raw.secret,
+            secret,
             latency,
             loss,
             nodes,
@@ -749,6 +755,12 @@ impl Validator<'_> {
         }
     }
 
+    fn secret(&self, s: &Spanned<String>) -> Result<String, ScenarioError> {
+        weft_core::config::check_secret(s.get_ref().as_bytes())
+            .map_err(|e| self.src.error(s.span(), e.to_string()))?;
+        Ok(s.get_ref().clone())
+    }
+
     fn cidr(&self, s: &Spanned<String>) -> Result<Ipv4Net, ScenarioError> {
         s.get_ref()
             .parse::<Ipv4Net>()
@@ -907,6 +919,19 @@ expect = "converged"
         assert!(
             err("\n[[events]]\nat = \"20s\"\ndo = \"heal\"\n")
                 .contains("after the end of the scenario")
+        );
+        assert_eq!(
+            parse(
+                "t.toml",
+                &MINIMAL.replace("duration", "ipalloc_range = \"10.0.0.0/31\"\nduration")
+            )
+            .unwrap_err()
+            .to_string(),
+            "t.toml:3:17: allocation range 10.0.0.0/31 is too small: use a /30 or larger"
+        );
+        assert!(
+            err("\n[[nodes]]\nname = \"node3\"\naddress = \"192.168.1.13\"\nsecret = \"\"\n")
+                .starts_with("t.toml:16:10: the shared secret is empty")
         );
         let bad_toml = parse("t.toml", "name = \"x\"\nduration = \n").unwrap_err();
         assert_eq!((bad_toml.line, bad_toml.column), (2, 12), "{bad_toml}");
