@@ -50,7 +50,8 @@ enum Command {
         /// Seed (default: the scenario's `seed`, else 1).
         #[arg(long, conflicts_with = "seeds")]
         seed: Option<u64>,
-        /// A range of seeds, A..B (B excluded); stops at the first failure.
+        /// A range of seeds, A..B (B excluded); stops at the first failure
+        /// and writes the files asked for (--trace ...) for that seed.
         #[arg(long, value_parser = parse_seeds)]
         seeds: Option<(u64, u64)>,
         /// Write the trace (one line per event) to FILE.
@@ -168,6 +169,14 @@ struct Run {
 
 impl Run {
     fn once(&self, seed: u64) -> ExitCode {
+        // A run may take minutes: learn before it, not after, that an
+        // output cannot be written.
+        for path in [&self.trace, &self.json, &self.html].into_iter().flatten() {
+            if let Err(e) = std::fs::File::create(path) {
+                eprintln!("weft-sim: cannot write {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        }
         let capture = match self
             .pcap
             .as_deref()
@@ -249,6 +258,11 @@ impl Run {
             let _ = std::io::stderr().flush();
             if !report.passed {
                 eprintln!();
+                if self.writes_files() {
+                    // Runs replay exactly: run the failing seed again,
+                    // writing the files asked for.
+                    return self.once(seed);
+                }
                 print!("{}", report.text());
                 self.explain_failure(seed);
                 return ExitCode::from(1);
@@ -259,7 +273,17 @@ impl Run {
             "{}: all {total} seeds passed ({first}..{end})",
             self.scenario.name
         );
+        if self.writes_files() {
+            println!("  no files written: a sweep writes them for a failing seed only");
+        }
         ExitCode::SUCCESS
+    }
+
+    /// Whether --trace, --pcap, --json or --report was given.
+    fn writes_files(&self) -> bool {
+        [&self.trace, &self.pcap, &self.json, &self.html]
+            .iter()
+            .any(|p| p.is_some())
     }
 
     fn explain_failure(&self, seed: u64) {

@@ -5,6 +5,7 @@
 use ipnet::Ipv4Net;
 use serde::Deserialize;
 use std::collections::BTreeSet;
+use std::io::Read;
 use std::net::Ipv4Addr;
 use std::ops::Range;
 use std::path::Path;
@@ -264,14 +265,28 @@ impl Source<'_> {
 /// Reads and validates a scenario file.
 pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ScenarioError {
+    let unreadable = |message: String| ScenarioError {
         file: file.clone(),
         line: 1,
         column: 1,
-        message: format!("cannot read the file: {e}"),
-    })?;
+        message,
+    };
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_string(&mut text))
+        .map_err(|e| unreadable(format!("cannot read the file: {e}")))?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(unreadable(format!(
+            "the file is larger than {} MiB: a scenario is a page of TOML",
+            MAX_FILE_BYTES >> 20
+        )));
+    }
     parse(&file, &text)
 }
+
+/// The largest scenario file read (a 1,000-node one is ~100 KB); a device
+/// or a mistaken path to a huge file gets an error, not an endless read.
+const MAX_FILE_BYTES: u64 = 16 << 20;
 
 /// Parses and validates scenario text; `file` names it in messages.
 pub fn parse(file: &str, text: &str) -> Result<Scenario, ScenarioError> {

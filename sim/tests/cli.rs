@@ -51,6 +51,32 @@ fn a_malformed_file_exits_2_with_file_line_and_column() {
 }
 
 #[test]
+fn an_unwritable_output_exits_2_before_the_run() {
+    let (code, out) = weft_sim(&[
+        "run",
+        "../scenarios/three-nodes.toml",
+        "--trace",
+        "/nonexistent/dir/trace.txt",
+    ]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("weft-sim: cannot write /nonexistent/dir/trace.txt"),
+        "{out}"
+    );
+    assert!(!out.contains("PASS"), "the run went ahead: {out}");
+}
+
+#[test]
+fn a_file_that_never_ends_is_an_error_not_an_endless_read() {
+    let (code, out) = weft_sim(&["check", "/dev/zero"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("/dev/zero:1:1: the file is larger than 16 MiB"),
+        "{out}"
+    );
+}
+
+#[test]
 fn a_bad_command_line_exits_2() {
     let (code, _) = weft_sim(&["run", "../scenarios/relay.toml", "--seeds", "9..3"]);
     assert_eq!(code, 2);
@@ -86,6 +112,36 @@ fn a_seed_sweep_stops_at_the_first_failure() {
     let (code, out) = weft_sim(&["run", "../scenarios/relay.toml", "--seeds", "1..4"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("all 3 seeds passed"), "{out}");
+}
+
+#[test]
+fn a_seed_sweep_writes_the_trace_of_the_failing_seed() {
+    let dir = std::env::temp_dir().join(format!("weft-sim-sweep-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (swept, replayed) = (dir.join("swept.txt"), dir.join("replayed.txt"));
+    let (code, out) = weft_sim(&[
+        "run",
+        "tests/fixtures/must-fail.toml",
+        "--seeds",
+        "3..6",
+        "--trace",
+        swept.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("FAILED with seed 3"), "{out}");
+    let (code, out) = weft_sim(&[
+        "run",
+        "tests/fixtures/must-fail.toml",
+        "--seed",
+        "3",
+        "--trace",
+        replayed.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{out}");
+    let swept = std::fs::read(&swept).unwrap();
+    assert!(!swept.is_empty());
+    assert_eq!(swept, std::fs::read(&replayed).unwrap());
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
