@@ -1,6 +1,6 @@
 //! The command line contract: exit codes and what a person sees.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn weft_sim(args: &[&str]) -> (i32, String) {
@@ -12,6 +12,13 @@ fn weft_sim(args: &[&str]) -> (i32, String) {
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     (out.status.code().unwrap_or(-1), text)
+}
+
+/// A fresh directory for one test's output files.
+fn scratch(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("weft-sim-{test}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 #[test]
@@ -116,38 +123,26 @@ fn a_seed_sweep_stops_at_the_first_failure() {
 
 #[test]
 fn a_seed_sweep_writes_the_trace_of_the_failing_seed() {
-    let dir = std::env::temp_dir().join(format!("weft-sim-sweep-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (swept, replayed) = (dir.join("swept.txt"), dir.join("replayed.txt"));
-    let (code, out) = weft_sim(&[
-        "run",
-        "tests/fixtures/must-fail.toml",
-        "--seeds",
-        "3..6",
-        "--trace",
-        swept.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 1, "{out}");
-    assert!(out.contains("FAILED with seed 3"), "{out}");
-    let (code, out) = weft_sim(&[
-        "run",
-        "tests/fixtures/must-fail.toml",
-        "--seed",
-        "3",
-        "--trace",
-        replayed.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 1, "{out}");
-    let swept = std::fs::read(&swept).unwrap();
+    let dir = scratch("sweep");
+    let trace = |seeds: &[&str], file: &str| {
+        let path = dir.join(file);
+        let mut args = vec!["run", "tests/fixtures/must-fail.toml"];
+        args.extend_from_slice(seeds);
+        args.extend(["--trace", path.to_str().unwrap()]);
+        let (code, out) = weft_sim(&args);
+        assert_eq!(code, 1, "{out}");
+        assert!(out.contains("FAILED with seed 3"), "{out}");
+        std::fs::read(&path).unwrap()
+    };
+    let swept = trace(&["--seeds", "3..6"], "swept.txt");
     assert!(!swept.is_empty());
-    assert_eq!(swept, std::fs::read(&replayed).unwrap());
-    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(swept, trace(&["--seed", "3"], "replayed.txt"));
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn trace_and_json_files_are_written() {
-    let dir = std::env::temp_dir().join(format!("weft-sim-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("outputs");
     let (trace, json) = (dir.join("t.txt"), dir.join("r.json"));
     let (code, out) = weft_sim(&[
         "run",
