@@ -101,6 +101,19 @@ attach_pod() {
         "$result" >"$LAB/n$i/pod-$p.ip"
 }
 
+# Removes pod p from node i as a container runtime does: weft-cni DEL,
+# then the pod's namespace goes.
+detach_pod() {
+    local i=$1 p=$2 pns
+    pns=$(pod_ns "$i" "$p")
+    echo "{\"cniVersion\":\"1.0.0\",\"name\":\"weft\",\"type\":\"weft-cni\",\"socket\":\"$LAB/n$i/weft.sock\"}" |
+        ip netns exec "$(node_ns "$i")" env CNI_COMMAND=DEL CNI_CONTAINERID="pod-$i-$p" \
+            CNI_NETNS="/var/run/netns/$pns" CNI_IFNAME=eth0 CNI_PATH="$(dirname "$CNI_BIN")" "$CNI_BIN" ||
+        { log "weft-cni DEL pod-$i-$p failed"; return 1; }
+    ip netns del "$pns"
+    rm -f "$LAB/n$i/pod-$p.ip"
+}
+
 # The address node i's agent holds for pod p.
 held_address() {
     api "$1" "{\"op\":\"check\",\"container_id\":\"pod-$1-$2/eth0\"}" |
@@ -228,6 +241,39 @@ heal_link() {
     ip netns exec "$(node_ns "$2")" ip route del blackhole "$(node_ip "$1")/32"
 }
 
+# The default gateway pod p of node i routes through.
+pod_gateway() {
+    ip -n "$(pod_ns "$1" "$2")" route show default | awk '{print $3}'
+}
+
+restart_agent() { # restart_agent I N SIGNAL
+    local old
+    old=$(cat "$LAB/n$1/agent.pid")
+    kill -"$3" "$old"
+    # Restarted once the old process is gone (it holds the UDP port).
+    wait "$old" 2>/dev/null || true
+    start_agent "$1" "$2"
+}
+
+# After a restart, node i's bridge still holds the gateway its pods route
+# through, they reach it and the outside (masquerade) through it, and a
+# new pod does not get it.
+gateway_kept() { # gateway_kept I GATEWAY HOW
+    local i=$1 gateway=$2 how=$3 new=$((PODS_PER_NODE + 1)) got
+    eventually "after $how node$i's bridge keeps the gateway $gateway" \
+        sh -c "ip -n $(node_ns "$i") -br addr show weft | grep -q ' $gateway/'" || return 1
+    eventually "after $how pod-$i-1 reaches its gateway $gateway" \
+        ip netns exec "$(pod_ns "$i" 1)" ping -q -c1 -W2 "$gateway" >/dev/null || return 1
+    eventually "after $how pod-$i-1 reaches an address outside the cluster (masquerade)" \
+        ip netns exec "$(pod_ns "$i" 1)" ping -q -c1 -W2 203.0.113.2 >/dev/null || return 1
+    attach_pod "$i" "$new" || return 1
+    got=$(cat "$LAB/n$i/pod-$new.ip")
+    [ "$got" != "$gateway" ] ||
+        { log "FAIL: after $how a new pod got the gateway's address $gateway"; return 1; }
+    log "ok: after $how a new pod got $got, not the gateway $gateway"
+    detach_pod "$i" "$new"
+}
+
 # On failure, the agents' last words, then a clean slate.
 finish() {
     local status=$?
@@ -256,12 +302,12 @@ test_lab() {
     eventually "with node1-node2 cut, traffic goes through node3" all_pods_reach_all "$n"
     heal_link 1 2
 
-    local old
-    old=$(cat "$LAB/n1/agent.pid")
-    kill -9 "$old"
-    # Restarted once the old process is gone (it holds the UDP port).
-    wait "$old" 2>/dev/null || true
-    start_agent 1 "$n"
+    local gateway
+    gateway=$(pod_gateway 1 1)
+    restart_agent 1 "$n" TERM
+    gateway_kept 1 "$gateway" "SIGTERM" || return 1
+    restart_agent 1 "$n" KILL
+    gateway_kept 1 "$gateway" "kill -9" || return 1
     for p in $(seq 1 "$PODS_PER_NODE"); do
         local held
         held=$(held_address 1 "$p")

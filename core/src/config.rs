@@ -160,6 +160,8 @@ pub enum ConfigError {
          use --ipalloc-range {saved}, or remove the data directory to start this node afresh with the new range"
     )]
     RangeChanged { saved: Ipv4Net, configured: Ipv4Net },
+    #[error("the saved state breaks the IPAM ring's rules: {0}")]
+    InvalidState(crate::ipam::saved::StateError),
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use crate::kernel::{KernelSync, Overlay};
 use crate::metrics::Metrics;
 use crate::settings::{Datapath, IpamKind, RouterArgs};
 use crate::sleeve::{ControlSocket, Sleeve, Tun};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use serde::Serialize;
 use std::io;
 use std::rc::Rc;
@@ -52,7 +52,7 @@ pub enum StartError {
     #[error(transparent)]
     Settings(#[from] crate::settings::SettingsError),
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] StoreError),
     #[error("cannot start the router: {0}")]
     Router(weft_core::ConfigError),
     #[error("cannot listen on UDP {addr}: {source}")]
@@ -171,8 +171,15 @@ async fn run_async(mut args: RouterArgs) -> Result<(), StartError> {
     let saved = store.load()?;
     let restored = saved.is_some();
     let epoch = tokio::time::Instant::now();
-    let mut router =
-        Router::new(config, saved, os_seed()?, Time::ZERO).map_err(StartError::Router)?;
+    let mut router = Router::new(config, saved, os_seed()?, Time::ZERO).map_err(|e| match e {
+        // The file is at fault, not the flags: say which file, as for a
+        // file that does not parse.
+        weft_core::ConfigError::InvalidState(reason) => StartError::Store(StoreError::Corrupt {
+            file: store.state_file(),
+            reason: reason.to_string(),
+        }),
+        other => StartError::Router(other),
+    })?;
     for peer in &peers {
         router.add_peer_address(Time::ZERO, *peer);
     }

@@ -239,6 +239,58 @@ fn a_corrupt_state_file_stops_the_start_and_is_left_alone() {
 }
 
 #[test]
+fn a_saved_state_that_breaks_the_ring_rules_is_refused_by_entry_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path());
+    agent.allocate("c1");
+    agent.kill9();
+    let state = dir.path().join("data/state.json");
+    let mut saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    saved["ipam"]["allocations"]["by_container"]["c1"] = "8.8.8.8".into();
+    let edited = serde_json::to_vec_pretty(&saved).unwrap();
+    std::fs::write(&state, &edited).unwrap();
+    let (ok, stderr) = agent_output(spawn(dir.path(), &[]));
+    assert!(!ok, "served 8.8.8.8 from an edited state file");
+    assert!(
+        stderr.contains("state.json")
+            && stderr.contains("allocation \"c1\" -> 8.8.8.8 is outside 10.32.0.0/12")
+            && stderr.contains("left untouched"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&state).unwrap(), edited);
+}
+
+#[test]
+fn the_gateway_survives_sigterm_and_kill_9_and_is_never_handed_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path());
+    let gateway = |agent: &Agent, container: &str| {
+        let a = agent.api(serde_json::json!({"op": "allocate", "container_id": container}));
+        assert_eq!(a["ok"], true, "{a}");
+        (a["address"].as_str().unwrap().to_string(), a["gateway"].clone())
+    };
+    let (first, before) = gateway(&agent, "c1");
+    let mut given = vec![first, gateway(&agent, "c2").0];
+    let pid = nix::unistd::Pid::from_raw(agent.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(agent_output(agent).0);
+    let agent = Agent::start(dir.path());
+    let (third, after_term) = gateway(&agent, "c3");
+    given.push(third);
+    agent.kill9();
+    let agent = Agent::start(dir.path());
+    let (fourth, after_kill) = gateway(&agent, "c4");
+    given.push(fourth);
+    assert_eq!((&after_term, &after_kill), (&before, &before));
+    let gateway = before.as_str().unwrap().split('/').next().unwrap();
+    assert!(
+        given.iter().all(|a| a.split('/').next() != Some(gateway)),
+        "the gateway {gateway} went to a pod: {given:?}"
+    );
+}
+
+#[test]
 fn two_agents_cannot_share_a_data_directory() {
     let dir = tempfile::tempdir().unwrap();
     let _first = Agent::start(dir.path());

@@ -117,12 +117,22 @@ pub fn agreement(sim: &Sim) -> f64 {
 
 /// No address held by two pods; no address owned by two running peers.
 pub fn unique_ips(sim: &Sim) -> Result<String, String> {
-    let mut holders: BTreeMap<Ipv4Addr, &str> = BTreeMap::new();
-    for (pod, p) in &sim.pods {
-        if let Some(a) = p.address
-            && let Some(other) = holders.insert(a, pod)
-        {
-            return Err(format!("{a} is held by both {other} and {pod}"));
+    let mut holders: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+    // A node's gateway is held as a pod's address is (while the node is
+    // down too: its bridge keeps the address).
+    let gateways = sim
+        .gateways
+        .iter()
+        .zip(&sim.nodes)
+        .filter(|(_, n)| !n.removed)
+        .filter_map(|(g, n)| Some((g.as_ref()?, format!("{}'s gateway", n.name))));
+    let pods = sim
+        .pods
+        .iter()
+        .filter_map(|(pod, p)| Some((p.address.as_ref()?, pod.clone())));
+    for (a, holder) in gateways.chain(pods) {
+        if let Some(other) = holders.insert(*a, holder.clone()) {
+            return Err(format!("{a} is held by both {other} and {holder}"));
         }
     }
     let mut owned: Vec<(u32, u32, usize)> = sim

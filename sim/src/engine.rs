@@ -197,13 +197,26 @@ impl Outputs {
     }
 }
 
-/// A node's ring summary and own blocks, read when the summary changed.
-pub(crate) type RingChange = (u64, Vec<ipnet::Ipv4Net>);
+/// What the invariants watch of a node: its ring summary, its own blocks
+/// and its gateway, read again when the summary or the gateway changed.
+#[derive(Clone, Debug)]
+pub(crate) struct Holding {
+    pub summary: u64,
+    pub blocks: Vec<ipnet::Ipv4Net>,
+    pub gateway: Option<Ipv4Addr>,
+}
 
-/// The node's ring summary and own blocks if the summary is not `known`.
-pub(crate) fn ring_change(known: Option<u64>, router: &Router) -> Option<RingChange> {
-    let summary = router.ipam().ring_summary();
-    (known != Some(summary)).then(|| (summary, router.ipam().own_blocks()))
+/// The ring summary and gateway the simulator last read from a node.
+pub(crate) type Known = (Option<u64>, Option<Ipv4Addr>);
+
+/// The node's holding, if its ring summary or gateway is not `known`.
+pub(crate) fn holding_change(known: Known, router: &Router) -> Option<Holding> {
+    let (summary, gateway) = (router.ipam().ring_summary(), router.gateway());
+    (known != (Some(summary), gateway)).then(|| Holding {
+        summary,
+        blocks: router.ipam().own_blocks(),
+        gateway,
+    })
 }
 
 impl Queue {
@@ -267,6 +280,10 @@ pub struct Sim<'a> {
     pub last_disruption: Time,
     /// First violation of address uniqueness, if any.
     pub uniqueness_violation: Option<(Time, String)>,
+    /// Each node's gateway as last read, kept while it is down.
+    pub gateways: Vec<Option<Ipv4Addr>>,
+    /// First gateway that moved while its node kept its space, if any.
+    pub gateway_violation: Option<(Time, String)>,
     /// Each running node's own blocks, and the ring summary they were
     /// read at (re-read only when the ring changed).
     pub owned: Vec<(Option<u64>, Vec<ipnet::Ipv4Net>)>,
@@ -328,6 +345,8 @@ impl<'a> Sim<'a> {
             outcomes: Vec::new(),
             last_disruption: Time::ZERO,
             uniqueness_violation: None,
+            gateways: vec![None; scenario.nodes.len()],
+            gateway_violation: None,
             owned: vec![(None, Vec::new()); scenario.nodes.len()],
             unique_dirty: false,
             names: BTreeMap::new(),
@@ -477,26 +496,32 @@ impl<'a> Sim<'a> {
         let mut router = weft_driver::lock(&shared);
         let result = f(&mut router, now);
         let outputs = Outputs::drain(&mut router);
-        let ring = ring_change(self.owned[i].0, &router);
+        let holding = holding_change(self.known(i), &router);
         drop(router);
-        self.act_on(i, outputs.transmits, outputs.events, ring);
+        self.act_on(i, outputs.transmits, outputs.events, holding);
         self.arm_timer(i, outputs.timeout.map(|at| at.max(now)));
         Some(result)
     }
 
+    /// The ring summary and gateway last read from node `i`.
+    pub(crate) fn known(&self, i: usize) -> Known {
+        (self.owned[i].0, self.gateways[i])
+    }
+
     /// Sends what node `i` transmitted, acts on its events and notes its
-    /// own blocks, at `self.now`.
+    /// own blocks and gateway, at `self.now`.
     pub(crate) fn act_on(
         &mut self,
         i: usize,
         transmits: Vec<Transmit>,
         events: Vec<Event>,
-        ring: Option<RingChange>,
+        holding: Option<Holding>,
     ) {
         let now = self.now;
-        if let Some((summary, blocks)) = ring {
-            self.unique_dirty |= blocks != self.owned[i].1;
-            self.owned[i] = (Some(summary), blocks);
+        if let Some(h) = holding {
+            self.unique_dirty |= h.blocks != self.owned[i].1;
+            self.note_gateway(i, h.gateway, &h.blocks);
+            self.owned[i] = (Some(h.summary), h.blocks);
         }
         for t in transmits {
             self.sent[i] += t.payload.len() as u64;
@@ -535,12 +560,37 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// Re-reads the node's own blocks when its ring changed. Uniqueness is
-    /// re-checked only when the blocks did: most ring changes move other
-    /// peers' blocks, and a check sorts every node's blocks.
+    /// Re-reads the node's own blocks when its ring or gateway changed.
+    /// Uniqueness is re-checked only when the blocks did: most ring
+    /// changes move other peers' blocks, and a check sorts every node's
+    /// blocks.
     pub(crate) fn note_ownership(&mut self, i: usize, router: &Router) {
-        if let Some(ring) = ring_change(self.owned[i].0, router) {
-            self.act_on(i, Vec::new(), Vec::new(), Some(ring));
+        if let Some(holding) = holding_change(self.known(i), router) {
+            self.act_on(i, Vec::new(), Vec::new(), Some(holding));
+        }
+    }
+
+    /// A node's gateway is the default route of every pod on it, so it
+    /// never moves while the node keeps the space it is in (through
+    /// restarts too: `gateways` outlives a crash).
+    fn note_gateway(&mut self, i: usize, gateway: Option<Ipv4Addr>, blocks: &[ipnet::Ipv4Net]) {
+        let old = std::mem::replace(&mut self.gateways[i], gateway);
+        if old == gateway {
+            return;
+        }
+        self.unique_dirty = true;
+        if let Some(old) = old
+            && self.gateway_violation.is_none()
+            && blocks.iter().any(|b| b.contains(&old))
+        {
+            let to = gateway.map_or("none".to_string(), |g| g.to_string());
+            let detail = format!(
+                "{}'s gateway moved from {old} to {to} while it still owns {old}",
+                self.nodes[i].name
+            );
+            self.trace
+                .line(self.now, "-", &format!("STABLE_GATEWAYS VIOLATED: {detail}"));
+            self.gateway_violation = Some((self.now, detail));
         }
     }
 
@@ -901,5 +951,65 @@ impl std::fmt::Display for Nick<'_> {
             Some(name) => f.write_str(name),
             None => write!(f, "{}", self.1),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Pod, Sim};
+    use crate::{checks, scenario};
+    use std::net::Ipv4Addr;
+    use std::path::Path;
+
+    fn three_nodes() -> scenario::Scenario {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/three-nodes.toml");
+        scenario::load(&path).expect("the library scenario loads")
+    }
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_gateway_that_moves_while_its_node_keeps_the_space_is_a_violation() {
+        let scenario = three_nodes();
+        let mut sim = Sim::new(&scenario, 1);
+        let space = ["10.32.0.0/24".parse().unwrap()];
+        sim.note_gateway(0, Some(ip("10.32.0.1")), &space);
+        sim.note_gateway(0, Some(ip("10.32.0.1")), &space);
+        // A node that lost the old gateway's space (wiped, or its space
+        // reclaimed) gets a new one.
+        sim.note_gateway(1, Some(ip("10.32.1.1")), &[]);
+        sim.note_gateway(1, Some(ip("10.32.2.1")), &[]);
+        assert_eq!(sim.gateway_violation, None);
+        sim.note_gateway(0, Some(ip("10.32.0.4")), &space);
+        let (_, detail) = sim.gateway_violation.clone().expect("a violation");
+        assert_eq!(
+            detail,
+            format!(
+                "{}'s gateway moved from 10.32.0.1 to 10.32.0.4 while it still owns 10.32.0.1",
+                scenario.nodes[0].name
+            )
+        );
+    }
+
+    #[test]
+    fn a_pod_on_a_nodes_gateway_breaks_uniqueness() {
+        let scenario = three_nodes();
+        let mut sim = Sim::new(&scenario, 1);
+        sim.gateways[2] = Some(ip("10.32.0.1"));
+        let pod = |address| Pod {
+            node: 0,
+            address: Some(ip(address)),
+            failed: None,
+        };
+        sim.pods.insert("a".into(), pod("10.32.0.2"));
+        assert!(checks::unique_ips(&sim).is_ok());
+        sim.pods.insert("b".into(), pod("10.32.0.1"));
+        let node = &scenario.nodes[2].name;
+        assert_eq!(
+            checks::unique_ips(&sim),
+            Err(format!("10.32.0.1 is held by both {node}'s gateway and b"))
+        );
     }
 }

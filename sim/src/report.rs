@@ -18,6 +18,9 @@ pub struct Report {
     pub checks: Vec<CheckOutcome>,
     /// `unique_ips` is enforced after every step of every run.
     pub unique_ips_always: String,
+    /// No node's gateway moves while it keeps the space it is in,
+    /// enforced whenever a node's ring or gateway changes.
+    pub stable_gateways_always: String,
     pub convergence_after_last_disruption_s: Option<f64>,
     pub gossip_bytes_per_node_per_s: u64,
     /// What each message kind cost, per running node per second of its
@@ -116,15 +119,22 @@ fn report(sim: &Sim, engine: Engine) -> Report {
         None => "held after every step".to_string(),
         Some((t, d)) => format!("VIOLATED at {t}: {d}"),
     };
+    let stable_gateways_always = match &sim.gateway_violation {
+        None => "held after every step".to_string(),
+        Some((t, d)) => format!("VIOLATED at {t}: {d}"),
+    };
     let mut checks = sim.outcomes.clone();
     checks.sort_by_key(|c| c.index);
     Report {
         scenario: sim.scenario.name.clone(),
         seed: sim.seed,
         engine: engine.name(),
-        passed: sim.uniqueness_violation.is_none() && checks.iter().all(|c| c.passed),
+        passed: sim.uniqueness_violation.is_none()
+            && sim.gateway_violation.is_none()
+            && checks.iter().all(|c| c.passed),
         checks,
         unique_ips_always,
+        stable_gateways_always,
         convergence_after_last_disruption_s: sim.convergence_time().map(|d| d.as_secs_f64()),
         gossip_bytes_per_node_per_s: sim.gossip_bytes_per_node_per_s().round() as u64,
         sent_by_kind: sent_by_kind(sim),
@@ -181,6 +191,11 @@ impl Report {
             );
         }
         let _ = writeln!(s, "  unique_ips (always): {}", self.unique_ips_always);
+        let _ = writeln!(
+            s,
+            "  stable_gateways (always): {}",
+            self.stable_gateways_always
+        );
         let convergence = self
             .convergence_after_last_disruption_s
             .map_or("not converged".to_string(), |t| format!("{t:.1}s"));

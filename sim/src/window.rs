@@ -8,7 +8,7 @@
 //! 1,000-node start is thousands of steps a millisecond; a quiet
 //! cluster's windows hold a few and run on one thread.
 
-use crate::engine::{Outputs, RingChange, Sim, Step, ring_change};
+use crate::engine::{Holding, Known, Outputs, Sim, Step, holding_change};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -38,8 +38,8 @@ struct NodeSteps {
     deliveries: Vec<(Time, u64, SocketAddr, Vec<u8>)>,
     /// Its timer, if due in the window: due, sequence.
     timer: Option<(Time, u64)>,
-    /// The ring summary the simulator last read from it.
-    known_ring: Option<u64>,
+    /// The ring summary and gateway the simulator last read from it.
+    known: Known,
 }
 
 /// What one step of one node produced.
@@ -49,7 +49,7 @@ struct Done {
     node: usize,
     transmits: Vec<Transmit>,
     events: Vec<Event>,
-    ring: Option<RingChange>,
+    holding: Option<Holding>,
 }
 
 /// The window: steps due before `before` and by `until`.
@@ -101,7 +101,7 @@ impl Sim<'_> {
         done.sort_by_key(|d| (d.at, d.order));
         for d in done {
             self.now = d.at;
-            self.act_on(d.node, d.transmits, d.events, d.ring);
+            self.act_on(d.node, d.transmits, d.events, d.holding);
             self.after_step();
         }
         for (node, at) in timers {
@@ -132,7 +132,7 @@ impl Sim<'_> {
                 router,
                 deliveries: Vec::new(),
                 timer: None,
-                known_ring: self.owned[node].0,
+                known: self.known(node),
             });
             match step {
                 Step::Deliver { from, bytes, .. } => {
@@ -345,7 +345,7 @@ fn run_node(share: NodeSteps, window: Window, done: &mut Vec<Done>) -> Option<Ti
     let mut router = weft_driver::lock(&share.router);
     let mut timer = share.timer.map(|(at, seq)| (at, Order::Queued(seq)));
     let mut deliveries = share.deliveries.into_iter().peekable();
-    let mut known_ring = share.known_ring;
+    let mut known = share.known;
     let mut armed = 0;
     loop {
         let delivery = deliveries
@@ -377,9 +377,9 @@ fn run_node(share: NodeSteps, window: Window, done: &mut Vec<Done>) -> Option<Ti
         timer = out
             .timeout
             .map(|t| (t.max(at), Order::Armed { node, count: armed }));
-        let ring = ring_change(known_ring, &router);
-        if let Some((summary, _)) = &ring {
-            known_ring = Some(*summary);
+        let holding = holding_change(known, &router);
+        if let Some(h) = &holding {
+            known = (Some(h.summary), h.gateway);
         }
         done.push(Done {
             at,
@@ -387,7 +387,7 @@ fn run_node(share: NodeSteps, window: Window, done: &mut Vec<Done>) -> Option<Ti
             node,
             transmits: out.transmits,
             events: out.events,
-            ring,
+            holding,
         });
     }
     timer.map(|(at, _)| at)

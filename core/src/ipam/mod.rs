@@ -11,6 +11,7 @@
 //! stays announced until it is met.
 
 pub mod ring;
+pub mod saved;
 pub mod seeding;
 pub mod space;
 
@@ -238,8 +239,12 @@ impl Ipam {
             awaiting_split: None,
         };
         ipam.ring_summary = ipam.ring.summary();
-        ipam.pending.insert(GATEWAY_ID.to_string());
-        ipam.complete_pending();
+        // A restored gateway stays where it is: every pod on the node
+        // routes through it, and the kernel's bridge holds it.
+        if ipam.space.get(GATEWAY_ID).is_none() {
+            ipam.pending.insert(GATEWAY_ID.to_string());
+            ipam.complete_pending();
+        }
         ipam
     }
 
@@ -306,14 +311,7 @@ impl Ipam {
     /// Addresses never handed out: the range's (or podCIDR's) network and
     /// broadcast addresses.
     fn reserved(&self) -> Vec<Ipv4Addr> {
-        let outer = match &self.mode {
-            IpamMode::Ring(_) => Some(self.ring.universe()),
-            IpamMode::NodeCidr(cidr) => *cidr,
-        };
-        outer
-            .filter(|n| n.prefix_len() < 31)
-            .map(|n| vec![n.network(), n.broadcast()])
-            .unwrap_or_default()
+        self.outer_range().map(reserved_in).unwrap_or_default()
     }
 
     pub fn free(&self) -> u64 {
@@ -812,6 +810,12 @@ impl Ipam {
             order.insert(0, GATEWAY_ID.to_string());
         }
         for container in order {
+            if self.space.get(&container).is_some() {
+                // Already served (a claim completed first): an address,
+                // once given, is never moved.
+                self.pending.remove(&container);
+                continue;
+            }
             let Some(address) = self.space.first_free(&own, &reserved) else {
                 break;
             };
@@ -851,10 +855,7 @@ impl Ipam {
     }
 
     fn outer_range(&self) -> Option<Ipv4Net> {
-        match &self.mode {
-            IpamMode::Ring(_) => Some(self.ring.universe()),
-            IpamMode::NodeCidr(c) => *c,
-        }
+        outer_range(&self.mode, self.ring.universe())
     }
 
     /// Why allocations wait right now.
@@ -955,14 +956,34 @@ pub struct RingUpdate {
     pub tombstones: Vec<(PeerName, PeerName)>,
 }
 
+/// A container ID from a caller. The gateway's own ID has a ':', so no
+/// caller can allocate, claim or release the gateway.
 fn validate_container_id(id: &str) -> Result<(), IpamError> {
     let ok = !id.is_empty()
         && id.len() <= MAX_CONTAINER_ID
         && id.bytes().all(|b| b.is_ascii_graphic() && b != b':');
-    if ok || id == GATEWAY_ID {
+    if ok {
         Ok(())
     } else {
         Err(IpamError::InvalidContainerId(id.chars().take(64).collect()))
+    }
+}
+
+/// The range a node in `mode` allocates from, once known.
+fn outer_range(mode: &IpamMode, universe: Ipv4Net) -> Option<Ipv4Net> {
+    match mode {
+        IpamMode::Ring(_) => Some(universe),
+        IpamMode::NodeCidr(cidr) => *cidr,
+    }
+}
+
+/// The addresses of `range` never handed out: its network and broadcast
+/// addresses.
+fn reserved_in(range: Ipv4Net) -> Vec<Ipv4Addr> {
+    if range.prefix_len() < 31 {
+        vec![range.network(), range.broadcast()]
+    } else {
+        Vec::new()
     }
 }
 

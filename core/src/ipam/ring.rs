@@ -196,6 +196,12 @@ impl Ring {
         self.seed.is_some() && self.covers(start, self.universe.prefix_len())
     }
 
+    /// Every block as stored (start, prefix length), unchecked: what a
+    /// saved ring's check reads.
+    pub(super) fn raw_blocks(&self) -> impl Iterator<Item = (u32, u8)> + '_ {
+        self.blocks.iter().map(|(start, (len, _))| (*start, *len))
+    }
+
     pub fn block_count(&self) -> usize {
         self.blocks.len()
     }

@@ -678,6 +678,56 @@ fn persisted_state_round_trips_through_json() {
     assert_eq!(restored.ipam().ring(), net.router(0).ipam().ring());
 }
 
+/// Each running node's gateway.
+fn gateways(net: &Net) -> BTreeMap<usize, Ipv4Addr> {
+    net.running()
+        .filter_map(|(i, r)| Some((i, r.gateway()?)))
+        .collect()
+}
+
+/// A node that keeps the space of its gateway keeps its gateway, through
+/// restarts too: every pod on the node routes through it.
+fn assert_gateways_kept(net: &Net, before: &BTreeMap<usize, Ipv4Addr>) {
+    for (i, r) in net.running() {
+        let Some(old) = before.get(&i) else { continue };
+        if r.ipam().own_blocks().iter().any(|b| b.contains(old)) {
+            assert_eq!(r.gateway(), Some(*old), "node {i}'s gateway moved");
+        }
+    }
+}
+
+#[test]
+fn a_restart_keeps_the_gateway_and_never_hands_it_to_a_pod() {
+    let mut net = Net::new(1, 35, |_, c| c.ipalloc_range = "10.99.0.0/16".parse().unwrap());
+    net.run_for(secs(2));
+    let gateway = net.router(0).gateway().expect("a lone consensus-of-one node has space");
+    let pods = [ready(&mut net, 0, "a"), ready(&mut net, 0, "b")];
+    assert!(!pods.contains(&gateway));
+    net.restart(0);
+    assert_eq!(net.router(0).gateway(), Some(gateway));
+    net.run_for(secs(1));
+    net.crash(0);
+    net.start(0);
+    assert_eq!(net.router(0).gateway(), Some(gateway));
+    let next = ready(&mut net, 0, "c");
+    assert!(next != gateway && !pods.contains(&next), "{next} handed out twice");
+}
+
+#[test]
+fn no_caller_can_take_or_release_the_gateway() {
+    let mut net = Net::new(1, 36, plain);
+    net.run_for(secs(2));
+    let gateway = net.router(0).gateway().unwrap();
+    let refused = IpamError::InvalidContainerId(GATEWAY_ID.into());
+    assert_eq!(net.call(0, |r, now| r.release(now, GATEWAY_ID)), Some(Err(refused.clone())));
+    assert_eq!(allocate(&mut net, 0, GATEWAY_ID), Err(refused.clone()));
+    assert_eq!(
+        net.call(0, |r, now| r.claim(now, GATEWAY_ID, gateway)),
+        Some(Err(refused))
+    );
+    assert_eq!(net.router(0).gateway(), Some(gateway));
+}
+
 #[derive(Clone, Debug)]
 enum Op {
     Allocate(usize, u8),
@@ -715,6 +765,7 @@ proptest! {
         let mut given: BTreeMap<(usize, u8), Ipv4Addr> = BTreeMap::new();
         let mut removed = BTreeSet::new();
         for op in ops {
+            let gateways = gateways(&net);
             match op {
                 Op::Allocate(n, c) => {
                     let result = net.call(n, |r, now| r.allocate(now, &format!("c{c}")));
@@ -750,6 +801,11 @@ proptest! {
                 Op::Run(ms) => net.run_for(Duration::from_millis(ms)),
             }
             assert_unique(&net);
+            assert_gateways_kept(&net, &gateways);
+            for (i, r) in net.running() {
+                let saved = r.state().ipam.expect("a started node has IPAM state");
+                prop_assert_eq!(saved.check(&r.config().ipam), Ok(()), "node {}'s own state refused", i);
+            }
         }
         net.heal();
         net.run_for(secs(60));
