@@ -61,8 +61,8 @@ pub(crate) fn router_seed(scenario_seed: u64, i: usize, boots: u64) -> [u8; 32] 
 pub(crate) fn peer_addresses(scenario: &Scenario, i: usize) -> Vec<SocketAddr> {
     scenario.nodes[i]
         .peers
-        .iter()
-        .map(|p| SocketAddr::from((scenario.nodes[*p].address, PORT)))
+        .of(i, scenario.nodes.len())
+        .map(|p| SocketAddr::from((scenario.nodes[p].address, PORT)))
         .collect()
 }
 
@@ -253,10 +253,8 @@ impl Queue {
     }
 }
 
-/// How often convergence and traffic are sampled.
-const SAMPLE: Duration = Duration::from_millis(100);
-/// Traffic window of `gossip_bytes` checks and reports.
-pub const TRAFFIC_WINDOW: Duration = Duration::from_secs(10);
+pub use crate::samples::TRAFFIC_WINDOW;
+use crate::samples::{SAMPLE, Samples};
 
 pub struct Sim<'a> {
     pub scenario: &'a Scenario,
@@ -273,11 +271,9 @@ pub struct Sim<'a> {
     pub trace: Trace,
     /// Bytes each node sent, cumulative, sampled every `SAMPLE`.
     pub sent: Vec<u64>,
-    pub samples: Vec<(Time, Vec<u64>, bool)>,
-    /// Per sample: the share of running nodes holding the most common view.
-    pub agreement: Vec<f64>,
+    /// Traffic and agreement over time, and the last disruption.
+    pub samples: Samples,
     pub outcomes: Vec<CheckOutcome>,
-    pub last_disruption: Time,
     /// First violation of address uniqueness, if any.
     pub uniqueness_violation: Option<(Time, String)>,
     /// Each node's gateway as last read, kept while it is down.
@@ -340,10 +336,8 @@ impl<'a> Sim<'a> {
             network: Network::new(scenario),
             trace: Trace::default(),
             sent: vec![0; scenario.nodes.len()],
-            samples: Vec::new(),
-            agreement: Vec::new(),
+            samples: Samples::default(),
             outcomes: Vec::new(),
-            last_disruption: Time::ZERO,
             uniqueness_violation: None,
             gateways: vec![None; scenario.nodes.len()],
             gateway_violation: None,
@@ -444,9 +438,7 @@ impl<'a> Sim<'a> {
             Step::Reclaim { removed, name } => self.reclaim(removed, name),
             Step::Sample => {
                 let agreeing = checks::agreement(self);
-                self.samples
-                    .push((self.now, self.sent.clone(), agreeing >= 1.0));
-                self.agreement.push(agreeing);
+                self.samples.take(self.now, &self.sent, agreeing);
                 self.schedule(self.now + SAMPLE, Step::Sample);
             }
         }
@@ -695,7 +687,7 @@ impl<'a> Sim<'a> {
         self.trace
             .line(self.now, "-", &format!("event line {}: {what}", event.line));
         if !matches!(event.action, Action::AddPod { .. } | Action::DelPod(_)) {
-            self.last_disruption = self.now;
+            self.samples.disrupted(self.now);
         }
         match &event.action {
             Action::Partition(groups) => self.network.partition(groups),
@@ -899,46 +891,16 @@ impl<'a> Sim<'a> {
     /// Per-node control traffic over the last `TRAFFIC_WINDOW`, averaged
     /// over running nodes, in bytes per second.
     pub fn gossip_bytes_per_node_per_s(&self) -> f64 {
-        let Some((t_end, end, _)) = self.samples.last() else {
-            return 0.0;
-        };
-        let start_at = t_end
-            .saturating_since(Time::ZERO)
-            .saturating_sub(TRAFFIC_WINDOW);
-        let Some((t_start, start, _)) = self
-            .samples
-            .iter()
-            .find(|(t, _, _)| t.since_epoch() >= start_at)
-        else {
-            return 0.0;
-        };
-        let secs = t_end.saturating_since(*t_start).as_secs_f64();
         let running: Vec<usize> = (0..self.nodes.len())
             .filter(|i| self.nodes[*i].running())
             .collect();
-        if secs <= 0.0 || running.is_empty() {
-            return 0.0;
-        }
-        let bytes: u64 = running
-            .iter()
-            .map(|i| end[*i].saturating_sub(start[*i]))
-            .sum();
-        bytes as f64 / running.len() as f64 / secs
+        self.samples.bytes_per_node_per_s(&running)
     }
 
     /// Time from the last disruption until the cluster converged and
     /// stayed so, if it did.
     pub fn convergence_time(&self) -> Option<Duration> {
-        let after: Vec<&(Time, Vec<u64>, bool)> = self
-            .samples
-            .iter()
-            .filter(|(t, _, _)| *t >= self.last_disruption)
-            .collect();
-        if !after.last()?.2 {
-            return None;
-        }
-        let since = after.iter().rposition(|(_, _, c)| !c).map_or(0, |p| p + 1);
-        Some(after[since].0.saturating_since(self.last_disruption))
+        self.samples.convergence_time()
     }
 }
 

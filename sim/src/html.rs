@@ -38,9 +38,9 @@ pub fn page(sim: &Sim, report: &Report) -> String {
     h.push_str("<h2>Nodes converged</h2>");
     let agreement: Vec<(f64, f64)> = sim
         .samples
+        .points()
         .iter()
-        .zip(&sim.agreement)
-        .map(|((t, _, _), a)| (t.since_epoch().as_secs_f64(), *a * 100.0))
+        .map(|p| (p.at.since_epoch().as_secs_f64(), p.agreement * 100.0))
         .collect();
     chart(
         &mut h,
@@ -99,17 +99,19 @@ fn timeline(h: &mut String, sim: &Sim, report: &Report) {
     h.push_str("</table>");
 }
 
-/// Bytes per second per running node, per sample interval.
+/// Bytes per second per node, between chart points.
 fn traffic(sim: &Sim) -> Vec<(f64, f64)> {
     sim.samples
+        .points()
         .windows(2)
         .map(|w| {
-            let (t0, s0, _) = &w[0];
-            let (t1, s1, _) = &w[1];
-            let dt = t1.saturating_since(*t0).as_secs_f64().max(1e-9);
-            let bytes: u64 = s1.iter().zip(s0).map(|(a, b)| a.saturating_sub(*b)).sum();
+            let dt = w[1].at.saturating_since(w[0].at).as_secs_f64().max(1e-9);
+            let bytes = w[1].sent.saturating_sub(w[0].sent);
             let nodes = sim.nodes.len().max(1) as f64;
-            (t1.since_epoch().as_secs_f64(), bytes as f64 / dt / nodes)
+            (
+                w[1].at.since_epoch().as_secs_f64(),
+                bytes as f64 / dt / nodes,
+            )
         })
         .collect()
 }

@@ -7,6 +7,7 @@ pub mod html;
 pub mod network;
 pub mod pcap;
 pub mod report;
+pub mod samples;
 pub mod scenario;
 pub mod trace;
 pub mod turmoil_engine;

@@ -4,7 +4,7 @@
 
 use ipnet::Ipv4Net;
 use serde::Deserialize;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::net::Ipv4Addr;
 use std::ops::Range;
@@ -48,11 +48,35 @@ pub struct NodeDef {
     pub address: Ipv4Addr,
     pub pod_cidr: Option<Ipv4Net>,
     pub start: bool,
-    /// Indexes of the nodes it is told about at start.
-    pub peers: Vec<usize>,
+    /// The nodes it is told about at start.
+    pub peers: Peers,
     /// This node's own secret, overriding the scenario's (an extension of
     /// the format: a misconfigured node).
     pub secret: Option<String>,
+}
+
+/// The nodes a node is told about at start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Peers {
+    /// Every other node (no `peers` key). Not written out: a list per node
+    /// made a 10,000-node file hold 10^8 indexes (1.3 GB to check it).
+    Everyone,
+    /// The indexes of the nodes `peers` names.
+    Listed(Vec<usize>),
+}
+
+impl Peers {
+    /// The peers' indexes, for node `me` of a scenario of `nodes` nodes.
+    pub fn of(&self, me: usize, nodes: usize) -> impl Iterator<Item = usize> + '_ {
+        let (everyone, listed) = match self {
+            Peers::Everyone => (Some((0..nodes).filter(move |j| *j != me)), None),
+            Peers::Listed(list) => (None, Some(list.iter().copied())),
+        };
+        everyone
+            .into_iter()
+            .flatten()
+            .chain(listed.into_iter().flatten())
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -298,6 +322,9 @@ pub fn parse(file: &str, text: &str) -> Result<Scenario, ScenarioError> {
     Validator { src: &src }.scenario(raw)
 }
 
+/// Node name -> index.
+type Names<'a> = BTreeMap<&'a str, usize>;
+
 struct Validator<'a> {
     src: &'a Source<'a>,
 }
@@ -345,18 +372,22 @@ impl Validator<'_> {
                     .unwrap_or(0.0),
             ),
         };
-        let names: Vec<String> = raw.nodes.iter().map(|n| n.get_ref().name.clone()).collect();
+        // Name -> index of the first node so named: looked up once per
+        // name written, so a 10,000-node file is not 10^8 comparisons.
+        let mut names = Names::new();
+        for (i, n) in raw.nodes.iter().enumerate() {
+            names.entry(n.get_ref().name.as_str()).or_insert(i);
+        }
         if names.is_empty() {
             return Err(self
                 .src
                 .error(0..0, "a scenario needs at least one [[nodes]] entry"));
         }
         let mut nodes = Vec::new();
-        let mut seen = BTreeSet::new();
         let mut addresses = BTreeSet::new();
-        for spanned in &raw.nodes {
+        for (i, spanned) in raw.nodes.iter().enumerate() {
             let n = spanned.get_ref();
-            if !seen.insert(n.name.clone()) {
+            if names.get(n.name.as_str()) != Some(&i) {
                 return Err(self.src.error(
                     spanned.span(),
                     format!("node name {:?} is used twice", n.name),
@@ -394,11 +425,12 @@ impl Validator<'_> {
                 _ => {}
             }
             let peers = match &n.peers {
-                None => (0..names.len()).filter(|j| names[*j] != n.name).collect(),
-                Some(list) => list
-                    .iter()
-                    .map(|p| self.node(&names, p))
-                    .collect::<Result<_, _>>()?,
+                None => Peers::Everyone,
+                Some(list) => Peers::Listed(
+                    list.iter()
+                        .map(|p| self.node(&names, p))
+                        .collect::<Result<_, _>>()?,
+                ),
             };
             nodes.push(NodeDef {
                 name: n.name.clone(),
@@ -456,7 +488,7 @@ impl Validator<'_> {
     fn event(
         &self,
         spanned: &Spanned<EventSpec>,
-        names: &[String],
+        names: &Names,
         pods: &mut BTreeSet<String>,
     ) -> Result<EventDef, ScenarioError> {
         let e = spanned.get_ref();
@@ -697,16 +729,13 @@ impl Validator<'_> {
         }
     }
 
-    fn node(&self, names: &[String], name: &Spanned<String>) -> Result<usize, ScenarioError> {
-        names
-            .iter()
-            .position(|n| n == name.get_ref())
-            .ok_or_else(|| {
-                self.src.error(
-                    name.span(),
-                    format!("no node is named {:?}", name.get_ref()),
-                )
-            })
+    fn node(&self, names: &Names, name: &Spanned<String>) -> Result<usize, ScenarioError> {
+        names.get(name.get_ref().as_str()).copied().ok_or_else(|| {
+            self.src.error(
+                name.span(),
+                format!("no node is named {:?}", name.get_ref()),
+            )
+        })
     }
 
     fn pod_name(&self, pod: &str, span: Range<usize>) -> Result<(), ScenarioError> {
@@ -886,8 +915,10 @@ expect = "converged"
 "#;
         let s = parse("example.toml", text).unwrap();
         assert_eq!(s.nodes.len(), 3);
-        assert_eq!(s.nodes[0].peers, vec![1]);
-        assert_eq!(s.nodes[1].peers, vec![0, 2]);
+        assert_eq!(s.nodes[0].peers, Peers::Listed(vec![1]));
+        assert_eq!(s.nodes[1].peers, Peers::Everyone);
+        assert_eq!(s.nodes[0].peers.of(0, 3).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(s.nodes[1].peers.of(1, 3).collect::<Vec<_>>(), vec![0, 2]);
         assert_eq!(
             s.latency,
             Latency {

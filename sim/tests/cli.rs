@@ -229,3 +229,101 @@ fn the_html_report_is_self_contained_and_shows_the_run() {
     }
     std::fs::remove_file(&path).unwrap();
 }
+
+/// Runs weft-sim and returns its exit code, output and peak resident
+/// memory in KiB (the kernel's count for this one child, from `wait4`).
+#[expect(
+    clippy::zombie_processes,
+    reason = "reaped by wait4, which also tells its peak memory"
+)]
+fn weft_sim_peak_rss(args: &[&str]) -> (i32, String, i64) {
+    use std::os::unix::process::ExitStatusExt;
+    let child = Command::new(env!("CARGO_BIN_EXE_weft-sim"))
+        .args(args)
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("weft-sim runs");
+    let pid = child.id() as libc::pid_t;
+    // Read both pipes before waiting, so a full pipe cannot stall it.
+    let (mut stdout, mut stderr) = (child.stdout.unwrap(), child.stderr.unwrap());
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        s
+    });
+    let mut text = String::new();
+    let _ = std::io::Read::read_to_string(&mut stdout, &mut text);
+    text += &err.join().unwrap();
+    let mut status = 0;
+    // SAFETY: plain system call on our own child, with valid out-pointers.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(waited, pid, "wait4: {}", std::io::Error::last_os_error());
+    let code = std::process::ExitStatus::from_raw(status)
+        .code()
+        .unwrap_or(-1);
+    (code, text, usage.ru_maxrss)
+}
+
+/// A scenario of `nodes` nodes (no `peers` key: each knows every other)
+/// lasting `duration`, with one check at its end.
+fn generated(dir: &Path, nodes: usize, duration: &str) -> PathBuf {
+    let mut text = format!("name = \"generated\"\nduration = \"{duration}\"\n");
+    for i in 0..nodes {
+        text += &format!(
+            "\n[[nodes]]\nname = \"node{i}\"\naddress = \"10.{}.{}.{}\"\n",
+            i >> 16,
+            (i >> 8) & 0xff,
+            i & 0xff
+        );
+    }
+    text += "\n[[checks]]\nat = \"end\"\nexpect = \"converged\"\n";
+    let path = dir.join(format!("n{nodes}-{duration}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn memory_does_not_grow_with_the_simulated_duration() {
+    let dir = scratch("duration");
+    let run = |duration: &str| {
+        let path = generated(&dir, 2, duration);
+        let html = dir.join("page.html");
+        let (code, out, kib) = weft_sim_peak_rss(&[
+            "run",
+            path.to_str().unwrap(),
+            "--report",
+            html.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("PASS"), "{out}");
+        kib
+    };
+    let short = run("100s");
+    // Ten samples a simulated second: storing each one grew this run by
+    // ~50 MB (and `999999999s` by 2.7 GB in 15 s, until killed).
+    let long = run("40000s");
+    assert!(
+        long < short + 16 * 1024,
+        "100 s peaked at {short} KiB, 40,000 s at {long} KiB"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn checking_a_big_file_takes_memory_linear_in_its_nodes() {
+    let dir = scratch("check-big");
+    let path = generated(&dir, 10_000, "60s");
+    let (code, out, kib) = weft_sim_peak_rss(&["check", path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("10000 nodes"), "{out}");
+    // A peer list per node (each knows the 9,999 others) was 10^8 indexes:
+    // 1.3 GB. The file is 0.6 MB.
+    assert!(
+        kib < 128 * 1024,
+        "checking 10,000 nodes peaked at {kib} KiB"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
