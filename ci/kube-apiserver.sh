@@ -18,7 +18,7 @@
 #   etcd.log, kube-apiserver.log, *.pid, etcd/ (data), certs/, tokens.csv, sa.key
 # The API server listens on https://127.0.0.1:16443 (self-signed; the kubeconfigs
 # skip TLS verification), token auth, RBAC, ServiceAccount admission disabled,
-# privileged containers allowed (as kubeadm does; the weft DaemonSet needs them).
+# privileged containers allowed (as kubeadm does).
 # etcd listens on http://127.0.0.1:12379 (peer 12380) with --unsafe-no-fsync.
 #
 # The binary is cached in the git-ignored .cache/kube/bin/kube-apiserver; a cold

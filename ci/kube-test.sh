@@ -21,6 +21,9 @@ trap '$KUBE down "$DIR"' EXIT
 $KUBE up "$DIR"
 
 echo "== kubectl apply --dry-run=server -f deploy/weft.yaml"
+# A dry run creates nothing, so the objects in weft's own namespace need it
+# to exist already.
+kubectl --kubeconfig "$DIR/admin.kubeconfig" create namespace weft
 kubectl --kubeconfig "$DIR/admin.kubeconfig" apply --dry-run=server -f deploy/weft.yaml
 
 echo "== weft-kube against kube-apiserver"

@@ -60,6 +60,7 @@ use ipnet::Ipv4Net;
 mod linux;
 mod memory;
 pub mod plan;
+pub mod sysctl;
 
 #[cfg(target_os = "linux")]
 pub use linux::LinuxDataplane;

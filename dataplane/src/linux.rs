@@ -23,8 +23,6 @@ use crate::{
     VXLAN_NAME, VxlanSpec, format_mac,
 };
 
-const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
-
 // errno values the kernel answers with, for hints and tolerated errors.
 const EPERM: i32 = 1;
 const ENOENT: i32 = 2;
@@ -120,14 +118,12 @@ impl Dataplane for LinuxDataplane {
 }
 
 fn enable_forwarding() -> Result<(), DataplaneError> {
-    let err = |source| DataplaneError::Forwarding {
-        path: IP_FORWARD,
-        source,
-    };
+    let path = crate::sysctl::ip_forward();
+    let err = |source| DataplaneError::Forwarding { path, source };
     // Only write when needed: the write needs a writable /proc/sys, which a
     // node that already forwards may not give us.
-    if std::fs::read_to_string(IP_FORWARD).map_err(err)?.trim() != "1" {
-        std::fs::write(IP_FORWARD, "1").map_err(err)?;
+    if std::fs::read_to_string(path).map_err(err)?.trim() != "1" {
+        std::fs::write(path, "1").map_err(err)?;
     }
     Ok(())
 }

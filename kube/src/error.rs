@@ -35,6 +35,16 @@ pub enum Error {
     #[error("{what}: {detail}")]
     Invalid { what: String, detail: String },
 
+    /// An object deploy/weft.yaml creates is not there.
+    #[error("{what} does not exist; {hint}")]
+    Missing { what: String, hint: String },
+
+    /// Another agent took over a reclaim claim this agent held (after it
+    /// stalled, or could not renew in time). The action was stopped or had
+    /// run; the new holder runs it again (it is idempotent).
+    #[error("lost the claim on Lease {lease}: {detail}")]
+    ClaimLost { lease: String, detail: String },
+
     /// The agent's reclaim action failed; the claim stays open for a retry.
     #[error("reclaiming peer {peer:016x} failed: {source}")]
     ReclaimAction {

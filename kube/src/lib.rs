@@ -64,8 +64,12 @@
 //! |---|---|---|
 //! | nodes | get, list, watch | [`list_nodes`], [`node_changes`], [`set_network_available`] |
 //! | nodes/status | patch | [`set_network_available`] |
-//! | configmaps `kube-system/weft` | get, update (create: any name) | [`NameMap`] |
-//! | leases.coordination.k8s.io in kube-system | get, create, update | [`Reclaimer`] |
+//! | configmaps `weft/weft` (created by the manifest) | get, update | [`NameMap`] |
+//! | leases.coordination.k8s.io in namespace `weft` | get, create, update | [`Reclaimer`] |
+//! | pods in kube-system | list | [`cluster_health`] (`weft doctor --cluster`) |
+//!
+//! Namespace `weft` holds only weft's objects: `create` cannot be limited
+//! by name in RBAC, so it is limited by namespace instead.
 //!
 //! The reclaim protocol is described in [`reclaim`].
 
@@ -74,6 +78,7 @@ pub mod cluster;
 pub mod condition;
 pub mod error;
 pub mod names;
+pub mod observed;
 pub mod peers;
 pub mod reclaim;
 

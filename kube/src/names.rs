@@ -1,4 +1,4 @@
-//! Node name -> weft peer name, kept in ConfigMap `kube-system/weft`.
+//! Node name -> weft peer name, kept in ConfigMap `weft/weft`.
 //!
 //! A node that is wiped and rejoins keeps its node name but gets a new peer
 //! name; the map tells the agent which peer name the node had before, and
@@ -11,14 +11,17 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{ObjectMeta, PostParams};
+use kube::api::PostParams;
 use kube::{Api, Client};
 
 use crate::error::{Error, Result, api, is_conflict};
 
-/// Namespace of every object this crate writes.
-pub const NAMESPACE: &str = "kube-system";
-/// Name of the ConfigMap holding the map.
+/// Namespace of every object this crate writes: weft's own (created by
+/// deploy/weft.yaml), so the agent's create on Leases cannot touch other
+/// components' objects (RBAC cannot limit `create` by name).
+pub const NAMESPACE: &str = "weft";
+/// Name of the ConfigMap holding the map. deploy/weft.yaml creates it
+/// empty, so the agent needs only get and update on this one name.
 pub const CONFIGMAP: &str = "weft";
 const KEY_PREFIX: &str = "peer.";
 /// Optimistic-concurrency retries before giving up. Every agent writes its
@@ -80,7 +83,7 @@ pub fn remove_entry(data: &mut BTreeMap<String, String>, node: &str, peer: u64) 
     names_peer
 }
 
-/// Access to the map (verbs: `get`, `create`, `update` configmaps).
+/// Access to the map (verbs: `get`, `update` on ConfigMap `weft`).
 #[derive(Clone)]
 pub struct NameMap {
     api: Api<ConfigMap>,
@@ -149,25 +152,19 @@ impl NameMap {
             if attempt > 0 {
                 tokio::time::sleep(backoff(attempt)).await;
             }
-            let result = match self.get().await? {
-                Some(mut cm) => {
-                    if !edit(cm.data.get_or_insert_default()) {
-                        return Ok(());
-                    }
-                    self.api
-                        .replace(CONFIGMAP, &PostParams::default(), &cm)
-                        .await
-                }
-                None => {
-                    let mut data = BTreeMap::new();
-                    if !edit(&mut data) {
-                        return Ok(());
-                    }
-                    self.api
-                        .create(&PostParams::default(), &new_map(data))
-                        .await
-                }
+            let Some(mut cm) = self.get().await? else {
+                return Err(Error::Missing {
+                    what: format!("ConfigMap {NAMESPACE}/{CONFIGMAP}"),
+                    hint: "deploy/weft.yaml creates it: kubectl apply -f deploy/weft.yaml".into(),
+                });
             };
+            if !edit(cm.data.get_or_insert_default()) {
+                return Ok(());
+            }
+            let result = self
+                .api
+                .replace(CONFIGMAP, &PostParams::default(), &cm)
+                .await;
             match result {
                 Ok(_) => return Ok(()),
                 Err(e) if is_conflict(&e) => continue,
@@ -188,18 +185,6 @@ fn backoff(attempt: u32) -> Duration {
     let base = 10u64.saturating_mul(1 << attempt.min(7)).min(1000);
     let random = RandomState::new().hash_one(attempt) % 50;
     Duration::from_millis(base * (50 + random) / 100)
-}
-
-fn new_map(data: BTreeMap<String, String>) -> ConfigMap {
-    ConfigMap {
-        metadata: ObjectMeta {
-            name: Some(CONFIGMAP.into()),
-            namespace: Some(NAMESPACE.into()),
-            ..Default::default()
-        },
-        data: Some(data),
-        ..Default::default()
-    }
 }
 
 #[cfg(test)]

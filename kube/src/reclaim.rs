@@ -2,19 +2,38 @@
 //!
 //! Weave kept a lock annotation in one ConfigMap and raced (two nodes
 //! reclaimed the same peer, or none did). Here each removed peer gets its
-//! own coordination.k8s.io/v1 Lease `weft-reclaim-<peer hex>` in
-//! kube-system, and the API server's create/replace semantics decide:
+//! own coordination.k8s.io/v1 Lease `weft-reclaim-<peer hex>` in weft's own
+//! namespace ([`crate::names::NAMESPACE`]), and the API server's create/replace
+//! semantics decide:
 //!
 //! 1. No Lease: `create` it with ourselves as holder. Exactly one create
 //!    succeeds; the others get 409 AlreadyExists and back off.
-//! 2. Holder runs the agent's [`ReclaimAction`], then marks the Lease
-//!    done (annotation [`DONE_ANNOTATION`]). A done Lease is never acted on
+//! 2. Holder runs the agent's [`ReclaimAction`], renewing the Lease every
+//!    third of its duration while the action runs, then marks it done
+//!    (annotation [`DONE_ANNOTATION`]). A done Lease is never acted on
 //!    again, so a late or restarted agent does nothing.
-//! 3. A claim that is not done and whose holder stopped renewing (renewTime
-//!    plus leaseDurationSeconds in the past) is stale: anyone may take it over
-//!    by `replace` with the resourceVersion they read; a 409 means another
-//!    agent took it first. A holder that restarts finds its own claim and
-//!    finishes it (the action must be idempotent).
+//! 3. A claim that is not done and that this agent has seen unchanged (same
+//!    resourceVersion) for the claim's whole leaseDurationSeconds, measured
+//!    on its own monotonic clock ([`crate::observed`]), is stale: anyone may
+//!    take it over by `replace` with the resourceVersion they read; a 409
+//!    means another agent wrote first. Wall-clock times in the Lease are
+//!    for people reading it and are never compared: nodes' clocks may differ
+//!    by more than a lease duration.
+//! 4. The holder acts only within two thirds of a lease duration of sending
+//!    its last successful write (an observer waits a whole duration from
+//!    after that write), so a holder that stalled (a paused process, a slow
+//!    answer) first proves with one more resourceVersion-guarded write that
+//!    nobody took over, and backs off on 409. Renewals and the final done
+//!    mark carry the resourceVersion of the holder's own last write: a
+//!    takeover is detected, never overwritten, and the action is dropped
+//!    when a renewal finds the claim lost or expired.
+//! 5. A holder that restarts finds its own claim, proves it still holds it
+//!    the same way, and finishes it (the action must be idempotent).
+//!
+//! What a Lease cannot rule out: a holder paused *inside* the action's last
+//! step for longer than a lease duration (the effect already happened, but
+//! not the done mark); the next holder acts again, which is why the action
+//! must be idempotent.
 //!
 //! The Lease is keyed by peer name, not node name: a node that rejoins
 //! under the same name with a new peer name (wiped disk) and is deleted
@@ -32,9 +51,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
+use tokio::time::Instant;
 
 use crate::error::{BoxError, Error, Result, api, is_conflict};
 use crate::names::{NAMESPACE, NameMap, format_peer_name};
+use crate::observed::Observed;
 
 /// Annotation set to "true" once the holder's reclaim action succeeded.
 pub const DONE_ANNOTATION: &str = "weft-net/reclaimed";
@@ -52,7 +73,8 @@ pub fn lease_name(peer: u64) -> String {
 
 /// What the agent does to take over a removed peer's space (in weft: the
 /// same as `weft rmpeer`). Must be idempotent: a holder that crashed after
-/// acting but before marking the Lease done acts again on restart.
+/// acting but before marking the Lease done acts again on restart. The
+/// future may be dropped before it finishes (the claim was lost).
 pub trait ReclaimAction: Send + Sync + 'static {
     fn reclaim(&self, peer: u64) -> impl Future<Output = Result<(), BoxError>> + Send;
 }
@@ -62,8 +84,6 @@ pub trait ReclaimAction: Send + Sync + 'static {
 pub struct Claim {
     pub holder: Option<String>,
     pub done: bool,
-    /// Last renewal (or acquisition) time.
-    pub renewed: Option<Timestamp>,
     pub duration_secs: Option<i32>,
 }
 
@@ -79,29 +99,24 @@ impl Claim {
         Claim {
             holder: spec.and_then(|s| s.holder_identity.clone()),
             done,
-            renewed: spec
-                .and_then(|s| s.renew_time.clone().or(s.acquire_time.clone()))
-                .map(|t| t.0),
             duration_secs: spec.and_then(|s| s.lease_duration_seconds),
         }
     }
 
-    /// Milliseconds until the claim goes stale; `None` if it has no usable
-    /// time or duration (such a claim can never expire by itself, so it
-    /// counts as stale rather than blocking the reclaim forever).
-    fn remaining_ms(&self, now: Timestamp) -> Option<i64> {
-        let renewed = self.renewed?.as_millisecond();
-        let duration = i64::from(self.duration_secs.filter(|d| *d > 0)?);
-        Some(
-            renewed
-                .saturating_add(duration * 1000)
-                .saturating_sub(now.as_millisecond()),
-        )
+    /// The holder's leaseDurationSeconds, or `fallback` (ours) when it is
+    /// missing or not positive: a malformed claim still gets one duration
+    /// to show signs of life before it is taken over.
+    pub fn duration(&self, fallback: Duration) -> Duration {
+        self.duration_secs
+            .and_then(|d| u64::try_from(d).ok())
+            .filter(|d| *d > 0)
+            .map_or(fallback, Duration::from_secs)
     }
 
-    /// True when the holder stopped renewing and the claim was not done.
-    pub fn is_stale(&self, now: Timestamp) -> bool {
-        !self.done && self.remaining_ms(now).is_none_or(|ms| ms <= 0)
+    /// True when the claim is not done and was seen unchanged for its
+    /// whole duration.
+    pub fn is_stale(&self, unchanged_for: Duration, fallback: Duration) -> bool {
+        !self.done && unchanged_for >= self.duration(fallback)
     }
 }
 
@@ -120,8 +135,16 @@ pub enum Decision {
     Done,
 }
 
-/// Who may claim: the pure heart of the protocol.
-pub fn decide(claim: Option<&Claim>, me: &str, now: Timestamp, poll: Duration) -> Decision {
+/// Who may claim: the pure heart of the protocol. `unchanged_for` is how
+/// long this agent has seen the Lease's current record (see
+/// [`crate::observed`]); `fallback` is our own lease duration.
+pub fn decide(
+    claim: Option<&Claim>,
+    me: &str,
+    unchanged_for: Duration,
+    fallback: Duration,
+    poll: Duration,
+) -> Decision {
     let Some(claim) = claim else {
         return Decision::Create;
     };
@@ -129,11 +152,10 @@ pub fn decide(claim: Option<&Claim>, me: &str, now: Timestamp, poll: Duration) -
         Decision::Done
     } else if claim.holder.as_deref() == Some(me) {
         Decision::Finish
-    } else if claim.is_stale(now) {
+    } else if claim.is_stale(unchanged_for, fallback) {
         Decision::TakeOver
     } else {
-        let left = claim.remaining_ms(now).unwrap_or(0).max(0);
-        let left = Duration::from_millis(u64::try_from(left).unwrap_or(0));
+        let left = claim.duration(fallback).saturating_sub(unchanged_for);
         // Poll well before expiry: the usual end is the holder marking done.
         Decision::Wait(left.min(poll))
     }
@@ -146,7 +168,8 @@ pub enum Outcome {
     Reclaimed,
     /// The Lease says it was done already (by anyone).
     AlreadyDone,
-    /// Another agent holds a live claim; try again after `retry_after`.
+    /// Another agent (or another task of this one) holds a live claim; try
+    /// again after `retry_after`.
     HeldByOther {
         holder: String,
         retry_after: Duration,
@@ -167,7 +190,8 @@ pub struct ReclaimConfig {
     pub identity: String,
     /// This agent's own peer name, which it must never reclaim.
     pub my_peer: u64,
-    /// How long a claim stays valid without finishing (leaseDurationSeconds).
+    /// How long our claim stays valid without a renewal
+    /// (leaseDurationSeconds, whole seconds, at least 1).
     pub lease_duration: Duration,
     /// How often a waiting agent looks at someone else's claim again.
     pub poll: Duration,
@@ -183,16 +207,46 @@ impl ReclaimConfig {
             poll: Duration::from_secs(5),
         }
     }
+
+    /// The lease duration as written (whole seconds).
+    fn duration(&self) -> Duration {
+        Duration::from_secs(u64::from(duration_secs(self.lease_duration).unsigned_abs()))
+    }
+}
+
+/// Our claim as last written, and until when it is ours for sure.
+#[derive(Debug, Clone)]
+struct Held {
+    lease: Lease,
+    /// When the write that produced `lease` was sent, on our clock.
+    sent: Instant,
+    duration: Duration,
+    /// When to renew next while acting.
+    renew_at: Instant,
+}
+
+impl Held {
+    /// Acting is allowed until here: a third of a duration before anyone
+    /// else may call the claim stale (margin for clock rate differences).
+    fn act_until(&self) -> Instant {
+        self.sent + self.duration * 2 / 3
+    }
+
+    fn name(&self) -> String {
+        self.lease.metadata.name.clone().unwrap_or_default()
+    }
 }
 
 /// Runs the protocol (verbs: `get`, `create`, `update` leases; plus the
-/// [`NameMap`] verbs). Cheap to clone: one per spawned task is fine.
+/// [`NameMap`] verbs). Cheap to clone: one per spawned task is fine; the
+/// clones share what they observed.
 pub struct Reclaimer<A> {
     nodes: Api<Node>,
     leases: Api<Lease>,
     names: NameMap,
     action: Arc<A>,
     cfg: ReclaimConfig,
+    observed: Observed,
 }
 
 impl<A> Clone for Reclaimer<A> {
@@ -203,6 +257,7 @@ impl<A> Clone for Reclaimer<A> {
             names: self.names.clone(),
             action: self.action.clone(),
             cfg: self.cfg.clone(),
+            observed: self.observed.clone(),
         }
     }
 }
@@ -215,6 +270,7 @@ impl<A: ReclaimAction> Reclaimer<A> {
             names: NameMap::new(client),
             action: Arc::new(action),
             cfg,
+            observed: Observed::default(),
         }
     }
 
@@ -270,12 +326,31 @@ impl<A: ReclaimAction> Reclaimer<A> {
             return Ok(Outcome::OwnPeer);
         }
         let name = lease_name(peer);
+        let Some(_active) = self.observed.begin(&name) else {
+            return Ok(Outcome::HeldByOther {
+                holder: self.cfg.identity.clone(),
+                retry_after: self.cfg.poll,
+            });
+        };
         for _ in 0..MAX_ROUNDS {
             let current = self.get(&name).await?;
+            let version = current
+                .as_ref()
+                .map(|l| l.metadata.resource_version.clone().unwrap_or_default());
+            let unchanged_for = self.observed.unchanged_for(&name, version.as_deref());
             let claim = current.as_ref().map(Claim::of);
-            let decision = decide(claim.as_ref(), &self.cfg.identity, now(), self.cfg.poll);
+            let decision = decide(
+                claim.as_ref(),
+                &self.cfg.identity,
+                unchanged_for,
+                self.cfg.duration(),
+                self.cfg.poll,
+            );
             let held = match decision {
-                Decision::Done => return Ok(Outcome::AlreadyDone),
+                Decision::Done => {
+                    self.observed.forget(&name);
+                    return Ok(Outcome::AlreadyDone);
+                }
                 Decision::Wait(retry_after) => {
                     let holder = claim.and_then(|c| c.holder).unwrap_or_default();
                     return Ok(Outcome::HeldByOther {
@@ -284,11 +359,18 @@ impl<A: ReclaimAction> Reclaimer<A> {
                     });
                 }
                 Decision::Create => self.create(node, peer).await?,
-                Decision::Finish | Decision::TakeOver => self.renew(current).await?,
+                Decision::Finish | Decision::TakeOver => match current {
+                    Some(lease) => self.write_claim(lease).await?,
+                    None => None,
+                },
             };
-            // None: another agent wrote first; read again and re-decide.
-            if let Some(lease) = held {
-                return self.act_and_mark(lease, peer).await;
+            // None: another agent wrote first (or took over while we
+            // stalled); read again and re-decide.
+            if let Some(held) = held
+                && let Some(outcome) = self.act_and_mark(held, peer).await?
+            {
+                self.observed.forget(&name);
+                return Ok(outcome);
             }
         }
         Err(Error::Conflict {
@@ -297,14 +379,67 @@ impl<A: ReclaimAction> Reclaimer<A> {
         })
     }
 
-    async fn act_and_mark(&self, lease: Lease, peer: u64) -> Result<Outcome> {
+    /// Acts under `held`, renewing it meanwhile, and marks it done. `None`
+    /// when the claim turned out lost before acting.
+    async fn act_and_mark(&self, held: Held, peer: u64) -> Result<Option<Outcome>> {
+        let Some(mut held) = self.still_held(held).await? else {
+            return Ok(None);
+        };
         tracing::info!(peer = %format_peer_name(peer), "reclaiming removed peer's address space");
-        self.action
-            .reclaim(peer)
-            .await
-            .map_err(|source| Error::ReclaimAction { peer, source })?;
-        self.mark_done(lease).await?;
-        Ok(Outcome::Reclaimed)
+        let action = self.action.reclaim(peer);
+        tokio::pin!(action);
+        loop {
+            tokio::select! {
+                biased;
+                done = &mut action => {
+                    done.map_err(|source| Error::ReclaimAction { peer, source })?;
+                    break;
+                }
+                () = tokio::time::sleep_until(held.renew_at) => {
+                    held = self.renew_while_acting(held).await?;
+                }
+            }
+        }
+        self.mark_done(held).await?;
+        Ok(Some(Outcome::Reclaimed))
+    }
+
+    /// `held` if acting under it is still safe; after a stall past its
+    /// acting window, only if one more guarded write succeeds.
+    async fn still_held(&self, held: Held) -> Result<Option<Held>> {
+        if Instant::now() < held.act_until() {
+            return Ok(Some(held));
+        }
+        tracing::warn!(
+            lease = held.name(),
+            "claim written too long ago (stalled?); checking nobody took it over"
+        );
+        self.write_claim(held.lease).await
+    }
+
+    /// One renewal during the action. A lost claim (409) or one that could
+    /// not be renewed within its acting window ends the action: from then
+    /// on another agent may legitimately take over.
+    async fn renew_while_acting(&self, held: Held) -> Result<Held> {
+        let name = held.name();
+        match self.write_claim(held.lease.clone()).await {
+            Ok(Some(renewed)) => Ok(renewed),
+            Ok(None) => Err(Error::ClaimLost {
+                lease: name,
+                detail: "another agent wrote it while this one was reclaiming".into(),
+            }),
+            Err(e) if Instant::now() < held.act_until() => {
+                tracing::warn!("cannot renew Lease {name} yet: {e}");
+                Ok(Held {
+                    renew_at: Instant::now() + held.duration / 10,
+                    ..held
+                })
+            }
+            Err(e) => Err(Error::ClaimLost {
+                lease: name,
+                detail: format!("not renewed in time ({e})"),
+            }),
+        }
     }
 
     async fn get(&self, name: &str) -> Result<Option<Lease>> {
@@ -314,23 +449,19 @@ impl<A: ReclaimAction> Reclaimer<A> {
             .map_err(api(format!("get Lease {name}")))
     }
 
-    /// `Some(lease)` if our create won, `None` if another agent's did.
-    async fn create(&self, node: &str, peer: u64) -> Result<Option<Lease>> {
+    /// `Some` if our create won, `None` if another agent's did.
+    async fn create(&self, node: &str, peer: u64) -> Result<Option<Held>> {
         let lease = new_claim(node, peer, &self.cfg, now());
         let what = format!("create Lease {}", lease_name(peer));
-        none_on_conflict(
-            self.leases.create(&PostParams::default(), &lease).await,
-            what,
-        )
+        let sent = Instant::now();
+        let written = self.leases.create(&PostParams::default(), &lease).await;
+        Ok(none_on_conflict(written, what)?.map(|lease| self.held(lease, sent)))
     }
 
-    /// Makes us the holder with a fresh renewTime (takeover, or finishing
-    /// our own claim); replace carries the read resourceVersion, so of two
-    /// agents taking over the same stale claim only one succeeds.
-    async fn renew(&self, lease: Option<Lease>) -> Result<Option<Lease>> {
-        let Some(mut lease) = lease else {
-            return Ok(None);
-        };
+    /// Makes us the holder with a fresh renewal (takeover, finishing our
+    /// own claim, or renewing it); replace carries the resourceVersion of
+    /// `lease`, so it fails (`None`) if anyone wrote since.
+    async fn write_claim(&self, mut lease: Lease) -> Result<Option<Held>> {
         let name = lease.metadata.name.clone().unwrap_or_default();
         let spec = lease.spec.get_or_insert_default();
         let was_mine = spec.holder_identity.as_deref() == Some(&self.cfg.identity);
@@ -342,19 +473,36 @@ impl<A: ReclaimAction> Reclaimer<A> {
         spec.lease_duration_seconds = Some(duration_secs(self.cfg.lease_duration));
         spec.renew_time = Some(MicroTime(now()));
         let what = format!("replace Lease {name}");
-        none_on_conflict(
-            self.leases
-                .replace(&name, &PostParams::default(), &lease)
-                .await,
-            what,
-        )
+        let sent = Instant::now();
+        let written = self
+            .leases
+            .replace(&name, &PostParams::default(), &lease)
+            .await;
+        Ok(none_on_conflict(written, what)?.map(|lease| self.held(lease, sent)))
     }
 
-    /// Records completion. A 409 here means someone rewrote the Lease
-    /// after our claim (it went stale while we acted): read and retry, so
-    /// the record is kept unless it is already done.
-    async fn mark_done(&self, mut lease: Lease) -> Result<()> {
+    /// Our write succeeded: remember its record as seen now, so our own
+    /// writes never look like someone else's stale claim.
+    fn held(&self, lease: Lease, sent: Instant) -> Held {
         let name = lease.metadata.name.clone().unwrap_or_default();
+        let version = lease.metadata.resource_version.clone().unwrap_or_default();
+        self.observed.unchanged_for(&name, Some(&version));
+        let duration = self.cfg.duration();
+        Held {
+            lease,
+            sent,
+            duration,
+            renew_at: sent + duration / 3,
+        }
+    }
+
+    /// Records completion with the resourceVersion of our last write. A
+    /// 409 means someone wrote after it: if that was a takeover the record
+    /// is theirs (an error here, never overwritten); if the claim is still
+    /// ours (someone only edited it), mark the fresh copy.
+    async fn mark_done(&self, held: Held) -> Result<()> {
+        let name = held.name();
+        let mut lease = held.lease;
         for _ in 0..MAX_ROUNDS {
             lease
                 .metadata
@@ -369,9 +517,22 @@ impl<A: ReclaimAction> Reclaimer<A> {
             if none_on_conflict(written, what)?.is_some() {
                 return Ok(());
             }
-            match self.get(&name).await? {
-                Some(fresh) if !Claim::of(&fresh).done => lease = fresh,
-                _ => return Ok(()),
+            let fresh = self.get(&name).await?;
+            let claim = fresh.as_ref().map(Claim::of).unwrap_or_default();
+            if claim.done {
+                return Ok(());
+            }
+            match (fresh, claim.holder) {
+                (Some(fresh), Some(holder)) if holder == self.cfg.identity => lease = fresh,
+                (_, holder) => {
+                    return Err(Error::ClaimLost {
+                        lease: name,
+                        detail: format!(
+                            "taken over by {} before it was marked done",
+                            holder.as_deref().unwrap_or("nobody (deleted)")
+                        ),
+                    });
+                }
             }
         }
         Err(Error::Conflict {
@@ -414,8 +575,8 @@ fn duration_secs(d: Duration) -> i32 {
     i32::try_from(d.as_secs()).unwrap_or(i32::MAX).max(1)
 }
 
-/// Wall-clock now. Lease times are compared across machines, so this is
-/// the system clock, not a monotonic one.
+/// Wall-clock now, for the acquire and renew times people read in the
+/// Lease (never compared: see the module comment).
 pub fn now() -> Timestamp {
     let ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -429,89 +590,103 @@ mod tests {
     use super::*;
 
     const POLL: Duration = Duration::from_secs(5);
+    /// Our own lease duration, used for claims without a usable one.
+    const OURS: Duration = Duration::from_secs(30);
 
-    fn at(secs: i64) -> Timestamp {
-        Timestamp::from_second(1_800_000_000 + secs).unwrap()
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
     }
 
-    fn claim(holder: &str, renewed: i64, duration: i32, done: bool) -> Claim {
+    fn claim(holder: &str, duration: i32, done: bool) -> Claim {
         Claim {
             holder: Some(holder.into()),
             done,
-            renewed: Some(at(renewed)),
             duration_secs: Some(duration),
         }
     }
 
+    fn decide_b(c: &Claim, unchanged_for: u64) -> Decision {
+        decide(Some(c), "b", secs(unchanged_for), OURS, POLL)
+    }
+
     #[test]
     fn no_lease_means_create() {
-        assert_eq!(decide(None, "a", at(0), POLL), Decision::Create);
+        assert_eq!(decide(None, "a", secs(0), OURS, POLL), Decision::Create);
     }
 
     #[test]
     fn done_is_final_for_everyone_even_when_expired() {
-        let c = claim("a", 0, 60, true);
-        assert_eq!(decide(Some(&c), "a", at(1000), POLL), Decision::Done);
-        assert_eq!(decide(Some(&c), "b", at(1000), POLL), Decision::Done);
-        assert!(!c.is_stale(at(1000)));
+        let c = claim("a", 60, true);
+        assert_eq!(
+            decide(Some(&c), "a", secs(1000), OURS, POLL),
+            Decision::Done
+        );
+        assert_eq!(decide_b(&c, 1000), Decision::Done);
+        assert!(!c.is_stale(secs(1000), OURS));
     }
 
     #[test]
     fn own_unfinished_claim_is_finished() {
-        let c = claim("a", 0, 60, false);
-        assert_eq!(decide(Some(&c), "a", at(10), POLL), Decision::Finish);
-        assert_eq!(decide(Some(&c), "a", at(1000), POLL), Decision::Finish);
+        let c = claim("a", 60, false);
+        assert_eq!(
+            decide(Some(&c), "a", secs(10), OURS, POLL),
+            Decision::Finish
+        );
+        assert_eq!(
+            decide(Some(&c), "a", secs(1000), OURS, POLL),
+            Decision::Finish
+        );
     }
 
     #[test]
     fn live_foreign_claim_means_wait_at_most_poll() {
-        let c = claim("a", 0, 60, false);
-        assert_eq!(decide(Some(&c), "b", at(10), POLL), Decision::Wait(POLL));
-        let near_end = decide(Some(&c), "b", at(58), POLL);
-        assert_eq!(near_end, Decision::Wait(Duration::from_secs(2)));
+        let c = claim("a", 60, false);
+        assert_eq!(decide_b(&c, 10), Decision::Wait(POLL));
+        assert_eq!(decide_b(&c, 58), Decision::Wait(secs(2)));
     }
 
     #[test]
-    fn expired_foreign_claim_may_be_taken_over() {
-        let c = claim("a", 0, 60, false);
-        assert!(c.is_stale(at(60)));
-        assert_eq!(decide(Some(&c), "b", at(61), POLL), Decision::TakeOver);
+    fn foreign_claim_is_stale_only_after_a_whole_duration_unchanged() {
+        let c = claim("a", 60, false);
+        // However old its renewTime, a claim just seen is live: the
+        // decision never reads the holder's wall-clock times.
+        assert!(matches!(decide_b(&c, 0), Decision::Wait(_)));
+        assert!(matches!(decide_b(&c, 59), Decision::Wait(_)));
+        assert!(c.is_stale(secs(60), OURS));
+        assert_eq!(decide_b(&c, 61), Decision::TakeOver);
     }
 
     #[test]
-    fn malformed_claims_are_stale_not_blocking() {
-        let no_time = Claim {
+    fn malformed_claims_get_our_duration_then_are_taken_over() {
+        let no_duration = Claim {
             holder: Some("a".into()),
-            duration_secs: Some(60),
             ..Default::default()
         };
-        let bad_duration = claim("a", 0, -5, false);
+        let bad_duration = claim("a", -5, false);
         let no_holder = Claim {
-            renewed: Some(at(0)),
             duration_secs: Some(60),
             ..Default::default()
         };
-        assert_eq!(decide(Some(&no_time), "b", at(0), POLL), Decision::TakeOver);
-        assert_eq!(
-            decide(Some(&bad_duration), "b", at(0), POLL),
-            Decision::TakeOver
-        );
-        // Holderless but fresh: wait for it to expire rather than guess.
-        assert!(matches!(
-            decide(Some(&no_holder), "b", at(1), POLL),
-            Decision::Wait(_)
-        ));
+        for c in [&no_duration, &bad_duration] {
+            assert_eq!(c.duration(OURS), OURS);
+            assert!(matches!(decide_b(c, 1), Decision::Wait(_)));
+            assert_eq!(decide_b(c, 30), Decision::TakeOver);
+        }
+        // Holderless: wait for it to expire rather than guess.
+        assert!(matches!(decide_b(&no_holder, 1), Decision::Wait(_)));
+        assert_eq!(decide_b(&no_holder, 60), Decision::TakeOver);
     }
 
     #[test]
     fn claim_reads_lease_fields_and_done_annotation() {
         let cfg = ReclaimConfig::new("a", 1);
-        let mut lease = new_claim("node-x", 0xabc, &cfg, at(0));
+        let at = Timestamp::from_second(1_800_000_000).unwrap();
+        let mut lease = new_claim("node-x", 0xabc, &cfg, at);
         assert_eq!(
             lease.metadata.name.as_deref(),
             Some("weft-reclaim-0000000000000abc")
         );
-        assert_eq!(Claim::of(&lease), claim("a", 0, 60, false));
+        assert_eq!(Claim::of(&lease), claim("a", 60, false));
         lease
             .metadata
             .annotations
@@ -523,13 +698,26 @@ mod tests {
 
     #[test]
     fn huge_durations_do_not_overflow() {
-        let c = Claim {
-            holder: Some("a".into()),
-            renewed: Some(Timestamp::MAX),
-            duration_secs: Some(i32::MAX),
-            done: false,
-        };
-        assert!(!c.is_stale(Timestamp::MIN));
+        let c = claim("a", i32::MAX, false);
+        assert!(!c.is_stale(secs(365 * 24 * 3600), OURS));
+        assert_eq!(decide_b(&c, 3600), Decision::Wait(POLL));
         assert_eq!(duration_secs(Duration::from_secs(u64::MAX)), i32::MAX);
+        let cfg = ReclaimConfig {
+            lease_duration: Duration::from_millis(10),
+            ..ReclaimConfig::new("a", 1)
+        };
+        assert_eq!(cfg.duration(), secs(1));
+    }
+
+    #[test]
+    fn the_holder_acts_within_two_thirds_and_renews_at_one_third() {
+        let sent = Instant::now();
+        let held = Held {
+            lease: Lease::default(),
+            sent,
+            duration: secs(30),
+            renew_at: sent + secs(10),
+        };
+        assert_eq!(held.act_until(), sent + secs(20));
     }
 }

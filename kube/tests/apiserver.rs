@@ -15,6 +15,7 @@
 //! holding KUBECONFIG_ADMIN.
 
 mod common;
+mod faults;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -79,17 +80,27 @@ where
     api.patch(&name, &pp, &Patch::Apply(obj)).await.unwrap();
 }
 
-/// Server-side apply of every RBAC object in deploy/weft.yaml, as admin.
+/// Server-side apply of weft's namespace, its ConfigMap and every RBAC
+/// object in deploy/weft.yaml, as admin.
 async fn apply_rbac(admin: &Client) {
     let d = common::load();
+    for o in &d.namespaces {
+        apply(Api::all(admin.clone()), o).await;
+    }
+    for o in &d.config_maps {
+        let ns = o.metadata.namespace.as_deref().unwrap();
+        apply(Api::namespaced(admin.clone(), ns), o).await;
+    }
     for o in &d.service_accounts {
-        apply(Api::namespaced(admin.clone(), NAMESPACE), o).await;
+        apply(Api::namespaced(admin.clone(), "kube-system"), o).await;
     }
     for o in &d.roles {
-        apply(Api::namespaced(admin.clone(), NAMESPACE), o).await;
+        let ns = o.metadata.namespace.as_deref().unwrap();
+        apply(Api::namespaced(admin.clone(), ns), o).await;
     }
     for o in &d.role_bindings {
-        apply(Api::namespaced(admin.clone(), NAMESPACE), o).await;
+        let ns = o.metadata.namespace.as_deref().unwrap();
+        apply(Api::namespaced(admin.clone(), ns), o).await;
     }
     for o in &d.cluster_roles {
         apply(Api::all(admin.clone()), o).await;
@@ -317,9 +328,11 @@ async fn three_agents_race_and_exactly_one_reclaims() {
     assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
 }
 
-/// Writes a claim as if an agent had crashed after claiming.
+/// Writes a claim as if an agent had crashed after claiming (`age`
+/// seconds ago by its clock, with a short lease).
 async fn crashed_claim(admin: &Client, node: &str, peer: u64, holder: &str, age: i64) {
-    let cfg = ReclaimConfig::new(holder, 0x2);
+    let mut cfg = ReclaimConfig::new(holder, 0x2);
+    cfg.lease_duration = SHORT_LEASE;
     let when = weft_kube::reclaim::now()
         .checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(age))
         .unwrap();
@@ -379,6 +392,224 @@ async fn unfinished_claims_are_finished_or_taken_over() {
     eprintln!("sweep (may include leftovers of earlier runs): {swept:?}");
     assert!(!swept.contains_key(&node) && !swept.contains_key(&first));
     assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
+}
+
+/// Lease of the stall and skew tests: short, so that takeovers are quick.
+const SHORT_LEASE: Duration = Duration::from_secs(2);
+
+/// Records which agent reclaimed which peer; takes `work` to do it.
+#[derive(Clone)]
+struct LoggedReclaim {
+    agent: String,
+    work: Duration,
+    log: Arc<std::sync::Mutex<Vec<(String, u64)>>>,
+}
+
+impl ReclaimAction for LoggedReclaim {
+    async fn reclaim(&self, peer: u64) -> Result<(), BoxError> {
+        self.log.lock().unwrap().push((self.agent.clone(), peer));
+        tokio::time::sleep(self.work).await;
+        Ok(())
+    }
+}
+
+/// Agents sharing one log of reclaims, each with a short lease.
+#[derive(Default)]
+struct Agents {
+    log: Arc<std::sync::Mutex<Vec<(String, u64)>>>,
+}
+
+impl Agents {
+    fn agent(&self, client: &Client, id: &str, work: Duration) -> Reclaimer<LoggedReclaim> {
+        let mut cfg = ReclaimConfig::new(id, 0x1);
+        cfg.poll = Duration::from_millis(200);
+        cfg.lease_duration = SHORT_LEASE;
+        let action = LoggedReclaim {
+            agent: id.into(),
+            work,
+            log: self.log.clone(),
+        };
+        Reclaimer::new(client.clone(), action, cfg)
+    }
+
+    /// Who reclaimed `peer`: exactly one agent, or the test fails.
+    fn only_reclaimer_of(&self, peer: u64) -> String {
+        let log = self.log.lock().unwrap();
+        let by: Vec<&str> = log
+            .iter()
+            .filter(|(_, p)| *p == peer)
+            .map(|(a, _)| a.as_str())
+            .collect();
+        assert_eq!(by.len(), 1, "reclaims of {peer:x}: {by:?}");
+        by[0].to_string()
+    }
+}
+
+/// `reclaim_peer` until the outcome is final, within `limit`.
+async fn settle(r: &Reclaimer<LoggedReclaim>, peer: u64, limit: Duration) -> Outcome {
+    let settled = tokio::time::timeout(limit, async {
+        loop {
+            match r.reclaim_peer("t-node", peer).await.unwrap() {
+                Outcome::HeldByOther { retry_after, .. } => tokio::time::sleep(retry_after).await,
+                done => return done,
+            }
+        }
+    });
+    settled.await.expect("reclaim settled within the limit")
+}
+
+/// Waits until the claim Lease of `peer` exists.
+async fn claimed(weft: &Client, peer: u64) -> Claim {
+    for _ in 0..200 {
+        if let Some(c) = lease_claim(weft, peer).await {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no claim Lease for {peer:x}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holder_stalled_past_its_lease_does_not_reclaim_after_a_takeover() {
+    let Some(env) = env("holder_stalled_past_its_lease_does_not_reclaim_after_a_takeover").await
+    else {
+        return;
+    };
+    let agents = Agents::default();
+    let faults = faults::Faults::default();
+    let stalled = agents.agent(&faults.client(env.weft.clone()), "agent-a", Duration::ZERO);
+    let other = agents.agent(&env.weft, "agent-b", Duration::ZERO);
+    let peer = test_peer();
+
+    // a's create reaches the server, then a stalls (its answer is held).
+    let release = faults.hold_next_lease_create();
+    let a = tokio::spawn(async move { stalled.reclaim_peer("t-node", peer).await });
+    assert_eq!(
+        claimed(&env.weft, peer).await.holder.as_deref(),
+        Some("agent-a")
+    );
+    // b sees a's claim unchanged for a whole lease, takes over, reclaims.
+    assert_eq!(
+        settle(&other, peer, Duration::from_secs(30)).await,
+        Outcome::Reclaimed
+    );
+    // a wakes up more than a lease after its write: it must not act.
+    release.send(()).unwrap();
+    assert_eq!(a.await.unwrap().unwrap(), Outcome::AlreadyDone);
+    assert_eq!(agents.only_reclaimer_of(peer), "agent-b");
+    let claim = lease_claim(&env.weft, peer).await.unwrap();
+    assert!(claim.done);
+    assert_eq!(claim.holder.as_deref(), Some("agent-b"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reclaim_longer_than_the_lease_keeps_its_claim() {
+    let Some(env) = env("reclaim_longer_than_the_lease_keeps_its_claim").await else {
+        return;
+    };
+    let agents = Agents::default();
+    let slow = agents.agent(&env.weft, "agent-a", SHORT_LEASE * 3);
+    let other = agents.agent(&env.weft, "agent-b", Duration::ZERO);
+    // a renews while it works: b never sees a stale claim.
+    first_keeps_its_claim(&env, &agents, slow, &other).await;
+}
+
+/// `first` claims and reclaims (as agent-a); `other`, trying meanwhile,
+/// must find the claim live until it is done.
+async fn first_keeps_its_claim(
+    env: &Env,
+    agents: &Agents,
+    first: Reclaimer<LoggedReclaim>,
+    other: &Reclaimer<LoggedReclaim>,
+) {
+    let peer = test_peer();
+    let task = tokio::spawn(async move { first.reclaim_peer("t-node", peer).await });
+    claimed(&env.weft, peer).await;
+    assert_eq!(
+        settle(other, peer, Duration::from_secs(30)).await,
+        Outcome::AlreadyDone
+    );
+    assert_eq!(task.await.unwrap().unwrap(), Outcome::Reclaimed);
+    assert_eq!(agents.only_reclaimer_of(peer), "agent-a");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clock_skew_between_agents_keeps_one_reclaim() {
+    let Some(env) = env("clock_skew_between_agents_keeps_one_reclaim").await else {
+        return;
+    };
+    let hour = k8s_openapi::jiff::SignedDuration::from_hours(1);
+    let agents = Agents::default();
+
+    // a's clock is an hour behind: its fresh claim looks an hour old.
+    let behind = faults::Faults::default();
+    behind.set_skew(-hour);
+    let a = agents.agent(&behind.client(env.weft.clone()), "agent-a", SHORT_LEASE * 2);
+    let b = agents.agent(&env.weft, "agent-b", Duration::ZERO);
+    first_keeps_its_claim(&env, &agents, a, &b).await;
+
+    // c's clock is an hour ahead and c dies right after claiming: its
+    // claim looks valid for another hour, yet b takes over after a lease.
+    let ahead = faults::Faults::default();
+    ahead.set_skew(hour);
+    let c = agents.agent(&ahead.client(env.weft.clone()), "agent-c", Duration::ZERO);
+    let peer = test_peer();
+    let _never = ahead.hold_next_lease_create();
+    let task = tokio::spawn(async move { c.reclaim_peer("t-node", peer).await });
+    claimed(&env.weft, peer).await;
+    assert_eq!(
+        settle(&b, peer, Duration::from_secs(30)).await,
+        Outcome::Reclaimed
+    );
+    task.abort();
+    assert_eq!(agents.only_reclaimer_of(peer), "agent-b");
+}
+
+/// Tells the test it started, then waits for the test to let it finish.
+struct GatedReclaim {
+    started: tokio::sync::mpsc::UnboundedSender<()>,
+    finish: Arc<tokio::sync::Notify>,
+}
+
+impl ReclaimAction for GatedReclaim {
+    async fn reclaim(&self, _peer: u64) -> Result<(), BoxError> {
+        let _ = self.started.send(());
+        self.finish.notified().await;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn done_mark_never_overwrites_a_takeover() {
+    let Some(env) = env("done_mark_never_overwrites_a_takeover").await else {
+        return;
+    };
+    let (started, mut has_started) = tokio::sync::mpsc::unbounded_channel();
+    let finish = Arc::new(tokio::sync::Notify::new());
+    let action = GatedReclaim {
+        started,
+        finish: finish.clone(),
+    };
+    let mut cfg = ReclaimConfig::new("agent-a", 0x1);
+    cfg.lease_duration = SHORT_LEASE;
+    let a = Reclaimer::new(env.weft.clone(), action, cfg);
+    let peer = test_peer();
+    let task = tokio::spawn(async move { a.reclaim_peer("t-node", peer).await });
+    has_started.recv().await.unwrap();
+    // While a acts, agent-b takes the claim over (written here as admin).
+    let leases: Api<Lease> = Api::namespaced(env.admin.clone(), NAMESPACE);
+    let mut lease = leases.get(&lease_name(peer)).await.unwrap();
+    lease.spec.as_mut().unwrap().holder_identity = Some("agent-b".into());
+    leases
+        .replace(&lease_name(peer), &PostParams::default(), &lease)
+        .await
+        .unwrap();
+    finish.notify_one();
+    let lost = task.await.unwrap();
+    assert!(lost.is_err(), "a noticed the takeover: {lost:?}");
+    let claim = lease_claim(&env.weft, peer).await.unwrap();
+    assert_eq!(claim.holder.as_deref(), Some("agent-b"));
+    assert!(!claim.done, "b's claim is b's to mark done");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

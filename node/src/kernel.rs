@@ -13,7 +13,7 @@ use weft_core::forward::Forward;
 use weft_core::{PeerName, Router};
 use weft_dataplane::{
     BridgeSpec, Dataplane, DataplaneError, Desired, PodRoute, RemotePeer, RouteDevice, SleeveSpec,
-    VxlanSpec, vtep_mac,
+    VxlanSpec, sysctl, vtep_mac,
 };
 
 /// Which overlay carries pod traffic between nodes.
@@ -253,14 +253,14 @@ fn no_rp_filter_on_overlays(d: &Desired) {
     let Some(vxlan) = &d.vxlan else { return };
     let sleeve = d.sleeve.as_ref().map(|s| s.name.as_str());
     for dev in std::iter::once(vxlan.name.as_str()).chain(sleeve) {
-        set_sysctl(&format!("/proc/sys/net/ipv4/conf/{dev}/rp_filter"), "0");
+        set_sysctl(&sysctl::net(&format!("ipv4/conf/{dev}/rp_filter")), "0");
     }
-    set_sysctl("/proc/sys/net/ipv4/conf/all/rp_filter", "0");
+    set_sysctl(&sysctl::net("ipv4/conf/all/rp_filter"), "0");
 }
 
 /// Writes `value` where it differs, saying so; a failure is logged (the
 /// overlay still works for peers on the same path both ways).
-fn set_sysctl(path: &str, value: &str) {
+fn set_sysctl(path: &std::path::Path, value: &str) {
     let Ok(old) = std::fs::read_to_string(path) else {
         return;
     };
@@ -268,8 +268,8 @@ fn set_sysctl(path: &str, value: &str) {
         return;
     }
     match std::fs::write(path, value) {
-        Ok(()) => tracing::info!("set {path} to {value} (was {})", old.trim()),
-        Err(e) => tracing::warn!("cannot set {path} to {value}: {e}"),
+        Ok(()) => tracing::info!("set {} to {value} (was {})", path.display(), old.trim()),
+        Err(e) => tracing::warn!("cannot set {} to {value}: {e}", path.display()),
     }
 }
 
@@ -288,16 +288,16 @@ fn in_use(d: &Desired) -> &'static str {
 fn answer_arp_for_remote_pods(bridge: &str) {
     // The kernel delays proxy answers by up to 0.8 s by default.
     for (path, value) in [
-        (format!("/proc/sys/net/ipv4/conf/{bridge}/proxy_arp"), "1"),
+        (sysctl::net(&format!("ipv4/conf/{bridge}/proxy_arp")), "1"),
         (
-            format!("/proc/sys/net/ipv4/neigh/{bridge}/proxy_delay"),
+            sysctl::net(&format!("ipv4/neigh/{bridge}/proxy_delay")),
             "0",
         ),
     ] {
         if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() != value)
             && let Err(e) = std::fs::write(&path, value)
         {
-            tracing::warn!("cannot set {path}: {e}");
+            tracing::warn!("cannot set {}: {e}", path.display());
         }
     }
 }

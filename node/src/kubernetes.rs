@@ -1,5 +1,5 @@
 //! `weft router --kube`: peers from the API server's Node objects, this
-//! node's peer name recorded in ConfigMap `kube-system/weft`, the space of
+//! node's peer name recorded in ConfigMap `weft/weft`, the space of
 //! deleted Nodes reclaimed (exactly once, by a Lease), and the Node
 //! condition `NetworkUnavailable=False` once the agent is ready.
 //!

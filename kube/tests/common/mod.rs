@@ -3,7 +3,7 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 
 pub const DEPLOY_YAML: &str = include_str!("../../../deploy/weft.yaml");
@@ -11,6 +11,8 @@ pub const DEPLOY_YAML: &str = include_str!("../../../deploy/weft.yaml");
 /// Every document of deploy/weft.yaml, typed.
 #[derive(Debug, Default)]
 pub struct Deploy {
+    pub namespaces: Vec<Namespace>,
+    pub config_maps: Vec<ConfigMap>,
     pub service_accounts: Vec<ServiceAccount>,
     pub cluster_roles: Vec<ClusterRole>,
     pub cluster_role_bindings: Vec<ClusterRoleBinding>,
@@ -27,6 +29,8 @@ pub fn load() -> Deploy {
     for doc in docs {
         let kind = doc["kind"].as_str().unwrap_or_default().to_string();
         match kind.as_str() {
+            "Namespace" => d.namespaces.push(typed(doc)),
+            "ConfigMap" => d.config_maps.push(typed(doc)),
             "ServiceAccount" => d.service_accounts.push(typed(doc)),
             "ClusterRole" => d.cluster_roles.push(typed(doc)),
             "ClusterRoleBinding" => d.cluster_role_bindings.push(typed(doc)),
