@@ -189,7 +189,9 @@ impl Router {
             });
         }
         if let Some(saved) = &ipam_state {
-            saved.check(&config.ipam).map_err(ConfigError::InvalidState)?;
+            saved
+                .check(&config.ipam)
+                .map_err(ConfigError::InvalidState)?;
         }
         let ipam = Ipam::new(me, config.ipalloc_range, config.ipam.clone(), 1, ipam_state);
         let epoch = (u64::from(restarts) << 32) | (rng.next_u64() >> 32);

@@ -268,7 +268,10 @@ fn the_gateway_survives_sigterm_and_kill_9_and_is_never_handed_out() {
     let gateway = |agent: &Agent, container: &str| {
         let a = agent.api(serde_json::json!({"op": "allocate", "container_id": container}));
         assert_eq!(a["ok"], true, "{a}");
-        (a["address"].as_str().unwrap().to_string(), a["gateway"].clone())
+        (
+            a["address"].as_str().unwrap().to_string(),
+            a["gateway"].clone(),
+        )
     };
     let (first, before) = gateway(&agent, "c1");
     let mut given = vec![first, gateway(&agent, "c2").0];

@@ -580,8 +580,11 @@ impl<'a> Sim<'a> {
                 "{}'s gateway moved from {old} to {to} while it still owns {old}",
                 self.nodes[i].name
             );
-            self.trace
-                .line(self.now, "-", &format!("STABLE_GATEWAYS VIOLATED: {detail}"));
+            self.trace.line(
+                self.now,
+                "-",
+                &format!("STABLE_GATEWAYS VIOLATED: {detail}"),
+            );
             self.gateway_violation = Some((self.now, detail));
         }
     }

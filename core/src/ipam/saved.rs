@@ -18,7 +18,11 @@ pub enum StateError {
     #[error("the ring's range {0} is not a network address with its prefix")]
     UnalignedRange(Ipv4Net),
     #[error("ring block {start}/{len} is not a CIDR block of the range {range}")]
-    BlockOutsideRange { start: Ipv4Addr, len: u8, range: Ipv4Net },
+    BlockOutsideRange {
+        start: Ipv4Addr,
+        len: u8,
+        range: Ipv4Net,
+    },
     #[error("ring blocks {first} and {second} overlap")]
     BlocksOverlap { first: Ipv4Net, second: Ipv4Net },
     #[error("the ring has blocks but no seed")]
@@ -98,10 +102,18 @@ fn check_allocations(space: &Space, outer: Option<Ipv4Net>) -> Result<(), StateE
         if let Some(range) = outer {
             let (container, reserved) = (container.to_string(), reserved_in(range));
             if !range.contains(&addr) {
-                return Err(StateError::AllocationOutside { container, addr, range });
+                return Err(StateError::AllocationOutside {
+                    container,
+                    addr,
+                    range,
+                });
             }
             if reserved.contains(&addr) {
-                return Err(StateError::AllocationReserved { container, addr, range });
+                return Err(StateError::AllocationReserved {
+                    container,
+                    addr,
+                    range,
+                });
             }
         }
         if let Some(first) = holders.insert(addr, container) {
@@ -134,7 +146,13 @@ mod tests {
         allocations.insert(GATEWAY_ID, "10.32.0.1".parse().unwrap());
         allocations.insert("pod", "10.32.0.2".parse().unwrap());
         let state = IpamState {
-            ring: Ring::seeded(range, Seed { id: 1, first_owner: owner }),
+            ring: Ring::seeded(
+                range,
+                Seed {
+                    id: 1,
+                    first_owner: owner,
+                },
+            ),
             allocations,
             seeding: Default::default(),
         };
@@ -145,7 +163,13 @@ mod tests {
 
     fn block(value: &mut Value, start: &str, len: u8) {
         let start = u32::from(start.parse::<Ipv4Addr>().unwrap()).to_string();
-        let label = value["ring"]["blocks"].as_object().unwrap().values().next().unwrap()[1].clone();
+        let label = value["ring"]["blocks"]
+            .as_object()
+            .unwrap()
+            .values()
+            .next()
+            .unwrap()[1]
+            .clone();
         value["ring"]["blocks"] = json!({ start: [len, label] });
     }
 
@@ -162,10 +186,26 @@ mod tests {
     #[test]
     fn blocks_outside_the_range_or_of_impossible_length_are_refused() {
         let cases = [
-            ("0.0.0.0", 0, "ring block 0.0.0.0/0 is not a CIDR block of the range 10.32.0.0/12"),
-            ("10.32.0.0", 40, "ring block 10.32.0.0/40 is not a CIDR block of the range 10.32.0.0/12"),
-            ("10.64.0.0", 16, "ring block 10.64.0.0/16 is not a CIDR block of the range 10.32.0.0/12"),
-            ("10.32.0.1", 24, "ring block 10.32.0.1/24 is not a CIDR block of the range 10.32.0.0/12"),
+            (
+                "0.0.0.0",
+                0,
+                "ring block 0.0.0.0/0 is not a CIDR block of the range 10.32.0.0/12",
+            ),
+            (
+                "10.32.0.0",
+                40,
+                "ring block 10.32.0.0/40 is not a CIDR block of the range 10.32.0.0/12",
+            ),
+            (
+                "10.64.0.0",
+                16,
+                "ring block 10.64.0.0/16 is not a CIDR block of the range 10.32.0.0/12",
+            ),
+            (
+                "10.32.0.1",
+                24,
+                "ring block 10.32.0.1/24 is not a CIDR block of the range 10.32.0.0/12",
+            ),
         ];
         for (start, len, want) in cases {
             assert_eq!(refusal(|v| block(v, start, len)), want);
@@ -175,7 +215,13 @@ mod tests {
     #[test]
     fn overlapping_blocks_and_blocks_without_a_seed_are_refused() {
         let overlap = refusal(|v| {
-            let label = v["ring"]["blocks"].as_object().unwrap().values().next().unwrap()[1].clone();
+            let label = v["ring"]["blocks"]
+                .as_object()
+                .unwrap()
+                .values()
+                .next()
+                .unwrap()[1]
+                .clone();
             let a = u32::from(Ipv4Addr::new(10, 32, 0, 0)).to_string();
             let b = u32::from(Ipv4Addr::new(10, 32, 1, 0)).to_string();
             v["ring"]["blocks"] = json!({ a: [16, label.clone()], b: [24, label] });
@@ -217,7 +263,8 @@ mod tests {
         let mode = IpamMode::NodeCidr(Some("10.244.1.0/24".parse().unwrap()));
         let state = edited(|v| {
             v["ring"] = serde_json::to_value(Ring::new("10.32.0.0/12".parse().unwrap())).unwrap();
-            v["allocations"]["by_container"] = json!({"weft:gateway": "10.244.1.1", "pod": "10.244.2.5"});
+            v["allocations"]["by_container"] =
+                json!({"weft:gateway": "10.244.1.1", "pod": "10.244.2.5"});
         });
         assert_eq!(
             state.check(&mode).unwrap_err().to_string(),

@@ -698,9 +698,14 @@ fn assert_gateways_kept(net: &Net, before: &BTreeMap<usize, Ipv4Addr>) {
 
 #[test]
 fn a_restart_keeps_the_gateway_and_never_hands_it_to_a_pod() {
-    let mut net = Net::new(1, 35, |_, c| c.ipalloc_range = "10.99.0.0/16".parse().unwrap());
+    let mut net = Net::new(1, 35, |_, c| {
+        c.ipalloc_range = "10.99.0.0/16".parse().unwrap()
+    });
     net.run_for(secs(2));
-    let gateway = net.router(0).gateway().expect("a lone consensus-of-one node has space");
+    let gateway = net
+        .router(0)
+        .gateway()
+        .expect("a lone consensus-of-one node has space");
     let pods = [ready(&mut net, 0, "a"), ready(&mut net, 0, "b")];
     assert!(!pods.contains(&gateway));
     net.restart(0);
@@ -710,7 +715,10 @@ fn a_restart_keeps_the_gateway_and_never_hands_it_to_a_pod() {
     net.start(0);
     assert_eq!(net.router(0).gateway(), Some(gateway));
     let next = ready(&mut net, 0, "c");
-    assert!(next != gateway && !pods.contains(&next), "{next} handed out twice");
+    assert!(
+        next != gateway && !pods.contains(&next),
+        "{next} handed out twice"
+    );
 }
 
 #[test]
@@ -719,7 +727,10 @@ fn no_caller_can_take_or_release_the_gateway() {
     net.run_for(secs(2));
     let gateway = net.router(0).gateway().unwrap();
     let refused = IpamError::InvalidContainerId(GATEWAY_ID.into());
-    assert_eq!(net.call(0, |r, now| r.release(now, GATEWAY_ID)), Some(Err(refused.clone())));
+    assert_eq!(
+        net.call(0, |r, now| r.release(now, GATEWAY_ID)),
+        Some(Err(refused.clone()))
+    );
     assert_eq!(allocate(&mut net, 0, GATEWAY_ID), Err(refused.clone()));
     assert_eq!(
         net.call(0, |r, now| r.claim(now, GATEWAY_ID, gateway)),
