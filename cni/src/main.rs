@@ -12,7 +12,7 @@ use agent::Agent;
 use ipnet::Ipv4Net;
 use serde_json::{Value, json};
 use spec::{CniError, Command, Env, NetConf, code};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::Ipv4Addr;
 use std::process::ExitCode;
 
@@ -22,16 +22,17 @@ fn main() -> ExitCode {
         println!("weft-cni {}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
     }
-    let mut stdin = Vec::new();
     let env = Env::parse(|k| std::env::var(k).ok());
+    let stdin = spec::read_config(std::io::stdin().lock());
     // Before anything can fail on it, the version the error should carry.
-    let _ = std::io::stdin().read_to_end(&mut stdin);
-    let version = serde_json::from_slice::<Value>(&stdin)
+    let version = stdin
+        .as_deref()
         .ok()
+        .and_then(|stdin| serde_json::from_slice::<Value>(stdin).ok())
         .and_then(|v| v["cniVersion"].as_str().map(str::to_string))
         .filter(|v| spec::SUPPORTED.contains(&v.as_str()))
         .unwrap_or_else(|| "1.1.0".into());
-    let outcome = env.and_then(|env| run(&env, &stdin));
+    let outcome = env.and_then(|env| run(&env, &stdin?));
     let mut out = std::io::stdout().lock();
     match outcome {
         Ok(Some(result)) => {
@@ -84,7 +85,7 @@ fn run(env: &Env, stdin: &[u8]) -> Result<Option<Value>, CniError> {
 fn add(env: &Env, conf: &NetConf, agent: &Agent) -> Result<Value, CniError> {
     let netns = env.netns.as_deref().expect("ADD has CNI_NETNS");
     // Check the namespace before taking an address for it.
-    link::open_netns(netns)?;
+    link::check_netns(netns)?;
     let status = agent.status()?;
     let attachment = env.attachment();
     let answer = agent.allocate(&attachment)?;
@@ -194,13 +195,7 @@ fn status(agent: &Agent) -> Result<(), CniError> {
 
 /// Releases allocations of attachments the runtime no longer has.
 fn gc(conf: &NetConf, agent: &Agent) -> Result<(), CniError> {
-    let valid: std::collections::BTreeSet<String> = conf
-        .valid_attachments
-        .as_deref()
-        .unwrap_or_default()
-        .iter()
-        .map(|a| spec::attachment(&a.container_id, &a.ifname))
-        .collect();
+    let valid = conf.valid_attachments()?;
     for held in agent.list()? {
         if !valid.contains(&held) {
             let _ = link::remove_host_end(&link::host_ifname(&held));

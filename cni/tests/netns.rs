@@ -336,6 +336,11 @@ fn gc_releases_attachments_the_runtime_no_longer_has() {
     let conf = node.config("1.1.0");
     assert!(node.cni("ADD", "keep", &netns_path(&a), &conf).0);
     assert!(node.cni("ADD", "stale", &netns_path(&b), &conf).0);
+    // Without the list, GC is an invalid configuration and keeps every pod.
+    let (ok, v) = node.cni_raw(&[("CNI_COMMAND", "GC")], conf.to_string().as_bytes());
+    assert_eq!((ok, &v["code"]), (false, &json!(7)), "{v}");
+    assert_eq!(node.allocations(), 2);
+    assert_eq!(node.veths(), 2);
     let mut gc = conf.clone();
     gc["cni.dev/valid-attachments"] = json!([{"containerID": "keep", "ifname": "eth0"}]);
     let (ok, v) = node.cni_raw(&[("CNI_COMMAND", "GC")], gc.to_string().as_bytes());
