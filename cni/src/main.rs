@@ -88,7 +88,24 @@ fn add(env: &Env, conf: &NetConf, agent: &Agent) -> Result<Value, CniError> {
     link::check_netns(netns)?;
     let status = agent.status()?;
     let attachment = env.attachment();
-    let answer = agent.allocate(&attachment)?;
+    let added = allocate_and_attach(env, conf, &status, agent, netns, &attachment);
+    if added.is_err() {
+        // A failed ADD keeps no address, nor a request still waiting for
+        // one (the runtime retries with a new ADD, or gives up).
+        let _ = agent.release(&attachment);
+    }
+    added
+}
+
+fn allocate_and_attach(
+    env: &Env,
+    conf: &NetConf,
+    status: &Value,
+    agent: &Agent,
+    netns: &std::path::Path,
+    attachment: &str,
+) -> Result<Value, CniError> {
+    let answer = agent.allocate(attachment)?;
     let address: Ipv4Net = parse(&answer["address"], "address")?;
     let gateway: Ipv4Addr = parse(&answer["gateway"], "gateway")?;
     let mtu = conf
@@ -98,21 +115,14 @@ fn add(env: &Env, conf: &NetConf, agent: &Agent) -> Result<Value, CniError> {
     let plan = link::Plan {
         netns,
         bridge: &conf.bridge,
-        host_ifname: link::host_ifname(&attachment),
+        host_ifname: link::host_ifname(attachment),
         ifname: &env.ifname,
         mtu,
         address,
         gateway,
         hairpin: conf.hairpin_mode,
     };
-    match link::attach(&plan) {
-        Ok(attached) => Ok(attached.result(&conf.cni_version)),
-        Err(e) => {
-            // A failed ADD keeps no address.
-            let _ = agent.release(&attachment);
-            Err(e)
-        }
-    }
+    Ok(link::attach(&plan)?.result(&conf.cni_version))
 }
 
 fn parse<T: std::str::FromStr>(v: &Value, what: &str) -> Result<T, CniError> {

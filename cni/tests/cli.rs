@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
-/// Answers every request as a ready agent holding one pod would, and
-/// records each request's `op`.
+/// Answers every request as a ready agent holding one pod would (or, when
+/// `pending`, one still waiting for address space), and records each
+/// request's `op`.
 struct FakeAgent {
     socket: PathBuf,
     ops: Arc<Mutex<Vec<String>>>,
@@ -19,6 +20,10 @@ struct FakeAgent {
 
 impl FakeAgent {
     fn start() -> FakeAgent {
+        FakeAgent::answering(false)
+    }
+
+    fn answering(pending: bool) -> FakeAgent {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("weft.sock");
         let listener = UnixListener::bind(&socket).unwrap();
@@ -32,7 +37,7 @@ impl FakeAgent {
                     let Ok(line) = line else { break };
                     let request: Value = serde_json::from_str(&line).unwrap_or_default();
                     let op = request["op"].as_str().unwrap_or("?").to_string();
-                    let answer = answer(&op, &request);
+                    let answer = answer(&op, &request, pending);
                     seen.lock().unwrap().push(op);
                     if writeln!(write, "{answer}").is_err() {
                         break;
@@ -57,10 +62,12 @@ impl FakeAgent {
     }
 }
 
-fn answer(op: &str, request: &Value) -> Value {
+fn answer(op: &str, request: &Value, pending: bool) -> Value {
     let pod = json!({"container_id": "c1/eth0", "address": "10.32.0.2/12",
                      "gateway": "10.32.0.1"});
     match op {
+        "allocate" if pending => json!({"ok": false, "error": {"kind": "pending",
+            "message": "no address for c1/eth0 yet: the ring is not seeded"}}),
         "status" => json!({"ok": true, "ready": true, "reason": null, "bridge": "weft",
                            "mtu": 1400, "range": "10.32.0.0/12", "gateway": "10.32.0.1"}),
         "list" => json!({"ok": true, "allocations": [pod]}),
@@ -173,4 +180,18 @@ fn a_netns_that_is_not_a_network_namespace_is_refused_before_allocating() {
         assert!(msg.contains("CNI_NETNS"), "{msg}");
     }
     assert_eq!(agent.ops(), Vec::<String>::new());
+}
+
+#[test]
+fn an_add_that_outwaits_the_agent_says_try_again_and_keeps_no_request() {
+    // Getting as far as allocating takes a namespace the plugin may enter.
+    if std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) != 0 {
+        eprintln!("skipped: needs root to enter a network namespace");
+        return;
+    }
+    let agent = FakeAgent::answering(true);
+    let (code, msg) = error_code(add(Path::new("/proc/self/ns/net"), &agent.config()));
+    assert_eq!(code, 11, "{msg}");
+    assert!(msg.contains("not seeded"), "{msg}");
+    assert_eq!(agent.ops(), ["status", "allocate", "release"]);
 }
