@@ -354,7 +354,8 @@ impl Api {
                 .await
                 .is_err()
             {
-                let reason = self.status().reason.unwrap_or_default();
+                let reason = self.status().reason;
+                let reason = reason.unwrap_or_else(|| "it was just set up".into());
                 return Err(pending(format!(
                     "{container} holds {address}, but the bridge {} is not ready for pods yet: {reason}",
                     self.bridge
