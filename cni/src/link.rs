@@ -88,6 +88,28 @@ where
     })
 }
 
+/// Checks that `netns` is a network namespace this process can enter, by
+/// entering it on a throwaway thread: the one test that is exact (a
+/// regular file or another kind of namespace opens fine, and only fails
+/// once ADD has taken an address and made a veth).
+pub fn check_netns(netns: &Path) -> Result<(), CniError> {
+    let file = open_netns(netns)?;
+    let entered = std::thread::scope(|s| {
+        s.spawn(|| nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET))
+            .join()
+    });
+    let why = match entered {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(nix::errno::Errno::EINVAL)) => "it is not a network namespace".to_string(),
+        Ok(Err(e)) => format!("cannot enter it: {e}"),
+        Err(_) => "the namespace check panicked".to_string(),
+    };
+    Err(CniError::new(
+        code::INVALID_ENV,
+        format!("CNI_NETNS={}: {why}", netns.display()),
+    ))
+}
+
 pub fn open_netns(netns: &Path) -> Result<std::fs::File, CniError> {
     std::fs::File::open(netns).map_err(|e| {
         CniError::new(

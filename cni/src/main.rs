@@ -12,7 +12,7 @@ use agent::Agent;
 use ipnet::Ipv4Net;
 use serde_json::{Value, json};
 use spec::{CniError, Command, Env, NetConf, code};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::Ipv4Addr;
 use std::process::ExitCode;
 
@@ -22,16 +22,17 @@ fn main() -> ExitCode {
         println!("weft-cni {}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
     }
-    let mut stdin = Vec::new();
     let env = Env::parse(|k| std::env::var(k).ok());
+    let stdin = spec::read_config(std::io::stdin().lock());
     // Before anything can fail on it, the version the error should carry.
-    let _ = std::io::stdin().read_to_end(&mut stdin);
-    let version = serde_json::from_slice::<Value>(&stdin)
+    let version = stdin
+        .as_deref()
         .ok()
+        .and_then(|stdin| serde_json::from_slice::<Value>(stdin).ok())
         .and_then(|v| v["cniVersion"].as_str().map(str::to_string))
         .filter(|v| spec::SUPPORTED.contains(&v.as_str()))
         .unwrap_or_else(|| "1.1.0".into());
-    let outcome = env.and_then(|env| run(&env, &stdin));
+    let outcome = env.and_then(|env| run(&env, &stdin?));
     let mut out = std::io::stdout().lock();
     match outcome {
         Ok(Some(result)) => {
@@ -84,10 +85,27 @@ fn run(env: &Env, stdin: &[u8]) -> Result<Option<Value>, CniError> {
 fn add(env: &Env, conf: &NetConf, agent: &Agent) -> Result<Value, CniError> {
     let netns = env.netns.as_deref().expect("ADD has CNI_NETNS");
     // Check the namespace before taking an address for it.
-    link::open_netns(netns)?;
+    link::check_netns(netns)?;
     let status = agent.status()?;
     let attachment = env.attachment();
-    let answer = agent.allocate(&attachment)?;
+    let added = allocate_and_attach(env, conf, &status, agent, netns, &attachment);
+    if added.is_err() {
+        // A failed ADD keeps no address, nor a request still waiting for
+        // one (the runtime retries with a new ADD, or gives up).
+        let _ = agent.release(&attachment);
+    }
+    added
+}
+
+fn allocate_and_attach(
+    env: &Env,
+    conf: &NetConf,
+    status: &Value,
+    agent: &Agent,
+    netns: &std::path::Path,
+    attachment: &str,
+) -> Result<Value, CniError> {
+    let answer = agent.allocate(attachment)?;
     let address: Ipv4Net = parse(&answer["address"], "address")?;
     let gateway: Ipv4Addr = parse(&answer["gateway"], "gateway")?;
     let mtu = conf
@@ -97,21 +115,14 @@ fn add(env: &Env, conf: &NetConf, agent: &Agent) -> Result<Value, CniError> {
     let plan = link::Plan {
         netns,
         bridge: &conf.bridge,
-        host_ifname: link::host_ifname(&attachment),
+        host_ifname: link::host_ifname(attachment),
         ifname: &env.ifname,
         mtu,
         address,
         gateway,
         hairpin: conf.hairpin_mode,
     };
-    match link::attach(&plan) {
-        Ok(attached) => Ok(attached.result(&conf.cni_version)),
-        Err(e) => {
-            // A failed ADD keeps no address.
-            let _ = agent.release(&attachment);
-            Err(e)
-        }
-    }
+    Ok(link::attach(&plan)?.result(&conf.cni_version))
 }
 
 fn parse<T: std::str::FromStr>(v: &Value, what: &str) -> Result<T, CniError> {
@@ -194,13 +205,7 @@ fn status(agent: &Agent) -> Result<(), CniError> {
 
 /// Releases allocations of attachments the runtime no longer has.
 fn gc(conf: &NetConf, agent: &Agent) -> Result<(), CniError> {
-    let valid: std::collections::BTreeSet<String> = conf
-        .valid_attachments
-        .as_deref()
-        .unwrap_or_default()
-        .iter()
-        .map(|a| spec::attachment(&a.container_id, &a.ifname))
-        .collect();
+    let valid = conf.valid_attachments()?;
     for held in agent.list()? {
         if !valid.contains(&held) {
             let _ = link::remove_host_end(&link::host_ifname(&held));

@@ -5,6 +5,8 @@
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use std::collections::BTreeSet;
+use std::io::Read;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
@@ -171,10 +173,39 @@ fn valid_ifname(name: &str) -> bool {
 
 /// One attachment the runtime still has (GC keeps these).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-pub struct ValidAttachment {
+struct ValidAttachment {
     #[serde(rename = "containerID")]
-    pub container_id: String,
-    pub ifname: String,
+    container_id: String,
+    ifname: String,
+}
+
+/// The largest network configuration read from stdin; a runtime's are a
+/// few KiB (GC's list of attachments grows by ~60 bytes a pod).
+pub const MAX_CONFIG: u64 = 1 << 20;
+
+/// Reads the configuration, at most [`MAX_CONFIG`] bytes of it: endless
+/// input (`< /dev/zero`) is an error, not a read until memory runs out.
+pub fn read_config(stdin: impl std::io::Read) -> Result<Vec<u8>, CniError> {
+    let mut bytes = Vec::new();
+    stdin
+        .take(MAX_CONFIG + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| {
+            CniError::new(
+                code::IO,
+                format!("cannot read the network configuration: {e}"),
+            )
+        })?;
+    if bytes.len() as u64 > MAX_CONFIG {
+        return Err(CniError::new(
+            code::INVALID_CONFIG,
+            format!(
+                "the network configuration on stdin is larger than {} MiB",
+                MAX_CONFIG >> 20
+            ),
+        ));
+    }
+    Ok(bytes)
 }
 
 /// weft's network configuration (stdin).
@@ -200,8 +231,10 @@ pub struct NetConf {
     pub log_level: Option<String>,
     #[serde(rename = "prevResult", default)]
     pub prev_result: Option<Value>,
+    /// GC's list, checked by [`NetConf::valid_attachments`]: kept raw so
+    /// that a malformed list is an invalid configuration, not undecodable.
     #[serde(rename = "cni.dev/valid-attachments", default)]
-    pub valid_attachments: Option<Vec<ValidAttachment>>,
+    valid_attachments: Option<Value>,
 }
 
 fn default_socket() -> PathBuf {
@@ -248,6 +281,29 @@ impl NetConf {
             ));
         }
         Ok(conf)
+    }
+
+    /// The attachments GC keeps, as the agent's keys. The key is required:
+    /// read as "none valid", its absence would release every pod's address.
+    pub fn valid_attachments(&self) -> Result<BTreeSet<String>, CniError> {
+        let invalid = |why: String| {
+            CniError::new(
+                code::INVALID_CONFIG,
+                format!(
+                    "GC needs cni.dev/valid-attachments, a list of {{\"containerID\", \"ifname\"}}: {why}"
+                ),
+            )
+        };
+        let list = self
+            .valid_attachments
+            .clone()
+            .ok_or_else(|| invalid("the key is missing".into()))?;
+        let list: Vec<ValidAttachment> =
+            serde_json::from_value(list).map_err(|e| invalid(e.to_string()))?;
+        Ok(list
+            .iter()
+            .map(|a| attachment(&a.container_id, &a.ifname))
+            .collect())
     }
 
     /// Whether this configuration's version knows `command`.
@@ -394,6 +450,32 @@ mod tests {
         assert_eq!(c.allows(Command::Check).unwrap_err().code, 1);
         assert_eq!(c.allows(Command::Gc).unwrap_err().code, 1);
         assert!(c.allows(Command::Add).is_ok());
+    }
+
+    #[test]
+    fn gc_needs_a_well_formed_list_of_valid_attachments() {
+        let conf = |extra: &str| {
+            NetConf::parse(format!(r#"{{"cniVersion":"1.1.0","name":"weft"{extra}}}"#).as_bytes())
+                .unwrap()
+        };
+        for malformed in [
+            "",
+            r#","cni.dev/valid-attachments":null"#,
+            r#","cni.dev/valid-attachments":{}"#,
+            r#","cni.dev/valid-attachments":["c1"]"#,
+            r#","cni.dev/valid-attachments":[{"containerID":"c1"}]"#,
+        ] {
+            let e = conf(malformed).valid_attachments().unwrap_err();
+            assert_eq!(e.code, code::INVALID_CONFIG, "{malformed}: {e}");
+            assert!(e.msg.contains("cni.dev/valid-attachments"), "{e}");
+        }
+        let none = conf(r#","cni.dev/valid-attachments":[]"#);
+        assert_eq!(none.valid_attachments().unwrap(), BTreeSet::new());
+        let one = conf(r#","cni.dev/valid-attachments":[{"containerID":"c1","ifname":"eth0"}]"#);
+        assert_eq!(
+            one.valid_attachments().unwrap(),
+            BTreeSet::from(["c1/eth0".to_string()])
+        );
     }
 
     #[test]

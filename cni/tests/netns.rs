@@ -46,11 +46,27 @@ struct Node {
     ns: String,
     dir: tempfile::TempDir,
     agent: Option<Child>,
+    /// Agents of other (control-plane only) nodes sharing the namespace.
+    peers: Vec<Child>,
     pods: Vec<String>,
 }
 
 impl Node {
     fn new() -> Node {
+        let mut node = Node::without_agent();
+        node.start_agent(&[
+            "--listen",
+            "127.0.0.1:6783",
+            "--ipalloc-init",
+            "consensus=1",
+        ]);
+        node.wait_until("the agent made a bridge", || {
+            ip(&["-n", &node.ns, "link", "show", "weft"])
+        });
+        node
+    }
+
+    fn without_agent() -> Node {
         let ns = format!(
             "wct-{}-{}",
             std::process::id(),
@@ -58,50 +74,65 @@ impl Node {
         );
         assert!(ip(&["netns", "add", &ns]));
         assert!(ip(&["-n", &ns, "link", "set", "lo", "up"]));
-        let mut node = Node {
+        Node {
             ns,
             dir: tempfile::tempdir().unwrap(),
             agent: None,
+            peers: Vec::new(),
             pods: Vec::new(),
-        };
-        node.start_agent();
-        node
+        }
     }
 
     fn socket(&self) -> PathBuf {
         self.dir.path().join("weft.sock")
     }
 
-    fn start_agent(&mut self) {
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns])
+    /// `weft ARGS` in the node namespace.
+    fn weft(&self, args: &[&str]) -> Command {
+        self.weft_in(&self.ns, args)
+    }
+
+    fn weft_in(&self, ns: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns])
             .arg(env!("CARGO_BIN_EXE_weft-cni").replace("weft-cni", "weft"))
-            .args(["router", "--name", "node", "--listen", "127.0.0.1:6783"])
-            .args(["--ipalloc-init", "consensus=1", "--mtu", "1400"])
-            .arg("--data-dir")
+            .args(args)
+            .env_remove("WEFT_PASSWORD")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        cmd
+    }
+
+    /// This node's agent, programming the namespace's kernel.
+    fn start_agent(&mut self, extra: &[&str]) {
+        let child = self
+            .weft(&["router", "--name", "node", "--mtu", "1400", "--data-dir"])
             .arg(self.dir.path().join("data"))
             .arg("--socket")
             .arg(self.socket())
-            .env_remove("WEFT_PASSWORD")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .args(extra)
             .spawn()
             .expect("weft binary (cargo build -p weft)");
         self.agent = Some(child);
+    }
+
+    /// Polls `done` every 50 ms, for up to 20 s.
+    fn wait_until(&self, what: &str, done: impl Fn() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !ip(&["-n", &self.ns, "link", "show", "weft"]) {
-            assert!(Instant::now() < deadline, "the agent made no bridge");
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     fn stop_agent(&mut self) {
-        if let Some(mut a) = self.agent.take() {
+        for mut a in self.agent.take().into_iter().chain(self.peers.drain(..)) {
             let _ = a.kill();
             let _ = a.wait();
         }
     }
 
+    /// A namespace removed with the node: a pod's, or another node's.
     fn pod(&mut self, name: &str) -> String {
         let ns = format!("{}-{name}", self.ns);
         assert!(ip(&["netns", "add", &ns]));
@@ -151,11 +182,15 @@ impl Node {
         (out.status.success(), value)
     }
 
-    fn allocations(&self) -> usize {
-        let (ok, v) = self.cni_raw(
+    fn status(&self) -> (bool, Value) {
+        self.cni_raw(
             &[("CNI_COMMAND", "STATUS")],
             self.config("1.1.0").to_string().as_bytes(),
-        );
+        )
+    }
+
+    fn allocations(&self) -> usize {
+        let (ok, v) = self.status();
         assert!(ok, "{v}");
         let mut s = std::os::unix::net::UnixStream::connect(self.socket()).unwrap();
         writeln!(s, "{}", json!({"op": "list"})).unwrap();
@@ -318,11 +353,7 @@ fn bad_input_gets_its_error_code_and_a_failed_add_leaves_nothing() {
             .contains("weft agent not reachable"),
         "{v}"
     );
-    let status = node.cni_raw(
-        &[("CNI_COMMAND", "STATUS")],
-        node.config("1.1.0").to_string().as_bytes(),
-    );
-    assert_eq!(code(status), 50);
+    assert_eq!(code(node.status()), 50);
     assert_eq!(node.veths(), 0);
 }
 
@@ -336,10 +367,84 @@ fn gc_releases_attachments_the_runtime_no_longer_has() {
     let conf = node.config("1.1.0");
     assert!(node.cni("ADD", "keep", &netns_path(&a), &conf).0);
     assert!(node.cni("ADD", "stale", &netns_path(&b), &conf).0);
+    // Without the list, GC is an invalid configuration and keeps every pod.
+    let (ok, v) = node.cni_raw(&[("CNI_COMMAND", "GC")], conf.to_string().as_bytes());
+    assert_eq!((ok, &v["code"]), (false, &json!(7)), "{v}");
+    assert_eq!(node.allocations(), 2);
+    assert_eq!(node.veths(), 2);
     let mut gc = conf.clone();
     gc["cni.dev/valid-attachments"] = json!([{"containerID": "keep", "ifname": "eth0"}]);
     let (ok, v) = node.cni_raw(&[("CNI_COMMAND", "GC")], gc.to_string().as_bytes());
     assert!(ok, "{v}");
     assert_eq!(node.allocations(), 1);
     assert_eq!(node.veths_settled(1), 1);
+}
+
+/// A runtime calls ADD as soon as the conflist is on the node, while the
+/// node still waits for a quorum to seed the ring: ADD waits for the
+/// node's space and bridge instead of failing, and STATUS answers 50 until
+/// then.
+#[test]
+fn an_add_before_the_node_has_space_waits_for_it() {
+    if !root() {
+        return;
+    }
+    let mut node = Node::without_agent();
+    let p = node.pod("p");
+    // The quorum's other node, in a namespace of its own on a veth: the
+    // agent routes that node's pod prefixes via its underlay address.
+    let other = node.pod("other");
+    assert!(ip(&[
+        "-n", &node.ns, "link", "add", "underlay", "type", "veth", "peer", "name", "underlay",
+        "netns", &other
+    ]));
+    for (ns, address) in [(&node.ns, "192.168.250.1/30"), (&other, "192.168.250.2/30")] {
+        assert!(ip(&["-n", ns, "addr", "add", address, "dev", "underlay"]));
+        assert!(ip(&["-n", ns, "link", "set", "underlay", "up"]));
+        assert!(ip(&["-n", ns, "link", "set", "lo", "up"]));
+    }
+    node.start_agent(&[
+        "--listen",
+        "192.168.250.1:6783",
+        "--ipalloc-init",
+        "consensus=2",
+        "--peer",
+        "192.168.250.2",
+    ]);
+    node.wait_until("the agent's socket appears", || {
+        std::os::unix::net::UnixStream::connect(node.socket()).is_ok()
+    });
+    let (ok, v) = node.status();
+    assert!(!ok);
+    assert_eq!(v["code"], 50, "{v}");
+    let add = std::thread::scope(|s| {
+        let add = s.spawn(|| node.cni("ADD", "c1", &netns_path(&p), &node.config("1.1.0")));
+        // Once the agent holds the request, the second node of the quorum.
+        node.wait_until("the allocation is pending", || {
+            let out = node
+                .weft(&["status", "ipam"])
+                .stdout(Stdio::piped())
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).contains("c1/eth0")
+        });
+        let dir = node.dir.path().join("other");
+        let peer = node
+            .weft_in(&other, &["router", "--name", "other", "--datapath", "none"])
+            .args(["--listen", "192.168.250.2:6783"])
+            .args(["--ipalloc-init", "consensus=2", "--peer", "192.168.250.1"])
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--socket")
+            .arg(dir.join("weft.sock"))
+            .spawn()
+            .unwrap();
+        (add.join(), peer)
+    });
+    node.peers.push(add.1);
+    let (ok, r) = add.0.unwrap();
+    assert!(ok, "{r}");
+    assert_eq!(r["interfaces"][1]["name"], "eth0");
+    let (ok, v) = node.status();
+    assert!(ok, "{v}");
 }

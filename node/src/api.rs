@@ -201,6 +201,13 @@ fn bad(message: String) -> ApiError {
     }
 }
 
+fn pending(message: String) -> ApiError {
+    ApiError {
+        kind: ErrorKind::Pending,
+        message,
+    }
+}
+
 fn unavailable() -> ApiError {
     ApiError {
         kind: ErrorKind::Unavailable,
@@ -318,29 +325,47 @@ impl Api {
         self.commands.send(command).map_err(|_| unavailable())
     }
 
+    /// An address for `container`, answered once a pod can use it: when
+    /// this agent programs the kernel, only after the bridge holds the
+    /// gateway (space and bridge arrive together on a new node, and the
+    /// plugin wires the pod to the bridge right away). Both waits share
+    /// `wait`.
     async fn allocate(&self, container: String, wait: Duration) -> Result<Answer, ApiError> {
+        let deadline = tokio::time::Instant::now() + wait;
         let (reply, answer) = oneshot::channel();
         self.send(Command::Allocate {
             container: container.clone(),
             reply,
         })?;
-        match tokio::time::timeout(wait, answer).await {
-            Ok(Ok(Ok(address))) => {
-                let router = lock(&self.router);
-                Ok(Answer::Attachment(
-                    self.attachment(&router, container, address),
-                ))
-            }
-            Ok(Ok(Err(e))) => Err(refused(e)),
-            Ok(Err(_)) => Err(unavailable()),
-            Err(_) => Err(ApiError {
-                kind: ErrorKind::Pending,
-                message: format!(
+        let address = match tokio::time::timeout_at(deadline, answer).await {
+            Ok(Ok(Ok(address))) => address,
+            Ok(Ok(Err(e))) => return Err(refused(e)),
+            Ok(Err(_)) => return Err(unavailable()),
+            Err(_) => {
+                return Err(pending(format!(
                     "no address for {container} yet: {}",
                     self.pending_reason(&container)
-                ),
-            }),
+                )));
+            }
+        };
+        if let Some(kernel) = &self.kernel {
+            let gateway = || lock(&self.router).gateway();
+            if tokio::time::timeout_at(deadline, kernel.bridge_ready(gateway))
+                .await
+                .is_err()
+            {
+                let reason = self.status().reason;
+                let reason = reason.unwrap_or_else(|| "it was just set up".into());
+                return Err(pending(format!(
+                    "{container} holds {address}, but the bridge {} is not ready for pods yet: {reason}",
+                    self.bridge
+                )));
+            }
         }
+        let router = lock(&self.router);
+        Ok(Answer::Attachment(
+            self.attachment(&router, container, address),
+        ))
     }
 
     fn pending_reason(&self, container: &str) -> String {
@@ -385,10 +410,16 @@ impl Api {
                 "the IPAM ring is not seeded yet: waiting for a quorum of peers (see `weft status ipam`)"
                     .into(),
             )
-        } else if router.gateway().is_none() {
-            Some("this node has no address space yet".into())
+        } else if let Some(gateway) = router.gateway() {
+            match &self.kernel {
+                Some(kernel) if !kernel.bridge_holds(gateway) => Some(format!(
+                    "the bridge {} does not hold the gateway {gateway} yet",
+                    self.bridge
+                )),
+                _ => None,
+            }
         } else {
-            None
+            Some("this node has no address space yet".into())
         };
         NodeStatus {
             ready: reason.is_none(),
@@ -411,6 +442,92 @@ fn refused(e: weft_core::ipam::IpamError) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::DataplaneState;
+    use crate::kernel::{KernelSync, Overlay};
+    use std::sync::{Arc, Mutex};
+
+    /// An agent API over a node-cidr router that has its space, with a
+    /// kernel thread over an in-memory dataplane that has applied nothing
+    /// yet, and a stand-in driver that answers every allocation with .5.
+    fn agent_with_space() -> Api {
+        use weft_core::ipam::IpamMode;
+        let mut config = weft_core::Config::new("node1", ([192, 168, 1, 11], 6783).into());
+        config.ipam = IpamMode::NodeCidr(Some("10.32.1.0/24".parse().unwrap()));
+        let mut router = weft_core::Router::new(config, None, [1; 32], weft_core::Time::ZERO)
+            .expect("a valid configuration");
+        router.handle_timeout(weft_core::Time::ZERO);
+        assert!(router.gateway().is_some(), "the node has its space");
+        let dataplane = Arc::new(Mutex::new(DataplaneState {
+            requested: "sleeve",
+            in_use: "none",
+            fallback: None,
+            kernel_error: None,
+            egress_problem: None,
+            peers: Vec::new(),
+        }));
+        let kernel = KernelSync::start(
+            Box::new(weft_dataplane::MemoryDataplane::new()),
+            dataplane.clone(),
+        );
+        let (commands, mut driver) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(command) = driver.recv().await {
+                if let Command::Allocate { reply, .. } = command {
+                    let _ = reply.send(Ok(Ipv4Addr::new(10, 32, 1, 5)));
+                }
+            }
+        });
+        Api {
+            router: Arc::new(Mutex::new(router)),
+            commands,
+            bridge: "weft".into(),
+            mtu: 1400,
+            epoch: tokio::time::Instant::now(),
+            kernel: Some(kernel),
+            dataplane,
+        }
+    }
+
+    fn allocate(container: &str, wait_ms: u64) -> Request {
+        Request::Allocate {
+            container_id: container.into(),
+            wait_ms: Some(wait_ms),
+        }
+    }
+
+    /// A new node gets its space before the kernel thread has made the
+    /// bridge: neither readiness nor an address may be answered until the
+    /// bridge holds the gateway, or the plugin finds no bridge to wire
+    /// the pod to.
+    #[test]
+    fn addresses_and_readiness_wait_for_the_bridge() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let api = agent_with_space();
+            let status = api.status();
+            assert!(!status.ready, "{status:?}");
+            assert!(status.reason.unwrap().contains("bridge weft"));
+            let early = api.handle(allocate("c1", 50)).await.unwrap_err();
+            assert_eq!(early.kind, ErrorKind::Pending, "{early:?}");
+            assert!(early.message.contains("10.32.1.5"), "{early:?}");
+
+            let kernel = api.kernel.clone().unwrap();
+            let desired = {
+                let router = lock(&api.router);
+                crate::kernel::desired(&router, "weft", 1400, Overlay::Sleeve, &Default::default())
+            };
+            kernel.update(desired);
+            let Ok(Answer::Attachment(a)) = api.handle(allocate("c1", 60_000)).await else {
+                panic!("an address once the bridge is up");
+            };
+            assert_eq!(a.address.addr(), Ipv4Addr::new(10, 32, 1, 5));
+            assert!(a.gateway.is_some_and(|g| kernel.bridge_holds(g)));
+            assert!(api.status().ready);
+        });
+    }
 
     #[test]
     fn requests_parse_and_unknown_fields_are_refused() {

@@ -6,9 +6,10 @@
 use crate::agent::DataplaneState;
 use ipnet::Ipv4Net;
 use std::collections::BTreeSet;
-use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
 use weft_core::forward::Forward;
 use weft_core::{PeerName, Router};
 use weft_dataplane::{
@@ -136,6 +137,10 @@ enum Work {
 #[derive(Clone)]
 pub struct KernelSync {
     tx: mpsc::Sender<Work>,
+    /// The pods' gateway as the kernel's bridge holds it: set once a
+    /// desired state with that bridge is applied, so pods are wired only to
+    /// a bridge that exists.
+    bridge_gateway: watch::Receiver<Option<Ipv4Addr>>,
 }
 
 impl KernelSync {
@@ -146,6 +151,7 @@ impl KernelSync {
         state: Arc<Mutex<DataplaneState>>,
     ) -> KernelSync {
         let (tx, rx) = mpsc::channel::<Work>();
+        let (bridge_tx, bridge_gateway) = watch::channel(None);
         std::thread::Builder::new()
             .name("weft-kernel".into())
             .spawn(move || {
@@ -163,16 +169,39 @@ impl KernelSync {
                             }
                         }
                     }
+                    // A failed state is tried again with the next update
+                    // (at the latest the periodic resync).
                     if let Some(next) = next
                         && applied.as_ref() != Some(&next)
+                        && apply(&mut *dataplane, &next, &state)
                     {
-                        apply(&mut *dataplane, &next, &state);
+                        bridge_tx.send_replace(next.bridge.as_ref().map(|b| b.gateway.addr()));
                         applied = Some(next);
                     }
                 }
             })
             .expect("spawn the kernel dataplane thread");
-        KernelSync { tx }
+        KernelSync { tx, bridge_gateway }
+    }
+
+    /// Whether the kernel's bridge holds `gateway`.
+    pub fn bridge_holds(&self, gateway: Ipv4Addr) -> bool {
+        *self.bridge_gateway.borrow() == Some(gateway)
+    }
+
+    /// Returns once the kernel's bridge holds the gateway `gateway()` names
+    /// (asked again after every change the kernel thread applies).
+    pub async fn bridge_ready(&self, gateway: impl Fn() -> Option<Ipv4Addr>) {
+        let mut applied = self.bridge_gateway.clone();
+        loop {
+            if gateway().is_some_and(|g| *applied.borrow_and_update() == Some(g)) {
+                return;
+            }
+            if applied.changed().await.is_err() {
+                // The kernel thread is gone: nothing will change any more.
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     pub fn update(&self, desired: Desired) {
@@ -185,7 +214,8 @@ impl KernelSync {
     }
 }
 
-fn apply(dataplane: &mut dyn Dataplane, desired: &Desired, state: &Mutex<DataplaneState>) {
+/// Applies `desired`; true when the kernel now holds its bridge.
+fn apply(dataplane: &mut dyn Dataplane, desired: &Desired, state: &Mutex<DataplaneState>) -> bool {
     let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
     let fell_back = state.fallback.is_some();
     let want = if fell_back {
@@ -201,20 +231,26 @@ fn apply(dataplane: &mut dyn Dataplane, desired: &Desired, state: &Mutex<Datapla
             }
             no_rp_filter_on_overlays(&want);
             state.in_use = in_use(&want);
+            true
         }
         Err(e @ DataplaneError::Vxlan { .. }) => {
             let without_vxlan = without_vxlan(desired);
             state.fallback = Some(e.to_string());
             state.in_use = in_use(&without_vxlan);
             tracing::warn!("fastdp unavailable, using {}: {e}", state.in_use);
-            if let Err(e) = dataplane.reconcile(&without_vxlan) {
-                tracing::error!("kernel dataplane: {e}");
-                state.kernel_error = Some(e.to_string());
+            match dataplane.reconcile(&without_vxlan) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!("kernel dataplane: {e}");
+                    state.kernel_error = Some(e.to_string());
+                    false
+                }
             }
         }
         Err(e) => {
             tracing::error!("kernel dataplane: {e}");
             state.kernel_error = Some(e.to_string());
+            false
         }
     }
 }
@@ -368,6 +404,64 @@ mod tests {
         );
         assert_eq!(memory.state().bridge, desired.bridge);
         assert_eq!(memory.state().vxlan, None);
+    }
+
+    /// Fails its first reconcile, as a kernel busy with another change may.
+    struct FailsOnce(MemoryDataplane, bool);
+
+    impl Dataplane for FailsOnce {
+        fn reconcile(&mut self, desired: &Desired) -> Result<(), DataplaneError> {
+            if std::mem::replace(&mut self.1, false) {
+                return Err(DataplaneError::Injected("busy".into()));
+            }
+            self.0.reconcile(desired)
+        }
+        fn teardown(&mut self) -> Result<(), DataplaneError> {
+            self.0.teardown()
+        }
+        fn delete_device(&mut self, name: &str) -> Result<(), DataplaneError> {
+            self.0.delete_device(name)
+        }
+    }
+
+    /// The CNI plugin waits for the bridge to hold the gateway: a failed
+    /// apply is retried by the next update of the same state (the periodic
+    /// resync), and only a bridge the kernel took counts.
+    #[test]
+    fn a_failed_apply_is_retried_and_the_bridge_counts_once_applied() {
+        let gateway = std::net::Ipv4Addr::new(10, 32, 0, 1);
+        let desired = Desired {
+            bridge: Some(BridgeSpec {
+                name: "weft".into(),
+                gateway: Ipv4Net::new(gateway, 12).unwrap(),
+                mtu: 1450,
+            }),
+            ..Desired::default()
+        };
+        let state = state();
+        let kernel = KernelSync::start(
+            Box::new(FailsOnce(MemoryDataplane::new(), true)),
+            state.clone(),
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            kernel.update(desired.clone());
+            // Once the failure is recorded, the bridge does not count.
+            while state.lock().unwrap().kernel_error.is_none() {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            assert!(!kernel.bridge_holds(gateway));
+            kernel.update(desired);
+            let retried = std::time::Duration::from_secs(60);
+            tokio::time::timeout(retried, kernel.bridge_ready(|| Some(gateway)))
+                .await
+                .expect("the same state, updated again, is applied");
+        });
+        assert!(kernel.bridge_holds(gateway));
+        assert_eq!(state.lock().unwrap().kernel_error, None);
     }
 
     #[test]
