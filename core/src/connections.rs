@@ -665,9 +665,7 @@ mod tests {
     }
 
     /// `(peer, its links)` as `links_of` sees them.
-    fn lists(
-        lists: &[(u64, &[u64])],
-    ) -> impl Fn(PeerName) -> Option<&'static [PeerName]> + use<> {
+    fn lists(lists: &[(u64, &[u64])]) -> impl Fn(PeerName) -> Option<&'static [PeerName]> + use<> {
         let map: BTreeMap<PeerName, &'static [PeerName]> = lists
             .iter()
             .map(|(p, l)| {
@@ -710,7 +708,10 @@ mod tests {
             (6, &[3, 5]),
         ];
         let picks: BTreeSet<Option<PeerName>> = (0..20).map(|s| pick(lists(&ring), s)).collect();
-        assert_eq!(picks, BTreeSet::from([Some(PeerName(2)), Some(PeerName(3))]));
+        assert_eq!(
+            picks,
+            BTreeSet::from([Some(PeerName(2)), Some(PeerName(3))])
+        );
         // A link one end does not list is no way around: 2 claims 3, but
         // 3 does not claim 2.
         let one_way = [(2, &[0, 3][..]), (3, &[0, 7]), (7, &[3])];

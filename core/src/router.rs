@@ -600,7 +600,10 @@ impl Router {
         if let Some(link) = self.connections.drop_link(peer) {
             // A refusal ends the link at the other end too (it echoes the
             // peer's token, so it is believed).
-            self.send(link.address, &self.heartbeat(Some(link.token), Flag::Refused));
+            self.send(
+                link.address,
+                &self.heartbeat(Some(link.token), Flag::Refused),
+            );
             self.links_changed = true;
             self.links_shed += 1;
         }
