@@ -257,6 +257,40 @@ impl Connections {
         self.reschedule(address);
     }
 
+    /// A link that can go without cutting its peer off from us: an
+    /// established one whose peer still reaches another of our established
+    /// peers without it, over links that both ends list (`links_of`; `me`
+    /// is this node). Of those, one of the peers with the most links (it
+    /// loses least), at random among equals.
+    pub fn redundant_link<'a>(
+        &self,
+        me: PeerName,
+        now: Time,
+        dead_after: Duration,
+        links_of: impl Fn(PeerName) -> Option<&'a [PeerName]>,
+        rng: &mut Random,
+    ) -> Option<PeerName> {
+        let ours: BTreeSet<PeerName> = self.established(now, dead_after).into_iter().collect();
+        let mut ranked: Vec<(usize, u64, PeerName)> = ours
+            .iter()
+            .map(|p| (links_of(*p).map_or(0, <[_]>::len), rng.next_u64(), *p))
+            .collect();
+        ranked.sort_unstable_by(|a, b| b.cmp(a));
+        ranked
+            .into_iter()
+            .map(|(_, _, peer)| peer)
+            .find(|peer| has_way_around(me, *peer, &ours, &links_of))
+    }
+
+    /// Ends our link with `peer` (its address becomes a target to try
+    /// again like any other), returning what it was.
+    pub fn drop_link(&mut self, peer: PeerName) -> Option<Link> {
+        let link = self.links.remove(&peer)?;
+        self.linked.remove(&link.address);
+        self.reschedule(link.address);
+        Some(link)
+    }
+
     /// Drops links silent for longer than `dead_after`; their addresses are
     /// retried from the first backoff step.
     pub fn expire(&mut self, now: Time, dead_after: Duration) -> Vec<PeerName> {
@@ -468,6 +502,33 @@ impl Connections {
     }
 }
 
+/// Whether `peer` reaches one of `ours` (our neighbours) other than
+/// itself without its link to `me`, over links both ends list. Searched
+/// breadth first, so in a dense cluster it stops a hop or two away.
+fn has_way_around<'a>(
+    me: PeerName,
+    peer: PeerName,
+    ours: &BTreeSet<PeerName>,
+    links_of: &impl Fn(PeerName) -> Option<&'a [PeerName]>,
+) -> bool {
+    let mut seen = BTreeSet::from([me, peer]);
+    let mut queue = std::collections::VecDeque::from([peer]);
+    while let Some(at) = queue.pop_front() {
+        for &next in links_of(at).unwrap_or_default() {
+            let mutual = || links_of(next).is_some_and(|l| l.binary_search(&at).is_ok());
+            if seen.contains(&next) || !mutual() {
+                continue;
+            }
+            if ours.contains(&next) {
+                return true;
+            }
+            seen.insert(next);
+            queue.push_back(next);
+        }
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -480,6 +541,7 @@ mod tests {
         ring_summary: 0,
         probe: false,
         refused: false,
+        alone: false,
     };
 
     fn addr(i: u8) -> SocketAddr {
@@ -600,6 +662,65 @@ mod tests {
                 .len(),
             2
         );
+    }
+
+    /// `(peer, its links)` as `links_of` sees them.
+    fn lists(lists: &[(u64, &[u64])]) -> impl Fn(PeerName) -> Option<&'static [PeerName]> + use<> {
+        let map: BTreeMap<PeerName, &'static [PeerName]> = lists
+            .iter()
+            .map(|(p, l)| {
+                let l: Vec<PeerName> = l.iter().copied().map(PeerName).collect();
+                (PeerName(*p), &*Vec::leak(l))
+            })
+            .collect();
+        move |p| map.get(&p).copied()
+    }
+
+    #[test]
+    fn only_a_link_whose_peer_has_a_way_around_it_is_redundant() {
+        // We (0) link with 2, 3 and 4.
+        let mut c = Connections::default();
+        for i in [2, 3, 4] {
+            c.heard(Time::ZERO, PeerName(i), addr(i as u8), &HB, true, 3);
+        }
+        let pick = |links_of, seed| {
+            let mut rng = Random::from_seed([seed; 32]);
+            c.redundant_link(PeerName(0), Time::ZERO, DEAD, links_of, &mut rng)
+        };
+        // 2 and 3 link with each other, 3 also with 7; 4 only with 5,
+        // which links with nobody else: 3 has the most links to lose.
+        let triangle = [
+            (2, &[0, 3][..]),
+            (3, &[0, 2, 7]),
+            (4, &[0, 5]),
+            (5, &[4]),
+            (7, &[3]),
+        ];
+        for seed in 0..10 {
+            assert_eq!(pick(lists(&triangle), seed), Some(PeerName(3)));
+        }
+        // The way around may be long: 2 - 5 - 6 - 3. Never 4.
+        let ring = [
+            (2, &[0, 5][..]),
+            (3, &[0, 6]),
+            (4, &[0]),
+            (5, &[2, 6]),
+            (6, &[3, 5]),
+        ];
+        let picks: BTreeSet<Option<PeerName>> = (0..20).map(|s| pick(lists(&ring), s)).collect();
+        assert_eq!(
+            picks,
+            BTreeSet::from([Some(PeerName(2)), Some(PeerName(3))])
+        );
+        // A link one end does not list is no way around: 2 claims 3, but
+        // 3 does not claim 2.
+        let one_way = [(2, &[0, 3][..]), (3, &[0, 7]), (7, &[3])];
+        assert_eq!(pick(lists(&one_way), 0), None);
+
+        let dropped = c.drop_link(PeerName(3)).map(|l| l.address);
+        assert_eq!(dropped, Some(addr(3)));
+        assert!(c.link(PeerName(3)).is_none());
+        assert_eq!(c.link_count(), 2);
     }
 
     #[test]

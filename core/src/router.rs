@@ -152,9 +152,20 @@ pub struct Router {
     events: VecDeque<Event>,
     traffic: Traffic,
     dropped: BTreeMap<DropReason, u64>,
+    /// Links dropped to make room for a peer with none (see `make_room`).
+    links_shed: u64,
 }
 
 const VERSION_BITS: u32 = 40;
+
+/// What a heartbeat tells its receiver besides liveness (see [`Heartbeat`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flag {
+    None,
+    Probe,
+    Refused,
+    Alone,
+}
 /// Probes per heartbeat interval to a silent link.
 const PROBES_PER_INTERVAL: u32 = 4;
 /// Routes, learnt addresses and the IPAM step wait this long for more
@@ -244,6 +255,7 @@ impl Router {
             ring_since: (0, now),
             traffic: Traffic::default(),
             dropped: BTreeMap::new(),
+            links_shed: 0,
             config,
         })
     }
@@ -541,14 +553,16 @@ impl Router {
                 .is_some_and(|l| l.is_established(now, dead_after))
         };
         let was = established(&self.connections);
-        let heard = self.connections.heard(
-            now,
-            sender,
-            from,
-            &hb,
-            echoes_us,
-            self.link_limit(now, sender),
-        );
+        let limit = self.link_limit(now, sender);
+        if hb.alone
+            && self.connections.link(sender).is_none()
+            && self.connections.link_count() >= limit
+        {
+            self.make_room(now);
+        }
+        let heard = self
+            .connections
+            .heard(now, sender, from, &hb, echoes_us, limit);
         // A new link may also have replaced an old one at that address.
         let is = established(&self.connections);
         self.links_changed |= heard == Heard::NewLink || was != is;
@@ -562,11 +576,41 @@ impl Router {
         match heard {
             Heard::Refused => {
                 *self.dropped.entry(DropReason::ConnectionLimit).or_default() += 1;
-                self.send(from, &self.heartbeat(Some(hb.token), false, true));
+                self.send(from, &self.heartbeat(Some(hb.token), Flag::Refused));
             }
-            Heard::NewLink | Heard::Unconfirmed => self.send_heartbeat(from, Some(hb.token), false),
-            Heard::Known if hb.probe => self.send_heartbeat(from, Some(hb.token), false),
+            Heard::NewLink | Heard::Unconfirmed => {
+                self.send_heartbeat(from, Some(hb.token), Flag::None)
+            }
+            Heard::Known if hb.probe => self.send_heartbeat(from, Some(hb.token), Flag::None),
             Heard::Known => {}
+        }
+    }
+
+    /// Drops a redundant link, if we have one, so that a peer with no
+    /// link at all can join through us at our limit. Refusing it instead
+    /// left a node told one address of a full cluster alone for good. The
+    /// dropped peer keeps a route through a common neighbour, frees a slot
+    /// the newcomers fill, and is not alone, so it asks nobody to make
+    /// room in turn: one join costs one dropped link, no chain of them.
+    fn make_room(&mut self, now: Time) {
+        let dead_after = self.dead_after();
+        let topology = &self.topology;
+        let links_of = |peer: PeerName| topology.get(peer).map(|e| e.connections.as_slice());
+        let Some(peer) =
+            self.connections
+                .redundant_link(self.me, now, dead_after, links_of, &mut self.rng)
+        else {
+            return;
+        };
+        if let Some(link) = self.connections.drop_link(peer) {
+            // A refusal ends the link at the other end too (it echoes the
+            // peer's token, so it is believed).
+            self.send(
+                link.address,
+                &self.heartbeat(Some(link.token), Flag::Refused),
+            );
+            self.links_changed = true;
+            self.links_shed += 1;
         }
     }
 
@@ -866,7 +910,7 @@ impl Router {
         let share = (links.len() as f64 / self.stretch()).ceil() as usize;
         for k in 0..share.min(links.len()) {
             let (address, token) = links[(self.heartbeat_cursor + k) % links.len()];
-            self.send_heartbeat(address, Some(token), false);
+            self.send_heartbeat(address, Some(token), Flag::None);
         }
         self.heartbeat_cursor = (self.heartbeat_cursor + share) % links.len().max(1);
     }
@@ -890,7 +934,7 @@ impl Router {
         self.next_probe = None;
         let silent = self.silent_links(now);
         for (address, token) in &silent {
-            self.send_heartbeat(*address, Some(*token), true);
+            self.send_heartbeat(*address, Some(*token), Flag::Probe);
         }
         if !silent.is_empty() {
             self.next_probe = Some(now + self.config.heartbeat_interval / PROBES_PER_INTERVAL);
@@ -968,8 +1012,16 @@ impl Router {
         let due =
             self.connections
                 .due_targets(now, self.config.conn_limit, &reserve, &mut self.rng);
+        // A node without a single link asks one peer a round to make room
+        // for it: only one, as each full peer that grants it drops a link.
+        let mut alone = self.connections.link_count() == 0;
         for address in due {
-            self.send_heartbeat(address, None, false);
+            let flag = if std::mem::take(&mut alone) {
+                Flag::Alone
+            } else {
+                Flag::None
+            };
+            self.send_heartbeat(address, None, flag);
             let (base, max) = (self.config.retry_base, self.retry_cap());
             self.connections
                 .attempted(now, address, base, max, &mut self.rng);
@@ -1395,22 +1447,23 @@ impl Router {
 
     /// A heartbeat to `to`, echoing `echo` (the token we last heard from
     /// it, or `None` when we have not heard from it).
-    fn send_heartbeat(&mut self, to: SocketAddr, echo: Option<u64>, probe: bool) {
+    fn send_heartbeat(&mut self, to: SocketAddr, echo: Option<u64>, flag: Flag) {
         if self.tokens.is_empty() {
             self.tokens.push_back((self.rng.next_u64(), self.next_tick));
         }
-        let message = self.heartbeat(echo, probe, false);
+        let message = self.heartbeat(echo, flag);
         self.send(to, &message);
     }
 
-    fn heartbeat(&self, echo: Option<u64>, probe: bool, refused: bool) -> Message {
+    fn heartbeat(&self, echo: Option<u64>, flag: Flag) -> Message {
         Message::Heartbeat(Heartbeat {
             token: self.tokens.back().map_or(0, |(t, _)| *t),
             echo,
             topology_summary: self.topology.summary(),
             ring_summary: self.ipam.ring_summary(),
-            probe,
-            refused,
+            probe: flag == Flag::Probe,
+            refused: flag == Flag::Refused,
+            alone: flag == Flag::Alone,
         })
     }
 
@@ -1474,6 +1527,11 @@ impl Router {
 
     pub fn dropped(&self, reason: DropReason) -> u64 {
         self.dropped.get(&reason).copied().unwrap_or(0)
+    }
+
+    /// Links this node dropped to let a peer with no link join.
+    pub fn links_shed(&self) -> u64 {
+        self.links_shed
     }
 
     pub fn traffic(&self) -> Traffic {

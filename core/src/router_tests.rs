@@ -155,6 +155,7 @@ fn a_spoofed_plain_heartbeat_does_not_make_a_connection() {
         ring_summary: 0,
         probe: false,
         refused: false,
+        alone: false,
     })
     .encode_plain(PeerName(99))
     .unwrap();
@@ -173,7 +174,7 @@ fn garbage_is_counted_and_changes_nothing() {
     for junk in [
         &b""[..],
         b"WEFT",
-        b"WEFT\x02\x00\x00\x00\x00\x00\x00\x00\x00\x01\xff\xff",
+        b"WEFT\x03\x00\x00\x00\x00\x00\x00\x00\x00\x01\xff\xff",
         &[0xff; 1500],
     ] {
         net.inject(0, 1, junk);
@@ -350,6 +351,32 @@ fn halves_full_of_links_among_themselves_still_join_when_healed() {
 }
 
 #[test]
+fn nodes_told_only_one_full_peer_still_join_and_then_links_stay_put() {
+    // Twelve nodes that may each link with three, all told only node 0's
+    // address: node 0 and the first three to reach it fill each other's
+    // slots. Refused, the other eight knew nobody else and stayed alone
+    // for good; a full node now drops a redundant link for a node with
+    // none.
+    let peers = (0..12)
+        .map(|i| if i == 0 { vec![] } else { vec![0] })
+        .collect();
+    let mut net = Net::with_peers(12, 31, peers, |_, c| c.conn_limit = 3);
+    net.run_for(secs(60));
+    for (i, r) in net.running() {
+        assert_eq!(r.routes().len(), 11, "node {i} reaches every peer");
+    }
+    assert!(net.converged());
+    let shed = |net: &Net| net.running().map(|(_, r)| r.links_shed()).sum::<u64>();
+    assert!(shed(&net) > 0, "no full node made room");
+    // Once every node has a link nobody asks for room: no churn.
+    let links = |net: &Net| (0..12).map(|i| net.established(i)).collect::<Vec<_>>();
+    let (shed_before, links_before) = (shed(&net), links(&net));
+    net.run_for(secs(60));
+    assert_eq!(shed(&net), shed_before, "links dropped after all joined");
+    assert_eq!(links(&net), links_before, "links changed in steady state");
+}
+
+#[test]
 fn ten_peers_converge_over_a_lossy_network() {
     let mut net = Net::new(10, 12, plain);
     net.loss = 0.2;
@@ -464,6 +491,7 @@ fn heartbeats_per_node_stay_within_the_budget_in_a_big_cluster() {
         ring_summary: u64::MAX,
         probe: false,
         refused: false,
+        alone: false,
     })
     .encode_plain(PeerName(u64::MAX))
     .unwrap()

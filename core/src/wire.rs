@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 
 pub const MAGIC: [u8; 4] = *b"WEFT";
 /// Bumped on any incompatible change; peers of another version are refused.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 /// Largest datagram weft sends or accepts: fits any underlay MTU of 1,500
 /// with room for IP, UDP and overlay headers, so nothing is fragmented.
 pub const MAX_DATAGRAM: usize = 1400;
@@ -201,6 +201,11 @@ pub struct Heartbeat {
     /// receiver would hold a link that is never confirmed, and a slot with
     /// it, until the link dies of silence.
     pub refused: bool,
+    /// The sender has no connection at all and asks to join through the
+    /// receiver: one at its limit makes room by dropping a redundant link
+    /// rather than refusing, or a node that knows only full peers would
+    /// never join.
+    pub alone: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -598,6 +603,7 @@ mod tests {
                     ring_summary: 0x0fed_cba9_8765_4321,
                     probe: false,
                     refused: false,
+                    alone: true,
                 }),
             ),
             ("gossip", Message::Gossip(vec![entry(1, &[2, 3])])),
@@ -787,7 +793,7 @@ mod tests {
         bad[4] = 9;
         assert_eq!(
             Frame::parse(&bad).unwrap_err().to_string(),
-            "wire version 9 is not supported (this node speaks 2)"
+            "wire version 9 is not supported (this node speaks 3)"
         );
         let mut bad = good.clone();
         bad[5] = 7;
@@ -826,6 +832,17 @@ mod tests {
                 .to_string(),
             "too many requested names: 150 (at most 128)"
         );
+    }
+
+    #[test]
+    fn a_heartbeat_flag_that_is_not_a_bool_is_refused() {
+        let mut bytes = examples()[0].1.encode_plain(PeerName(1)).unwrap();
+        // The last byte is the `alone` flag.
+        *bytes.last_mut().unwrap() = 2;
+        assert!(matches!(
+            Frame::parse(&bytes).unwrap().plain_message(),
+            Err(WireError::Malformed(_))
+        ));
     }
 
     #[test]
