@@ -161,16 +161,19 @@ mod tests {
         serde_json::from_value(value).unwrap()
     }
 
-    fn block(value: &mut Value, start: &str, len: u8) {
-        let start = u32::from(start.parse::<Ipv4Addr>().unwrap()).to_string();
-        let label = value["ring"]["blocks"]
-            .as_object()
-            .unwrap()
-            .values()
-            .next()
-            .unwrap()[1]
-            .clone();
-        value["ring"]["blocks"] = json!({ start: [len, label] });
+    /// Replaces the ring's blocks with `list` (start, length), labelled
+    /// as the valid state's one block is.
+    fn blocks(value: &mut Value, list: &[(&str, u8)]) {
+        let ring = &mut value["ring"]["blocks"];
+        let label = ring.as_object().unwrap().values().next().unwrap()[1].clone();
+        *ring = list
+            .iter()
+            .map(|(start, len)| {
+                let start = u32::from(start.parse::<Ipv4Addr>().unwrap()).to_string();
+                (start, json!([len, label]))
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into();
     }
 
     fn refusal(edit: impl FnOnce(&mut Value)) -> String {
@@ -208,24 +211,13 @@ mod tests {
             ),
         ];
         for (start, len, want) in cases {
-            assert_eq!(refusal(|v| block(v, start, len)), want);
+            assert_eq!(refusal(|v| blocks(v, &[(start, len)])), want);
         }
     }
 
     #[test]
     fn overlapping_blocks_and_blocks_without_a_seed_are_refused() {
-        let overlap = refusal(|v| {
-            let label = v["ring"]["blocks"]
-                .as_object()
-                .unwrap()
-                .values()
-                .next()
-                .unwrap()[1]
-                .clone();
-            let a = u32::from(Ipv4Addr::new(10, 32, 0, 0)).to_string();
-            let b = u32::from(Ipv4Addr::new(10, 32, 1, 0)).to_string();
-            v["ring"]["blocks"] = json!({ a: [16, label.clone()], b: [24, label] });
-        });
+        let overlap = refusal(|v| blocks(v, &[("10.32.0.0", 16), ("10.32.1.0", 24)]));
         assert_eq!(overlap, "ring blocks 10.32.0.0/16 and 10.32.1.0/24 overlap");
         assert_eq!(
             refusal(|v| v["ring"]["seed"] = Value::Null),
