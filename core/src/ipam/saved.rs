@@ -227,26 +227,32 @@ mod tests {
 
     #[test]
     fn allocations_outside_the_range_reserved_or_doubled_are_refused() {
-        let cases: [(&dyn Fn(&mut Value), &str); 4] = [
+        // (container, address) added or replaced, and the refusal.
+        let cases = [
             (
-                &|v| v["allocations"]["by_container"]["pod"] = "8.8.8.8".into(),
+                "pod",
+                "8.8.8.8",
                 "allocation \"pod\" -> 8.8.8.8 is outside 10.32.0.0/12",
             ),
             (
-                &|v| v["allocations"]["by_container"]["pod"] = "10.47.255.255".into(),
+                "pod",
+                "10.47.255.255",
                 "allocation \"pod\" -> 10.47.255.255 is the network or broadcast address of 10.32.0.0/12",
             ),
             (
-                &|v| v["allocations"]["by_container"]["other"] = "10.32.0.2".into(),
+                "other",
+                "10.32.0.2",
                 "address 10.32.0.2 is allocated to both \"other\" and \"pod\"",
             ),
             (
-                &|v| v["allocations"]["by_container"]["bad id"] = "10.32.0.9".into(),
+                "bad id",
+                "10.32.0.9",
                 "allocation \"bad id\" has an invalid container ID",
             ),
         ];
-        for (edit, want) in cases {
-            assert_eq!(refusal(|v| edit(v)), want);
+        for (container, addr, want) in cases {
+            let edit = |v: &mut Value| v["allocations"]["by_container"][container] = addr.into();
+            assert_eq!(refusal(edit), want);
         }
     }
 
