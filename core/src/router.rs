@@ -10,7 +10,7 @@ use crate::ipam::{
 use crate::peer::{PeerName, clamp_nickname};
 use crate::random::Random;
 use crate::routes::Routes;
-use crate::seal::{ReplayWindow, SealNonce, Sealer};
+use crate::seal::{self, ReplayWindow, SealNonce, Sealer};
 use crate::status::{
     ConnectionStatus, DropReason, IpamPeerStatus, IpamStatus, PeerStatus, PendingStatus, Status,
     TargetStatus, Traffic,
@@ -30,9 +30,10 @@ use std::time::Duration;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PersistedState {
     pub name: PeerName,
-    /// Starts counted so far. Each start's entry versions and seal nonces
-    /// are above every earlier start's, so peers take the new entry at once
-    /// and refuse replays of an older boot's datagrams.
+    /// Starts counted so far. Each start's entry versions are above every
+    /// earlier start's, so peers take the new entry at once. (Seal epochs
+    /// follow the wall clock instead, see [`seal::boot_epoch`]: a restored
+    /// older file must not make peers refuse this node as a replay.)
     pub restarts: u32,
     /// The ring, this node's allocations and its seeding promises.
     #[serde(default)]
@@ -87,8 +88,7 @@ pub struct Router {
     config: Config,
     me: PeerName,
     restarts: u32,
-    /// Seal epoch: restarts in the high half, random low half, so that even
-    /// a start whose `restarts` was not persisted never reuses a nonce.
+    /// Seal epoch of this start: see [`seal::boot_epoch`].
     epoch: u64,
     send_counter: u64,
     /// Version of our latest entry; starts at `restarts << 40` so that every
@@ -189,7 +189,7 @@ impl Router {
             });
         }
         let ipam = Ipam::new(me, config.ipalloc_range, config.ipam.clone(), 1, ipam_state);
-        let epoch = (u64::from(restarts) << 32) | (rng.next_u64() >> 32);
+        let epoch = seal::boot_epoch(config.start_clock, restarts);
         let own = PeerEntry {
             version: u64::from(restarts) << VERSION_BITS,
             name: me,
@@ -251,6 +251,11 @@ impl Router {
         &self.config
     }
 
+    /// This start's seal epoch; the sleeve seals its frames under it too.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
     /// The value to persist (and to pass to [`Router::new`] on restart).
     pub fn state(&self) -> PersistedState {
         PersistedState {
@@ -278,6 +283,14 @@ impl Router {
     /// Peers with a connection confirmed both ways.
     pub fn established(&self, now: Time) -> Vec<PeerName> {
         self.connections.established(now, self.dead_after())
+    }
+
+    /// Where `peer` sends from, if it has a direct connection it has
+    /// confirmed (dead links are dropped at the next heartbeat tick): the
+    /// only source a sleeve frame from `peer` is taken from.
+    pub fn connected_address(&self, peer: PeerName) -> Option<SocketAddr> {
+        let link = self.connections.link(peer)?;
+        link.confirmed_at.map(|_| link.address)
     }
 
     // ---- inputs -------------------------------------------------------
@@ -389,7 +402,7 @@ impl Router {
     pub fn handle_datagram(&mut self, now: Time, from: SocketAddr, bytes: &[u8]) {
         self.traffic.received_datagrams += 1;
         self.traffic.received_bytes += bytes.len() as u64;
-        match self.open(bytes) {
+        match self.open(now, bytes) {
             Ok((sender, message)) => self.dispatch(now, from, sender, message),
             Err(reason) => *self.dropped.entry(reason).or_default() += 1,
         }
@@ -460,17 +473,20 @@ impl Router {
     // ---- receiving ----------------------------------------------------
 
     /// Authenticates and decodes a datagram, or says why it is dropped.
-    fn open(&mut self, bytes: &[u8]) -> Result<(PeerName, Message), DropReason> {
+    fn open(&mut self, now: Time, bytes: &[u8]) -> Result<(PeerName, Message), DropReason> {
         let frame = Frame::parse(bytes).map_err(drop_reason)?;
         let message = match (&self.sealer, frame.nonce) {
             (Some(sealer), Some(nonce)) => {
                 let message = frame.open_message(sealer).map_err(drop_reason)?;
                 // Only authentic datagrams touch the replay state, so a
-                // forger cannot advance a sender's window.
+                // forger cannot advance a sender's window. A window quiet
+                // for as long as a dead link lets a lower epoch in: the
+                // sender restarted with a clock that went back.
+                let stale_after = self.dead_after();
                 self.replay
                     .entry(frame.sender)
                     .or_default()
-                    .check_and_update(nonce.epoch, nonce.counter)
+                    .accept(now, stale_after, nonce.epoch, nonce.counter)
                     .map_err(|_| DropReason::Replayed)?;
                 message
             }
