@@ -30,10 +30,11 @@ use std::time::Duration;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PersistedState {
     pub name: PeerName,
-    /// Starts counted so far. Each start's entry versions are above every
-    /// earlier start's, so peers take the new entry at once. (Seal epochs
-    /// follow the wall clock instead, see [`seal::boot_epoch`]: a restored
-    /// older file must not make peers refuse this node as a replay.)
+    /// Starts counted so far: breaks a tie between two starts in the same
+    /// millisecond. Seal epochs and entry versions follow the wall clock
+    /// at start (see [`seal::boot_epoch`]), not this count, so a restored
+    /// older file neither makes peers refuse this node as a replay nor
+    /// ignore its entry as old news.
     pub restarts: u32,
     /// The ring, this node's allocations and its seeding promises.
     #[serde(default)]
@@ -91,7 +92,7 @@ pub struct Router {
     /// Seal epoch of this start: see [`seal::boot_epoch`].
     epoch: u64,
     send_counter: u64,
-    /// Version of our latest entry; starts at `restarts << 40` so that every
+    /// Version of our latest entry; starts at the boot epoch so that every
     /// start outbids the previous one's entries.
     own_version: u64,
     /// Our heartbeat tokens of the last dead interval, newest last; a peer
@@ -154,7 +155,6 @@ pub struct Router {
     dropped: BTreeMap<DropReason, u64>,
 }
 
-const VERSION_BITS: u32 = 40;
 /// Probes per heartbeat interval to a silent link.
 const PROBES_PER_INTERVAL: u32 = 4;
 /// Routes, learnt addresses and the IPAM step wait this long for more
@@ -190,8 +190,12 @@ impl Router {
         }
         let ipam = Ipam::new(me, config.ipalloc_range, config.ipam.clone(), 1, ipam_state);
         let epoch = seal::boot_epoch(config.start_clock, restarts);
+        // Entry versions start there too, so that, like the epoch, they
+        // outbid every earlier start's (which made fewer than 2^20 updates
+        // per millisecond) even when the state file was restored.
+        let version = epoch;
         let own = PeerEntry {
-            version: u64::from(restarts) << VERSION_BITS,
+            version,
             name: me,
             nickname: config.nickname.clone(),
             address: config.address,
@@ -204,7 +208,7 @@ impl Router {
             restarts,
             epoch,
             send_counter: 0,
-            own_version: u64::from(restarts) << VERSION_BITS,
+            own_version: version,
             tokens: VecDeque::new(),
             routes_dirty: true,
             peers_dirty: true,
