@@ -231,6 +231,60 @@ for p in s["dataplane"]["peers"]:
     eventually "every pod reaches every pod on fastdp again" all_pods_reach_all "$n"
 }
 
+# The value of a /metrics sample of node i's agent (0 when absent).
+metric() { # metric I SERIES
+    ip netns exec "$(node_ns "$1")" python3 - "$2" <<'EOF'
+import sys, urllib.request
+text = urllib.request.urlopen("http://127.0.0.1:6784/metrics", timeout=2).read().decode()
+print(next((l.rsplit(" ", 1)[1] for l in text.splitlines() if l.startswith(sys.argv[1] + " ")), 0))
+EOF
+}
+
+# A sleeve frame from a host that is no weft peer never reaches a pod: the
+# outside host (203.0.113.2) sends node1 plain frames carrying a UDP
+# datagram for pod-1-1, which must not receive it; node1 counts the drops.
+spoofed_sleeve_frame_check() {
+    local dst before after listener
+    dst=$(cat "$LAB/n1/pod-1.ip")
+    before=$(metric 1 'weft_sleeve_dropped_total{reason="not_connected"}')
+    ip -n "$PREFIX-outside" route add "$(node_ip 1)/32" via 203.0.113.1
+    ip netns exec "$(pod_ns 1 1)" python3 - <<'EOF' &
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 9999))
+s.settimeout(3)
+try:
+    s.recvfrom(100)
+    sys.exit(1)
+except socket.timeout:
+    sys.exit(0)
+EOF
+    listener=$!
+    sleep 0.5
+    ip netns exec "$PREFIX-outside" python3 - "$dst" "$(node_ip 1)" <<'EOF'
+import socket, struct, sys, time
+src, dst = socket.inet_aton("203.0.113.2"), socket.inet_aton(sys.argv[1])
+udp = struct.pack("!HHHH", 4444, 9999, 8 + 7, 0) + b"spoofed"
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0, src, dst)
+c = sum(struct.unpack("!10H", ip))
+c = (c >> 16) + (c & 0xFFFF)
+c = ~(c + (c >> 16)) & 0xFFFF
+ip = ip[:10] + struct.pack("!H", c) + ip[12:]
+# "WEFT", wire version 2, kind 2 (plain sleeve frame), a made-up sender.
+frame = b"WEFT" + bytes([2, 2]) + struct.pack("!Q", 0x5EED) + ip + udp
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(5):
+    s.sendto(frame, (sys.argv[2], 6783))
+    time.sleep(0.1)
+EOF
+    ip -n "$PREFIX-outside" route del "$(node_ip 1)/32" via 203.0.113.1
+    wait "$listener" || { log "FAIL: a sleeve frame from a non-peer reached pod-1-1"; return 1; }
+    after=$(metric 1 'weft_sleeve_dropped_total{reason="not_connected"}')
+    [ "$after" -ge $((before + 5)) ] ||
+        { log "FAIL: sleeve drops from a non-peer counted $before -> $after, not +5"; return 1; }
+    log "ok: sleeve frames from a non-peer are dropped and counted"
+}
+
 cut_link() { # drop underlay traffic between nodes a and b (both ways)
     ip netns exec "$(node_ns "$1")" ip route add blackhole "$(node_ip "$2")/32"
     ip netns exec "$(node_ns "$2")" ip route add blackhole "$(node_ip "$1")/32"
@@ -297,6 +351,8 @@ test_lab() {
     if [ "$DATAPATH" = fastdp ] && [ "$n" -ge 3 ]; then
         fastdp_probe_check "$n"
     fi
+
+    spoofed_sleeve_frame_check
 
     cut_link 1 2
     eventually "with node1-node2 cut, traffic goes through node3" all_pods_reach_all "$n"

@@ -51,6 +51,11 @@ pub struct Config {
     pub ipalloc_range: Ipv4Net,
     /// Ring (with its seeding mode) or node-cidr.
     pub ipam: IpamMode,
+    /// Wall-clock time of this start, since the Unix epoch (the agent's
+    /// clock; the simulator's virtual time). The seal epoch is built from
+    /// it, so a node started from a restored, older state file still
+    /// seals above every earlier start. The core reads no clock itself.
+    pub start_clock: Duration,
 }
 
 /// Weave's default, kept so that users moving over find what they expect.
@@ -75,6 +80,7 @@ impl Config {
             secret: None,
             ipalloc_range: DEFAULT_IPALLOC_RANGE.parse().expect("valid default range"),
             ipam: IpamMode::Ring(IpamInit::Consensus(None)),
+            start_clock: Duration::ZERO,
         }
     }
 

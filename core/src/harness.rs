@@ -88,13 +88,11 @@ impl Net {
         let mut seed = [0u8; 32];
         seed[..8].copy_from_slice(&self.seed.to_le_bytes());
         seed[8..16].copy_from_slice(&self.boots.to_le_bytes());
-        let router = Router::new(
-            self.configs[i].clone(),
-            self.saved[i].take(),
-            seed,
-            self.now,
-        )
-        .expect("valid test config");
+        // A node's configured `start_clock` is its wall clock at time zero.
+        let mut config = self.configs[i].clone();
+        config.start_clock += self.now.since_epoch();
+        let router =
+            Router::new(config, self.saved[i].take(), seed, self.now).expect("valid test config");
         self.nodes[i] = Some(router);
         for j in self.peers[i].clone() {
             self.with(i, |r, now| r.add_peer_address(now, address(j)));
@@ -118,6 +116,14 @@ impl Net {
     pub fn wipe(&mut self, i: usize) {
         self.crash(i);
         self.saved[i] = None;
+        self.start(i);
+    }
+
+    /// Crash, put back `state` (an older copy of the node's state file, as
+    /// restored from a backup), start.
+    pub fn restore(&mut self, i: usize, state: PersistedState) {
+        self.crash(i);
+        self.saved[i] = Some(state);
         self.start(i);
     }
 

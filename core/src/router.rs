@@ -10,7 +10,7 @@ use crate::ipam::{
 use crate::peer::{PeerName, clamp_nickname};
 use crate::random::Random;
 use crate::routes::Routes;
-use crate::seal::{ReplayWindow, SealNonce, Sealer};
+use crate::seal::{self, ReplayWindow, SealNonce, Sealer};
 use crate::status::{
     ConnectionStatus, DropReason, IpamPeerStatus, IpamStatus, PeerStatus, PendingStatus, Status,
     TargetStatus, Traffic,
@@ -30,9 +30,11 @@ use std::time::Duration;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PersistedState {
     pub name: PeerName,
-    /// Starts counted so far. Each start's entry versions and seal nonces
-    /// are above every earlier start's, so peers take the new entry at once
-    /// and refuse replays of an older boot's datagrams.
+    /// Starts counted so far: breaks a tie between two starts in the same
+    /// millisecond. Seal epochs and entry versions follow the wall clock
+    /// at start (see [`seal::boot_epoch`]), not this count, so a restored
+    /// older file neither makes peers refuse this node as a replay nor
+    /// ignore its entry as old news.
     pub restarts: u32,
     /// The ring, this node's allocations and its seeding promises.
     #[serde(default)]
@@ -87,11 +89,10 @@ pub struct Router {
     config: Config,
     me: PeerName,
     restarts: u32,
-    /// Seal epoch: restarts in the high half, random low half, so that even
-    /// a start whose `restarts` was not persisted never reuses a nonce.
+    /// Seal epoch of this start: see [`seal::boot_epoch`].
     epoch: u64,
     send_counter: u64,
-    /// Version of our latest entry; starts at `restarts << 40` so that every
+    /// Version of our latest entry; starts at the boot epoch so that every
     /// start outbids the previous one's entries.
     own_version: u64,
     /// Our heartbeat tokens of the last dead interval, newest last; a peer
@@ -156,8 +157,6 @@ pub struct Router {
     links_shed: u64,
 }
 
-const VERSION_BITS: u32 = 40;
-
 /// What a heartbeat tells its receiver besides liveness (see [`Heartbeat`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Flag {
@@ -205,9 +204,13 @@ impl Router {
                 .map_err(ConfigError::InvalidState)?;
         }
         let ipam = Ipam::new(me, config.ipalloc_range, config.ipam.clone(), 1, ipam_state);
-        let epoch = (u64::from(restarts) << 32) | (rng.next_u64() >> 32);
+        let epoch = seal::boot_epoch(config.start_clock, restarts);
+        // Entry versions start there too, so that, like the epoch, they
+        // outbid every earlier start's (which made fewer than 2^20 updates
+        // per millisecond) even when the state file was restored.
+        let version = epoch;
         let own = PeerEntry {
-            version: u64::from(restarts) << VERSION_BITS,
+            version,
             name: me,
             nickname: config.nickname.clone(),
             address: config.address,
@@ -220,7 +223,7 @@ impl Router {
             restarts,
             epoch,
             send_counter: 0,
-            own_version: u64::from(restarts) << VERSION_BITS,
+            own_version: version,
             tokens: VecDeque::new(),
             routes_dirty: true,
             peers_dirty: true,
@@ -268,6 +271,11 @@ impl Router {
         &self.config
     }
 
+    /// This start's seal epoch; the sleeve seals its frames under it too.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
     /// The value to persist (and to pass to [`Router::new`] on restart).
     pub fn state(&self) -> PersistedState {
         PersistedState {
@@ -295,6 +303,14 @@ impl Router {
     /// Peers with a connection confirmed both ways.
     pub fn established(&self, now: Time) -> Vec<PeerName> {
         self.connections.established(now, self.dead_after())
+    }
+
+    /// Where `peer` sends from, if it has a direct connection it has
+    /// confirmed (dead links are dropped at the next heartbeat tick): the
+    /// only source a sleeve frame from `peer` is taken from.
+    pub fn connected_address(&self, peer: PeerName) -> Option<SocketAddr> {
+        let link = self.connections.link(peer)?;
+        link.confirmed_at.map(|_| link.address)
     }
 
     // ---- inputs -------------------------------------------------------
@@ -406,7 +422,7 @@ impl Router {
     pub fn handle_datagram(&mut self, now: Time, from: SocketAddr, bytes: &[u8]) {
         self.traffic.received_datagrams += 1;
         self.traffic.received_bytes += bytes.len() as u64;
-        match self.open(bytes) {
+        match self.open(now, bytes) {
             Ok((sender, message)) => self.dispatch(now, from, sender, message),
             Err(reason) => *self.dropped.entry(reason).or_default() += 1,
         }
@@ -477,17 +493,20 @@ impl Router {
     // ---- receiving ----------------------------------------------------
 
     /// Authenticates and decodes a datagram, or says why it is dropped.
-    fn open(&mut self, bytes: &[u8]) -> Result<(PeerName, Message), DropReason> {
+    fn open(&mut self, now: Time, bytes: &[u8]) -> Result<(PeerName, Message), DropReason> {
         let frame = Frame::parse(bytes).map_err(drop_reason)?;
         let message = match (&self.sealer, frame.nonce) {
             (Some(sealer), Some(nonce)) => {
                 let message = frame.open_message(sealer).map_err(drop_reason)?;
                 // Only authentic datagrams touch the replay state, so a
-                // forger cannot advance a sender's window.
+                // forger cannot advance a sender's window. A window quiet
+                // for as long as a dead link lets a lower epoch in: the
+                // sender restarted with a clock that went back.
+                let stale_after = self.dead_after();
                 self.replay
                     .entry(frame.sender)
                     .or_default()
-                    .check_and_update(nonce.epoch, nonce.counter)
+                    .accept(now, stale_after, nonce.epoch, nonce.counter)
                     .map_err(|_| DropReason::Replayed)?;
                 message
             }

@@ -111,6 +111,71 @@ fn plain_and_encrypted_nodes_do_not_mix() {
     assert!(net.router(1).dropped(DropReason::NoSecret) > 0);
 }
 
+/// Node 2's new boot has confirmed connections to both peers (so they
+/// hear it) within `within` of `since`, and nothing of it was refused as a
+/// replay in between; returns how long that took.
+fn heard_again_without_replays(net: &mut Net, since: Time, within: Duration) -> Duration {
+    let replayed = |net: &Net| -> Vec<u64> {
+        (0..3)
+            .map(|i| net.router(i).dropped(DropReason::Replayed))
+            .collect()
+    };
+    let before = replayed(net);
+    let peers = [net.name(0), net.name(2)];
+    let back = |net: &Net| peers.iter().all(|p| net.established(1).contains(p));
+    while !back(net) && net.now.saturating_since(since) < within {
+        net.run_for(Duration::from_millis(100));
+    }
+    assert!(back(net), "not heard again within {within:?}");
+    assert_eq!(replayed(net), before, "datagrams refused as replays");
+    net.now.saturating_since(since)
+}
+
+#[test]
+fn a_node_restored_from_an_older_state_file_is_heard_at_once() {
+    let secret = |_: usize, c: &mut Config| c.secret = Some(b"s3cret".to_vec());
+    let mut net = Net::new(3, 11, secret);
+    net.run_for(secs(5));
+    let backup = net.router(1).state();
+    for _ in 0..2 {
+        net.restart(1);
+        net.run_for(secs(10));
+    }
+    let restarted_at = net.now;
+    net.restart(1);
+    let restart = heard_again_without_replays(&mut net, restarted_at, secs(30));
+    net.run_for(secs(10));
+    let restored_at = net.now;
+    net.restore(1, backup);
+    let restore = heard_again_without_replays(&mut net, restored_at, secs(30));
+    // As fast as a plain restart, give or take a heartbeat round.
+    assert!(restore <= restart + secs(1), "{restore:?} vs {restart:?}");
+    net.run_for(secs(10));
+    assert!(net.converged());
+}
+
+#[test]
+fn a_node_whose_clock_went_back_is_heard_once_its_old_boot_is_stale() {
+    // Clocks read 1,000 s at time zero; node 2 then restarts with a clock
+    // reset to zero, so its new epoch is below its last one.
+    let mut net = Net::new(3, 12, |_, c| {
+        c.secret = Some(b"s3cret".to_vec());
+        c.start_clock = secs(1000);
+    });
+    net.run_for(secs(10));
+    net.config_mut(1).start_clock = Duration::ZERO;
+    net.restart(1);
+    let me = net.name(1);
+    net.run_for(secs(2));
+    assert!(net.router(0).dropped(DropReason::Replayed) > 0);
+    // The old boot's window goes stale a dead interval (5 s) after its
+    // last datagram; the next heartbeat brings the node back. (Established
+    // 8 s on means the new boot was heard: the old one fell silent then.)
+    net.run_for(secs(6));
+    assert!(net.established(0).contains(&me));
+    assert!(net.established(2).contains(&me));
+}
+
 #[test]
 fn a_replayed_datagram_is_rejected() {
     let mut net = Net::new(2, 6, |_, c| c.secret = Some(b"s3cret".to_vec()));
@@ -457,7 +522,14 @@ fn a_silent_link_is_probed_and_the_peer_answers_at_once() {
     let before = net.now;
     net.run_for(secs(2));
     let normal = net.bytes_sent(1, before, net.now);
-    // Node 0 stops hearing node 1; node 1 still hears node 0.
+    // Node 0 stops hearing node 1 right after hearing it (so the silence
+    // below is 4.5 s whatever the heartbeats' phase); node 1 still hears
+    // node 0.
+    let peer = net.name(1);
+    let heard = |net: &Net| net.router(0).last_heard().find(|(p, _)| *p == peer);
+    while heard(&net).is_some_and(|(_, t)| net.now.saturating_since(t) > Duration::from_millis(5)) {
+        net.run_for(Duration::from_millis(1));
+    }
     net.cut_one_way(1, 0);
     let cut_at = net.now;
     net.run_for(Duration::from_millis(4500));

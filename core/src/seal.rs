@@ -12,11 +12,13 @@
 
 #![forbid(unsafe_code)]
 
+use crate::time::Time;
 use chacha20poly1305::XChaCha20Poly1305;
 use chacha20poly1305::XNonce;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use core::cmp::Ordering;
 use core::fmt;
+use core::time::Duration;
 use hkdf::Hkdf;
 use sha2::Sha256;
 
@@ -57,6 +59,31 @@ impl SealNonce {
         out[16..24].copy_from_slice(&self.counter.to_be_bytes());
         out
     }
+}
+
+/// Bits of a boot epoch below the start's wall-clock milliseconds: the
+/// restart count's low bits, which break a tie between two starts in the
+/// same millisecond.
+const EPOCH_TIEBREAK_BITS: u32 = 20;
+
+/// The seal epoch of a start at wall-clock `clock` (since the Unix epoch)
+/// with `restarts` earlier starts on record: milliseconds in the high 44
+/// bits (enough until the year 2527; later clocks saturate), the restart
+/// count's low 20 bits below.
+///
+/// The clock, not the state file, orders the epochs, so a node started
+/// from a restored older file still outbids its earlier boots and peers
+/// take its datagrams at once. A clock that went back instead (a host
+/// without a real-time clock before NTP) makes a lower epoch: receivers
+/// refuse it until the old boot's window goes stale (see
+/// [`ReplayWindow::accept`]). Two starts share an epoch, and so could reuse
+/// nonces, only at the same millisecond with the same count (mod 2^20):
+/// a restored file *and* a clock set back to that exact millisecond.
+pub fn boot_epoch(clock: Duration, restarts: u32) -> u64 {
+    const MAX_MILLIS: u64 = (1 << (64 - EPOCH_TIEBREAK_BITS)) - 1;
+    let millis = u64::try_from(clock.as_millis()).map_or(MAX_MILLIS, |m| m.min(MAX_MILLIS));
+    let tiebreak = u64::from(restarts) & ((1 << EPOCH_TIEBREAK_BITS) - 1);
+    millis << EPOCH_TIEBREAK_BITS | tiebreak
 }
 
 /// Seals and opens datagrams under the key derived from the cluster secret.
@@ -185,6 +212,8 @@ const _: () = assert!(
 pub struct ReplayWindow {
     /// `None` until the first datagram from this sender is accepted.
     current: Option<EpochWindow>,
+    /// When [`ReplayWindow::accept`] last accepted a datagram.
+    last_accepted: Option<Time>,
 }
 
 /// Window state within one epoch.
@@ -277,6 +306,37 @@ impl ReplayWindow {
         }
         self.current = Some(EpochWindow::starting_at(epoch, counter));
         Ok(())
+    }
+
+    /// [`ReplayWindow::check_and_update`] at `now`, except that once the
+    /// window has accepted nothing for `stale_after`, its epoch is
+    /// forgotten and a lower one is taken as the sender's new boot: the
+    /// boot the window belonged to has gone quiet, and the sender may have
+    /// restarted with a clock that went back. Refusals never refresh the
+    /// window, so replaying old datagrams cannot keep a sender out.
+    pub fn accept(
+        &mut self,
+        now: Time,
+        stale_after: Duration,
+        epoch: u64,
+        counter: u64,
+    ) -> Result<(), Replay> {
+        let stale = self
+            .last_accepted
+            .is_some_and(|t| now.saturating_since(t) >= stale_after);
+        if stale && self.current.as_ref().is_some_and(|w| epoch < w.epoch) {
+            self.current = None;
+        }
+        self.check_and_update(epoch, counter)?;
+        self.last_accepted = Some(now);
+        Ok(())
+    }
+
+    /// The window has accepted nothing for `stale_after`: a sender gone
+    /// for that long may be forgotten (it is then new to us again).
+    pub fn is_stale(&self, now: Time, stale_after: Duration) -> bool {
+        self.last_accepted
+            .is_none_or(|t| now.saturating_since(t) >= stale_after)
     }
 }
 
@@ -586,6 +646,59 @@ mod tests {
         // Refusals leave the state alone.
         assert_eq!(w.check_and_update(3, 1), Ok(()));
         assert_eq!(w.check_and_update(3, 0), Err(Replay::Duplicate));
+    }
+
+    fn at(s: u64) -> Time {
+        Time::from_millis(s * 1000)
+    }
+
+    const STALE: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn a_lower_epoch_is_refused_while_the_window_is_fresh_then_accepted() {
+        let mut w = ReplayWindow::new();
+        assert_eq!(w.accept(at(0), STALE, 9, 0), Ok(()));
+        assert_eq!(w.accept(at(4), STALE, 9, 1), Ok(()));
+        // The sender restarted with a clock that went back.
+        assert_eq!(w.accept(at(6), STALE, 3, 0), Err(Replay::OldEpoch));
+        // Refusals do not refresh the window: it goes stale 5 s after the
+        // last accepted datagram, not after the last refused one.
+        assert_eq!(w.accept(at(8), STALE, 3, 1), Err(Replay::OldEpoch));
+        assert_eq!(w.accept(at(9), STALE, 3, 2), Ok(()));
+        // Now epoch 3 is current: the old boot's datagrams are newer
+        // epochs, and a replayed one of epoch 3 is still a duplicate.
+        assert_eq!(w.accept(at(9), STALE, 3, 2), Err(Replay::Duplicate));
+    }
+
+    #[test]
+    fn a_stale_window_still_refuses_its_own_epochs_old_counters() {
+        let mut w = ReplayWindow::new();
+        assert_eq!(w.accept(at(0), STALE, 9, 5000), Ok(()));
+        assert_eq!(w.accept(at(60), STALE, 9, 5000), Err(Replay::Duplicate));
+        assert_eq!(w.accept(at(60), STALE, 9, 10), Err(Replay::TooOld));
+        assert!(w.is_stale(at(60), STALE));
+        assert!(!w.is_stale(at(4), STALE));
+        assert!(ReplayWindow::new().is_stale(at(0), STALE));
+    }
+
+    #[test]
+    fn boot_epochs_follow_the_clock_not_the_restart_count() {
+        let s = Duration::from_secs;
+        // A start from a restored file (fewer restarts) later on the clock
+        // outbids every earlier start.
+        assert!(boot_epoch(s(1_800_000_001), 2) > boot_epoch(s(1_800_000_000), 7));
+        // Within one millisecond the count breaks the tie.
+        let t = Duration::from_millis(1_800_000_000_123);
+        assert!(boot_epoch(t, 8) > boot_epoch(t, 7));
+        assert_eq!(boot_epoch(t, 7) >> 20, 1_800_000_000_123);
+        // Only the count's low 20 bits are kept, above them is the clock.
+        assert_eq!(boot_epoch(Duration::ZERO, u32::MAX), (1 << 20) - 1);
+        // Clocks beyond 44 bits of milliseconds saturate, not wrap.
+        assert_eq!(boot_epoch(Duration::MAX, 0), u64::MAX << 20);
+        assert_eq!(
+            boot_epoch(Duration::from_millis(1 << 44), 1),
+            boot_epoch(Duration::MAX, 1)
+        );
     }
 
     /// Straightforward reference: remembers every accepted pair.

@@ -50,6 +50,17 @@ pub enum SleeveFrame<'a> {
     },
 }
 
+impl SleeveFrame<'_> {
+    /// The peer the frame names as its sender (authentic only once a
+    /// sealed frame is opened).
+    pub fn sender(&self) -> PeerName {
+        match self {
+            SleeveFrame::Plain { sender, .. } => *sender,
+            SleeveFrame::Sealed { nonce, .. } => PeerName(nonce.sender),
+        }
+    }
+}
+
 /// A plain sleeve frame from `sender` carrying `packet`.
 pub fn sleeve_frame(sender: PeerName, packet: &[u8]) -> Vec<u8> {
     let mut out = header(sender, KIND_SLEEVE, packet.len());

@@ -164,7 +164,12 @@ async fn run_async(mut args: RouterArgs) -> Result<(), StartError> {
         adopt_nodes(&mut args, &mut peers, nodes);
     }
     check_range(&args)?;
-    let config = args.core_config(&peers)?;
+    let mut config = args.core_config(&peers)?;
+    // Orders this start's seal epoch after every earlier one, whatever
+    // state file is on disk; a clock before 1970 counts as 1970.
+    config.start_clock = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     let config_address = config.address;
     peers.retain(|p| *p != config_address);
     let store = Store::open(&args.data_dir)?;
@@ -213,13 +218,14 @@ async fn run_async(mut args: RouterArgs) -> Result<(), StartError> {
     let probe_socket = std_socket.try_clone().map_err(listen_error)?;
     let shared = Arc::new(Mutex::new(router));
     let sleeve_socket = std_socket.try_clone().map_err(listen_error)?;
-    let control = start_sleeve(
+    let (control, sleeve_counters) = start_sleeve(
         &args,
         sleeve_socket,
         &shared,
         &config_address,
         prober.clone(),
-    );
+    )
+    .unzip();
     let sleeve = control.is_some();
     if let Some(prober) = &prober {
         prober.set_sleeve(sleeve);
@@ -262,6 +268,7 @@ async fn run_async(mut args: RouterArgs) -> Result<(), StartError> {
         metrics: Rc::new(Metrics::default()),
         dataplane: dataplane.clone(),
         prober: prober.clone(),
+        sleeve: sleeve_counters,
     };
     let ready_api = api.clone();
     tokio::task::spawn_local(api::serve(listener, api));
@@ -436,36 +443,32 @@ impl Datagrams for AgentSocket {
 }
 
 /// The sleeve's TUN device and threads, for `--datapath sleeve` and as
-/// fastdp's fallback; `None` without a dataplane or without TUN support.
-/// The socket must be in blocking mode: the sleeve's threads wait on it.
+/// fastdp's fallback, and its counters; `None` without a dataplane or
+/// without TUN support. The socket must be in blocking mode: the sleeve's
+/// threads wait on it.
 fn start_sleeve(
     args: &RouterArgs,
     socket: std::net::UdpSocket,
     router: &weft_driver::SharedRouter,
     underlay: &std::net::SocketAddr,
     prober: Option<Arc<Prober>>,
-) -> Option<ControlSocket> {
+) -> Option<(ControlSocket, Arc<crate::sleeve_gate::Counters>)> {
     if args.datapath == Datapath::None {
         return None;
     }
     match Tun::create(crate::sleeve::DEVICE) {
         Ok(tun) => {
             let secret = args.secret().ok().flatten();
-            // Above every earlier start's (receivers refuse older epochs),
-            // random below that.
-            let restarts = u64::from(weft_driver::lock(router).state().restarts);
-            let random = u64::from(u32::from_le_bytes(os_seed().ok()?[..4].try_into().ok()?));
-            let epoch = restarts << 32 | random;
             let sleeve = Sleeve::new(
                 tun,
                 socket,
                 router.clone(),
                 secret.as_deref(),
-                epoch,
                 max_datagram(underlay),
                 prober,
             );
-            Some(sleeve.start())
+            let counters = sleeve.counters.clone();
+            Some((sleeve.start(), counters))
         }
         Err(e) => {
             tracing::warn!(

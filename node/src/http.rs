@@ -22,6 +22,8 @@ pub struct StatusServer {
     pub dataplane: std::sync::Arc<std::sync::Mutex<crate::agent::DataplaneState>>,
     /// fastdp's per-peer health, when fastdp runs.
     pub prober: Option<std::sync::Arc<crate::fastdp_probe::Prober>>,
+    /// The sleeve's counters, when it runs.
+    pub sleeve: Option<std::sync::Arc<crate::sleeve_gate::Counters>>,
 }
 
 /// An HTTP answer: status code, content type, body.
@@ -158,7 +160,10 @@ impl StatusServer {
             "/status/ipam" => Page::json(&lock(&self.router).status(now).ipam),
             "/metrics" => {
                 let status = lock(&self.router).status(now);
-                let body = self.metrics.render(&status, &self.dataplane_state());
+                let sleeve = self.sleeve.as_deref();
+                let body = self
+                    .metrics
+                    .render(&status, &self.dataplane_state(), sleeve);
                 Page {
                     code: 200,
                     content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",

@@ -14,6 +14,7 @@ mod offload;
 mod report;
 mod settings;
 mod sleeve;
+mod sleeve_gate;
 mod store;
 mod udp;
 mod underlay;

@@ -2,6 +2,7 @@
 //! status at scrape time.
 
 use crate::agent::DataplaneState;
+use crate::sleeve_gate::{Counters, FrameDrop};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -49,6 +50,8 @@ pub struct Metrics {
     gossip_sent_by_kind: Family<Kind, Counter>,
     dropped: Family<Reason, Counter>,
     fallback: Gauge,
+    sleeve_frames: Family<Direction, Counter>,
+    sleeve_dropped: Family<Reason, Counter>,
 }
 
 impl Default for Metrics {
@@ -66,6 +69,8 @@ impl Default for Metrics {
             gossip_sent_by_kind: Family::default(),
             dropped: Family::default(),
             fallback: Gauge::default(),
+            sleeve_frames: Family::default(),
+            sleeve_dropped: Family::default(),
             registry: Registry::default(),
         };
         registry.register("peers", "Peers known, this node included", m.peers.clone());
@@ -115,6 +120,16 @@ impl Default for Metrics {
             "1 when fastdp could not be set up and another dataplane is used",
             m.fallback.clone(),
         );
+        registry.register(
+            "sleeve_frames",
+            "Pod packets the sleeve carried: sent, received (delivered or relayed), relayed",
+            m.sleeve_frames.clone(),
+        );
+        registry.register(
+            "sleeve_dropped",
+            "Pod packets the sleeve dropped, by reason",
+            m.sleeve_dropped.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -128,7 +143,13 @@ fn follow(counter: &Counter, value: u64) {
 }
 
 impl Metrics {
-    pub fn render(&self, status: &Status, dataplane: &DataplaneState) -> String {
+    /// `sleeve`: the sleeve's counters, when it runs.
+    pub fn render(
+        &self,
+        status: &Status,
+        dataplane: &DataplaneState,
+        sleeve: Option<&Counters>,
+    ) -> String {
         self.peers.set(status.peers.len() as i64);
         self.reachable
             .set(status.peers.iter().filter(|p| p.reachable).count() as i64);
@@ -213,8 +234,75 @@ impl Metrics {
             follow(&self.dropped.get_or_create(&Reason { reason: label }), *n);
         }
         self.fallback.set(i64::from(dataplane.fallback.is_some()));
+        if let Some(sleeve) = sleeve {
+            self.follow_sleeve(sleeve);
+        }
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);
         out
+    }
+
+    fn follow_sleeve(&self, sleeve: &Counters) {
+        for (direction, counter) in [
+            ("sent", &sleeve.sent),
+            ("received", &sleeve.received),
+            ("relayed", &sleeve.relayed),
+        ] {
+            let label = Direction {
+                direction: direction.into(),
+            };
+            let n = counter.load(std::sync::atomic::Ordering::Relaxed);
+            follow(&self.sleeve_frames.get_or_create(&label), n);
+        }
+        for reason in FrameDrop::ALL {
+            let label = Reason {
+                reason: reason.label().into(),
+            };
+            follow(
+                &self.sleeve_dropped.get_or_create(&label),
+                sleeve.dropped(reason),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+    use weft_core::{Config, Router, Time};
+
+    fn render(sleeve: Option<&Counters>) -> String {
+        let config = Config::new("t", "127.0.0.1:6783".parse().unwrap());
+        let router = Router::new(config, None, [0; 32], Time::ZERO).unwrap();
+        let dataplane = DataplaneState {
+            requested: "sleeve",
+            in_use: "sleeve",
+            fallback: None,
+            kernel_error: None,
+            egress_problem: None,
+            peers: Vec::new(),
+        };
+        Metrics::default().render(&router.status(Time::ZERO), &dataplane, sleeve)
+    }
+
+    #[test]
+    fn sleeve_frames_and_drops_by_reason_are_exported() {
+        let counters = Counters::default();
+        counters.sent.fetch_add(3, Ordering::Relaxed);
+        counters.count_drop(FrameDrop::NotConnected);
+        counters.count_drops(FrameDrop::WrongAddress, 2);
+        let out = render(Some(&counters));
+        for line in [
+            "weft_sleeve_frames_total{direction=\"sent\"} 3",
+            "weft_sleeve_frames_total{direction=\"received\"} 0",
+            "weft_sleeve_dropped_total{reason=\"not_connected\"} 1",
+            "weft_sleeve_dropped_total{reason=\"wrong_address\"} 2",
+            "weft_sleeve_dropped_total{reason=\"replayed\"} 0",
+        ] {
+            assert!(out.lines().any(|l| l == line), "no {line:?} in\n{out}");
+        }
+        // Without a sleeve there is nothing to count.
+        assert!(!render(None).contains("weft_sleeve_dropped_total{"));
     }
 }

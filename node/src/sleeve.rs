@@ -19,20 +19,21 @@
 
 use crate::fastdp_probe::{Prober, Received};
 use crate::offload::{self, Coalescer, MAX_IP_PACKET, VNET_HDR_LEN, VnetHdr};
+use crate::sleeve_gate::{Counters, FrameDrop, Gate};
 use crate::udp;
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::time::Instant;
 use tokio::sync::mpsc;
 use weft_core::forward::Forward;
-use weft_core::seal::{ReplayWindow, SealNonce, Sealer, TAG_LEN};
+use weft_core::seal::{SealNonce, Sealer, TAG_LEN};
 use weft_core::wire::{self, SleeveFrame};
-use weft_core::{PeerName, Router};
+use weft_core::{PeerName, Router, Time};
 use weft_driver::{SharedRouter, lock};
 
 /// Its overhead (outer IPv4, UDP, frame header: 42 bytes) is below
@@ -103,22 +104,13 @@ impl Tun {
     }
 }
 
-/// Counters of the sleeve, for status.
-#[derive(Default)]
-pub struct Counters {
-    pub sent: AtomicU64,
-    pub received: AtomicU64,
-    pub relayed: AtomicU64,
-    pub dropped: AtomicU64,
-}
-
-/// Sealing of sleeve frames.
+/// Sealing of sent sleeve frames.
 struct Crypto {
     sealer: Sealer,
-    /// Random per start, so no nonce is ever reused across restarts.
+    /// The router's epoch of this start, so no nonce is reused across
+    /// restarts and receivers refuse replays of older boots.
     epoch: u64,
     counter: AtomicU64,
-    replay: Mutex<BTreeMap<u64, ReplayWindow>>,
 }
 
 /// Both directions of the sleeve.
@@ -128,6 +120,10 @@ pub struct Sleeve {
     socket: Arc<UdpSocket>,
     router: SharedRouter,
     crypto: Option<Arc<Crypto>>,
+    /// Decides which received frames reach pods.
+    gate: Arc<Gate>,
+    /// Time zero of the gate's clock.
+    started: Instant,
     me: PeerName,
     /// A plain frame's header: the frame is this, then the packet.
     plain_header: Arc<[u8]>,
@@ -143,30 +139,31 @@ pub struct Sleeve {
 }
 
 impl Sleeve {
-    /// `secret`: seal every frame with a key derived from it; `epoch`: a
-    /// random number new at every start; `max_datagram`: the largest UDP
-    /// payload the underlay carries unfragmented; `prober`: fastdp's, when
-    /// fastdp runs.
+    /// `secret`: seal every frame with a key derived from it;
+    /// `max_datagram`: the largest UDP payload the underlay carries
+    /// unfragmented; `prober`: fastdp's, when fastdp runs.
     pub fn new(
         tun: Tun,
         socket: UdpSocket,
         router: SharedRouter,
         secret: Option<&[u8]>,
-        epoch: u64,
         max_datagram: usize,
         prober: Option<Arc<Prober>>,
     ) -> Sleeve {
-        let crypto = secret.map(|secret| {
-            // Apart from the control plane's key, so nonces never collide.
-            let key = [secret, b"/weft-sleeve".as_slice()].concat();
+        let (me, epoch, config) = {
+            let router = lock(&router);
+            (router.name(), router.epoch(), router.config().clone())
+        };
+        // Apart from the control plane's key, so nonces never collide.
+        let sealer = secret.map(|secret| Sealer::new(&[secret, b"/weft-sleeve"].concat()));
+        let crypto = sealer.clone().map(|sealer| {
             Arc::new(Crypto {
-                sealer: Sealer::new(&key),
+                sealer,
                 epoch,
                 counter: AtomicU64::new(0),
-                replay: Mutex::default(),
             })
         });
-        let me = lock(&router).name();
+        let gate = Gate::new(sealer, config.dead_after, config.forget_after);
         let plain_header: Arc<[u8]> = wire::sleeve_frame(me, &[]).into();
         let overhead = plain_header.len() + if crypto.is_some() { 16 + TAG_LEN } else { 0 };
         Sleeve {
@@ -174,6 +171,8 @@ impl Sleeve {
             socket: Arc::new(socket),
             router,
             crypto,
+            gate: Arc::new(gate),
+            started: Instant::now(),
             me,
             plain_header,
             max_packet: max_datagram.saturating_sub(overhead),
@@ -199,32 +198,6 @@ impl Sleeve {
                 };
                 out.extend_from_slice(&wire::sealed_sleeve_frame(&c.sealer, nonce, packet));
             }
-        }
-    }
-
-    /// The packet of a frame this node accepts: sealed with our secret and
-    /// not a replay when we have one, plain when we have none.
-    fn open<'a>(&self, frame: SleeveFrame<'a>) -> Option<Cow<'a, [u8]>> {
-        match (frame, &self.crypto) {
-            (SleeveFrame::Plain { packet, .. }, None) => Some(Cow::Borrowed(packet)),
-            (
-                SleeveFrame::Sealed {
-                    nonce,
-                    header,
-                    sealed,
-                },
-                Some(c),
-            ) => {
-                let packet = c.sealer.open(header, nonce, sealed).ok()?;
-                let mut replay = c.replay.lock().unwrap_or_else(|p| p.into_inner());
-                replay
-                    .entry(nonce.sender)
-                    .or_default()
-                    .check_and_update(nonce.epoch, nonce.counter)
-                    .ok()?;
-                Some(Cow::Owned(packet))
-            }
-            _ => None,
         }
     }
 
@@ -275,7 +248,7 @@ impl Sleeve {
         let dst = read.get(VNET_HDR_LEN..).and_then(destination);
         let Some(Forward::Peer { underlay, .. }) = dst.map(|d| lock(&self.router).forward(d))
         else {
-            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            self.counters.count_drop(FrameDrop::NoRoute);
             return;
         };
         batch.clear();
@@ -286,7 +259,7 @@ impl Sleeve {
         });
         if let Err(e) = split {
             tracing::debug!("sleeve: dropping a packet from {DEVICE}: {e}");
-            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            self.counters.count_drop(FrameDrop::Malformed);
             return;
         }
         self.send_batch(batch, underlay);
@@ -314,11 +287,13 @@ impl Sleeve {
                 .chunks(run.size)
                 .try_for_each(|frame| self.socket.send_to(frame, to).map(drop))
         };
-        let counter = match sent {
-            Ok(()) => &self.counters.sent,
-            Err(_) => &self.counters.dropped,
-        };
-        counter.fetch_add(run.count as u64, Ordering::Relaxed);
+        let frames = run.count as u64;
+        match sent {
+            Ok(()) => {
+                self.counters.sent.fetch_add(frames, Ordering::Relaxed);
+            }
+            Err(_) => self.counters.count_drops(FrameDrop::SendFailed, frames),
+        }
     }
 
     /// A GSO send failed: if a plain send of the same frames works, the
@@ -365,7 +340,7 @@ impl Sleeve {
         from: SocketAddr,
         control: &mpsc::Sender<(Vec<u8>, SocketAddr)>,
     ) -> Vec<Cow<'a, [u8]>> {
-        let mut packets = Vec::new();
+        let mut frames = Vec::new();
         for datagram in datagrams {
             if let Some(prober) = &self.prober {
                 match prober.receive(datagram, from) {
@@ -379,17 +354,30 @@ impl Sleeve {
                     }
                 }
             }
-            let Some(frame) = wire::parse_sleeve(datagram) else {
+            match wire::parse_sleeve(datagram) {
+                Some(frame) => frames.push(frame),
                 // A full queue drops, like a full socket buffer would.
-                let _ = control.try_send((datagram.to_vec(), from));
-                continue;
-            };
-            match self.open(frame) {
-                Some(packet) => packets.push(packet),
-                // Wrong or missing secret, forged, replayed.
                 None => {
-                    self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    let _ = control.try_send((datagram.to_vec(), from));
                 }
+            }
+        }
+        if frames.is_empty() {
+            return Vec::new();
+        }
+        // One router lock for the batch (GRO coalesces only datagrams of
+        // one source, so this is mostly one sender).
+        let connected: Vec<Option<SocketAddr>> = {
+            let router = lock(&self.router);
+            let senders = frames.iter().map(SleeveFrame::sender);
+            senders.map(|s| router.connected_address(s)).collect()
+        };
+        let now = Time::from_duration(self.started.elapsed());
+        let mut packets = Vec::new();
+        for (frame, connected) in frames.into_iter().zip(connected) {
+            match self.gate.admit(now, frame, from, connected) {
+                Ok(packet) => packets.push(packet),
+                Err(reason) => self.counters.count_drop(reason),
             }
         }
         self.counters
@@ -418,15 +406,14 @@ impl Sleeve {
                 Action::Relay(to) => {
                     relay.clear();
                     self.frame_into(packet, relay);
-                    let counter = match self.socket.send_to(relay, to) {
-                        Ok(_) => &self.counters.relayed,
-                        Err(_) => &self.counters.dropped,
-                    };
-                    counter.fetch_add(1, Ordering::Relaxed);
+                    match self.socket.send_to(relay, to) {
+                        Ok(_) => {
+                            self.counters.relayed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(_) => self.counters.count_drop(FrameDrop::SendFailed),
+                    }
                 }
-                Action::Drop => {
-                    self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-                }
+                Action::Drop => self.counters.count_drop(FrameDrop::NoRoute),
             }
         }
         coalescer.flush(&mut write);
@@ -442,9 +429,7 @@ impl Sleeve {
         let parts = [IoSlice::new(&encoded), IoSlice::new(packet)];
         match (&*self.tun).write_vectored(&parts) {
             Ok(n) if n == encoded.len() + packet.len() => {}
-            Ok(_) => {
-                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+            Ok(_) => self.counters.count_drop(FrameDrop::TunWriteFailed),
             Err(e) if hdr.gso_type != offload::GSO_NONE => {
                 tracing::warn!(
                     "sleeve: {DEVICE} refused a coalesced packet ({e}), writing one packet per system call"
@@ -452,9 +437,7 @@ impl Sleeve {
                 self.coalesce.store(false, Ordering::Relaxed);
                 self.write_segments(hdr, packet);
             }
-            Err(_) => {
-                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+            Err(_) => self.counters.count_drop(FrameDrop::TunWriteFailed),
         }
     }
 
@@ -463,11 +446,11 @@ impl Sleeve {
         let cut = offload::segment_tcp4(packet, usize::from(hdr.gso_size), &mut Vec::new(), |s| {
             let parts = [IoSlice::new(&plain), IoSlice::new(s)];
             if (&*self.tun).write_vectored(&parts).is_err() {
-                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                self.counters.count_drop(FrameDrop::TunWriteFailed);
             }
         });
         if cut.is_err() {
-            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            self.counters.count_drop(FrameDrop::Malformed);
         }
     }
 }

@@ -26,6 +26,8 @@ pub struct SimNode {
     /// turmoil engine.
     pub shared: Option<SharedRouter>,
     saved: Option<PersistedState>,
+    /// The copy of `saved` the last `backup` event took.
+    pub(crate) backup: Option<PersistedState>,
     boots: u64,
     pub removed: bool,
     /// The queue key of the node's pending timer.
@@ -315,6 +317,7 @@ impl<'a> Sim<'a> {
                 address: SocketAddr::from((n.address, PORT)),
                 shared: None,
                 saved: None,
+                backup: None,
                 boots: 0,
                 removed: false,
                 timer: None,
@@ -689,7 +692,11 @@ impl<'a> Sim<'a> {
         let what = event.action.describe(self.scenario);
         self.trace
             .line(self.now, "-", &format!("event line {}: {what}", event.line));
-        if !matches!(event.action, Action::AddPod { .. } | Action::DelPod(_)) {
+        let quiet = matches!(
+            event.action,
+            Action::AddPod { .. } | Action::DelPod(_) | Action::Backup(_)
+        );
+        if !quiet {
             self.samples.disrupted(self.now);
         }
         match &event.action {
@@ -725,6 +732,16 @@ impl<'a> Sim<'a> {
                 self.crash(*i);
                 self.nodes[*i].saved = None;
                 self.drop_pods_of(*i);
+                self.start(*i);
+            }),
+            Action::Backup(list) => list.iter().for_each(|i| {
+                let node = &self.nodes[*i];
+                let state = node.router().map(|r| r.state()).or(node.saved.clone());
+                self.nodes[*i].backup = state;
+            }),
+            Action::Restore(list) => list.iter().for_each(|i| {
+                self.crash(*i);
+                self.nodes[*i].saved = self.nodes[*i].backup.clone();
                 self.start(*i);
             }),
             Action::Remove(list) => list.iter().for_each(|i| self.remove(*i)),
@@ -794,7 +811,9 @@ impl<'a> Sim<'a> {
         let node = &mut self.nodes[i];
         node.boots += 1;
         let seed = router_seed(self.seed, i, node.boots);
-        let config = self.config(i);
+        let mut config = self.config(i);
+        // The node's wall clock is the simulated one.
+        config.start_clock = self.now.since_epoch();
         let saved = self.nodes[i].saved.take();
         let router = match Router::new(config, saved, seed, self.now) {
             Ok(r) => r,

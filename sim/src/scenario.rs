@@ -93,6 +93,10 @@ pub enum Action {
     Crash(Vec<usize>),
     Restart(Vec<usize>),
     Wipe(Vec<usize>),
+    /// Copy what the nodes persisted, for a later `Restore`.
+    Backup(Vec<usize>),
+    /// Crash, put back the last `Backup`'s copy of the state, start.
+    Restore(Vec<usize>),
     Remove(Vec<usize>),
     Partition(Vec<Vec<usize>>),
     Cut(usize, usize),
@@ -126,6 +130,8 @@ impl Action {
             Action::Crash(l) => format!("crash {}", names(l)),
             Action::Restart(l) => format!("restart {}", names(l)),
             Action::Wipe(l) => format!("wipe {}", names(l)),
+            Action::Backup(l) => format!("backup {}", names(l)),
+            Action::Restore(l) => format!("restore {}", names(l)),
             Action::Remove(l) => format!("remove {}", names(l)),
             Action::Partition(g) => format!(
                 "partition {}",
@@ -463,6 +469,7 @@ impl Validator<'_> {
             }
             events.push(event);
         }
+        self.check_restores(&raw.events, &events, &names)?;
         events.sort_by_key(|e| e.at); // stable: same-time events keep file order
         let checks = raw
             .checks
@@ -485,6 +492,33 @@ impl Validator<'_> {
         })
     }
 
+    /// Every `restore` of a node comes after a `backup` of it.
+    fn check_restores(
+        &self,
+        specs: &[Spanned<EventSpec>],
+        events: &[EventDef],
+        names: &[String],
+    ) -> Result<(), ScenarioError> {
+        let mut order: Vec<usize> = (0..events.len()).collect();
+        order.sort_by_key(|i| events[*i].at);
+        let mut backed_up = BTreeSet::new();
+        for i in order {
+            match &events[i].action {
+                Action::Backup(list) => backed_up.extend(list.iter().copied()),
+                Action::Restore(list) => {
+                    if let Some(n) = list.iter().find(|n| !backed_up.contains(*n)) {
+                        return Err(self.src.error(
+                            specs[i].span(),
+                            format!("restore of {:?} before any backup of it", names[*n]),
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     fn event(
         &self,
         spanned: &Spanned<EventSpec>,
@@ -495,7 +529,7 @@ impl Validator<'_> {
         let at = self.duration(&e.at)?;
         let kind = e.action.get_ref().as_str();
         let allowed: &[&str] = match kind {
-            "start" | "crash" | "restart" | "wipe" | "remove" => &["nodes"],
+            "start" | "crash" | "restart" | "wipe" | "backup" | "restore" | "remove" => &["nodes"],
             "partition" => &["groups"],
             "cut" => &["a", "b"],
             "heal" => &[],
@@ -506,7 +540,7 @@ impl Validator<'_> {
             other => {
                 return Err(self.src.error(
                     e.action.span(),
-                    format!("unknown event {other:?}: use start, crash, restart, wipe, remove, partition, cut, heal, loss, latency, add_pod or del_pod"),
+                    format!("unknown event {other:?}: use start, crash, restart, wipe, backup, restore, remove, partition, cut, heal, loss, latency, add_pod or del_pod"),
                 ));
             }
         };
@@ -533,13 +567,15 @@ impl Validator<'_> {
                     .transpose()
             };
         let action = match kind {
-            "start" | "crash" | "restart" | "wipe" | "remove" => {
+            "start" | "crash" | "restart" | "wipe" | "backup" | "restore" | "remove" => {
                 let list = nodes(&e.nodes)?.ok_or_else(|| need("nodes"))?;
                 match kind {
                     "start" => Action::Start(list),
                     "crash" => Action::Crash(list),
                     "restart" => Action::Restart(list),
                     "wipe" => Action::Wipe(list),
+                    "backup" => Action::Backup(list),
+                    "restore" => Action::Restore(list),
                     _ => Action::Remove(list),
                 }
             }
@@ -931,6 +967,27 @@ expect = "converged"
             Action::Partition(vec![vec![0], vec![1, 2]])
         );
         assert_eq!(s.checks[0].at, CheckAt::Time(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn a_restore_needs_an_earlier_backup_of_the_node() {
+        let event = |at: &str, what: &str| {
+            format!("\n[[events]]\nat = \"{at}\"\ndo = \"{what}\"\nnodes = [\"node2\"]\n")
+        };
+        let e = err(&event("5s", "restore"));
+        assert_eq!(
+            e,
+            "t.toml:13:1: restore of \"node2\" before any backup of it"
+        );
+        // Written first but due later: the time decides, not the order.
+        let text = format!(
+            "{MINIMAL}{}{}",
+            event("9s", "restore"),
+            event("5s", "backup")
+        );
+        let s = parse("t.toml", &text).unwrap();
+        assert_eq!(s.events[0].action, Action::Backup(vec![1]));
+        assert_eq!(s.events[1].action, Action::Restore(vec![1]));
     }
 
     #[test]

@@ -161,6 +161,16 @@ impl<'a> TurmoilSim<'a> {
                 self.sim.drop_pods_of(*i);
                 self.start(*i);
             }),
+            Action::Backup(list) => list.iter().for_each(|i| {
+                self.sim.nodes[*i].backup = self.disks[*i].borrow().clone();
+            }),
+            Action::Restore(list) => list.iter().for_each(|i| {
+                self.crash(*i);
+                let backup = self.sim.nodes[*i].backup.clone();
+                *self.disks[*i].borrow_mut() = backup.clone();
+                *self.sim.nodes[*i].saved_mut() = backup;
+                self.start(*i);
+            }),
             Action::Remove(list) => list.iter().for_each(|i| self.remove(*i)),
             Action::Partition(_) | Action::Cut(..) | Action::Heal => self.sync_links(),
             Action::Latency { .. } => self.sync_links(),
@@ -438,7 +448,10 @@ impl NodeSetup {
     async fn run(self) -> turmoil::Result {
         let i = self.i;
         let saved = self.disk.borrow().clone();
-        let mut router = match Router::new(self.config, saved, self.seed, Time::ZERO) {
+        let mut config = self.config;
+        // The node's wall clock is the simulated one.
+        config.start_clock = turmoil::sim_elapsed().unwrap_or_default();
+        let mut router = match Router::new(config, saved, self.seed, Time::ZERO) {
             Ok(r) => r,
             Err(e) => {
                 let why = format!("refused to start: {e}");

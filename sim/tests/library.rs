@@ -141,3 +141,31 @@ fn core_scenarios_pass_over_a_seed_sweep_on_turmoil() {
 fn library_file(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../scenarios/{name}.toml"))
 }
+
+/// A node whose state file was restored from an older backup is back as
+/// fast as after a plain restart: its peers do not refuse its datagrams as
+/// replays of an older boot. The same scenario with `restart` in place of
+/// `restore` is the yardstick, seed by seed, on both engines.
+#[test]
+fn a_restore_converges_as_fast_as_a_plain_restart() {
+    let file = library_file("restore");
+    let restore = scenario::load(&file).unwrap();
+    let text = std::fs::read_to_string(&file).unwrap();
+    let restart = text.replace("do = \"restore\"", "do = \"restart\"");
+    assert_ne!(restart, text);
+    let restart = scenario::parse("restart", &restart).unwrap();
+    for (engine, seeds) in [(Engine::Events, 1..=20), (Engine::Turmoil, 1..=3)] {
+        for seed in seeds {
+            let converged = |s| {
+                let (report, _) = report::run(s, seed, engine, false);
+                assert!(report.passed, "{engine:?} seed {seed}:\n{}", report.text());
+                report.convergence_after_last_disruption_s.unwrap()
+            };
+            let (restored, restarted) = (converged(&restore), converged(&restart));
+            assert!(
+                restored <= restarted + 0.5,
+                "{engine:?} seed {seed}: restore {restored} s, restart {restarted} s"
+            );
+        }
+    }
+}
