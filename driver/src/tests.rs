@@ -153,7 +153,9 @@ fn an_allocation_waits_for_the_ring_and_is_saved_before_it_is_answered() {
 }
 
 /// A lone node that seeds its own ring, over `disk`.
-fn solo(disk: &Disk) -> (
+fn solo(
+    disk: &Disk,
+) -> (
     mpsc::UnboundedSender<Command>,
     tokio::task::JoinHandle<Result<(), DriverError>>,
 ) {
@@ -211,10 +213,18 @@ fn a_disk_that_fails_for_a_while_refuses_requests_then_serves_them() {
         tokio::time::sleep(Duration::from_secs(30)).await;
         assert!(allocate_or_refused(&tx, "pod-2").await.is_none());
         assert!(!run.is_finished(), "stopped on a transient failure");
-        assert!(disk.saved.lock().unwrap().iter().all(|s| !format!("{s:?}").contains("pod-")));
+        assert!(
+            disk.saved
+                .lock()
+                .unwrap()
+                .iter()
+                .all(|s| !format!("{s:?}").contains("pod-"))
+        );
         *disk.broken.lock().unwrap() = false;
         tokio::time::sleep(save::MAX_WAIT).await;
-        let first = allocate_or_refused(&tx, "pod-1").await.expect("served again");
+        let first = allocate_or_refused(&tx, "pod-1")
+            .await
+            .expect("served again");
         assert!(first.is_ok(), "{first:?}");
         let saved = disk.saved.lock().unwrap().last().cloned().unwrap();
         assert!(format!("{saved:?}").contains("pod-1"), "{saved:?}");

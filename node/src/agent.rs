@@ -143,11 +143,10 @@ fn log_event(event: &Event) {
 /// (the servers cap their connections too).
 fn raise_open_file_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let raised = getrlimit(Resource::RLIMIT_NOFILE)
-        .and_then(|(soft, hard)| match soft < hard {
-            true => setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map(|()| hard),
-            false => Ok(soft),
-        });
+    let raised = getrlimit(Resource::RLIMIT_NOFILE).and_then(|(soft, hard)| match soft < hard {
+        true => setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map(|()| hard),
+        false => Ok(soft),
+    });
     match raised {
         Ok(limit) => tracing::debug!("open file limit: {limit}"),
         Err(e) => tracing::warn!("cannot raise the open file limit: {e}"),

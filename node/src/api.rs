@@ -238,10 +238,10 @@ impl Api {
         if let Some(id) = request.container_id() {
             check_not_reserved(id)?;
         }
-        if request.saves() {
-            if let Some(trouble) = self.save_trouble() {
-                return Err(unavailable_because(&trouble));
-            }
+        if request.saves()
+            && let Some(trouble) = self.save_trouble()
+        {
+            return Err(unavailable_because(&trouble));
         }
         match request {
             Request::Allocate {

@@ -156,9 +156,15 @@ mod tests {
         let known = peers();
         let e = find("3f2a:0c11:9b7e:44d1", &known).unwrap_err();
         assert!(e.contains("no peer named 3f2a:0c11:9b7e:44d1"), "{e}");
-        assert!(e.contains("did you mean 3f2a:0c11:9b7e:44d0 (node1)"), "{e}");
+        assert!(
+            e.contains("did you mean 3f2a:0c11:9b7e:44d0 (node1)"),
+            "{e}"
+        );
         let e = find("nod2", &known).unwrap_err();
-        assert!(e.contains("did you mean 0000:0000:0000:0002 (node2)"), "{e}");
+        assert!(
+            e.contains("did you mean 0000:0000:0000:0002 (node2)"),
+            "{e}"
+        );
         let e = find("elsewhere-entirely", &known).unwrap_err();
         assert!(e.contains("see `weft status peers`"), "{e}");
     }

@@ -321,7 +321,8 @@ fn read_secret_file(file: &std::path::Path) -> Result<String, SettingsError> {
             file: file.to_path_buf(),
         });
     }
-    String::from_utf8(bytes).map_err(|e| cannot(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
+    String::from_utf8(bytes)
+        .map_err(|e| cannot(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
 }
 
 #[cfg(test)]
@@ -450,7 +451,11 @@ mod tests {
         for (mtu, underlay, max) in [
             ("0", Some(1500), "68..=1450"),
             ("67", Some(1500), "68..=1450"),
-            ("1451", Some(1500), "68..=1450 (the underlay's MTU 1500 minus the overlay's 50 bytes)"),
+            (
+                "1451",
+                Some(1500),
+                "68..=1450 (the underlay's MTU 1500 minus the overlay's 50 bytes)",
+            ),
             ("70000", None, "68..=65535 (the kernel's limits)"),
             ("65536", Some(65536), "68..=65485"),
         ] {

@@ -31,7 +31,14 @@ fn spawn(dir: &Path, extra: &[&str]) -> Agent {
 fn spawn_with(dir: &Path, data: &Path, extra: &[&str]) -> Agent {
     let port = free_port();
     let udp: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    spawn_cmd(dir, data, udp, udp, extra, Command::new(env!("CARGO_BIN_EXE_weft")))
+    spawn_cmd(
+        dir,
+        data,
+        udp,
+        udp,
+        extra,
+        Command::new(env!("CARGO_BIN_EXE_weft")),
+    )
 }
 
 fn spawn_cmd(
@@ -353,7 +360,7 @@ fn spawn_limited(dir: &Path, soft: u64, hard: u64) -> Agent {
 fn idle_connections_cannot_stop_the_agent(connect: impl Fn(&Agent) -> Box<dyn Read>) {
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::ready(spawn_limited(dir.path(), 512, 512));
-    let mut idle: Vec<Box<dyn Read>> = (0..600).map(|_| connect(&agent)).collect();
+    let mut idle: Vec<Box<dyn Read>> = (0..1_000).map(|_| connect(&agent)).collect();
     assert_eq!(agent.get("/healthz").0, 200);
     agent.allocate("pod-among-idle-connections");
     assert_eq!(agent.get("/readyz").0, 200);
@@ -435,7 +442,10 @@ fn failing_saves_answer_unavailable_and_the_agent_recovers_once_they_work() {
     };
     let saved = std::fs::read_to_string(dir.path().join("data/state.json")).unwrap();
     assert!(saved.contains("during"), "{saved}");
-    assert!(saved.contains(address.split('/').next().unwrap()), "{saved}");
+    assert!(
+        saved.contains(address.split('/').next().unwrap()),
+        "{saved}"
+    );
     assert_eq!(agent.get("/readyz").0, 200);
 }
 
@@ -476,7 +486,10 @@ fn the_socket_is_created_private_not_chmodded_after() {
     let dir = tempfile::tempdir().unwrap();
     let watch = AttribWatch::new(dir.path());
     let agent = Agent::start(dir.path());
-    let mode = std::fs::metadata(&agent.socket).unwrap().permissions().mode();
+    let mode = std::fs::metadata(&agent.socket)
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o077, 0, "open to others: {mode:o}");
     // A chmod after bind leaves a moment when the socket is open to all;
     // it shows as an attribute change.
@@ -527,7 +540,14 @@ fn a_failed_start_removes_the_socket_file() {
     let udp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let command = Command::new(env!("CARGO_BIN_EXE_weft"));
     let status = taken.local_addr().unwrap();
-    let agent = spawn_cmd(dir.path(), &dir.path().join("data"), udp, status, &[], command);
+    let agent = spawn_cmd(
+        dir.path(),
+        &dir.path().join("data"),
+        udp,
+        status,
+        &[],
+        command,
+    );
     let socket = agent.socket.clone();
     let (ok, stderr) = agent_output(agent);
     assert!(!ok);
@@ -537,7 +557,11 @@ fn a_failed_start_removes_the_socket_file() {
 
 #[test]
 fn mtus_pods_cannot_use_are_refused_at_start() {
-    for (mtu, limit) in [("0", "68..=65535"), ("67", "68..=65535"), ("70000", "68..=65535")] {
+    for (mtu, limit) in [
+        ("0", "68..=65535"),
+        ("67", "68..=65535"),
+        ("70000", "68..=65535"),
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let agent = spawn(dir.path(), &["--mtu", mtu]);
         let (ok, stderr) = agent_output(agent);
@@ -575,8 +599,17 @@ fn rmpeer_refuses_a_name_that_was_never_a_peer() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{stderr}");
-    assert!(stderr.contains("no peer named dead:beef:0000:0001"), "{stderr}");
+    assert!(
+        stderr.contains("no peer named dead:beef:0000:0001"),
+        "{stderr}"
+    );
     let state = std::fs::read_to_string(dir.path().join("data/state.json")).unwrap();
-    assert!(!state.contains("16045690981097406465"), "tombstone written: {state}");
-    assert!(!state.to_lowercase().contains("dead:beef"), "tombstone written: {state}");
+    assert!(
+        !state.contains("16045690981097406465"),
+        "tombstone written: {state}"
+    );
+    assert!(
+        !state.to_lowercase().contains("dead:beef"),
+        "tombstone written: {state}"
+    );
 }
