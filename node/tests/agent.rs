@@ -357,11 +357,20 @@ fn spawn_limited(dir: &Path, soft: u64, hard: u64) -> Agent {
 /// More idle connections than the agent has file descriptors for, from a
 /// local user: a new status request and an allocation (which needs a
 /// save) still work, and the oldest idle connection was closed.
-fn idle_connections_cannot_stop_the_agent(connect: impl Fn(&Agent) -> Box<dyn Read>) {
+fn idle_connections_cannot_stop_the_agent(connect: impl Fn(&Agent) -> Box<dyn Read>, cap: usize) {
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::ready(spawn_limited(dir.path(), 512, 512));
     let mut idle: Vec<Box<dyn Read>> = (0..1_000).map(|_| connect(&agent)).collect();
     assert_eq!(agent.get("/healthz").0, 200);
+    assert_eq!(agent.api(serde_json::json!({"op": "status"}))["ok"], true);
+    // Answered after every earlier connection was taken: the agent holds
+    // at most the cap of them (plus its own few sockets).
+    let sockets = std::fs::read_dir(format!("/proc/{}/fd", agent.child.id()))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|l| l.to_string_lossy().starts_with("socket:"))
+        .count();
+    assert!(sockets <= cap + 32, "{sockets} sockets held");
     agent.allocate("pod-among-idle-connections");
     assert_eq!(agent.get("/readyz").0, 200);
     let mut byte = [0u8; 1];
@@ -376,20 +385,26 @@ fn idle_connections_cannot_stop_the_agent(connect: impl Fn(&Agent) -> Box<dyn Re
 
 #[test]
 fn idle_status_connections_beyond_the_fd_limit_cannot_stop_the_agent() {
-    idle_connections_cannot_stop_the_agent(|agent| {
-        let s = TcpStream::connect(agent.status).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        Box::new(s)
-    });
+    idle_connections_cannot_stop_the_agent(
+        |agent| {
+            let s = TcpStream::connect(agent.status).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            Box::new(s)
+        },
+        64,
+    );
 }
 
 #[test]
 fn idle_api_connections_beyond_the_fd_limit_cannot_stop_the_agent() {
-    idle_connections_cannot_stop_the_agent(|agent| {
-        let s = UnixStream::connect(&agent.socket).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        Box::new(s)
-    });
+    idle_connections_cannot_stop_the_agent(
+        |agent| {
+            let s = UnixStream::connect(&agent.socket).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            Box::new(s)
+        },
+        256,
+    );
 }
 
 #[test]
