@@ -10,7 +10,9 @@
 //!
 //! Ordering rule: state is persisted (through [`Host::persist`]) after every
 //! input that changed it and *before* any datagram is sent or any command
-//! is answered, so an acknowledged allocation survives a `kill -9`.
+//! is answered, so an acknowledged allocation survives a `kill -9`. A
+//! failed save holds them back, refuses requests until a retry succeeds
+//! (see [`save`]), and stops the loop only when saves keep failing.
 
 use ipnet::Ipv4Net;
 use std::collections::BTreeMap;
@@ -22,6 +24,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use weft_core::ipam::{Allocation, IpamError, IpamEvent};
 use weft_core::{Event, PeerName, PersistedState, Router, Time, Transmit};
+
+pub mod save;
+pub use save::SaveTrouble;
 
 /// Largest datagram the loop receives (a jumbo UDP payload).
 const RECEIVE_BUFFER: usize = 65_536;
@@ -43,9 +48,12 @@ impl Datagrams for tokio::net::UdpSocket {
 
 /// What surrounds the loop: where state is saved, who hears about events.
 pub trait Host {
-    /// Saves the node's state durably; the loop stops if this fails, since
-    /// nothing may be acknowledged that is not saved.
+    /// Saves the node's state durably. Nothing that depends on the state
+    /// is acknowledged until this succeeds: a failure is retried (see
+    /// [`save`]) and stops the loop only when it persists.
     fn persist(&mut self, state: &PersistedState) -> io::Result<()>;
+    /// Saves are failing (`Some`), or work again (`None`).
+    fn save_trouble(&mut self, _trouble: Option<&SaveTrouble>) {}
     /// An event of the router (routes, prefixes, IPAM), for the dataplane
     /// and logs.
     fn event(&mut self, _now: Time, _event: &Event) {}
@@ -69,7 +77,9 @@ pub fn lock(router: &SharedRouter) -> MutexGuard<'_, Router> {
 
 type Reply<T> = oneshot::Sender<T>;
 
-/// A local request to the node, answered once its effect is saved.
+/// A local request to the node, answered once its effect is saved. While
+/// saves fail, requests with a reply are dropped unanswered (the requester
+/// sees its reply channel closed) and change nothing.
 #[derive(Debug)]
 pub enum Command {
     /// An address for a container; answered when it is allocated (perhaps
@@ -106,8 +116,18 @@ pub enum Command {
 /// Why the loop stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
-    #[error("cannot save the node's state: {0}")]
-    Persist(#[source] io::Error),
+    #[error("cannot save the node's state, failing for {} s: {error}", save::GIVE_UP_AFTER.as_secs())]
+    Persist {
+        #[source]
+        error: io::Error,
+    },
+}
+
+/// Saves failing: since when, how often, when to try next.
+struct Failing {
+    since: Instant,
+    attempts: u32,
+    next_try: Instant,
 }
 
 /// One node's loop. Build it with [`Driver::new`], then [`Driver::run`].
@@ -122,6 +142,11 @@ pub struct Driver<D, H> {
     waiting: BTreeMap<String, Vec<Reply<Result<Ipv4Addr, IpamError>>>>,
     /// Answers to send once the state they depend on is saved.
     answers: Vec<Box<dyn FnOnce() + Send>>,
+    /// Outputs held back until the state they depend on is saved.
+    unsent: Vec<Transmit>,
+    unreported: Vec<Event>,
+    /// Set while saves fail.
+    failing: Option<Failing>,
 }
 
 impl<D: Datagrams, H: Host> Driver<D, H> {
@@ -136,6 +161,9 @@ impl<D: Datagrams, H: Host> Driver<D, H> {
             saved: None,
             waiting: BTreeMap::new(),
             answers: Vec::new(),
+            unsent: Vec::new(),
+            unreported: Vec::new(),
+            failing: None,
         }
     }
 
@@ -148,7 +176,7 @@ impl<D: Datagrams, H: Host> Driver<D, H> {
     }
 
     /// Runs until every command sender is dropped (a clean stop), or state
-    /// cannot be saved.
+    /// cannot be saved for [`save::GIVE_UP_AFTER`].
     pub async fn run(
         mut self,
         mut commands: mpsc::UnboundedReceiver<Command>,
@@ -156,6 +184,13 @@ impl<D: Datagrams, H: Host> Driver<D, H> {
         let mut buf = vec![0u8; RECEIVE_BUFFER];
         self.flush().await?;
         loop {
+            if let Some(next_try) = self.failing.as_ref().map(|f| f.next_try) {
+                if !self.wait_to_retry(next_try, &mut commands).await {
+                    return Ok(());
+                }
+                self.flush().await?;
+                continue;
+            }
             let deadline = lock(&self.router).poll_timeout();
             let timer = async {
                 match deadline {
@@ -184,6 +219,37 @@ impl<D: Datagrams, H: Host> Driver<D, H> {
                 }
             }
             self.flush().await?;
+        }
+    }
+
+    /// While saves fail: takes only commands (refusing those that want an
+    /// answer) until `next_try`. False once every sender is gone.
+    async fn wait_to_retry(
+        &mut self,
+        next_try: Instant,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
+    ) -> bool {
+        loop {
+            tokio::select! {
+                biased;
+                command = commands.recv() => match command {
+                    Some(command) => self.command_while_unsaved(command),
+                    None => return false,
+                },
+                () = tokio::time::sleep_until(next_try) => return true,
+            }
+        }
+    }
+
+    /// Requests with a reply are dropped unanswered: their effect could
+    /// not be saved. The rest (peer addresses, the podCIDR) are kept.
+    fn command_while_unsaved(&mut self, command: Command) {
+        match command {
+            Command::Allocate { .. }
+            | Command::Claim { .. }
+            | Command::Release { .. }
+            | Command::RemovePeer { .. } => {}
+            other => self.command(other),
         }
     }
 
@@ -239,27 +305,35 @@ impl<D: Datagrams, H: Host> Driver<D, H> {
     }
 
     /// Drains the router: saves changed state, then sends, reports events
-    /// and answers commands.
+    /// and answers commands. When the save fails, all of that waits for a
+    /// later one.
     async fn flush(&mut self) -> Result<(), DriverError> {
         let now = self.now();
-        let (transmits, events, state) = {
+        let state = {
             let mut router = lock(&self.router);
-            let transmits: Vec<Transmit> = std::iter::from_fn(|| router.poll_transmit()).collect();
-            let events: Vec<Event> = std::iter::from_fn(|| router.poll_event()).collect();
-            (transmits, events, router.state())
+            self.unsent
+                .extend(std::iter::from_fn(|| router.poll_transmit()));
+            self.unreported
+                .extend(std::iter::from_fn(|| router.poll_event()));
+            router.state()
         };
         if self.saved.as_ref() != Some(&state) {
-            self.host.persist(&state).map_err(DriverError::Persist)?;
+            if let Err(error) = self.host.persist(&state) {
+                return self.save_failed(error);
+            }
             self.saved = Some(state);
         }
-        for event in &events {
-            self.settle_waiting(event);
-            self.host.event(now, event);
+        if self.failing.take().is_some() {
+            self.host.save_trouble(None);
+        }
+        for event in std::mem::take(&mut self.unreported) {
+            self.settle_waiting(&event);
+            self.host.event(now, &event);
         }
         for answer in self.answers.drain(..) {
             answer();
         }
-        for transmit in transmits {
+        for transmit in std::mem::take(&mut self.unsent) {
             self.host.sent(now, &transmit);
             if let Err(e) = self
                 .socket
@@ -269,6 +343,36 @@ impl<D: Datagrams, H: Host> Driver<D, H> {
                 self.host.socket_error(&e);
             }
         }
+        Ok(())
+    }
+
+    /// Schedules the next attempt, or gives up. Answers held for this
+    /// save, and allocations waiting for space, are dropped: their
+    /// requesters learn at once that nothing was acknowledged, and ask
+    /// again (requests are idempotent).
+    fn save_failed(&mut self, error: io::Error) -> Result<(), DriverError> {
+        let now = Instant::now();
+        let (since, attempts) = match &self.failing {
+            Some(f) => (f.since, f.attempts + 1),
+            None => (now, 1),
+        };
+        let failing_for = now - since;
+        let Some(retry_in) = save::retry_after(attempts, failing_for) else {
+            return Err(DriverError::Persist { error });
+        };
+        self.answers.clear();
+        self.waiting.clear();
+        self.host.save_trouble(Some(&SaveTrouble {
+            error: error.to_string(),
+            attempts,
+            failing_for,
+            retry_in,
+        }));
+        self.failing = Some(Failing {
+            since,
+            attempts,
+            next_try: now + retry_in,
+        });
         Ok(())
     }
 

@@ -152,24 +152,35 @@ fn an_allocation_waits_for_the_ring_and_is_saved_before_it_is_answered() {
     });
 }
 
+/// A lone node that seeds its own ring, over `disk`.
+fn solo(
+    disk: &Disk,
+) -> (
+    mpsc::UnboundedSender<Command>,
+    tokio::task::JoinHandle<Result<(), DriverError>>,
+) {
+    let wires = Wires::default();
+    let mut config = Config::new("solo", address(1));
+    config.ipam = IpamMode::Ring(IpamInit::Consensus(Some(1)));
+    let router = Router::new(config, None, [7; 32], Time::ZERO).unwrap();
+    let driver = Driver::new(
+        Arc::new(Mutex::new(router)),
+        wires.socket(address(1)),
+        disk.clone(),
+        Instant::now(),
+    );
+    let (tx, rx) = mpsc::unbounded_channel();
+    (tx, tokio::task::spawn_local(driver.run(rx)))
+}
+
 #[test]
-fn a_failing_disk_stops_the_loop_without_answering() {
+fn a_disk_failing_for_two_minutes_stops_the_loop_without_answering() {
     local(async {
-        let wires = Wires::default();
-        let mut config = Config::new("solo", address(1));
-        config.ipam = IpamMode::Ring(IpamInit::Consensus(Some(1)));
-        let router = Router::new(config, None, [7; 32], Time::ZERO).unwrap();
         let disk = Disk::default();
-        let driver = Driver::new(
-            Arc::new(Mutex::new(router)),
-            wires.socket(address(1)),
-            disk.clone(),
-            Instant::now(),
-        );
-        let (tx, rx) = mpsc::unbounded_channel();
-        let run = tokio::task::spawn_local(driver.run(rx));
+        let (tx, run) = solo(&disk);
         tokio::time::sleep(Duration::from_secs(1)).await;
         *disk.broken.lock().unwrap() = true;
+        let started = Instant::now();
         let (reply, answer) = oneshot::channel();
         tx.send(Command::Allocate {
             container: "pod-1".into(),
@@ -178,14 +189,61 @@ fn a_failing_disk_stops_the_loop_without_answering() {
         .unwrap();
         let stopped = run.await.unwrap();
         assert!(
-            matches!(stopped, Err(DriverError::Persist(_))),
+            matches!(stopped, Err(DriverError::Persist { .. })),
             "{stopped:?}"
         );
+        assert!(started.elapsed() >= save::GIVE_UP_AFTER);
         assert!(
             answer.await.is_err(),
             "an unsaved allocation was acknowledged"
         );
     });
+}
+
+#[test]
+fn a_disk_that_fails_for_a_while_refuses_requests_then_serves_them() {
+    local(async {
+        let disk = Disk::default();
+        let (tx, run) = solo(&disk);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        *disk.broken.lock().unwrap() = true;
+        // The save this allocation needs fails: no answer, and later
+        // requests are refused while saves keep failing.
+        assert!(allocate_or_refused(&tx, "pod-1").await.is_none());
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(allocate_or_refused(&tx, "pod-2").await.is_none());
+        assert!(!run.is_finished(), "stopped on a transient failure");
+        assert!(
+            disk.saved
+                .lock()
+                .unwrap()
+                .iter()
+                .all(|s| !format!("{s:?}").contains("pod-"))
+        );
+        *disk.broken.lock().unwrap() = false;
+        tokio::time::sleep(save::MAX_WAIT).await;
+        let first = allocate_or_refused(&tx, "pod-1")
+            .await
+            .expect("served again");
+        assert!(first.is_ok(), "{first:?}");
+        let saved = disk.saved.lock().unwrap().last().cloned().unwrap();
+        assert!(format!("{saved:?}").contains("pod-1"), "{saved:?}");
+        assert!(!run.is_finished());
+    });
+}
+
+/// The answer to an allocation, or `None` when it was refused unanswered.
+async fn allocate_or_refused(
+    tx: &mpsc::UnboundedSender<Command>,
+    container: &str,
+) -> Option<Result<Ipv4Addr, IpamError>> {
+    let (reply, answer) = oneshot::channel();
+    tx.send(Command::Allocate {
+        container: container.into(),
+        reply,
+    })
+    .unwrap();
+    answer.await.ok()
 }
 
 #[test]

@@ -96,11 +96,21 @@ pub enum StartError {
 struct AgentHost {
     store: Store,
     events: mpsc::UnboundedSender<Event>,
+    /// Shared with the local API, which refuses requests while set.
+    save_trouble: api::SaveTroubleCell,
 }
 
 impl Host for AgentHost {
     fn persist(&mut self, state: &PersistedState) -> io::Result<()> {
         self.store.save(state).map_err(io::Error::other)
+    }
+
+    fn save_trouble(&mut self, trouble: Option<&weft_driver::SaveTrouble>) {
+        match trouble {
+            Some(t) => tracing::warn!("{t}"),
+            None => tracing::info!("the node's state is saved again"),
+        }
+        *self.save_trouble.lock().unwrap_or_else(|p| p.into_inner()) = trouble.cloned();
     }
 
     fn event(&mut self, _now: Time, event: &Event) {
@@ -128,6 +138,31 @@ fn log_event(event: &Event) {
     }
 }
 
+/// Takes the hard limit on open files as the soft one: local clients'
+/// connections must not leave the agent unable to open its state file
+/// (the servers cap their connections too).
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let raised = getrlimit(Resource::RLIMIT_NOFILE).and_then(|(soft, hard)| match soft < hard {
+        true => setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map(|()| hard),
+        false => Ok(soft),
+    });
+    match raised {
+        Ok(limit) => tracing::debug!("open file limit: {limit}"),
+        Err(e) => tracing::warn!("cannot raise the open file limit: {e}"),
+    }
+}
+
+/// The local API's socket file, removed when the agent stops, also when
+/// its start fails after the socket was bound.
+struct SocketFile(std::path::PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 fn os_seed() -> Result<[u8; 32], StartError> {
     use std::io::Read;
     let mut seed = [0u8; 32];
@@ -139,6 +174,7 @@ fn os_seed() -> Result<[u8; 32], StartError> {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(args: RouterArgs) -> Result<(), StartError> {
+    raise_open_file_limit();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -171,6 +207,7 @@ async fn run_async(mut args: RouterArgs) -> Result<(), StartError> {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     let config_address = config.address;
+    let mtu = args.pod_mtu(underlay_mtu(&config_address))?;
     peers.retain(|p| *p != config_address);
     let store = Store::open(&args.data_dir)?;
     let saved = store.load()?;
@@ -241,7 +278,7 @@ async fn run_async(mut args: RouterArgs) -> Result<(), StartError> {
     let (events_tx, events) = mpsc::unbounded_channel();
     let (commands, commands_rx) = mpsc::unbounded_channel();
     let (dataplane, kernel) = start_dataplane(&args)?;
-    let mtu = args.mtu.unwrap_or_else(|| default_mtu(&config_address));
+    let save_trouble = api::SaveTroubleCell::default();
     let api = Api {
         router: shared.clone(),
         commands: commands.clone(),
@@ -250,11 +287,13 @@ async fn run_async(mut args: RouterArgs) -> Result<(), StartError> {
         epoch,
         dataplane: dataplane.clone(),
         kernel: kernel.clone(),
+        save_trouble: save_trouble.clone(),
     };
     let listener = api::bind(&args.socket).map_err(|source| StartError::Socket {
         path: args.socket.clone(),
         source,
     })?;
+    let _socket_file = SocketFile(args.socket.clone());
     let status_listener = tokio::net::TcpListener::bind(args.status_addr)
         .await
         .map_err(|source| StartError::Status {
@@ -321,6 +360,7 @@ async fn run_async(mut args: RouterArgs) -> Result<(), StartError> {
     let host = AgentHost {
         store,
         events: events_tx,
+        save_trouble,
     };
     let driver = Driver::new(shared, socket, host, epoch);
     let result = tokio::select! {
@@ -331,7 +371,6 @@ async fn run_async(mut args: RouterArgs) -> Result<(), StartError> {
         }
     };
     drop(commands);
-    let _ = std::fs::remove_file(&args.socket);
     result
 }
 
@@ -396,14 +435,12 @@ fn check_range(args: &RouterArgs) -> Result<(), StartError> {
     })
 }
 
-/// Pod MTU: the underlay's minus the VXLAN overhead (1450 on a 1500
-/// underlay, also when the underlay cannot be found).
-fn default_mtu(address: &std::net::SocketAddr) -> u32 {
-    let underlay = match address.ip() {
+/// The MTU of the interface holding the advertised address, if found.
+fn underlay_mtu(address: &std::net::SocketAddr) -> Option<u32> {
+    match address.ip() {
         std::net::IpAddr::V4(ip) => crate::kernel::underlay_mtu(ip),
         std::net::IpAddr::V6(_) => None,
-    };
-    weft_dataplane::overlay_mtu(underlay.unwrap_or(1500).min(65_535))
+    }
 }
 
 /// The driver loop's socket: tokio's (taking fastdp probes out of the

@@ -1,5 +1,7 @@
-//! The local API on the agent's Unix socket (mode 0600), for the CNI
-//! plugin: one JSON request per line, one JSON answer per line.
+//! The local API on the agent's Unix socket (owner only), for the CNI
+//! plugin: one JSON request per line, one JSON answer per line. Lines are
+//! at most [`MAX_REQUEST`] bytes; a connection idle for [`IDLE_TIMEOUT`]
+//! is closed; at most [`MAX_CONNECTIONS`] are held at once.
 //!
 //! ```text
 //! {"op":"allocate","container_id":"abc","wait_ms":10000}
@@ -11,8 +13,10 @@
 //! Answers are `{"ok":true,...}` or `{"ok":false,"error":{"kind":..,"message":..}}`
 //! where `kind` is `bad_request`, `pending` (try again later), `refused`
 //! (the request cannot succeed as asked) or `unavailable` (the agent is
-//! stopping). Requests for one container ID are idempotent.
+//! stopping, or cannot save its state right now: try again). Requests for
+//! one container ID are idempotent.
 
+use crate::limit::{Admitted, ConnectionLimit};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
@@ -24,7 +28,12 @@ use tokio::sync::{mpsc, oneshot};
 use weft_driver::{Command, SharedRouter, lock};
 
 /// Longest request line accepted.
-const MAX_REQUEST: usize = 64 * 1024;
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// How long a connection may wait between requests.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Connections held at once: room for a CNI call per pod of a full node
+/// (kubelet's default is 110 pods), twice over.
+pub const MAX_CONNECTIONS: usize = 256;
 /// How long an allocation waits for space unless the request says.
 const DEFAULT_WAIT: Duration = Duration::from_secs(10);
 const MAX_WAIT: Duration = Duration::from_secs(120);
@@ -117,11 +126,18 @@ pub struct Api {
     pub kernel: Option<crate::kernel::KernelSync>,
     /// Which dataplane carries pods, and its problems.
     pub dataplane: std::sync::Arc<std::sync::Mutex<crate::agent::DataplaneState>>,
+    /// Set while the node's state cannot be saved (the driver loop's host
+    /// writes it).
+    pub save_trouble: SaveTroubleCell,
 }
 
-/// Binds the socket: replaces a stale socket file, mode 0600.
+/// Why saves fail right now, if they do.
+pub type SaveTroubleCell = std::sync::Arc<std::sync::Mutex<Option<weft_driver::SaveTrouble>>>;
+
+/// Binds the socket: replaces a stale socket file; created under umask
+/// 0077, so it is never open to other users, not even for a moment.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
+    use nix::sys::stat::{Mode, umask};
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -132,17 +148,23 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
         ));
     }
     let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+    // The umask is the process's: other threads creating files meanwhile
+    // get 0077 too, which is never less safe.
+    let previous = umask(Mode::from_bits_truncate(0o077));
+    let listener = UnixListener::bind(path);
+    umask(previous);
+    listener
 }
 
 /// Serves connections until the task is dropped.
 pub async fn serve(listener: UnixListener, api: Api) {
+    let limit = ConnectionLimit::new(MAX_CONNECTIONS);
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::task::spawn_local(connection(stream, api.clone()));
+                let api = api.clone();
+                // Turned away: dropping the stream closes it.
+                limit.spawn(|admitted| connection(stream, api, admitted));
             }
             Err(e) => {
                 tracing::warn!("local API: accept failed: {e}");
@@ -152,22 +174,27 @@ pub async fn serve(listener: UnixListener, api: Api) {
     }
 }
 
-async fn connection(stream: UnixStream, api: Api) {
+async fn connection(stream: UnixStream, api: Api, admitted: Admitted) {
     let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read.take(MAX_REQUEST as u64 + 1));
+    let mut lines = BufReader::new(read);
     let mut line = String::new();
     loop {
         line.clear();
-        let answer = match lines.read_line(&mut line).await {
-            Ok(0) => return,
-            Ok(_) if !line.ends_with('\n') && line.len() > MAX_REQUEST => {
+        admitted.idle();
+        // The bound is per line: a connection may carry any number.
+        let mut limited = (&mut lines).take(MAX_REQUEST as u64 + 1);
+        let read = tokio::time::timeout(IDLE_TIMEOUT, limited.read_line(&mut line)).await;
+        admitted.busy();
+        let answer = match read {
+            Err(_) | Ok(Ok(0)) => return,
+            Ok(Ok(_)) if !line.ends_with('\n') && line.len() > MAX_REQUEST => {
                 Err(bad(format!("request longer than {MAX_REQUEST} bytes")))
             }
-            Ok(_) => match serde_json::from_str::<Request>(line.trim()) {
+            Ok(Ok(_)) => match serde_json::from_str::<Request>(line.trim()) {
                 Ok(request) => api.handle(request).await,
                 Err(e) => Err(bad(format!("not a valid request: {e}"))),
             },
-            Err(e) => Err(bad(format!("unreadable request: {e}"))),
+            Ok(Err(e)) => Err(bad(format!("unreadable request: {e}"))),
         };
         let text = match &answer {
             Ok(a) => {
@@ -179,11 +206,9 @@ async fn connection(stream: UnixStream, api: Api) {
             }
             Err(e) => serde_json::json!({"ok": false, "error": e}).to_string(),
         };
-        if write
-            .write_all(format!("{text}\n").as_bytes())
-            .await
-            .is_err()
-        {
+        let text = format!("{text}\n");
+        let sent = tokio::time::timeout(IDLE_TIMEOUT, write.write_all(text.as_bytes())).await;
+        if !matches!(sent, Ok(Ok(()))) {
             return;
         }
         if matches!(&answer, Err(e) if e.kind == ErrorKind::BadRequest) {
@@ -208,15 +233,23 @@ fn pending(message: String) -> ApiError {
     }
 }
 
-fn unavailable() -> ApiError {
+fn refused_because(message: String) -> ApiError {
     ApiError {
-        kind: ErrorKind::Unavailable,
-        message: "the weft agent is stopping".into(),
+        kind: ErrorKind::Refused,
+        message,
     }
 }
 
 impl Api {
     pub async fn handle(&self, request: Request) -> Result<Answer, ApiError> {
+        if let Some(id) = request.container_id() {
+            check_not_reserved(id)?;
+        }
+        if request.saves()
+            && let Some(trouble) = self.save_trouble()
+        {
+            return Err(unavailable_because(&trouble));
+        }
         match request {
             Request::Allocate {
                 container_id,
@@ -231,7 +264,7 @@ impl Api {
                     container: container_id,
                     reply,
                 })?;
-                match answer.await.map_err(|_| unavailable())? {
+                match answer.await.map_err(|_| self.unavailable())? {
                     Ok(released) => Ok(Answer::Released { released }),
                     Err(e) => Err(refused(e)),
                 }
@@ -245,10 +278,9 @@ impl Api {
                         container_id,
                         address,
                     ))),
-                    None => Err(ApiError {
-                        kind: ErrorKind::Refused,
-                        message: format!("container {container_id} holds no address on this node"),
-                    }),
+                    None => Err(refused_because(format!(
+                        "container {container_id} holds no address on this node"
+                    ))),
                 }
             }
             Request::List => {
@@ -267,23 +299,23 @@ impl Api {
                 let valid = interface.starts_with("vethwf")
                     && interface.len() <= 15
                     && interface.chars().all(|c| c.is_ascii_alphanumeric());
-                let refused = |message: String| ApiError {
-                    kind: ErrorKind::Refused,
-                    message,
-                };
                 if !valid {
-                    return Err(refused(format!("{interface:?} is not a weft pod veth")));
+                    return Err(refused_because(format!(
+                        "{interface:?} is not a weft pod veth"
+                    )));
                 }
                 match &self.kernel {
                     Some(k) if k.delete_device(interface) => Ok(Answer::Accepted {}),
-                    _ => Err(refused("this agent does not program the kernel".into())),
+                    _ => Err(refused_because(
+                        "this agent does not program the kernel".into(),
+                    )),
                 }
             }
             Request::RemovePeer { peer } => {
                 let name = self.peer_named(&peer)?;
                 let (reply, answer) = oneshot::channel();
                 self.send(Command::RemovePeer { peer: name, reply })?;
-                match answer.await.map_err(|_| unavailable())? {
+                match answer.await.map_err(|_| self.unavailable())? {
                     Ok(reclaimed) => Ok(Answer::Reclaimed { reclaimed }),
                     Err(e) => Err(refused(e)),
                 }
@@ -295,34 +327,33 @@ impl Api {
         weft_core::Time::from_duration(self.epoch.elapsed())
     }
 
-    /// A peer by its name, or by its nickname when that is unambiguous.
+    /// A peer this node has heard of, by its name, or by its nickname
+    /// when that is unambiguous.
     fn peer_named(&self, peer: &str) -> Result<weft_core::PeerName, ApiError> {
-        if let Ok(name) = peer.parse() {
-            return Ok(name);
-        }
-        let router = lock(&self.router);
-        let matches: Vec<weft_core::PeerName> = router
-            .status(self.now())
-            .peers
-            .iter()
-            .filter(|p| p.nickname == peer)
-            .map(|p| p.name)
-            .collect();
-        match matches.as_slice() {
-            [one] => Ok(*one),
-            [] => Err(ApiError {
-                kind: ErrorKind::Refused,
-                message: format!("no known peer is named {peer}"),
-            }),
-            _ => Err(ApiError {
-                kind: ErrorKind::Refused,
-                message: format!("several peers are nicknamed {peer}; give the peer name"),
-            }),
-        }
+        let known = crate::known_peers::known_peers(&lock(&self.router), self.now());
+        crate::known_peers::find(peer, &known).map_err(refused_because)
     }
 
     fn send(&self, command: Command) -> Result<(), ApiError> {
-        self.commands.send(command).map_err(|_| unavailable())
+        self.commands.send(command).map_err(|_| self.unavailable())
+    }
+
+    fn save_trouble(&self) -> Option<weft_driver::SaveTrouble> {
+        self.save_trouble
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Why a request went unanswered by the driver loop.
+    fn unavailable(&self) -> ApiError {
+        match self.save_trouble() {
+            Some(trouble) => unavailable_because(&trouble),
+            None => ApiError {
+                kind: ErrorKind::Unavailable,
+                message: "the weft agent is stopping".into(),
+            },
+        }
     }
 
     /// An address for `container`, answered once a pod can use it: when
@@ -340,7 +371,7 @@ impl Api {
         let address = match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(Ok(address))) => address,
             Ok(Ok(Err(e))) => return Err(refused(e)),
-            Ok(Err(_)) => return Err(unavailable()),
+            Ok(Err(_)) => return Err(self.unavailable()),
             Err(_) => {
                 return Err(pending(format!(
                     "no address for {container} yet: {}",
@@ -403,7 +434,9 @@ impl Api {
             .unwrap_or_else(|p| p.into_inner())
             .kernel_error
             .clone();
-        let reason = if let Some(p) = problem {
+        let reason = if let Some(trouble) = self.save_trouble() {
+            Some(trouble.to_string())
+        } else if let Some(p) = problem {
             Some(p)
         } else if !status.ipam.seeded && status.ipam.mode != "node-cidr" {
             Some(
@@ -432,11 +465,50 @@ impl Api {
     }
 }
 
-fn refused(e: weft_core::ipam::IpamError) -> ApiError {
-    ApiError {
-        kind: ErrorKind::Refused,
-        message: e.to_string(),
+impl Request {
+    /// The container a request names.
+    fn container_id(&self) -> Option<&str> {
+        match self {
+            Request::Allocate { container_id, .. }
+            | Request::Release { container_id }
+            | Request::Check { container_id } => Some(container_id),
+            _ => None,
+        }
     }
+
+    /// Whether answering needs the node's state saved.
+    fn saves(&self) -> bool {
+        matches!(
+            self,
+            Request::Allocate { .. } | Request::Release { .. } | Request::RemovePeer { .. }
+        )
+    }
+}
+
+/// Container IDs the agent uses for itself (the bridge gateway's address)
+/// are never a pod's: releasing one would take the node's gateway away.
+fn check_not_reserved(container_id: &str) -> Result<(), ApiError> {
+    match container_id.starts_with(RESERVED_PREFIX) {
+        true => Err(refused_because(format!(
+            "container ID {container_id:?} is reserved for the agent's own addresses (IDs starting with {RESERVED_PREFIX:?} are not pods')"
+        ))),
+        false => Ok(()),
+    }
+}
+
+/// The agent's own allocations are named `weft:...` (see
+/// weft_core::ipam::space::GATEWAY_ID); pod IDs never hold a colon.
+const RESERVED_PREFIX: &str = "weft:";
+
+fn unavailable_because(trouble: &weft_driver::SaveTrouble) -> ApiError {
+    ApiError {
+        kind: ErrorKind::Unavailable,
+        message: format!("{trouble}; try again"),
+    }
+}
+
+fn refused(e: weft_core::ipam::IpamError) -> ApiError {
+    refused_because(e.to_string())
 }
 
 #[cfg(test)]
@@ -485,6 +557,7 @@ mod tests {
             epoch: tokio::time::Instant::now(),
             kernel: Some(kernel),
             dataplane,
+            save_trouble: Default::default(),
         }
     }
 

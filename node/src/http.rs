@@ -1,7 +1,10 @@
 //! The status server on 127.0.0.1:6784: a human report, JSON views,
 //! Prometheus metrics and probes. A deliberately small HTTP/1.1 GET
-//! server: one request per connection, bounded request head.
+//! server: one request per connection, bounded request head, bounded
+//! time to send it and to take the answer, at most
+//! [`MAX_CONNECTIONS`] connections at once.
 
+use crate::limit::{Admitted, ConnectionLimit};
 use crate::metrics::Metrics;
 use crate::report;
 use std::time::Duration;
@@ -12,6 +15,9 @@ use weft_driver::{SharedRouter, lock};
 
 const MAX_HEAD: usize = 8 * 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections held at once; beyond, the oldest idle one is closed.
+pub const MAX_CONNECTIONS: usize = 64;
 
 #[derive(Clone)]
 pub struct StatusServer {
@@ -52,10 +58,13 @@ impl Page {
 }
 
 pub async fn serve(listener: TcpListener, server: StatusServer) {
+    let limit = ConnectionLimit::new(MAX_CONNECTIONS);
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::task::spawn_local(connection(stream, server.clone()));
+                let server = server.clone();
+                // Turned away: dropping the stream closes it.
+                limit.spawn(|admitted| connection(stream, server, admitted));
             }
             Err(e) => {
                 tracing::warn!("status server: accept failed: {e}");
@@ -65,8 +74,10 @@ pub async fn serve(listener: TcpListener, server: StatusServer) {
     }
 }
 
-async fn connection(mut stream: TcpStream, server: StatusServer) {
-    let page = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
+async fn connection(mut stream: TcpStream, server: StatusServer, admitted: Admitted) {
+    let head = tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await;
+    admitted.busy();
+    let page = match head {
         Ok(Ok(head)) => match parse_request_line(&head) {
             Ok(("GET", path)) => server.page(path),
             Ok((_, _)) => Page::text(405, "only GET is served here\n".into()),
@@ -89,8 +100,11 @@ async fn connection(mut stream: TcpStream, server: StatusServer) {
         page.body.len(),
         page.body
     );
-    let _ = stream.write_all(response.as_bytes()).await;
-    let _ = stream.shutdown().await;
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
 }
 
 async fn read_head(stream: &mut TcpStream) -> Result<String, String> {

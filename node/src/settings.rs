@@ -9,6 +9,12 @@ use weft_core::Config;
 use weft_core::ipam::{IpamInit, IpamMode};
 
 pub const PORT: u16 = 6783;
+/// Longest secret read from --password-file.
+pub const MAX_SECRET: u64 = 4096;
+/// Smallest MTU of an IPv4 interface (RFC 791; the kernel's ETH_MIN_MTU).
+pub const MIN_MTU: u32 = 68;
+/// Largest MTU the kernel gives a bridge, veth or VXLAN device.
+pub const MAX_MTU: u32 = 65_535;
 
 #[derive(Args, Debug, Clone)]
 pub struct RouterArgs {
@@ -53,12 +59,12 @@ pub struct RouterArgs {
     /// tunnel) or `none` (control plane only).
     #[arg(long, env = "WEFT_DATAPATH", value_enum, default_value_t = Datapath::Fastdp)]
     pub datapath: Datapath,
-    /// MTU of pod interfaces [default: underlay MTU minus the overlay's
-    /// overhead]
+    /// MTU of pod interfaces, 68 up to the underlay MTU minus the
+    /// overlay's 50 bytes [default: that most]
     #[arg(long, env = "WEFT_MTU")]
     pub mtu: Option<u32>,
-    /// File holding the shared secret that encrypts all traffic (the
-    /// WEFT_PASSWORD variable holds the secret itself).
+    /// File holding the shared secret that encrypts all traffic, at most
+    /// 4 KiB (the WEFT_PASSWORD variable holds the secret itself).
     #[arg(long, env = "WEFT_PASSWORD_FILE")]
     pub password_file: Option<PathBuf>,
     /// Most peers to keep direct connections to (at most 128).
@@ -120,8 +126,16 @@ pub enum SettingsError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "--password-file {file} holds more than {MAX_SECRET} bytes: a secret is a line of text; check the file name"
+    )]
+    PasswordTooLong { file: PathBuf },
     #[error("the password is empty: give a non-empty secret, or none to run unencrypted")]
     EmptyPassword,
+    #[error(
+        "--mtu {mtu} is outside {MIN_MTU}..={max} ({limit}): pods could not get a working interface; choose an MTU in that range, or leave --mtu out to use {max}"
+    )]
+    Mtu { mtu: u32, max: u32, limit: String },
     #[error(
         "cannot tell which address other peers reach this node on: --listen is unspecified and there is no --peer to route to; set --advertise-addr"
     )]
@@ -203,12 +217,7 @@ impl RouterArgs {
     pub fn secret(&self) -> Result<Option<Vec<u8>>, SettingsError> {
         let raw = match (&self.password_file, std::env::var("WEFT_PASSWORD")) {
             (_, Ok(value)) => value,
-            (Some(file), Err(_)) => {
-                std::fs::read_to_string(file).map_err(|source| SettingsError::PasswordFile {
-                    file: file.clone(),
-                    source,
-                })?
-            }
+            (Some(file), Err(_)) => read_secret_file(file)?,
             (None, Err(_)) => return Ok(None),
         };
         // Files usually end with a newline that is not part of the secret.
@@ -217,6 +226,30 @@ impl RouterArgs {
             return Err(SettingsError::EmptyPassword);
         }
         Ok(Some(secret.as_bytes().to_vec()))
+    }
+
+    /// The pod MTU: --mtu, refused when pods could not use it, else the
+    /// most the overlay carries. `underlay` is the MTU of the interface
+    /// holding the advertised address, when known (1500 is assumed).
+    pub fn pod_mtu(&self, underlay: Option<u32>) -> Result<u32, SettingsError> {
+        let overlay_max = weft_dataplane::overlay_mtu(underlay.unwrap_or(1500).min(MAX_MTU));
+        let Some(mtu) = self.mtu else {
+            return Ok(overlay_max);
+        };
+        let (max, limit) = match (self.datapath, underlay) {
+            (Datapath::Fastdp | Datapath::Sleeve, Some(underlay)) => (
+                overlay_max,
+                format!(
+                    "the underlay's MTU {underlay} minus the overlay's {} bytes",
+                    weft_dataplane::VXLAN_OVERHEAD
+                ),
+            ),
+            _ => (MAX_MTU, "the kernel's limits".to_string()),
+        };
+        match (MIN_MTU..=max).contains(&mtu) {
+            true => Ok(mtu),
+            false => Err(SettingsError::Mtu { mtu, max, limit }),
+        }
     }
 
     /// The address peers reach this node on.
@@ -269,6 +302,27 @@ impl RouterArgs {
         config.validate()?;
         Ok(config)
     }
+}
+
+/// A secret file's text, read no further than [`MAX_SECRET`] bytes (a
+/// device such as /dev/zero never ends).
+fn read_secret_file(file: &std::path::Path) -> Result<String, SettingsError> {
+    use std::io::Read;
+    let cannot = |source| SettingsError::PasswordFile {
+        file: file.to_path_buf(),
+        source,
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(file)
+        .and_then(|f| f.take(MAX_SECRET + 1).read_to_end(&mut bytes))
+        .map_err(cannot)?;
+    if bytes.len() as u64 > MAX_SECRET {
+        return Err(SettingsError::PasswordTooLong {
+            file: file.to_path_buf(),
+        });
+    }
+    String::from_utf8(bytes)
+        .map_err(|e| cannot(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
 }
 
 #[cfg(test)]
@@ -388,5 +442,52 @@ mod tests {
         .unwrap();
         let e = a.core_config(&[]).unwrap_err().to_string();
         assert!(e.contains("not inside --ipalloc-range 10.32.0.0/12"), "{e}");
+    }
+
+    #[test]
+    fn an_mtu_outside_the_kernel_and_underlay_limits_is_refused() {
+        let a = parse(&["--mtu", "1450"]).unwrap();
+        assert_eq!(a.pod_mtu(Some(1500)).unwrap(), 1450);
+        for (mtu, underlay, max) in [
+            ("0", Some(1500), "68..=1450"),
+            ("67", Some(1500), "68..=1450"),
+            (
+                "1451",
+                Some(1500),
+                "68..=1450 (the underlay's MTU 1500 minus the overlay's 50 bytes)",
+            ),
+            ("70000", None, "68..=65535 (the kernel's limits)"),
+            ("65536", Some(65536), "68..=65485"),
+        ] {
+            let a = parse(&["--mtu", mtu]).unwrap();
+            let e = a.pod_mtu(underlay).unwrap_err().to_string();
+            assert!(e.contains(&format!("--mtu {mtu} is outside {max}")), "{e}");
+        }
+        for ok in ["68", "100", "8950"] {
+            let a = parse(&["--mtu", ok]).unwrap();
+            assert_eq!(a.pod_mtu(Some(9000)).unwrap().to_string(), ok);
+        }
+        // Without a dataplane only the kernel's limits apply.
+        let a = parse(&["--mtu", "9000", "--datapath", "none"]).unwrap();
+        assert_eq!(a.pod_mtu(Some(1500)).unwrap(), 9000);
+        // The default is the most the overlay carries.
+        assert_eq!(parse(&[]).unwrap().pod_mtu(Some(9001)).unwrap(), 8951);
+        assert_eq!(parse(&[]).unwrap().pod_mtu(None).unwrap(), 1450);
+    }
+
+    #[test]
+    fn a_password_file_is_read_up_to_4_kib() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("secret");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        assert_eq!(read_secret_file(&file).unwrap(), "s3cret\n");
+        std::fs::write(&file, vec![b'x'; 4096]).unwrap();
+        assert_eq!(read_secret_file(&file).unwrap().len(), 4096);
+        std::fs::write(&file, vec![b'x'; 4097]).unwrap();
+        let e = read_secret_file(&file).unwrap_err().to_string();
+        assert!(e.contains("holds more than 4096 bytes"), "{e}");
+        // A device that never ends is refused, not read forever.
+        let e = read_secret_file(std::path::Path::new("/dev/zero")).unwrap_err();
+        assert!(matches!(e, SettingsError::PasswordTooLong { .. }), "{e}");
     }
 }

@@ -31,9 +31,26 @@ fn spawn(dir: &Path, extra: &[&str]) -> Agent {
 fn spawn_with(dir: &Path, data: &Path, extra: &[&str]) -> Agent {
     let port = free_port();
     let udp: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let status: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    spawn_cmd(
+        dir,
+        data,
+        udp,
+        udp,
+        extra,
+        Command::new(env!("CARGO_BIN_EXE_weft")),
+    )
+}
+
+fn spawn_cmd(
+    dir: &Path,
+    data: &Path,
+    udp: SocketAddr,
+    status: SocketAddr,
+    extra: &[&str],
+    mut command: Command,
+) -> Agent {
     let socket = dir.join("weft.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_weft"))
+    let child = command
         .args(["router", "--name", "t", "--datapath", "none"])
         .args(["--ipalloc-init", "consensus=1"])
         .arg("--listen")
@@ -60,7 +77,10 @@ fn spawn_with(dir: &Path, data: &Path, extra: &[&str]) -> Agent {
 
 impl Agent {
     fn start(data: &Path) -> Agent {
-        let agent = spawn(data, &[]);
+        Agent::ready(spawn(data, &[]))
+    }
+
+    fn ready(agent: Agent) -> Agent {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if agent.get("/readyz").0 == 200 {
@@ -370,4 +390,296 @@ fn agent_output(mut agent: Agent) -> (bool, String) {
         .read_to_string(&mut stderr)
         .unwrap();
     (status.success(), stderr)
+}
+
+/// An agent whose open-file limit is `soft` (hard `hard`), as a node's
+/// default of 1,024 would be.
+fn spawn_limited(dir: &Path, soft: u64, hard: u64) -> Agent {
+    use std::os::unix::process::CommandExt;
+    let port = free_port();
+    let udp: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_weft"));
+    // SAFETY: setrlimit is async-signal-safe and touches no locks.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, soft, hard)
+                .map_err(std::io::Error::from)
+        });
+    }
+    spawn_cmd(dir, &dir.join("data"), udp, udp, &[], command)
+}
+
+/// More idle connections than the agent has file descriptors for, from a
+/// local user: a new status request and an allocation (which needs a
+/// save) still work, and the oldest idle connection was closed.
+fn idle_connections_cannot_stop_the_agent(connect: impl Fn(&Agent) -> Box<dyn Read>, cap: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::ready(spawn_limited(dir.path(), 512, 512));
+    let mut idle: Vec<Box<dyn Read>> = (0..1_000).map(|_| connect(&agent)).collect();
+    assert_eq!(agent.get("/healthz").0, 200);
+    assert_eq!(agent.api(serde_json::json!({"op": "status"}))["ok"], true);
+    // Answered after every earlier connection was taken: the agent holds
+    // at most the cap of them (plus its own few sockets).
+    let sockets = std::fs::read_dir(format!("/proc/{}/fd", agent.child.id()))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|l| l.to_string_lossy().starts_with("socket:"))
+        .count();
+    assert!(sockets <= cap + 32, "{sockets} sockets held");
+    agent.allocate("pod-among-idle-connections");
+    assert_eq!(agent.get("/readyz").0, 200);
+    let mut byte = [0u8; 1];
+    let closed = match idle[0].read(&mut byte) {
+        Ok(n) => n == 0,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    assert!(closed, "the oldest idle connection was kept open");
+    idle.clear();
+    assert_eq!(agent.get("/healthz").0, 200);
+}
+
+#[test]
+fn idle_status_connections_beyond_the_fd_limit_cannot_stop_the_agent() {
+    idle_connections_cannot_stop_the_agent(
+        |agent| {
+            let s = TcpStream::connect(agent.status).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            Box::new(s)
+        },
+        64,
+    );
+}
+
+#[test]
+fn idle_api_connections_beyond_the_fd_limit_cannot_stop_the_agent() {
+    idle_connections_cannot_stop_the_agent(
+        |agent| {
+            let s = UnixStream::connect(&agent.socket).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            Box::new(s)
+        },
+        256,
+    );
+}
+
+#[test]
+fn the_open_file_limit_is_raised_to_the_hard_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::ready(spawn_limited(dir.path(), 256, 4096));
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", agent.child.id())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let numbers: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(numbers, ["4096", "4096"], "{line}");
+}
+
+#[test]
+fn failing_saves_answer_unavailable_and_the_agent_recovers_once_they_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path());
+    agent.allocate("before");
+    // The save's temp file cannot be created while a directory holds its
+    // name (even for root).
+    let blocker = dir.path().join("data/state.json.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    let a = agent.api(serde_json::json!({"op": "allocate", "container_id": "during"}));
+    assert_eq!(a["error"]["kind"], "unavailable", "{a}");
+    assert!(
+        a["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot save the node's state"),
+        "{a}"
+    );
+    let (code, body) = agent.get("/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("cannot save"), "{body}");
+    // Nothing unsaved was acknowledged: the release is refused too.
+    let a = agent.api(serde_json::json!({"op": "release", "container_id": "before"}));
+    assert_eq!(a["error"]["kind"], "unavailable", "{a}");
+    std::fs::remove_dir(&blocker).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let address = loop {
+        let a = agent.api(serde_json::json!({"op": "allocate", "container_id": "during"}));
+        if a["ok"] == true {
+            break a["address"].as_str().unwrap().to_string();
+        }
+        assert_eq!(a["error"]["kind"], "unavailable", "{a}");
+        assert!(Instant::now() < deadline, "saves did not resume: {a}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let saved = std::fs::read_to_string(dir.path().join("data/state.json")).unwrap();
+    assert!(saved.contains("during"), "{saved}");
+    assert!(
+        saved.contains(address.split('/').next().unwrap()),
+        "{saved}"
+    );
+    assert_eq!(agent.get("/readyz").0, 200);
+}
+
+#[test]
+fn the_line_limit_is_per_line_not_per_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path());
+    let stream = UnixStream::connect(&agent.socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    // 5,000 short requests: 80 KB in all, over the 64 KiB line limit.
+    for i in 0..5_000 {
+        writer.write_all(b"{\"op\":\"status\"}\n").unwrap();
+        let mut answer = String::new();
+        reader.read_line(&mut answer).unwrap();
+        assert!(answer.contains("\"ok\":true"), "request {i}: {answer:?}");
+    }
+    // One line over the limit is refused.
+    let mut long = vec![b' '; 70_000];
+    long.push(b'\n');
+    let a = agent.api_raw(&long);
+    assert_eq!(a["error"]["kind"], "bad_request", "{a}");
+    assert!(
+        a["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("request longer than 65536 bytes"),
+        "{a}"
+    );
+}
+
+#[test]
+fn the_socket_is_created_private_not_chmodded_after() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let watch = AttribWatch::new(dir.path());
+    let agent = Agent::start(dir.path());
+    let mode = std::fs::metadata(&agent.socket)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "open to others: {mode:o}");
+    // A chmod after bind leaves a moment when the socket is open to all;
+    // it shows as an attribute change.
+    let changed = watch.names();
+    assert!(!changed.contains(&"weft.sock".to_string()), "{changed:?}");
+}
+
+/// Names of the entries of a directory whose attributes changed (inotify
+/// IN_ATTRIB), from when it was made.
+struct AttribWatch(std::os::fd::OwnedFd);
+
+impl AttribWatch {
+    fn new(dir: &Path) -> AttribWatch {
+        use std::os::fd::FromRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+        // SAFETY: plain system calls on a fresh descriptor we own.
+        unsafe {
+            let fd = libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC);
+            assert!(fd >= 0);
+            assert!(libc::inotify_add_watch(fd, path.as_ptr(), libc::IN_ATTRIB) >= 0);
+            AttribWatch(std::os::fd::OwnedFd::from_raw_fd(fd))
+        }
+    }
+
+    fn names(&self) -> Vec<String> {
+        let mut file = std::fs::File::from(self.0.try_clone().unwrap());
+        let mut buf = vec![0u8; 64 * 1024];
+        let n = file.read(&mut buf).unwrap_or(0);
+        let mut names = Vec::new();
+        let mut at = 0;
+        // struct inotify_event: wd, mask, cookie, len (4 bytes each), name.
+        while at + 16 <= n {
+            let len = u32::from_ne_bytes(buf[at + 12..at + 16].try_into().unwrap()) as usize;
+            let name = &buf[at + 16..at + 16 + len];
+            let name = name.split(|b| *b == 0).next().unwrap_or_default();
+            names.push(String::from_utf8_lossy(name).into_owned());
+            at += 16 + len;
+        }
+        names
+    }
+}
+
+#[test]
+fn a_failed_start_removes_the_socket_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let udp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let command = Command::new(env!("CARGO_BIN_EXE_weft"));
+    let status = taken.local_addr().unwrap();
+    let agent = spawn_cmd(
+        dir.path(),
+        &dir.path().join("data"),
+        udp,
+        status,
+        &[],
+        command,
+    );
+    let socket = agent.socket.clone();
+    let (ok, stderr) = agent_output(agent);
+    assert!(!ok);
+    assert!(stderr.contains("cannot serve status on"), "{stderr}");
+    assert!(!socket.exists(), "socket file left behind");
+}
+
+#[test]
+fn mtus_pods_cannot_use_are_refused_at_start() {
+    for (mtu, limit) in [
+        ("0", "68..=65535"),
+        ("67", "68..=65535"),
+        ("70000", "68..=65535"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = spawn(dir.path(), &["--mtu", mtu]);
+        let (ok, stderr) = agent_output(agent);
+        assert!(!ok, "started with --mtu {mtu}");
+        assert!(
+            stderr.contains(&format!("--mtu {mtu} is outside {limit}")),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn reserved_container_ids_are_refused_and_the_gateway_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path());
+    for op in ["release", "allocate", "check"] {
+        let a = agent.api(serde_json::json!({"op": op, "container_id": "weft:gateway"}));
+        assert_eq!(a["error"]["kind"], "refused", "{op}: {a}");
+        assert!(
+            a["error"]["message"].as_str().unwrap().contains("reserved"),
+            "{op}: {a}"
+        );
+    }
+    assert_eq!(agent.get("/readyz").0, 200, "the gateway was released");
+}
+
+#[test]
+fn rmpeer_refuses_a_name_that_was_never_a_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path());
+    let output = Command::new(env!("CARGO_BIN_EXE_weft"))
+        .args(["rmpeer", "dead:beef:0000:0001", "--socket"])
+        .arg(&agent.socket)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("no peer named dead:beef:0000:0001"),
+        "{stderr}"
+    );
+    let state = std::fs::read_to_string(dir.path().join("data/state.json")).unwrap();
+    assert!(
+        !state.contains("16045690981097406465"),
+        "tombstone written: {state}"
+    );
+    assert!(
+        !state.to_lowercase().contains("dead:beef"),
+        "tombstone written: {state}"
+    );
 }

@@ -469,7 +469,7 @@ impl Validator<'_> {
             }
             events.push(event);
         }
-        self.check_restores(&raw.events, &events, &names)?;
+        self.check_restores(&raw.events, &events, &nodes)?;
         events.sort_by_key(|e| e.at); // stable: same-time events keep file order
         let checks = raw
             .checks
@@ -497,7 +497,7 @@ impl Validator<'_> {
         &self,
         specs: &[Spanned<EventSpec>],
         events: &[EventDef],
-        names: &[String],
+        nodes: &[NodeDef],
     ) -> Result<(), ScenarioError> {
         let mut order: Vec<usize> = (0..events.len()).collect();
         order.sort_by_key(|i| events[*i].at);
@@ -509,7 +509,7 @@ impl Validator<'_> {
                     if let Some(n) = list.iter().find(|n| !backed_up.contains(*n)) {
                         return Err(self.src.error(
                             specs[i].span(),
-                            format!("restore of {:?} before any backup of it", names[*n]),
+                            format!("restore of {:?} before any backup of it", nodes[*n].name),
                         ));
                     }
                 }
