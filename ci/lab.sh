@@ -244,7 +244,7 @@ EOF
 # outside host (203.0.113.2) sends node1 plain frames carrying a UDP
 # datagram for pod-1-1, which must not receive it; node1 counts the drops.
 spoofed_sleeve_frame_check() {
-    local dst before after listener
+    local dst before after listener version
     dst=$(cat "$LAB/n1/pod-1.ip")
     before=$(metric 1 'weft_sleeve_dropped_total{reason="not_connected"}')
     ip -n "$PREFIX-outside" route add "$(node_ip 1)/32" via 203.0.113.1
@@ -261,7 +261,10 @@ except socket.timeout:
 EOF
     listener=$!
     sleep 0.5
-    ip netns exec "$PREFIX-outside" python3 - "$dst" "$(node_ip 1)" <<'EOF'
+    # The wire version the agents speak: a frame of another is refused
+    # before the sleeve sees it.
+    version=$(sed -n 's/^pub const VERSION: u8 = \([0-9]*\);$/\1/p' core/src/wire.rs)
+    ip netns exec "$PREFIX-outside" python3 - "$dst" "$(node_ip 1)" "$version" <<'EOF'
 import socket, struct, sys, time
 src, dst = socket.inet_aton("203.0.113.2"), socket.inet_aton(sys.argv[1])
 udp = struct.pack("!HHHH", 4444, 9999, 8 + 7, 0) + b"spoofed"
@@ -270,8 +273,8 @@ c = sum(struct.unpack("!10H", ip))
 c = (c >> 16) + (c & 0xFFFF)
 c = ~(c + (c >> 16)) & 0xFFFF
 ip = ip[:10] + struct.pack("!H", c) + ip[12:]
-# "WEFT", wire version 2, kind 2 (plain sleeve frame), a made-up sender.
-frame = b"WEFT" + bytes([2, 2]) + struct.pack("!Q", 0x5EED) + ip + udp
+# "WEFT", the wire version, kind 2 (plain sleeve frame), a made-up sender.
+frame = b"WEFT" + bytes([int(sys.argv[3]), 2]) + struct.pack("!Q", 0x5EED) + ip + udp
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 for _ in range(5):
     s.sendto(frame, (sys.argv[2], 6783))
