@@ -239,12 +239,8 @@ impl Ipam {
             awaiting_split: None,
         };
         ipam.ring_summary = ipam.ring.summary();
-        // A restored gateway stays where it is: every pod on the node
-        // routes through it, and the kernel's bridge holds it.
-        if ipam.space.get(GATEWAY_ID).is_none() {
-            ipam.pending.insert(GATEWAY_ID.to_string());
-            ipam.complete_pending();
-        }
+        ipam.pending.insert(GATEWAY_ID.to_string());
+        ipam.complete_pending();
         ipam
     }
 
@@ -811,8 +807,8 @@ impl Ipam {
         }
         for container in order {
             if self.space.get(&container).is_some() {
-                // Already served (a claim completed first): an address,
-                // once given, is never moved.
+                // An address, once given, never moves: a restored gateway
+                // stays where its bridge and every pod's route have it.
                 self.pending.remove(&container);
                 continue;
             }
