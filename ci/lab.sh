@@ -323,6 +323,9 @@ gateway_kept() { # gateway_kept I GATEWAY HOW
         ip netns exec "$(pod_ns "$i" 1)" ping -q -c1 -W2 "$gateway" >/dev/null || return 1
     eventually "after $how pod-$i-1 reaches an address outside the cluster (masquerade)" \
         ip netns exec "$(pod_ns "$i" 1)" ping -q -c1 -W2 203.0.113.2 >/dev/null || return 1
+    # The kernel state above outlives the agent; a new pod needs the new
+    # agent listening (a killed one leaves its socket file behind).
+    wait_for "node$i's agent after $how" api "$i" '{"op":"status"}' || return 1
     attach_pod "$i" "$new" || return 1
     got=$(cat "$LAB/n$i/pod-$new.ip")
     [ "$got" != "$gateway" ] ||
