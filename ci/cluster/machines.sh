@@ -95,6 +95,10 @@ for f in "$@"; do
   cp "/proc/sys/$f" "$d/sysctl/${f//\//.}"
   mount --bind "$d/sysctl/${f//\//.}" "/proc/sys/$f"
 done
+# Shared inside the machine, as systemd makes a node's mounts (pods mount
+# /run/netns HostToContainer); the copies are private, so nothing reaches
+# the host.
+mount --make-rshared /
 echo ready >"$d/mounts.ready"
 exec sleep infinity
 EOF
