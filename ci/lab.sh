@@ -8,7 +8,7 @@
 #   bash ci/lab.sh down        remove every namespace, device and process
 #
 # Env: WEFT_LAB_PREFIX (namespace prefix, default wl), WEFT_BIN (default target/debug/weft, under CARGO_TARGET_DIR if set), WEFT_CNI_BIN (weft-cni beside
-# it), DATAPATH (fastdp), WEFT_PASSWORD.
+# it), DATAPATH (fastdp), WEFT_PASSWORD. Agents run with an empty PATH (no nft, like the image).
 # Needs root, iproute2, nftables, ping and python3. Pods are attached with weft-cni,
 # as a container runtime would.
 set -euo pipefail
@@ -45,7 +45,9 @@ start_agent() {
     local i=$1 n=$2 peers=()
     for j in $(seq 1 "$n"); do [ "$j" != "$i" ] && peers+=(--peer "$(node_ip "$j")"); done
     mkdir -p "$LAB/n$i"
-    ip netns exec "$(node_ns "$i")" "$BIN" router --name "node$i" \
+    # PATH names no directory, as in the shipped image (FROM scratch): the
+    # agent must program the kernel, masquerade included, without `nft`.
+    ip netns exec "$(node_ns "$i")" env PATH=/nonexistent "$BIN" router --name "node$i" \
         --listen "$(node_ip "$i"):6783" "${peers[@]}" \
         --ipalloc-init "consensus=$n" --datapath "$DATAPATH" \
         --data-dir "$LAB/n$i/data" --socket "$LAB/n$i/weft.sock" \
