@@ -295,7 +295,7 @@ fn pad(buf: &mut Vec<u8>) {
 
 /// The kernel's answers in `buf`: (sequence number, errno) of each
 /// NLMSG_ERROR message, errno 0 being an ACK. Stops at anything malformed.
-pub fn answers(mut buf: &[u8]) -> Vec<(u32, i32)> {
+fn answers(mut buf: &[u8]) -> Vec<(u32, i32)> {
     let mut out = Vec::new();
     while buf.len() >= 16 {
         let word = |at: usize| u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap());
