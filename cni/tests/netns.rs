@@ -258,6 +258,19 @@ fn round_trip(version: &str) {
     let (ok, ra) = node.cni("ADD", "ca", &netns_path(&a), &conf);
     assert!(ok, "{ra}");
     assert_eq!(ra["cniVersion"], version);
+    // The pod's bridge port is in hairpin mode (hairpinMode, on by
+    // default): a frame may leave by the port it came in, as a pod's own
+    // packets do when it reaches a Service whose only backend is itself
+    // and the DNAT happens on the bridged path.
+    let host_veth = ra["interfaces"][0]["name"].as_str().unwrap();
+    let port = Command::new("ip")
+        .args([
+            "netns", "exec", &node.ns, "bridge", "-d", "link", "show", "dev", host_veth,
+        ])
+        .output()
+        .unwrap();
+    let port = String::from_utf8_lossy(&port.stdout);
+    assert!(port.contains("hairpin on"), "{port}");
     assert_eq!(ra["interfaces"][1]["name"], "eth0");
     assert_eq!(ra["routes"][0]["dst"], "0.0.0.0/0");
     let (ok, rb) = node.cni("ADD", "cb", &netns_path(&b), &conf);

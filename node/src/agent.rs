@@ -552,6 +552,12 @@ fn start_dataplane(
         tracing::warn!("pods cannot reach addresses outside the cluster: {why}");
         state.egress_problem = Some(why.to_string());
     }
+    if !weft_dataplane::sysctl::bridge_netfilter_loaded() {
+        tracing::warn!(
+            "{}; load it with `modprobe br_netfilter`",
+            weft_dataplane::sysctl::WITHOUT_BRIDGE_NETFILTER
+        );
+    }
     let state = Arc::new(Mutex::new(state));
     let kernel = KernelSync::start(Box::new(linux), state.clone());
     Ok((state, Some(kernel)))
