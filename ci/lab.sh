@@ -8,7 +8,7 @@
 #   bash ci/lab.sh down        remove every namespace, device and process
 #
 # Env: WEFT_LAB_PREFIX (namespace prefix, default wl), WEFT_BIN (default target/debug/weft, under CARGO_TARGET_DIR if set), WEFT_CNI_BIN (weft-cni beside
-# it), DATAPATH (fastdp), WEFT_PASSWORD.
+# it), DATAPATH (fastdp), WEFT_PASSWORD. Agents run with an empty PATH (no nft, like the image).
 # Needs root, iproute2, nftables, ping and python3. Pods are attached with weft-cni,
 # as a container runtime would.
 set -euo pipefail
@@ -45,7 +45,9 @@ start_agent() {
     local i=$1 n=$2 peers=()
     for j in $(seq 1 "$n"); do [ "$j" != "$i" ] && peers+=(--peer "$(node_ip "$j")"); done
     mkdir -p "$LAB/n$i"
-    ip netns exec "$(node_ns "$i")" "$BIN" router --name "node$i" \
+    # PATH names no directory, as in the shipped image (FROM scratch): the
+    # agent must program the kernel, masquerade included, without `nft`.
+    ip netns exec "$(node_ns "$i")" env PATH=/nonexistent "$BIN" router --name "node$i" \
         --listen "$(node_ip "$i"):6783" "${peers[@]}" \
         --ipalloc-init "consensus=$n" --datapath "$DATAPATH" \
         --data-dir "$LAB/n$i/data" --socket "$LAB/n$i/weft.sock" \
@@ -79,6 +81,11 @@ up() {
     ip -n "$(node_ns 1)" link set out0 up
     ip -n "$PREFIX-outside" addr add 203.0.113.2/24 dev eth0
     ip -n "$PREFIX-outside" link set eth0 up
+    # A node that does not pass bridged traffic to iptables: the agent
+    # must turn it on (per network namespace; absent without br_netfilter).
+    if [ -d /proc/sys/net/bridge ]; then
+        ip netns exec "$(node_ns 1)" sh -c 'echo 0 >/proc/sys/net/bridge/bridge-nf-call-iptables'
+    fi
     for i in $(seq 1 "$n"); do start_agent "$i" "$n"; done
     for i in $(seq 1 "$n"); do
         for p in $(seq 1 "$PODS_PER_NODE"); do attach_pod "$i" "$p"; done
@@ -335,6 +342,71 @@ gateway_kept() { # gateway_kept I GATEWAY HOW
 }
 
 # On failure, the agents' last words, then a clean slate.
+SERVICE=10.96.0.10
+
+# kube-proxy (iptables mode) in miniature on node1: Service $SERVICE:80
+# DNATed to pod BACKEND's port 8080, whose traffic to itself through the
+# Service is masqueraded (kube-proxy's KUBE-MARK-MASQ for an endpoint's own
+# traffic).
+kube_proxy_rules() { # kube_proxy_rules -A|-D BACKEND
+    local ns dst
+    ns=$(node_ns 1)
+    dst=$(cat "$LAB/n1/pod-$2.ip")
+    ip netns exec "$ns" iptables -t nat "$1" PREROUTING -d "$SERVICE" -p tcp --dport 80 \
+        -j DNAT --to-destination "$dst:8080"
+    ip netns exec "$ns" iptables -t nat "$1" POSTROUTING -s "$dst" -d "$dst" -p tcp --dport 8080 \
+        -j MASQUERADE
+}
+
+# Pod-1-P connects to the Service and reads what the backend sends.
+service_answers() { # service_answers P WANT
+    local got
+    got=$(ip netns exec "$(pod_ns 1 "$1")" python3 -c '
+import socket, sys
+s = socket.create_connection((sys.argv[1], 80), timeout=2)
+print(s.recv(64).decode().strip())' "$SERVICE" 2>/dev/null) || return 1
+    [ "$got" = "$2" ]
+}
+
+bridge_nf_call_iptables_is() { # on node1
+    [ "$(ip netns exec "$(node_ns 1)" cat /proc/sys/net/bridge/bridge-nf-call-iptables)" = "$1" ]
+}
+
+# A Service whose backend is on the client's node: the backend answers
+# the client straight over the bridge, and only with
+# net.bridge.bridge-nf-call-iptables=1 does that reply pass conntrack to
+# get the Service address back as its source. Then a pod whose only
+# backend is itself (masqueraded, as kube-proxy does, so the reply comes
+# back from the bridge's gateway address).
+same_node_service_check() {
+    if [ ! -d /proc/sys/net/bridge ]; then
+        log "SKIP: br_netfilter is not loaded on this machine: no same-node Service check"
+        return 0
+    fi
+    local server
+    eventually "node1's agent set net.bridge.bridge-nf-call-iptables from 0 to 1" \
+        bridge_nf_call_iptables_is 1
+    ip netns exec "$(pod_ns 1 2)" python3 -c '
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 8080))
+s.listen()
+while True:
+    c, _ = s.accept()
+    c.sendall(b"pod-1-2\n")
+    c.close()' &
+    server=$!
+    kube_proxy_rules -A 2
+    eventually "pod-1-1 reaches a Service whose backend (pod-1-2) is on its node" service_answers 1 pod-1-2
+    eventually "pod-1-2 reaches a Service whose only backend is itself (hairpin)" service_answers 2 pod-1-2
+    kube_proxy_rules -D 2
+    kill "$server"
+    ip netns exec "$(node_ns 1)" sh -c 'echo 0 >/proc/sys/net/bridge/bridge-nf-call-iptables'
+    wait_until 65 "node1's agent sets net.bridge.bridge-nf-call-iptables back to 1 at a resync (every 30 s)" \
+        bridge_nf_call_iptables_is 1
+}
+
 finish() {
     local status=$?
     if [ "$status" != 0 ]; then
@@ -359,6 +431,8 @@ test_lab() {
     fi
 
     spoofed_sleeve_frame_check
+
+    same_node_service_check
 
     cut_link 1 2
     eventually "with node1-node2 cut, traffic goes through node3" all_pods_reach_all "$n"

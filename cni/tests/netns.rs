@@ -240,17 +240,37 @@ fn address_of(result: &Value) -> String {
     result["ips"][0]["address"].as_str().unwrap().to_string()
 }
 
+/// The shipped conflist offers 1.0.0 (containerd 1.6's libcni) and 1.1.0.
 #[test]
 fn add_check_del_round_trip_and_two_pods_talk_over_the_bridge() {
     if !root() {
         return;
     }
+    for version in ["1.0.0", "1.1.0"] {
+        round_trip(version);
+    }
+}
+
+fn round_trip(version: &str) {
     let mut node = Node::new();
     let (a, b) = (node.pod("a"), node.pod("b"));
-    let conf = node.config("1.1.0");
+    let conf = node.config(version);
     let (ok, ra) = node.cni("ADD", "ca", &netns_path(&a), &conf);
     assert!(ok, "{ra}");
-    assert_eq!(ra["cniVersion"], "1.1.0");
+    assert_eq!(ra["cniVersion"], version);
+    // The pod's bridge port is in hairpin mode (hairpinMode, on by
+    // default): a frame may leave by the port it came in, as a pod's own
+    // packets do when it reaches a Service whose only backend is itself
+    // and the DNAT happens on the bridged path.
+    let host_veth = ra["interfaces"][0]["name"].as_str().unwrap();
+    let port = Command::new("ip")
+        .args([
+            "netns", "exec", &node.ns, "bridge", "-d", "link", "show", "dev", host_veth,
+        ])
+        .output()
+        .unwrap();
+    let port = String::from_utf8_lossy(&port.stdout);
+    assert!(port.contains("hairpin on"), "{port}");
     assert_eq!(ra["interfaces"][1]["name"], "eth0");
     assert_eq!(ra["routes"][0]["dst"], "0.0.0.0/0");
     let (ok, rb) = node.cni("ADD", "cb", &netns_path(&b), &conf);
@@ -273,11 +293,23 @@ fn add_check_del_round_trip_and_two_pods_talk_over_the_bridge() {
     with_prev["prevResult"] = ra.clone();
     let (ok, v) = node.cni("CHECK", "ca", &netns_path(&a), &with_prev);
     assert!(ok, "{v}");
+    assert_eq!(v, Value::Null, "CHECK prints nothing on success");
     with_prev["prevResult"] = rb.clone();
     let (ok, v) = node.cni("CHECK", "ca", &netns_path(&a), &with_prev);
     assert!(!ok);
     assert!(v["code"].as_u64().is_some(), "{v}");
     assert_eq!(node.allocations(), 2);
+    // STATUS and GC came with 1.1.0; under 1.0.0 they are refused (code 1)
+    // in the version asked.
+    for command in ["STATUS", "GC"] {
+        let (ok, v) = node.cni_raw(&[("CNI_COMMAND", command)], conf.to_string().as_bytes());
+        if version == "1.0.0" {
+            assert!(!ok, "{command}: {v}");
+            assert_eq!((&v["code"], &v["cniVersion"]), (&json!(1), &json!(version)));
+        } else if command == "STATUS" {
+            assert!(ok, "{command}: {v}");
+        }
+    }
     // DEL, DEL again, and DEL after the namespace is gone all succeed.
     let (ok, v) = node.cni("DEL", "ca", &netns_path(&a), &conf);
     assert!(ok, "{v}");

@@ -50,7 +50,8 @@
 //! The kernel dataplane outlives the agent: stopping the agent leaves it in
 //! place so pods keep talking while the agent restarts; only
 //! [`Dataplane::teardown`] (for `weft reset`) removes weft's devices.
-//! Masquerading pod egress is not done here (the agent uses nftables).
+//! Pod egress masquerade is one nftables table, programmed over nfnetlink
+//! by [`nftables`] (no `nft` program needed).
 
 use std::net::Ipv4Addr;
 
@@ -59,6 +60,8 @@ use ipnet::Ipv4Net;
 #[cfg(target_os = "linux")]
 mod linux;
 mod memory;
+#[cfg(target_os = "linux")]
+pub mod nftables;
 pub mod plan;
 pub mod sysctl;
 
@@ -331,6 +334,9 @@ pub enum DataplaneError {
     },
     #[error("cannot list {what}: {reason}")]
     Dump { what: &'static str, reason: String },
+    /// The masquerade table could not be programmed (nftables).
+    #[error("cannot {step} (nftables masquerade): {reason}")]
+    Nftables { step: &'static str, reason: String },
     #[error("cannot enable IPv4 forwarding ({path}): {source}")]
     Forwarding {
         path: &'static str,

@@ -30,6 +30,23 @@ pub fn ip_forward() -> &'static str {
     }
 }
 
+/// `net.bridge.bridge-nf-call-iptables`: whether IPv4 traffic the bridge
+/// switches between two ports goes through iptables, where kube-proxy's
+/// Service DNAT is. The directory exists only with br_netfilter loaded.
+pub fn bridge_nf_call_iptables() -> PathBuf {
+    net("bridge/bridge-nf-call-iptables")
+}
+
+/// Whether br_netfilter is loaded (its sysctls exist).
+pub fn bridge_netfilter_loaded() -> bool {
+    net("bridge").is_dir()
+}
+
+/// What a node without br_netfilter loses.
+pub const WITHOUT_BRIDGE_NETFILTER: &str = "/proc/sys/net/bridge is absent (the br_netfilter module is not loaded): \
+     kube-proxy does not see traffic the bridge switches between pods on this node, \
+     so Services whose backend is on the same node will not answer";
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -449,3 +449,96 @@ fn routes_mix_vxlan_and_the_sleeve_per_prefix() {
         dp.teardown().unwrap();
     });
 }
+
+/// `nft -j list ruleset` in `ns`: the objects (tables, chains, rules).
+fn nft_objects(ns: &Netns) -> Vec<serde_json::Value> {
+    let out = run(
+        "ip",
+        &["netns", "exec", &ns.name, "nft", "-j", "list", "ruleset"],
+    );
+    let json: serde_json::Value = serde_json::from_str(&out).expect("nft -j output");
+    json["nftables"].as_array().cloned().unwrap_or_default()
+}
+
+/// weft's objects of `kind` ("table", "chain", "rule").
+fn weft_objects(objects: &[serde_json::Value], kind: &str) -> Vec<serde_json::Value> {
+    objects
+        .iter()
+        .filter_map(|o| o.get(kind))
+        .filter(|o| {
+            o["family"] == "ip" && o[if kind == "table" { "name" } else { "table" }] == "weft"
+        })
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn masquerade_table_is_replaced_atomically_and_removed() {
+    use weft_dataplane::nftables::{install_masquerade, remove_masquerade};
+    let Some(ns) = Netns::new() else { return };
+    // Someone else's table: weft must leave it alone.
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &ns.name,
+            "nft",
+            "add table inet other; add chain inet other c",
+        ],
+    );
+    ns.run_inside(|| {
+        install_masquerade("10.40.0.0/16".parse().unwrap()).unwrap();
+        install_masquerade("10.32.0.0/12".parse().unwrap()).unwrap();
+        install_masquerade("10.32.0.0/12".parse().unwrap()).unwrap();
+    });
+    let objects = nft_objects(&ns);
+    assert_eq!(weft_objects(&objects, "table").len(), 1);
+    let chains = weft_objects(&objects, "chain");
+    assert_eq!(chains.len(), 1, "{chains:?}");
+    let chain = &chains[0];
+    assert_eq!(
+        (
+            &chain["name"],
+            &chain["type"],
+            &chain["hook"],
+            &chain["prio"],
+            &chain["policy"]
+        ),
+        (
+            &"postrouting".into(),
+            &"nat".into(),
+            &"postrouting".into(),
+            &100.into(),
+            &"accept".into()
+        )
+    );
+    let rules = weft_objects(&objects, "rule");
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    let prefix = serde_json::json!({"prefix": {"addr": "10.32.0.0", "len": 12}});
+    let addr = |field: &str| serde_json::json!({"payload": {"protocol": "ip", "field": field}});
+    assert_eq!(
+        rules[0]["expr"],
+        serde_json::json!([
+            {"match": {"op": "==", "left": addr("saddr"), "right": prefix}},
+            {"match": {"op": "!=", "left": addr("daddr"), "right": prefix}},
+            {"masquerade": null},
+        ])
+    );
+    let other = |objects: &[serde_json::Value]| {
+        objects
+            .iter()
+            .filter(|o| o["table"]["name"] == "other" || o["chain"]["table"] == "other")
+            .count()
+    };
+    assert_eq!(other(&objects), 2);
+
+    ns.run_inside(|| {
+        remove_masquerade().unwrap();
+        // Removing what is not there is fine.
+        remove_masquerade().unwrap();
+    });
+    let objects = nft_objects(&ns);
+    assert!(weft_objects(&objects, "table").is_empty());
+    assert_eq!(other(&objects), 2);
+}

@@ -548,9 +548,15 @@ fn start_dataplane(
         return Ok((Arc::new(Mutex::new(state)), None));
     }
     let linux = weft_dataplane::LinuxDataplane::new().map_err(StartError::Dataplane)?;
-    if let Err(why) = crate::masquerade::install(args.ipalloc_range) {
+    if let Err(why) = weft_dataplane::nftables::install_masquerade(args.ipalloc_range) {
         tracing::warn!("pods cannot reach addresses outside the cluster: {why}");
-        state.egress_problem = Some(why);
+        state.egress_problem = Some(why.to_string());
+    }
+    if !weft_dataplane::sysctl::bridge_netfilter_loaded() {
+        tracing::warn!(
+            "{}; load it with `modprobe br_netfilter`",
+            weft_dataplane::sysctl::WITHOUT_BRIDGE_NETFILTER
+        );
     }
     let state = Arc::new(Mutex::new(state));
     let kernel = KernelSync::start(Box::new(linux), state.clone());

@@ -510,6 +510,20 @@ mod tests {
         assert_eq!(validate_conflist(shipped), Ok(()));
     }
 
+    /// containerd 1.6's libcni (CNI <= 1.0) reads `cniVersion`; runtimes
+    /// speaking CNI 1.1 pick the newest of `cniVersions` and then call
+    /// STATUS and GC.
+    #[test]
+    fn the_shipped_conflist_offers_cni_1_0_and_1_1() {
+        let shipped: serde_json::Value =
+            serde_json::from_slice(include_bytes!("../../deploy/10-weft.conflist")).unwrap();
+        assert_eq!(shipped["cniVersion"], "1.0.0");
+        assert_eq!(
+            shipped["cniVersions"],
+            serde_json::json!(["1.0.0", "1.1.0"])
+        );
+    }
+
     #[test]
     fn missing_sources_are_named_and_nothing_is_installed() {
         let s = Setup::new();

@@ -171,10 +171,12 @@ impl KernelSync {
                     }
                     // A failed state is tried again with the next update
                     // (at the latest the periodic resync).
-                    if let Some(next) = next
-                        && applied.as_ref() != Some(&next)
-                        && apply(&mut *dataplane, &next, &state)
-                    {
+                    let Some(next) = next else { continue };
+                    if applied.as_ref() == Some(&next) {
+                        // Nothing to reconcile; a node setting others may
+                        // change back is re-asserted at every resync.
+                        let_iptables_see_bridged_traffic(&next);
+                    } else if apply(&mut *dataplane, &next, &state) {
                         bridge_tx.send_replace(next.bridge.as_ref().map(|b| b.gateway.addr()));
                         applied = Some(next);
                     }
@@ -229,6 +231,7 @@ fn apply(dataplane: &mut dyn Dataplane, desired: &Desired, state: &Mutex<Datapla
             if let Some(bridge) = &want.bridge {
                 answer_arp_for_remote_pods(&bridge.name);
             }
+            let_iptables_see_bridged_traffic(&want);
             no_rp_filter_on_overlays(&want);
             state.in_use = in_use(&want);
             true
@@ -292,6 +295,16 @@ fn no_rp_filter_on_overlays(d: &Desired) {
         set_sysctl(&sysctl::net(&format!("ipv4/conf/{dev}/rp_filter")), "0");
     }
     set_sysctl(&sysctl::net("ipv4/conf/all/rp_filter"), "0");
+}
+
+/// kube-proxy's Service DNAT (iptables) must see the traffic the bridge
+/// switches between two pods of this node: a backend's reply to a client
+/// on the same bridge is un-DNATed only then. Without br_netfilter the
+/// sysctl is absent and nothing is written (the agent warned at start).
+fn let_iptables_see_bridged_traffic(d: &Desired) {
+    if d.bridge.is_some() {
+        set_sysctl(&sysctl::bridge_nf_call_iptables(), "1");
+    }
 }
 
 /// Writes `value` where it differs, saying so; a failure is logged (the

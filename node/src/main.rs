@@ -10,7 +10,6 @@ mod kernel;
 mod known_peers;
 mod kubernetes;
 mod limit;
-mod masquerade;
 mod metrics;
 mod offload;
 mod report;
@@ -113,7 +112,10 @@ fn main() -> ExitCode {
         Command::Doctor(args) => doctor::main(args),
         Command::Reset => {
             use weft_dataplane::Dataplane;
-            match weft_dataplane::LinuxDataplane::new().and_then(|mut d| d.teardown()) {
+            let reset = weft_dataplane::LinuxDataplane::new()
+                .and_then(|mut d| d.teardown())
+                .and_then(|()| weft_dataplane::nftables::remove_masquerade());
+            match reset {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("weft reset: {e}");

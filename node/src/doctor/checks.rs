@@ -2,7 +2,7 @@
 //! its evidence and, when something is wrong, the fix. Pure functions over
 //! [`Facts`], so every verdict is unit-tested without a node.
 
-use super::facts::{Agent, CniConfig, Facts, PortAnswer, Probe};
+use super::facts::{Agent, BridgeNetfilter, CniConfig, Facts, PortAnswer, Probe};
 use crate::underlay::Collision;
 use serde::Serialize;
 
@@ -85,6 +85,7 @@ fn node_checks(facts: &Facts, agent: Option<&Agent>) -> Vec<Check> {
     out.push(cni_config(&facts.cni_configs, &facts.cni_conf_dir));
     out.push(cni_plugin(facts));
     out.push(forwarding(facts.forwarding));
+    out.push(bridge_netfilter(facts.bridge_netfilter));
     out
 }
 
@@ -538,6 +539,28 @@ fn cni_plugin(facts: &Facts) -> Check {
             "cni-plugin",
             format!("{path} is version {version}, the agent {ours}"),
             "run `weft install-cni` from this version (restarting the DaemonSet pod does)",
+        ),
+    }
+}
+
+fn bridge_netfilter(state: BridgeNetfilter) -> Check {
+    const NAME: &str = "bridge-nf";
+    match state {
+        BridgeNetfilter::On => Check::ok(NAME, "net.bridge.bridge-nf-call-iptables = 1"),
+        BridgeNetfilter::Off => Check::fail(
+            NAME,
+            "net.bridge.bridge-nf-call-iptables = 0: kube-proxy does not see traffic the bridge switches between pods on this node, so Services whose backend is on the same node do not answer",
+            "sysctl -w net.bridge.bridge-nf-call-iptables=1 (and set it in /etc/sysctl.d so it survives a reboot); the agent sets it when it programs the dataplane",
+        ),
+        BridgeNetfilter::NotLoaded => Check::warn(
+            NAME,
+            weft_dataplane::sysctl::WITHOUT_BRIDGE_NETFILTER,
+            "modprobe br_netfilter (and list it in /etc/modules-load.d so it loads at boot); the agent then sets the sysctl within 30 s",
+        ),
+        BridgeNetfilter::Unreadable => Check::warn(
+            NAME,
+            "cannot read /proc/sys/net/bridge/bridge-nf-call-iptables",
+            "run weft doctor as root on the node",
         ),
     }
 }

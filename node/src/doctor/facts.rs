@@ -20,6 +20,7 @@ pub struct Facts {
     pub interfaces: BTreeMap<String, Interface>,
     pub routes: Vec<Route>,
     pub forwarding: Option<bool>,
+    pub bridge_netfilter: BridgeNetfilter,
     pub cni_conf_dir: PathBuf,
     pub cni_configs: Result<Vec<CniConfig>, String>,
     pub cni_bin_dir: PathBuf,
@@ -275,6 +276,28 @@ pub fn cni_plugin_version(bin_dir: &Path) -> Result<String, String> {
         .strip_prefix("weft-cni ")
         .map(str::to_string)
         .ok_or_else(|| "does not report a version (an older or foreign weft-cni)".into())
+}
+
+/// `net.bridge.bridge-nf-call-iptables` on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BridgeNetfilter {
+    On,
+    Off,
+    /// br_netfilter is not loaded: the sysctl does not exist.
+    NotLoaded,
+    Unreadable,
+}
+
+pub fn bridge_netfilter() -> BridgeNetfilter {
+    use weft_dataplane::sysctl;
+    if !sysctl::bridge_netfilter_loaded() {
+        return BridgeNetfilter::NotLoaded;
+    }
+    match std::fs::read_to_string(sysctl::bridge_nf_call_iptables()) {
+        Ok(v) if v.trim() == "1" => BridgeNetfilter::On,
+        Ok(_) => BridgeNetfilter::Off,
+        Err(_) => BridgeNetfilter::Unreadable,
+    }
 }
 
 pub fn ip_forwarding() -> Option<bool> {

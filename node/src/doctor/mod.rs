@@ -97,6 +97,7 @@ fn gather(args: &DoctorArgs) -> facts::Facts {
         interfaces: crate::underlay::interfaces(),
         routes: crate::underlay::routes(),
         forwarding: facts::ip_forwarding(),
+        bridge_netfilter: facts::bridge_netfilter(),
         cni_conf_dir: args.cni_conf_dir.clone(),
         cni_configs: facts::cni_configs(&args.cni_conf_dir),
         cni_bin_dir: args.cni_bin_dir.clone(),

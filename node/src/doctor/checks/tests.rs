@@ -91,6 +91,7 @@ fn healthy() -> Facts {
         interfaces,
         routes: Vec::new(),
         forwarding: Some(true),
+        bridge_netfilter: BridgeNetfilter::On,
         cni_conf_dir: PathBuf::from("/etc/cni/net.d"),
         cni_configs: Ok(vec![CniConfig {
             name: "10-weft.conflist".into(),
@@ -294,4 +295,39 @@ fn an_unseeded_ring_and_pending_allocations_are_explained() {
     let c = find(&all(&f), "ipam").clone();
     assert_eq!(c.level, Level::Warn);
     assert!(c.evidence.contains("c1 (awaiting a donation)"));
+}
+
+#[test]
+fn bridge_netfilter_off_or_not_loaded_names_same_node_services() {
+    let mut f = healthy();
+    assert_eq!(find(&all(&f), "bridge-nf").level, Level::Ok);
+    f.bridge_netfilter = BridgeNetfilter::Off;
+    let checks = all(&f);
+    let c = find(&checks, "bridge-nf");
+    assert_eq!(c.level, Level::Fail);
+    assert!(
+        c.evidence
+            .contains("Services whose backend is on the same node")
+    );
+    assert!(
+        c.fix
+            .as_deref()
+            .unwrap()
+            .contains("bridge-nf-call-iptables=1")
+    );
+    f.bridge_netfilter = BridgeNetfilter::NotLoaded;
+    let checks = all(&f);
+    let c = find(&checks, "bridge-nf");
+    assert_eq!(c.level, Level::Warn);
+    assert!(c.evidence.contains("br_netfilter module is not loaded"));
+    assert!(
+        c.evidence
+            .contains("Services whose backend is on the same node")
+    );
+    assert!(
+        c.fix
+            .as_deref()
+            .unwrap()
+            .starts_with("modprobe br_netfilter")
+    );
 }
