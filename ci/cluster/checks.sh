@@ -283,14 +283,14 @@ check_rollout() {
   in_machine "$node_a" nsenter --net="$ns_a" python3 "$ROOT/ci/cluster/stream.py" client "$(pod_ip "$b")" 9400 "$stop" \
     2>"$d/client.err" &
   local client=$!
-  in_machine "$node_a" nsenter --net="$ns_a" ping -D -i 0.1 -w 600 "$(pod_ip "$b")" >"$d/ping.log" 2>&1 &
+  in_machine "$node_a" nsenter --net="$ns_a" ping -D -i 0.1 "$(pod_ip "$b")" >"$d/ping.log" 2>&1 &
   local ping=$!
   sleep 3
   kc -n kube-system rollout restart daemonset/weft >/dev/null
   kc -n kube-system rollout status daemonset/weft --timeout=300s >/dev/null || fail "rollout did not finish"
   sleep 3
   touch "$stop"
-  in_machine "$node_a" pkill -INT -f "ping -D -i 0.1 -w 600 $(pod_ip "$b")" || true
+  in_machine "$node_a" pkill -INT -f "ping -D -i 0.1 $(pod_ip "$b")" || true
   wait "$client" || fail "the TCP stream's client failed: $(cat "$d/client.err")"
   wait "$server" || true
   wait "$ping" 2>/dev/null || true
@@ -401,7 +401,9 @@ no_weft_pods() {
 
 # The README's uninstall step on one node: `weft reset` from the image.
 uninstall_node() {
+  # its own cgroup inside the node's, removed with it
   in_machine "$1" ctr -a /run/containerd/containerd.sock -n k8s.io run --rm --net-host --privileged \
+    --cgroup "/$CGROUP_PREFIX-$1/weft-reset" \
     --mount type=bind,src=/etc/cni/net.d,dst=/etc/cni/net.d,options=rbind:rw \
     --mount type=bind,src=/opt/cni/bin,dst=/opt/cni/bin,options=rbind:rw \
     --mount type=bind,src=/var/lib/weft,dst=/var/lib/weft,options=rbind:rw \

@@ -31,7 +31,7 @@ AGNHOST_IMAGE=k8s.gcr.io/e2e-test-images/agnhost:2.21
 BUSYBOX_IMAGES=(docker.io/library/busybox:1.28 docker.io/library/busybox:1.29
     docker.io/library/busybox:latest)
 WEFT_REPO=ghcr.io/weft-net/weft
-WEFT_IMAGE=$WEFT_REPO:latest
+IMAGE_WEFT=$WEFT_REPO:latest
 
 images_dir() { echo "$WEFT_CACHE/images"; }
 # weft's image belongs to this clone (it is the code under test), not to the
@@ -184,7 +184,7 @@ images_build_weft() {
     mkdir -p "$(dirname "$out")"
     bash "$ROOT/ci/image.sh" --tar >"$out" 2>&1 ||
         { tail -n 30 "$out" >&2; die "images: ci/image.sh failed (log: $out)"; }
-    log "image $WEFT_IMAGE built by ci/image.sh in $(since "$start")s: $(du -h "$(images_weft_tar)" | cut -f1)"
+    log "image $IMAGE_WEFT built by ci/image.sh in $(since "$start")s: $(du -h "$(images_weft_tar)" | cut -f1)"
 }
 
 images_build() {
@@ -217,7 +217,7 @@ images_import() { # SOCKET
             die "images: importing $tar into $socket failed"
     done < <(images_archives)
     listed=$(ctr -a "$socket" -n k8s.io images ls -q)
-    for name in "$PAUSE_IMAGE" "$AGNHOST_IMAGE" "${BUSYBOX_IMAGES[@]}" "$WEFT_IMAGE"; do
+    for name in "$PAUSE_IMAGE" "$AGNHOST_IMAGE" "${BUSYBOX_IMAGES[@]}" "$IMAGE_WEFT"; do
         grep -qxF "$name" <<<"$listed" || die "images: $name not listed by the containerd at $socket after import"
     done
     log "images imported into $socket in $(since "$start")s"

@@ -33,7 +33,8 @@ def server(addr, port, stop):
             ended = f"error: {e}"
             break
         if not data:
-            ended = "closed by the client"
+            if not os.path.exists(stop):
+                ended = "closed by the client"
             break
         now = time.monotonic()
         max_gap = max(max_gap, now - last)

@@ -47,6 +47,51 @@ pub struct InstallArgs {
     pub conflist: Option<PathBuf>,
 }
 
+/// Where `weft reset` removes the installed CNI files from.
+#[derive(Args, Debug, Clone)]
+pub struct CniDirs {
+    /// Directory the CNI plugin was installed in.
+    #[arg(long, env = "WEFT_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    pub cni_bin_dir: PathBuf,
+    /// Directory the CNI network configuration was installed in.
+    #[arg(long, env = "WEFT_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+}
+
+/// Removes what `install` wrote: the conflist first (the runtime stops
+/// choosing weft for new pods), then the plugin. Returns the files that
+/// were there; missing ones are not an error, so a second run is a no-op.
+pub fn uninstall(dirs: &CniDirs) -> Result<Vec<PathBuf>, InstallError> {
+    let mut removed = Vec::new();
+    for (dir, name) in [
+        (&dirs.cni_conf_dir, CONFLIST_NAME),
+        (&dirs.cni_bin_dir, PLUGIN_NAME),
+    ] {
+        let dest = dir.join(name);
+        match fs::remove_file(&dest) {
+            Ok(()) => {
+                File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|source| InstallError::Write {
+                        dest: dest.clone(),
+                        step: "sync the directory after removing",
+                        source,
+                    })?;
+                removed.push(dest);
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(InstallError::Write {
+                    dest,
+                    step: "remove",
+                    source,
+                });
+            }
+        }
+    }
+    Ok(removed)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
     #[error(
@@ -391,6 +436,25 @@ mod tests {
 
     fn mode(path: &Path) -> u32 {
         fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn uninstall_removes_both_files_and_a_second_run_is_a_no_op() {
+        let s = Setup::new();
+        s.run().unwrap();
+        let other = s.args.cni_bin_dir.join("portmap");
+        fs::write(&other, b"not weft's").unwrap();
+        let dirs = CniDirs {
+            cni_bin_dir: s.args.cni_bin_dir.clone(),
+            cni_conf_dir: s.args.cni_conf_dir.clone(),
+        };
+        assert_eq!(
+            uninstall(&dirs).unwrap(),
+            [s.conflist_dest(), s.plugin_dest()]
+        );
+        assert!(!s.conflist_dest().exists() && !s.plugin_dest().exists());
+        assert_eq!(fs::read(&other).unwrap(), b"not weft's");
+        assert_eq!(uninstall(&dirs).unwrap(), Vec::<PathBuf>::new());
     }
 
     #[test]

@@ -55,9 +55,11 @@ enum Command {
         #[arg(long, env = "WEFT_SOCKET", default_value = "/run/weft/weft.sock")]
         socket: PathBuf,
     },
-    /// Delete weft's kernel devices (bridge `weft`, `weft-vxlan`) and
-    /// routes from this node; stop the agent first. Pods lose the network.
-    Reset,
+    /// Delete weft's kernel devices (bridge `weft`, `weft-vxlan`), routes,
+    /// nftables table and installed CNI files from this node; stop the
+    /// agent first. Pods lose the network. Peer identity and allocations
+    /// in /var/lib/weft are kept (delete that directory to forget them).
+    Reset(install::CniDirs),
     /// Copy the CNI plugin and its conflist onto this node (what the
     /// DaemonSet's init container runs); atomic and idempotent.
     InstallCni(install::InstallArgs),
@@ -110,19 +112,7 @@ fn main() -> ExitCode {
         }
         Command::InstallCni(args) => install::main(args),
         Command::Doctor(args) => doctor::main(args),
-        Command::Reset => {
-            use weft_dataplane::Dataplane;
-            let reset = weft_dataplane::LinuxDataplane::new()
-                .and_then(|mut d| d.teardown())
-                .and_then(|()| weft_dataplane::nftables::remove_masquerade());
-            match reset {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("weft reset: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Command::Reset(dirs) => reset(&dirs),
         Command::Rmpeer { peer, socket } => {
             let request = serde_json::json!({"op": "remove_peer", "peer": peer});
             match api_call(&socket, &request) {
@@ -142,6 +132,31 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// `weft reset`: the kernel state first, then the CNI files, so a pod the
+/// runtime still adds meanwhile fails cleanly instead of half-wiring.
+fn reset(dirs: &install::CniDirs) -> ExitCode {
+    use weft_dataplane::Dataplane;
+    let kernel = weft_dataplane::LinuxDataplane::new()
+        .and_then(|mut d| d.teardown())
+        .and_then(|()| weft_dataplane::nftables::remove_masquerade());
+    if let Err(e) = kernel {
+        eprintln!("weft reset: {e}");
+        return ExitCode::FAILURE;
+    }
+    match install::uninstall(dirs) {
+        Ok(removed) => {
+            for path in removed {
+                println!("weft reset: removed {}", path.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("weft reset: {e}");
+            ExitCode::FAILURE
         }
     }
 }

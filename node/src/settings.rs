@@ -167,15 +167,20 @@ fn parse_ipalloc_init(s: &str) -> Result<IpamInit, String> {
 }
 
 impl RouterArgs {
-    /// The node name: --name, else the hostname.
+    /// The node name: --name, else the Kubernetes Node name (--node-name,
+    /// which the DaemonSet sets: a pod on the host network shares the
+    /// host's hostname, which need not be the Node's), else the hostname.
     pub fn nickname(&self) -> String {
-        self.name.clone().unwrap_or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_string())
-                .ok()
-                .filter(|h| !h.is_empty())
-                .unwrap_or_else(|| "weft".to_string())
-        })
+        self.name
+            .clone()
+            .or_else(|| self.node_name.clone())
+            .unwrap_or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_string())
+                    .ok()
+                    .filter(|h| !h.is_empty())
+                    .unwrap_or_else(|| "weft".to_string())
+            })
     }
 
     /// Whether to use the Kubernetes API: --kube, else inside a pod.
