@@ -52,6 +52,8 @@ MARKER=.weft-cluster
 . "$ROOT/ci/cluster/kubernetes.sh"
 # shellcheck source=ci/cluster/checks.sh
 . "$ROOT/ci/cluster/checks.sh"
+# shellcheck source=ci/cluster/bench.sh
+. "$ROOT/ci/cluster/bench.sh"
 # shellcheck source=ci/cluster/images.sh
 [ ! -f "$ROOT/ci/cluster/images.sh" ] || . "$ROOT/ci/cluster/images.sh"
 
@@ -109,6 +111,10 @@ up() {
   start_control_plane
   log "control plane ready at $API in $(since "$t") s"
   for i in $(seq "$n"); do start_node "node$i"; done
+  if [ "${INSTALL_WEFT:-1}" = 0 ]; then
+    log "up in $(since "$t") s: $n nodes, no pod network installed"
+    return 0
+  fi
   log "$n nodes started in $(since "$t") s; applying deploy/weft.yaml"
   apply_weft
   wait_ready "$n"
@@ -194,6 +200,25 @@ e2e() {
 # is not packaged in Debian bookworm, so the cluster runs no DNS server.
 CONFORMANCE_FOCUS='\[sig-network\] Networking Granular Checks: Pods|\[sig-network\] Networking Granular Checks: Services|\[sig-network\] Networking should|\[sig-network\] Services should serve|\[sig-network\] Services should be able to'
 
+bench_args() {
+  [ $# -le 1 ] || die "bench [N]"
+  run_bench "${1:-3}"
+}
+
+# What .ci/run runs (through ci/test.sh): everything, on a fresh cluster
+# that is always taken down again.
+ci() {
+  local t
+  t=$(now)
+  build
+  down
+  trap 'down' EXIT
+  up 3
+  run_tests
+  e2e "$CONFORMANCE_FOCUS"
+  log "ci: test and conformance passed in $(since "$t") s"
+}
+
 usage() {
   sed -n '2,/^set -euo pipefail/p' "$SELF" | grep '^#' | sed 's/^# \{0,1\}//' >&2
   exit 2
@@ -210,6 +235,8 @@ main() {
     test) require_up; run_tests "$@" ;;
     e2e) require_up; [ $# -ge 1 ] || die "e2e REGEX"; e2e "$1" ;;
     conformance) require_up; e2e "$CONFORMANCE_FOCUS" ;;
+    ci) ci ;;
+    bench) bench_args "$@" ;;
     *) usage ;;
   esac
 }

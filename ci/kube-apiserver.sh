@@ -21,8 +21,9 @@
 # privileged containers allowed (as kubeadm does).
 # etcd listens on http://127.0.0.1:12379 (peer 12380) with --unsafe-no-fsync.
 #
-# The binary is cached in the git-ignored .cache/kube/bin/kube-apiserver; a cold
-# `build` takes about 5 min on 2 cores and ~1.5 GB of scratch disk, freed after.
+# The binary is cached outside the clone, in ${WEFT_CACHE:-~/.cache/weft}/kube/bin
+# (shared with ci/cluster.sh); a cold `build` takes about 5 min on 2 cores and
+# ~1.5 GB of scratch disk, freed after, plus the Go build cache kept beside it.
 # KUBE_APISERVER=path overrides the binary used by up/start-apiserver.
 # Needs root and Debian bookworm (apt). up/down need only etcd, openssl and curl
 # (no kubectl); `build` also makes sure kubectl exists (kubernetes-client).
@@ -32,16 +33,12 @@ ORIG_PWD=$PWD
 SELF=$(realpath "$0")
 cd "$(dirname "$SELF")/.."
 
-CACHE=$PWD/.cache/kube
-CACHED_BIN=$CACHE/bin/kube-apiserver
-BIN=${KUBE_APISERVER:-$CACHED_BIN}
 API_PORT=16443
 ETCD_PORT=12379
 ETCD_PEER_PORT=12380
 SERVER=https://127.0.0.1:$API_PORT
 WEFT_TOKEN=weft-agent-token
 WEFT_USER=system:serviceaccount:kube-system:weft
-K8S_VERSION=v1.20.2
 READY_TIMEOUT=60
 MARKER=.weft-kube
 
@@ -50,33 +47,12 @@ die() { log "$*"; exit 1; }
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
-# ---------------------------------------------------------------- packages
+# ---------------------------------------------------------------- build
 
-APT_UPDATED=
-
-apt_update_once() {
-  [ -n "$APT_UPDATED" ] && return 0
-  log "apt-get update"
-  apt-get update -qq
-  APT_UPDATED=1
-}
-
-missing_pkgs() {
-  local p
-  for p in "$@"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || echo "$p"
-  done
-}
-
-apt_install() {
-  local missing
-  missing=$(missing_pkgs "$@")
-  [ -z "$missing" ] && return 0
-  apt_update_once
-  log "apt-get install" "$missing"
-  # shellcheck disable=SC2086
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
-}
+# shellcheck source=ci/cluster/kube-build.sh
+. "$PWD/ci/cluster/kube-build.sh"
+CACHED_BIN=$KUBE_CACHE/bin/kube-apiserver
+BIN=${KUBE_APISERVER:-$CACHED_BIN}
 
 # Installs, in one go, what up/down need, kubectl, and any packages given.
 ensure_packages() {
@@ -88,112 +64,13 @@ ensure_packages() {
   [ ${#need[@]} -eq 0 ] || apt_install "${need[@]}"
 }
 
-have_deb_src() {
-  grep -rqsE '^(Types:.*deb-src|deb-src )' /etc/apt/sources.list /etc/apt/sources.list.d/
-}
-
-ensure_deb_src() {
-  local f=/etc/apt/sources.list.d/debian.sources
-  have_deb_src && return 0
-  [ -f "$f" ] || die "no deb-src entry, and no $f to derive one from"
-  log "adding deb-src entry /etc/apt/sources.list.d/debian-src.sources"
-  sed 's/^Types: deb$/Types: deb-src/' "$f" >/etc/apt/sources.list.d/debian-src.sources
-  APT_UPDATED= # the Sources index is new: update again
-}
-
-# ---------------------------------------------------------------- build
-
-# Unpacks Debian's kubernetes source (whole tree with vendor/) as a GOPATH package.
-fetch_source() {
-  local w=$1
-  apt-cache showsrc kubernetes 2>/dev/null | grep '^Package: kubernetes$' >/dev/null || {
-    APT_UPDATED=
-    apt_update_once
-  }
-  mkdir -p "$w/dl" "$w/gopath/src/k8s.io"
-  (cd "$w/dl" && apt-get source -qq --download-only kubernetes 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
-  ls "$w"/dl/kubernetes_*.dsc >/dev/null 2>&1 || die "apt-get source kubernetes failed"
-  dpkg-source -q -x --no-check "$w"/dl/kubernetes_*.dsc "$w/gopath/src/k8s.io/kubernetes" >/dev/null
-  rm -rf "$w/dl"
-}
-
-# The vendored reflect2 1.0.1 crashes with Go >= 1.18 (nil dereference or SIGSEGV
-# whenever json-iterator meets a map, e.g. GET /api/v1/nodes). Swap in Debian's
-# reflect2 1.0.2 + json-iterator 1.1.12, as upstream Kubernetes did.
-patch_jsoniter() {
-  local w=$1 src=$1/dl/x/usr/share/gocode/src/github.com
-  local vendor=$1/gopath/src/k8s.io/kubernetes/vendor/github.com
-  mkdir -p "$w/dl"
-  (cd "$w/dl" && apt-get download -qq golang-github-modern-go-reflect2-dev \
-    golang-github-json-iterator-go-dev 2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
-  for deb in "$w"/dl/*.deb; do dpkg-deb -x "$deb" "$w/dl/x"; done
-  [ -d "$src/modern-go/reflect2" ] && [ -d "$src/json-iterator/go" ] || die "apt-get download of reflect2/json-iterator failed"
-  rm -rf "$vendor/modern-go/reflect2" "$vendor/json-iterator/go"
-  cp -r "$src/modern-go/reflect2" "$vendor/modern-go/reflect2"
-  cp -r "$src/json-iterator/go" "$vendor/json-iterator/go"
-  rm -rf "$w/dl"
-}
-
-# Packages with openapi-gen tags: the input of pkg/generated/openapi, which the
-# source package does not ship. vendor/k8s.io/* are symlinks to staging/: -R.
-openapi_dirs() {
-  {
-    grep -rl --include='*.go' '+k8s:openapi-gen=' pkg cmd plugin || true
-    grep -Rl --include='*.go' '+k8s:openapi-gen=' vendor/k8s.io/ || true
-  } | grep -v 'vendor/k8s.io/code-generator/\|vendor/k8s.io/sample-apiserver/\|_test.go' \
-    | xargs -n1 dirname | LC_ALL=C sort -u | sed 's#^#k8s.io/kubernetes/#' | paste -sd,
-}
-
-# Without these, /version says v0.0.0-master with empty major/minor.
-version_ldflags() {
-  local p f=(-s -w) v=k8s.io/kubernetes/vendor/k8s.io # GOPATH mode: vendored paths
-  for p in k8s.io/kubernetes/pkg/version $v/client-go/pkg/version $v/component-base/version; do
-    f+=(-X "$p.gitVersion=$K8S_VERSION" -X "$p.gitMajor=1" -X "$p.gitMinor=20" -X "$p.gitTreeState=clean")
-  done
-  echo "${f[*]}"
-}
-
-# GOPATH mode: module mode with -mod=vendor fails on this tree.
-compile() (
-  local w=$1 t
-  export GOPATH=$w/gopath GOCACHE=$w/gocache GO111MODULE=off CGO_ENABLED=0 GOFLAGS='' GOPROXY=off
-  cd "$GOPATH/src/k8s.io/kubernetes"
-  t=$(now)
-  go build -o "$w/bin/openapi-gen" ./vendor/k8s.io/kube-openapi/cmd/openapi-gen
-  "$w/bin/openapi-gen" -i "$(openapi_dirs)" -p k8s.io/kubernetes/pkg/generated/openapi \
-    -O zz_generated.openapi -h vendor/k8s.io/code-generator/hack/boilerplate.go.txt \
-    -r "$w/openapi-report.txt"
-  # without the apiextensions models the server exits at startup
-  grep -q '"k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1.CustomResourceDefinition"' \
-    pkg/generated/openapi/zz_generated.openapi.go || die "openapi-gen missed the apiextensions models"
-  log "openapi-gen done in $(since "$t") s; compiling kube-apiserver"
-  t=$(now)
-  go build -ldflags "$(version_ldflags)" -o "$w/bin/kube-apiserver" ./cmd/kube-apiserver
-  log "go build done in $(since "$t") s"
-)
-
 build() {
-  local t w=$CACHE/build
+  local t
   t=$(now)
-  if [ -x "$CACHED_BIN" ]; then
-    ensure_packages
-    log "cached $CACHED_BIN ($(du -h "$CACHED_BIN" | cut -f1)), $(since "$t") s"
-    return 0
-  fi
-  ensure_deb_src
-  ensure_packages golang-go dpkg-dev
-  rm -rf "$w"
-  mkdir -p "$w"
-  fetch_source "$w"
-  patch_jsoniter "$w"
-  log "packages and source ready in $(since "$t") s; building"
-  compile "$w"
-  mkdir -p "$(dirname "$CACHED_BIN")"
-  mv "$w/bin/kube-apiserver" "$CACHED_BIN.tmp"
-  mv "$CACHED_BIN.tmp" "$CACHED_BIN"
-  chmod -R u+w "$w"
-  rm -rf "$w"
-  log "built $CACHED_BIN ($(du -h "$CACHED_BIN" | cut -f1)) in $(since "$t") s"
+  [ -x "$CACHED_BIN" ] || [ "$(id -u)" = 0 ] || die "building kube-apiserver needs root (apt-get)"
+  ensure_packages
+  kube_build kube-apiserver
+  log "kube-apiserver ready: $CACHED_BIN ($(du -h "$CACHED_BIN" | cut -f1)), $(since "$t") s"
 }
 
 # ---------------------------------------------------------------- processes
