@@ -26,6 +26,7 @@
 #   WEFT_CACHE      build cache (default ~/.cache/weft): Kubernetes binaries, Go
 #                   build cache, images. Never holds results.
 #   CLUSTER_DIR     state of the running cluster (default /tmp/weft-cluster)
+#   E2E_NODES       parallel ginkgo nodes of e2e/conformance runs (default 4)
 #   WEFT_IMAGE      the weft image reference set in the DaemonSet
 #                   (default ghcr.io/weft-net/weft:latest, imported on every node)
 set -euo pipefail
@@ -57,7 +58,7 @@ MARKER=.weft-cluster
 # shellcheck source=ci/cluster/images.sh
 [ ! -f "$ROOT/ci/cluster/images.sh" ] || . "$ROOT/ci/cluster/images.sh"
 
-COMPONENTS=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl e2e.test agnhost pause)
+COMPONENTS=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl e2e.test agnhost ginkgo pause)
 PACKAGES=(containerd runc etcd-server iptables conntrack busybox-static netcat-openbsd dash curl
   containernetworking-plugins openssl umoci file musl-tools jq)
 
@@ -168,6 +169,7 @@ leftovers() {
 #   IPv6           weft is IPv4-only
 #   Feature:       opt-in features (NetworkPolicy, dual-stack, ...) a
 #                  conformance run does not select
+E2E_NODES=${E2E_NODES:-4}
 E2E_SKIP='SCTP|sctp|\[Disruptive\]|\[Serial\]|\[Slow\]|IPv6|Feature:'
 
 # e2e REGEX: the upstream suite (v1.20.2, built from the same tree) focused
@@ -179,11 +181,14 @@ e2e() {
   mkdir -p "$d"
   log "e2e: focus '$focus', skip '$E2E_SKIP'; log $d/e2e.log"
   set +e
-  in_net "$CP" "$(kbin e2e.test)" --kubeconfig="$CLUSTER_DIR/admin.kubeconfig" \
+  # Parallel, as upstream CI runs it: the tests mostly wait on pods. Only
+  # the first ginkgo node counts the nodes: the others need --num-nodes.
+  in_machine "$CP" "$(kbin ginkgo)" -nodes="$E2E_NODES" -noColor "$(kbin e2e.test)" -- \
+    --kubeconfig="$CLUSTER_DIR/admin.kubeconfig" \
     --provider=local --kubectl-path="$(kbin kubectl)" \
     --ginkgo.focus="$focus" --ginkgo.skip="$E2E_SKIP" --ginkgo.noColor \
     --report-dir="$d" --disable-log-dump --dump-logs-on-failure=false \
-    --node-os-distro=debian --allowed-not-ready-nodes=0 >"$d/e2e.log" 2>&1
+    --num-nodes="$(nodes | wc -l)" --node-os-distro=debian --allowed-not-ready-nodes=0 >"$d/e2e.log" 2>&1
   out=$?
   set -e
   summary=$(grep -E '^(Ran [0-9]+ of [0-9]+ Specs|(SUCCESS|FAIL)! --)' "$d/e2e.log" | tail -2)

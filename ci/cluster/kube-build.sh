@@ -155,7 +155,8 @@ go_build() {
 
 # kube_build NAME...: builds the named components that are not cached yet.
 # Names: kube-apiserver kube-controller-manager kube-scheduler kubelet
-# kube-proxy kubectl e2e.test agnhost pause (pause: static C, from build/pause).
+# kube-proxy kubectl e2e.test agnhost ginkgo (the CLI that runs e2e.test in
+# parallel) pause (static C, from build/pause).
 kube_build() {
   local w=$KUBE_CACHE/build name todo=() t
   t=$(now)
@@ -176,6 +177,7 @@ kube_build() {
         go_build "$w" "$name" "./cmd/$name" ;;
       e2e.test) go_build "$w" e2e.test ./test/e2e ;;
       agnhost) go_build "$w" agnhost ./test/images/agnhost ;;
+      ginkgo) go_build "$w" ginkgo ./vendor/github.com/onsi/ginkgo/ginkgo ;;
       pause)
         mkdir -p "$KUBE_CACHE/bin"
         gcc -static -Os -DVERSION=v3.2-weft -o "$KUBE_CACHE/bin/pause.tmp" "$(kube_tree "$w")/build/pause/linux/pause.c"

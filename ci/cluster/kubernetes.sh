@@ -92,11 +92,19 @@ wait_for() { # SECONDS WHAT CMD...: until CMD succeeds
   done
 }
 
-start_control_plane() {
-  local d
-  d=$(machine_dir "$CP")
-  # the address outside the cluster that pods reach through masquerade
+# The world outside the cluster: $OUTSIDE_IP on the control plane, an HTTP
+# server there that answers with the client's address (/clientip), and
+# google.com naming it in the control plane's /etc/hosts, for the e2e
+# suite's "can we talk to the internet" pre-check (nothing else is online).
+start_outside() {
   in_net "$CP" ip addr add "$OUTSIDE_IP/32" dev lo
+  in_machine "$CP" sh -c "echo '$OUTSIDE_IP google.com www.google.com' >>/etc/hosts"
+  spawn "$CP" outside-web "$(kbin agnhost)" netexec --http-port=80 --udp-port=8081
+  wait_for 10 "the server outside the cluster" in_net "$CP" curl -sf "http://$OUTSIDE_IP/healthz"
+}
+
+start_control_plane() {
+  start_outside
   spawn "$CP" etcd etcd --name weft --data-dir /var/lib/etcd \
     --listen-client-urls http://127.0.0.1:2379 --advertise-client-urls http://127.0.0.1:2379 \
     --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
@@ -127,7 +135,31 @@ start_control_plane() {
     --authentication-kubeconfig="$CLUSTER_DIR/scheduler.kubeconfig" \
     --authorization-kubeconfig="$CLUSTER_DIR/scheduler.kubeconfig" \
     --leader-elect=false --bind-address=127.0.0.1 --port=0 --cert-dir=/var/lib/kube-scheduler
-  : "$d"
+  start_dns
+}
+
+# Cluster DNS (CoreDNS is not packaged in Debian): ci/cluster/dns.py on the
+# control plane answers for cluster.local from the API's Services,
+# Endpoints and Pods, behind the Service kube-system/kube-dns at
+# $CLUSTER_DNS (selector-less, with its Endpoints pointing there).
+start_dns() {
+  spawn "$CP" cluster-dns python3 "$ROOT/ci/cluster/dns.py" --listen "$CP_IP" --port 53 \
+    --source "$(kbin kubectl) --kubeconfig $CLUSTER_DIR/admin.kubeconfig get services,endpoints,pods -A -o json"
+  kubectl_admin apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Service
+metadata: {name: kube-dns, namespace: kube-system, labels: {k8s-app: kube-dns}}
+spec:
+  clusterIP: $CLUSTER_DNS
+  ports: [{name: dns, port: 53, protocol: UDP}, {name: dns-tcp, port: 53, protocol: TCP}]
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: kube-dns, namespace: kube-system, labels: {k8s-app: kube-dns}}
+subsets:
+- addresses: [{ip: $CP_IP}]
+  ports: [{name: dns, port: 53, protocol: UDP}, {name: dns-tcp, port: 53, protocol: TCP}]
+EOF
 }
 
 # kubectl as admin, from the control plane's network namespace (the API
@@ -254,7 +286,7 @@ stop_machine() {
   local m=$1 d name pids ns
   d=$(machine_dir "$m")
   [ -d "$d" ] || return 0
-  for name in kubelet kube-proxy kube-scheduler kube-controller-manager kube-apiserver containerd etcd; do
+  for name in kubelet kube-proxy outside-web cluster-dns kube-scheduler kube-controller-manager kube-apiserver containerd etcd; do
     stop_proc "$m" "$name"
   done
   remove_cgroup_root "$CGROUP_PREFIX-$m"
