@@ -349,18 +349,20 @@ check_doctor() {
   victim=$(nodes | sed -n 2p)
   cut="ul-$(node_ip "$victim" | cut -d. -f4)"
   in_net "$UNDERLAY" ip link set "$cut" down
-  eventually 60 "weft doctor on node1 names $victim unreachable" doctor_names node1 "$victim"
+  eventually 60 "weft doctor on node1 names $victim unreachable, with the cause" doctor_names node1 "$victim"
   out=$(doctor node1 --cluster 2>&1 || true)
   in_net "$UNDERLAY" ip link set "$cut" up
-  echo "$out" | sed 's/^/     /'
+  echo "$out" | grep -v '^ok ' | sed 's/^/     /'
   ok "with $victim's underlay link cut, weft doctor on node1 names the cause"
   eventually 60 "doctor all ok again after the link is back" doctor node1 --cluster
 }
 
+# The doctor on NODE fails the peer on VICTIM and says why: no answer on
+# weft's UDP ports from there.
 doctor_names() {
   local out
-  out=$(doctor "$1" --cluster 2>&1 | grep -v '^ok ')
-  [[ $out == *"$2"* ]]
+  out=$(doctor "$1" --cluster 2>&1 | grep '^FAIL  peer ')
+  [[ $out == *"$2"* && $out == *"gets no answer"* ]]
 }
 
 # kubectl apply a second time changes nothing; uninstalling (kubectl delete

@@ -1,7 +1,8 @@
 # shellcheck shell=bash
 # Machines of the one-machine cluster: each is a network namespace (bound to
 # a file under $CLUSTER_DIR/ns, so nothing is added to the host's /run/netns)
-# plus a mount namespace held open by a `sleep` process, in which /sys is the
+# plus a mount and a UTS namespace (hostname = machine name) held open by a
+# `sleep` process, in which /sys is the
 # namespace's own sysfs (cgroups kept), /var/lib, /var/log and /run are
 # private directories (machines/NAME/var-lib, ...; so the node's containerd
 # socket is machines/NAME/run/containerd/containerd.sock from outside too), /etc and /opt are overlays over the host's (writes
@@ -28,7 +29,7 @@ in_machine() {
   local m=$1 pid
   shift
   pid=$(holder_pid "$m") || die "machine $m is not running"
-  nsenter -t "$pid" -m -n -- "$@"
+  nsenter -t "$pid" -m -n -u -- "$@"
 }
 
 in_net() {
@@ -76,7 +77,8 @@ machine_mounts_script() {
   cat <<'EOF'
 set -euo pipefail
 d=$1
-shift
+hostname "$2"
+shift 2
 # sysfs of this network namespace (for /sys/class/net), keeping the cgroup
 # hierarchies across it.
 mkdir -p "$d/cgroup-aside"
@@ -114,8 +116,9 @@ start_machine() {
   underlay_port "$m" "$ip"
   [ "$ip" = "$UNDERLAY_NET.10" ] || in_net "$m" ip route add default via "$UNDERLAY_NET.10"
   machine_mounts_script >"$d/mounts.sh"
-  setsid nsenter --net="$NS_DIR/$m" unshare -m --propagation private \
-    bash "$d/mounts.sh" "$d" "${KUBELET_SYSCTLS[@]}" </dev/null >"$d/logs/mounts.log" 2>&1 &
+  # its own UTS namespace too: host-network pods see the node's hostname
+  setsid nsenter --net="$NS_DIR/$m" unshare -m -u --propagation private \
+    bash "$d/mounts.sh" "$d" "$m" "${KUBELET_SYSCTLS[@]}" </dev/null >"$d/logs/mounts.log" 2>&1 &
   echo $! >"$d/holder.pid"
   for _ in $(seq 100); do
     [ -e "$d/mounts.ready" ] && return 0
@@ -148,7 +151,7 @@ spawn() {
   d=$(machine_dir "$m")
   rm -f "$d/$name.pid"
   # shellcheck disable=SC2016 # $$ and $@ are for the inner bash
-  WEFT_CLUSTER_PROC=$name@$m@$CLUSTER_DIR setsid nsenter -t "$(holder_pid "$m")" -m -n -- \
+  WEFT_CLUSTER_PROC=$name@$m@$CLUSTER_DIR setsid nsenter -t "$(holder_pid "$m")" -m -n -u -- \
     bash -c 'echo $$ >"$0"; exec "$@"' "$d/$name.pid" "$@" </dev/null >>"$d/logs/$name.log" 2>&1 &
   for _ in $(seq 100); do
     pid=$(cat "$d/$name.pid" 2>/dev/null || true)
