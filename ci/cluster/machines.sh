@@ -120,6 +120,7 @@ start_machine() {
   setsid nsenter --net="$NS_DIR/$m" unshare -m -u --propagation private \
     bash "$d/mounts.sh" "$d" "$m" "${KUBELET_SYSCTLS[@]}" </dev/null >"$d/logs/mounts.log" 2>&1 &
   echo $! >"$d/holder.pid"
+  disown # killed by stop_machine; no job notice then
   for _ in $(seq 100); do
     [ -e "$d/mounts.ready" ] && return 0
     kill -0 "$(holder_pid "$m")" 2>/dev/null || break
@@ -153,6 +154,7 @@ spawn() {
   # shellcheck disable=SC2016 # $$ and $@ are for the inner bash
   WEFT_CLUSTER_PROC=$name@$m@$CLUSTER_DIR setsid nsenter -t "$(holder_pid "$m")" -m -n -u -- \
     bash -c 'echo $$ >"$0"; exec "$@"' "$d/$name.pid" "$@" </dev/null >>"$d/logs/$name.log" 2>&1 &
+  disown
   for _ in $(seq 100); do
     pid=$(cat "$d/$name.pid" 2>/dev/null || true)
     [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null || true)" != bash ] && return 0
