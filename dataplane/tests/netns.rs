@@ -164,6 +164,7 @@ fn desired() -> Desired {
             // Owned by a peer behind .2: relayed.
             route("10.32.48.0/20", 2),
         ],
+        held: vec![],
     }
 }
 
