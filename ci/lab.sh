@@ -409,7 +409,8 @@ while True:
 
 # The kernel dataplane outlives the agent, its own and its peers': a
 # continuous ping (20 a second for 12 s) from pod-2-1 to pod-3-1 while node I's
-# agent restarts (SIGTERM) loses at most one reply.
+# agent restarts (SIGTERM) loses at most one reply. The sleeve is carried by
+# the agents themselves: there the loss is only measured.
 ping_through_restart() { # ping_through_restart I N
     local i=$1 n=$2 dst out sent got
     dst=$(cat "$LAB/n3/pod-1.ip")
@@ -421,8 +422,10 @@ ping_through_restart() { # ping_through_restart I N
     wait "$pinger" || true
     sent=$(awk '/packets transmitted/ {print $1}' "$out")
     got=$(awk '/packets transmitted/ {print $4}' "$out")
-    log "pod-2-1 -> pod-3-1 while node$i's agent restarts: $((sent - got)) of $sent lost"
-    [ -n "$sent" ] && [ $((sent - got)) -le 1 ] ||
+    [ -n "$sent" ] || { log "FAIL: no ping statistics"; cat "$out" >&2; return 1; }
+    log "pod-2-1 -> pod-3-1 while node$i's agent restarts ($DATAPATH): $((sent - got)) of $sent lost"
+    [ "$DATAPATH" = sleeve ] && return 0
+    [ $((sent - got)) -le 1 ] ||
         { log "FAIL: a restart of node$i's agent interrupts pod traffic"; cat "$out" >&2; return 1; }
     log "ok: node$i's agent restarts without interrupting pod traffic"
 }
