@@ -218,7 +218,7 @@ impl Router {
             ipam: ipam.info(),
         };
         let sealer = config.secret.as_deref().map(Sealer::new);
-        Ok(Router {
+        let mut router = Router {
             me,
             restarts,
             epoch,
@@ -260,7 +260,13 @@ impl Router {
             dropped: BTreeMap::new(),
             links_shed: 0,
             config,
-        })
+        };
+        // A restored ring routes from the start: the kernel dataplane asks
+        // for its first state before any timer ran, and must learn which
+        // prefixes are still others' (unreachable until they reconnect)
+        // rather than find none.
+        router.update_forwarding();
+        Ok(router)
     }
 
     pub fn name(&self) -> PeerName {

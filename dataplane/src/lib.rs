@@ -110,6 +110,13 @@ pub struct Desired {
     /// that VXLAN does not reach (see [`RouteDevice`]). Without `vxlan`
     /// every route goes into the sleeve, whatever its `device`.
     pub routes: Vec<PodRoute>,
+    /// Pod prefixes owned by peers that are unreachable right now (an agent
+    /// restarting, ours or theirs): the kernel's route for exactly such a
+    /// prefix stays as it is, with the neighbour and FDB entries its VXLAN
+    /// next hop needs, because the kernel path usually still works. Never
+    /// added, only kept; disjoint from `routes` and from this node's own
+    /// prefixes (see [`plan::plan_routes`]).
+    pub held: Vec<Ipv4Net>,
 }
 
 impl Desired {
@@ -121,6 +128,8 @@ impl Desired {
         d.peers.dedup();
         d.routes.sort();
         d.routes.dedup();
+        d.held.sort();
+        d.held.dedup();
         d
     }
 }

@@ -134,7 +134,7 @@ async fn reconcile(h: &Handle, d: &Desired) -> Result<(), DataplaneError> {
     }
     let Some(vx) = &d.vxlan else {
         if let Some(sleeve) = &d.sleeve {
-            return reconcile_sleeve(h, sleeve, &d.routes).await;
+            return reconcile_sleeve(h, sleeve, &d.routes, &d.held).await;
         }
         // No overlay: every weft route is stale.
         for r in &list_routes(h).await? {
@@ -166,9 +166,18 @@ async fn reconcile(h: &Handle, d: &Desired) -> Result<(), DataplaneError> {
     };
     let current_routes = list_routes(h).await?;
 
-    let fdb = plan::plan_fdb(&d.peers, &list_fdb(h, index).await?);
-    let neigh = plan::plan_neighbours(&d.peers, &list_neighbours(h, index).await?);
-    let routes = plan::plan_routes(&d.routes, device_index, &current_routes);
+    let neighbours = list_neighbours(h, index).await?;
+    let mut peers = d.peers.clone();
+    peers.extend(plan::held_peers(
+        &d.held,
+        &d.peers,
+        index,
+        &current_routes,
+        &neighbours,
+    ));
+    let fdb = plan::plan_fdb(&peers, &list_fdb(h, index).await?);
+    let neigh = plan::plan_neighbours(&peers, &neighbours);
+    let routes = plan::plan_routes(&d.routes, &d.held, device_index, &current_routes);
 
     // Add before remove, so a route never points at a missing neighbour or
     // FDB entry while the plan is being applied.
@@ -673,10 +682,11 @@ async fn reconcile_sleeve(
     h: &Handle,
     sleeve: &crate::SleeveSpec,
     routes: &[crate::PodRoute],
+    held: &[Ipv4Net],
 ) -> Result<(), DataplaneError> {
     let index = ensure_sleeve(h, sleeve).await?;
     let current = list_routes(h).await?;
-    let plan = plan::plan_routes(routes, |_| index, &current);
+    let plan = plan::plan_routes(routes, held, |_| index, &current);
     set_routes(h, &plan.set, |_| index).await?;
     for r in &plan.remove {
         del_route(h, r).await?;

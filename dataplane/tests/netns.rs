@@ -164,6 +164,7 @@ fn desired() -> Desired {
             // Owned by a peer behind .2: relayed.
             route("10.32.48.0/20", 2),
         ],
+        held: vec![],
     }
 }
 
@@ -446,6 +447,47 @@ fn routes_mix_vxlan_and_the_sleeve_per_prefix() {
         d.routes[0].device = RouteDevice::Sleeve;
         let err = dp.reconcile(&d).unwrap_err();
         assert!(matches!(err, DataplaneError::Route { .. }), "{err}");
+        dp.teardown().unwrap();
+    });
+}
+
+/// Peer .3's agent restarts: nothing is desired for it any more, but its
+/// prefix is held, so the kernel keeps its route, neighbour and FDB entries
+/// (a fresh agent on this node, with nothing desired yet, keeps them too);
+/// once the prefix is neither desired nor held, they go.
+#[test]
+fn held_prefixes_keep_their_route_and_next_hop() {
+    let Some(ns) = Netns::new() else { return };
+    ns.underlay();
+    ns.run_inside(|| {
+        let full = desired();
+        LinuxDataplane::new().unwrap().reconcile(&full).unwrap();
+        let (routes, fdb, neigh) = (ns.weft_routes(), ns.fdb(), ns.neigh());
+        let mut away = desired();
+        away.peers.retain(|p| p.underlay != ul(3));
+        away.routes.retain(|r| r.next_hop != ul(3));
+        away.held = vec!["10.32.32.0/20".parse().unwrap()];
+        // A new dataplane, as a restarted agent has.
+        let mut dp = LinuxDataplane::new().unwrap();
+        dp.reconcile(&away).unwrap();
+        assert_eq!(ns.weft_routes(), routes);
+        assert_eq!(ns.fdb(), fdb);
+        assert_eq!(ns.neigh(), neigh);
+        // Back: nothing changes.
+        dp.reconcile(&full).unwrap();
+        assert_eq!(ns.weft_routes(), routes);
+        // Forgotten: route, neighbour and FDB entry go.
+        away.held.clear();
+        dp.reconcile(&away).unwrap();
+        assert_eq!(
+            ns.weft_routes(),
+            vec![
+                route_line("10.32.16.0/20", 2),
+                route_line("10.32.48.0/20", 2)
+            ]
+        );
+        assert_eq!(ns.fdb(), lines(&fdb_line(2, 2)));
+        assert_eq!(ns.neigh(), vec![neigh_line(2, 2)]);
         dp.teardown().unwrap();
     });
 }

@@ -83,6 +83,7 @@ pub fn desired(
             _ => None,
         })
         .collect();
+    let held = held_prefixes(router);
     let sleeve = SleeveSpec {
         name: crate::sleeve::DEVICE.into(),
         mtu,
@@ -100,6 +101,7 @@ pub fn desired(
             sleeve: fallback.then_some(sleeve),
             peers,
             routes,
+            held,
         },
         Overlay::Sleeve => Desired {
             bridge,
@@ -107,8 +109,26 @@ pub fn desired(
             sleeve: Some(sleeve),
             peers: Vec::new(),
             routes,
+            held,
         },
     }
+}
+
+/// Prefixes whose kernel routes stay as they are: those of remote owners
+/// that are unreachable right now. A peer's agent restarting (or ours,
+/// which starts from the saved ring with no connections yet) leaves the
+/// kernel path to it working, so its last route is better than none. The
+/// table holds only current owners' prefixes, disjoint from ours: a range
+/// that is donated, reclaimed after its owner's removal, or whose owner is
+/// forgotten is routed anew or dropped.
+fn held_prefixes(router: &Router) -> Vec<Ipv4Net> {
+    router
+        .forwarding()
+        .prefixes()
+        .iter()
+        .filter(|(_, forward)| **forward == Forward::Unreachable)
+        .map(|(prefix, _)| *prefix)
+        .collect()
 }
 
 /// Direct neighbours over IPv4, with their control address: every peer
@@ -404,6 +424,7 @@ mod tests {
             )),
             peers: vec![],
             routes: vec![],
+            held: vec![],
         };
         apply(&mut memory, &desired, &state);
         let s = state.lock().unwrap().clone();
@@ -498,6 +519,7 @@ mod tests {
             )),
             peers: vec![],
             routes: vec![],
+            held: vec![],
         };
         apply(&mut memory, &desired, &state);
         assert_eq!(state.lock().unwrap().in_use, "fastdp");
@@ -523,13 +545,23 @@ mod tests {
                 r
             })
             .collect();
-        for step in 0..secs * 100 {
+        run(&mut routers, 0, secs, None);
+        routers
+    }
+
+    /// Runs `routers` from second `from` for `secs`, with node `down`'s
+    /// datagrams (both ways) lost.
+    fn run(routers: &mut [Router], from: u64, secs: u64, down: Option<usize>) {
+        use weft_core::Time;
+        for step in from * 100..(from + secs) * 100 {
             let now = Time::from_millis(step * 10);
-            for i in 0..3 {
+            for i in 0..routers.len() {
                 routers[i].handle_timeout(now);
                 while let Some(t) = routers[i].poll_transmit() {
-                    if let Some(j) = (0..3).find(|j| routers[*j].config().address == t.destination)
-                    {
+                    let to = (0..routers.len())
+                        .find(|j| routers[*j].config().address == t.destination)
+                        .filter(|j| down != Some(i) && down != Some(*j));
+                    if let Some(j) = to {
                         let from = routers[i].config().address;
                         routers[j].handle_datagram(now, from, &t.payload);
                     }
@@ -537,7 +569,27 @@ mod tests {
                 while routers[i].poll_event().is_some() {}
             }
         }
-        routers
+    }
+
+    /// While node2's agent is away, node1 holds node2's prefix (whatever
+    /// route the kernel has for it stays) instead of routing it; once node2
+    /// is back, the route is desired again and nothing is held.
+    #[test]
+    fn an_unreachable_owners_prefix_is_held_until_it_is_back() {
+        let mut routers = three_routers(10);
+        let fastdp = Overlay::Fastdp { sleeve: false };
+        let d = desired(&routers[0], "weft", 1450, fastdp, &BTreeSet::new());
+        assert!(d.held.is_empty(), "{d:?}");
+        run(&mut routers, 10, 30, Some(1));
+        let d = desired(&routers[0], "weft", 1450, fastdp, &BTreeSet::new());
+        let node2: Ipv4Net = "10.32.2.0/24".parse().unwrap();
+        assert_eq!(d.held, vec![node2], "{d:?}");
+        assert!(d.routes.iter().all(|r| r.prefix != node2), "{d:?}");
+        assert_eq!(d.routes.len(), 1, "node3's prefix is routed: {d:?}");
+        run(&mut routers, 40, 30, None);
+        let d = desired(&routers[0], "weft", 1450, fastdp, &BTreeSet::new());
+        assert!(d.held.is_empty(), "{d:?}");
+        assert!(d.routes.iter().any(|r| r.prefix == node2), "{d:?}");
     }
 
     #[test]

@@ -392,6 +392,31 @@ fn forwarding_follows_ownership_and_routes_around_a_cut() {
     assert!(rerouted);
 }
 
+/// A restarted node routes from its saved ring before any timer runs: the
+/// kernel dataplane's first sync must see the others' prefixes (their
+/// owners unreachable until they reconnect) and its own, not an empty
+/// table that would have it delete every route.
+#[test]
+fn a_restarted_node_knows_the_saved_ring_before_its_first_tick() {
+    let mut net = Net::new(3, 26, plain);
+    net.run_for(secs(10));
+    let pod = ready(&mut net, 2, "pod");
+    let own = ready(&mut net, 0, "own");
+    let before = net.router(0).forwarding().prefixes().clone();
+    net.restart(0);
+    let table = net.router(0).forwarding();
+    assert_eq!(table.lookup(pod), Forward::Unreachable);
+    assert_eq!(table.lookup(own), Forward::Local);
+    let keys = |t: &BTreeMap<Ipv4Net, Forward>| t.keys().copied().collect::<Vec<_>>();
+    assert_eq!(keys(table.prefixes()), keys(&before));
+    // Once reconnected, the owner is reachable again.
+    net.run_for(secs(10));
+    assert!(matches!(
+        net.router(0).forward(pod),
+        Forward::Peer { owner, .. } if owner == net.name(2)
+    ));
+}
+
 #[test]
 fn removing_a_deleted_node_hands_its_space_over_once() {
     let mut net = Net::new(3, 25, plain);
