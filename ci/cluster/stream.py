@@ -42,6 +42,8 @@ def server(addr, port, stop):
         buf += data
         lines += buf.count(b"\n")
         buf = buf[buf.rfind(b"\n") + 1:]
+    # a stream that went silent and never came back is one long gap
+    max_gap = max(max_gap, time.monotonic() - last)
     print(json.dumps({"lines": lines, "max_gap_s": round(max_gap, 3), "ended_by": ended}))
 
 
