@@ -293,9 +293,23 @@ check_rollout() {
     [[ $(pexec "$p" ip -4 -o addr show eth0) == *" $(pod_ip "$p")/"* ]] || fail "$p lost its address"
   done
   gap=$(longest_ping_gap "$d/ping.log" 0.1)
-  ROLLOUT_PING_GAP=$gap
-  ROLLOUT_STREAM=$result
+  if awk -v g="$gap" 'BEGIN { exit !(g > 2) }'; then
+    log "the ping stopped for $gap s: what the agents saw and the routes now, for the diagnosis"
+    rollout_evidence >&2
+  fi
   ok "rollout restart of the DaemonSet: no pod lost its address; longest interruption: ping ${gap} s, TCP stream $(echo "$result" | sed 's/.*"max_gap_s": \([0-9.]*\).*/\1/') s (connection kept, $result)"
+}
+
+rollout_evidence() {
+  local pod node
+  for pod in $(kc -n kube-system get pods -l app.kubernetes.io/name=weft -o name); do
+    echo "----- kubectl logs $pod"
+    kc -n kube-system logs "$pod" -c weft | grep -v 'ipam: Allocated' | tail -n 25
+  done
+  for node in $(nodes); do
+    echo "----- $node: ip route; ip neigh show dev weft-vxlan"
+    in_machine "$node" sh -c 'ip route; ip neigh show dev weft-vxlan'
+  done
 }
 
 # The last node is removed (Node deleted, kubelet stopped): its address
