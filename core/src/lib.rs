@@ -58,6 +58,7 @@ pub mod status;
 pub mod time;
 pub mod topology;
 pub mod unreachable;
+pub mod view;
 pub mod wire;
 
 /// A tiny in-memory network for tests and examples (feature `harness`).
@@ -71,3 +72,4 @@ pub use routes::Routes;
 pub use status::{DropReason, Status};
 pub use time::Time;
 pub use topology::{PeerEntry, Topology};
+pub use view::View;

@@ -57,32 +57,26 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
+pub mod desired;
 #[cfg(target_os = "linux")]
 mod linux;
 mod memory;
+pub mod names;
 #[cfg(target_os = "linux")]
 pub mod nftables;
 pub mod plan;
+pub mod probe;
+pub mod sleeve;
+pub mod status;
+pub mod sync;
 pub mod sysctl;
+pub mod underlay;
 
 #[cfg(target_os = "linux")]
 pub use linux::LinuxDataplane;
 pub use memory::MemoryDataplane;
+pub use names::{BRIDGE_NAME, DEFAULT_VNI, ROUTE_PROTOCOL, VXLAN_NAME, VXLAN_PORT};
 
-/// Default name of the bridge pods attach to.
-pub const BRIDGE_NAME: &str = "weft";
-/// Default name of the VXLAN device.
-pub const VXLAN_NAME: &str = "weft-vxlan";
-/// UDP port of weft's VXLAN traffic (Weave Net's fastdp port; gossip is 6783).
-pub const VXLAN_PORT: u16 = 6784;
-/// VXLAN network identifier of weft's overlay: 0x77_65_66 is "wef" in ASCII.
-/// Any fixed value works as long as every node uses the same one; a distinct
-/// value keeps weft's traffic apart from other VXLAN users on the same port.
-pub const DEFAULT_VNI: u32 = 0x0077_6566;
-/// Route protocol number (`rtm_protocol`) marking weft's routes. 177 is not
-/// assigned in iproute2's `rt_protos` (which lists 0-18, 42, 99, 186-192) and
-/// not used by the usual routing daemons or CNI plugins.
-pub const ROUTE_PROTOCOL: u8 = 177;
 /// Bytes VXLAN over IPv4 adds to every packet: outer IPv4 (20) + UDP (8) +
 /// VXLAN header (8) + inner Ethernet header (14).
 pub const VXLAN_OVERHEAD: u32 = 50;

@@ -1,4 +1,4 @@
-//! Where the node's network sysctls are written.
+//! Where the node's network sysctls are, and every write to them.
 //!
 //! A container that is not privileged gets `/proc/sys` read-only, so
 //! deploy/weft.yaml mounts the host's `/proc/sys/net` (writable with
@@ -46,6 +46,71 @@ pub fn bridge_netfilter_loaded() -> bool {
 pub const WITHOUT_BRIDGE_NETFILTER: &str = "/proc/sys/net/bridge is absent (the br_netfilter module is not loaded): \
      kube-proxy does not see traffic the bridge switches between pods on this node, \
      so Services whose backend is on the same node will not answer";
+
+/// No reverse-path filtering on weft's overlay devices. A peer's pod
+/// packets may arrive over VXLAN while our route back to that peer's
+/// prefix goes into the sleeve, or the other way round (each node decides
+/// its own direction), and fastdp probes arrive on the VXLAN device from
+/// the peer's underlay address, which is routed over the underlay. Loose
+/// filtering (2) is not enough: on a device without an address (both of
+/// weft's) the kernel refuses every source not routed through that very
+/// device, in loose mode as in strict. The kernel applies the larger of
+/// `all` and the device's value, so `all` must be 0 too; lowering it
+/// leaves every other device's own setting in force (distributions set
+/// `default`, which devices copy when they are created), as Cilium does.
+/// The sleeve alone needs none of this: its routes and its packets' sources
+/// all go through its device.
+pub fn no_rp_filter_on_overlays(d: &crate::Desired) {
+    let Some(vxlan) = &d.vxlan else { return };
+    let sleeve = d.sleeve.as_ref().map(|s| s.name.as_str());
+    for dev in std::iter::once(vxlan.name.as_str()).chain(sleeve) {
+        set(&net(&format!("ipv4/conf/{dev}/rp_filter")), "0");
+    }
+    set(&net("ipv4/conf/all/rp_filter"), "0");
+}
+
+/// kube-proxy's Service DNAT (iptables) must see the traffic the bridge
+/// switches between two pods of this node: a backend's reply to a client
+/// on the same bridge is un-DNATed only then. Without br_netfilter the
+/// sysctl is absent and nothing is written (the agent warned at start).
+pub fn let_iptables_see_bridged_traffic(d: &crate::Desired) {
+    if d.bridge.is_some() {
+        set(&bridge_nf_call_iptables(), "1");
+    }
+}
+
+/// Writes `value` where it differs, saying so; a failure is logged (the
+/// overlay still works for peers on the same path both ways).
+fn set(path: &std::path::Path, value: &str) {
+    let Ok(old) = std::fs::read_to_string(path) else {
+        return;
+    };
+    if old.trim() == value {
+        return;
+    }
+    match std::fs::write(path, value) {
+        Ok(()) => tracing::info!("set {} to {value} (was {})", path.display(), old.trim()),
+        Err(e) => tracing::warn!("cannot set {} to {value}: {e}", path.display()),
+    }
+}
+
+/// Pods hold addresses with the whole range's prefix, so they ARP for
+/// pods on other nodes too; with proxy ARP the bridge answers for every
+/// address routed elsewhere (over the overlay), and pods on the same
+/// bridge still answer for themselves.
+pub fn answer_arp_for_remote_pods(bridge: &str) {
+    // The kernel delays proxy answers by up to 0.8 s by default.
+    for (path, value) in [
+        (net(&format!("ipv4/conf/{bridge}/proxy_arp")), "1"),
+        (net(&format!("ipv4/neigh/{bridge}/proxy_delay")), "0"),
+    ] {
+        if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() != value)
+            && let Err(e) = std::fs::write(&path, value)
+        {
+            tracing::warn!("cannot set {}: {e}", path.display());
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

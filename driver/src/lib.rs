@@ -20,16 +20,20 @@ use std::future::Future;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
-use tokio::sync::{mpsc, oneshot};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use weft_core::ipam::{Allocation, IpamError, IpamEvent};
-use weft_core::{Event, PeerName, PersistedState, Router, Time, Transmit};
+use weft_core::{Event, PeerName, PersistedState, Router, Time, Transmit, View};
 
 pub mod save;
 pub use save::SaveTrouble;
 
 /// Largest datagram the loop receives (a jumbo UDP payload).
 const RECEIVE_BUFFER: usize = 65_536;
+/// How stale a published view's `heard` times may grow: they move with
+/// every heartbeat, and only fastdp's probe reads them, once a second.
+const HEARD_REFRESH: Duration = Duration::from_millis(500);
 
 /// A UDP-like socket: what the loop needs from the network.
 pub trait Datagrams {
@@ -147,6 +151,9 @@ pub struct Driver<D, H> {
     unreported: Vec<Event>,
     /// Set while saves fail.
     failing: Option<Failing>,
+    /// Where the router's view goes after every saved change, if anyone
+    /// follows it; and when its `heard` times were last refreshed.
+    views: Option<(watch::Sender<Arc<View>>, Instant)>,
 }
 
 impl<D: Datagrams, H: Host> Driver<D, H> {
@@ -164,7 +171,18 @@ impl<D: Datagrams, H: Host> Driver<D, H> {
             unsent: Vec::new(),
             unreported: Vec::new(),
             failing: None,
+            views: None,
         }
+    }
+
+    /// Publishes the router's view on `views` from now on: after every
+    /// change, once it is saved, and before the answers that depend on it.
+    /// Readers (the data path, status pages) take values from there and
+    /// never hold the router.
+    pub fn publish_views(mut self, views: watch::Sender<Arc<View>>) -> Driver<D, H> {
+        views.send_replace(Arc::new(lock(&self.router).view()));
+        self.views = Some((views, Instant::now()));
+        self
     }
 
     pub fn router(&self) -> &SharedRouter {
@@ -326,6 +344,7 @@ impl<D: Datagrams, H: Host> Driver<D, H> {
         if self.failing.take().is_some() {
             self.host.save_trouble(None);
         }
+        self.publish_view();
         for event in std::mem::take(&mut self.unreported) {
             self.settle_waiting(&event);
             self.host.event(now, &event);
@@ -344,6 +363,22 @@ impl<D: Datagrams, H: Host> Driver<D, H> {
             }
         }
         Ok(())
+    }
+
+    /// Publishes a new view when the routing facts changed, or when only
+    /// the `heard` times did and the last refresh is [`HEARD_REFRESH`] old.
+    fn publish_view(&mut self) {
+        let Some((views, refreshed)) = &mut self.views else {
+            return;
+        };
+        let view = lock(&self.router).view();
+        let current = views.borrow().clone();
+        let now = Instant::now();
+        let heard_due = view.heard != current.heard && now >= *refreshed + HEARD_REFRESH;
+        if !view.same_routing(&current) || heard_due {
+            *refreshed = now;
+            views.send_replace(Arc::new(view));
+        }
     }
 
     /// Schedules the next attempt, or gives up. Answers held for this

@@ -261,3 +261,46 @@ fn dropping_every_command_sender_stops_the_loop_cleanly() {
         );
     });
 }
+
+/// Readers follow the router through published views: once an
+/// allocation is answered, the view holds its space, peers appear as
+/// neighbours, and `heard` times are refreshed though no route changes.
+#[test]
+fn views_follow_the_router_and_refresh_heard_times() {
+    local(async {
+        let wires = Wires::default();
+        let mut config = Config::new("n1", address(1));
+        config.ipam = IpamMode::Ring(IpamInit::Consensus(Some(2)));
+        let router = Router::new(config, None, [1; 32], Time::ZERO).unwrap();
+        let (views_tx, mut views) = watch::channel(Arc::new(router.view()));
+        assert_eq!(views.borrow_and_update().gateway, None);
+        let driver = Driver::new(
+            Arc::new(Mutex::new(router)),
+            wires.socket(address(1)),
+            Disk::default(),
+            Instant::now(),
+        )
+        .publish_views(views_tx);
+        let (a, rx) = mpsc::unbounded_channel();
+        a.send(Command::AddPeer(address(2))).unwrap();
+        tokio::task::spawn_local(driver.run(rx));
+        let _b = node(&wires, 2, 2, &[1]);
+        let address = tokio::time::timeout(Duration::from_secs(30), allocate(&a, "pod-1"))
+            .await
+            .expect("allocated once the peer is up")
+            .expect("an address");
+        let view = views.borrow_and_update().clone();
+        assert!(view.gateway.is_some(), "{view:?}");
+        assert_eq!(view.forward(address), weft_core::forward::Forward::Local);
+        assert_eq!(view.neighbours.len(), 1, "{view:?}");
+        let heard = view.heard.clone();
+        assert_eq!(heard.len(), 1, "{view:?}");
+        tokio::time::timeout(Duration::from_secs(10), views.changed())
+            .await
+            .expect("heard times refresh")
+            .unwrap();
+        let later = views.borrow_and_update().clone();
+        assert!(later.same_routing(&view));
+        assert!(later.heard.values().zip(heard.values()).all(|(l, h)| l > h));
+    });
+}

@@ -17,7 +17,7 @@
 //! [`FastdpHealth`] turns sends, replies and time into a per-peer verdict
 //! (no clock inside); [`Prober`] and [`run`] are the I/O around it. Peers
 //! whose probes go unanswered while the control plane hears from them fall
-//! back to the sleeve: `kernel::desired` routes their prefixes into the
+//! back to the sleeve: `desired::desired` routes their prefixes into the
 //! TUN device.
 
 use serde::Serialize;
@@ -25,8 +25,9 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::watch;
+use weft_core::View;
 use weft_core::{PeerName, Time};
-use weft_driver::{SharedRouter, lock};
 
 /// Starts every probe datagram. Never the start of a weft datagram
 /// (`WEFT`), so the two can never be mistaken for each other.
@@ -176,7 +177,7 @@ pub fn encapsulate(e: &Encapsulation, payload: &[u8]) -> Vec<u8> {
 /// The Internet checksum of the concatenated parts (each of even length
 /// but the last).
 fn checksum(parts: &[&[u8]]) -> u16 {
-    use crate::offload::{fold, sum};
+    use crate::sleeve::offload::{fold, sum};
     !fold(parts.iter().fold(0, |acc, part| sum(part, acc)))
 }
 
@@ -521,19 +522,19 @@ impl Prober {
 /// whether fastdp is in use at all (not after a node-wide fallback).
 pub async fn run(
     prober: Arc<Prober>,
-    router: SharedRouter,
+    views: watch::Receiver<Arc<View>>,
     socket: UdpSocket,
     active: impl Fn() -> bool,
 ) {
     let mut interval = tokio::time::interval(PROBE_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let me = prober.me;
-    let our_mac = weft_dataplane::vtep_mac(me.0);
+    let our_mac = crate::vtep_mac(me.0);
     loop {
         interval.tick().await;
         let now = prober.now();
         let (local, targets) = match active() {
-            true => targets(&lock(&router)),
+            true => targets(&views.borrow()),
             false => (None, Vec::new()),
         };
         let (sends, changed) = prober.health().tick(now, &targets);
@@ -544,9 +545,9 @@ pub async fn run(
         for send in sends {
             let frame = encapsulate(
                 &Encapsulation {
-                    vni: weft_dataplane::DEFAULT_VNI,
+                    vni: crate::DEFAULT_VNI,
                     src_mac: our_mac,
-                    dst_mac: weft_dataplane::vtep_mac(send.peer.0),
+                    dst_mac: crate::vtep_mac(send.peer.0),
                     src: local,
                     dst: send.control,
                 },
@@ -557,7 +558,7 @@ pub async fn run(
                 }
                 .encode(),
             );
-            let vxlan = SocketAddrV4::new(*send.control.ip(), weft_dataplane::VXLAN_PORT);
+            let vxlan = SocketAddrV4::new(*send.control.ip(), crate::VXLAN_PORT);
             if let Err(e) = socket.send_to(&frame, vxlan) {
                 tracing::debug!("fastdp probe to {vxlan}: {e}");
             }
@@ -566,22 +567,23 @@ pub async fn run(
 }
 
 /// Our underlay control address, and the peers to probe: the direct
-/// neighbours `kernel::desired` gives FDB and neighbour entries, with
+/// neighbours `desired::desired` gives FDB and neighbour entries, with
 /// when the control plane last heard from each.
-fn targets(router: &weft_core::Router) -> (Option<SocketAddrV4>, Vec<Target>) {
-    let SocketAddr::V4(local) = router.config().address else {
+fn targets(view: &View) -> (Option<SocketAddrV4>, Vec<Target>) {
+    let SocketAddr::V4(local) = view.address else {
         return (None, Vec::new());
     };
-    let heard: BTreeMap<PeerName, Time> = router.last_heard().collect();
-    let targets = crate::kernel::direct_neighbours(router)
-        .into_iter()
-        .filter_map(|(peer, control)| {
-            Some(Target {
-                peer,
-                nickname: router.topology().get(peer)?.nickname.clone(),
+    let targets = view
+        .neighbours
+        .iter()
+        .filter_map(|n| match n.control {
+            SocketAddr::V4(control) => Some(Target {
+                peer: n.peer,
+                nickname: n.nickname.clone(),
                 control,
-                last_heard: heard.get(&peer).copied(),
-            })
+                last_heard: view.heard.get(&n.peer).copied(),
+            }),
+            SocketAddr::V6(_) => None,
         })
         .collect();
     (Some(local), targets)
@@ -691,9 +693,9 @@ mod tests {
     #[test]
     fn encapsulation_is_a_valid_vxlan_packet() {
         let e = Encapsulation {
-            vni: weft_dataplane::DEFAULT_VNI,
-            src_mac: weft_dataplane::vtep_mac(A.0),
-            dst_mac: weft_dataplane::vtep_mac(B.0),
+            vni: crate::DEFAULT_VNI,
+            src_mac: crate::vtep_mac(A.0),
+            dst_mac: crate::vtep_mac(B.0),
             src: "192.168.1.11:6783".parse().unwrap(),
             dst: "192.168.1.12:6783".parse().unwrap(),
         };

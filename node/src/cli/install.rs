@@ -570,7 +570,7 @@ mod tests {
 
     #[test]
     fn the_shipped_conflist_is_valid() {
-        let shipped = include_bytes!("../../deploy/10-weft.conflist");
+        let shipped = include_bytes!("../../../deploy/10-weft.conflist");
         assert_eq!(validate_conflist(shipped), Ok(()));
     }
 
@@ -580,7 +580,7 @@ mod tests {
     #[test]
     fn the_shipped_conflist_offers_cni_1_0_and_1_1() {
         let shipped: serde_json::Value =
-            serde_json::from_slice(include_bytes!("../../deploy/10-weft.conflist")).unwrap();
+            serde_json::from_slice(include_bytes!("../../../deploy/10-weft.conflist")).unwrap();
         assert_eq!(shipped["cniVersion"], "1.0.0");
         assert_eq!(
             shipped["cniVersions"],

@@ -12,15 +12,18 @@
 //! returns up to 64 KB of a TCP flow, which is cut into segments that fit
 //! the underlay and sent in one `sendmsg` (UDP GSO); received datagrams
 //! arrive coalesced (UDP GRO) and consecutive TCP segments are written to
-//! the TUN device as one GSO packet (see [`crate::offload`]).
+//! the TUN device as one GSO packet (see [`offload`]).
 //!
 //! With a secret, every frame is sealed (XChaCha20-Poly1305, a key
 //! derived apart from the control plane's) and replays are refused.
 
-use crate::fastdp_probe::{Prober, Received};
-use crate::offload::{self, Coalescer, MAX_IP_PACKET, VNET_HDR_LEN, VnetHdr};
-use crate::sleeve_gate::{Counters, FrameDrop, Gate};
-use crate::udp;
+pub mod gate;
+pub mod offload;
+pub mod udp;
+
+use crate::probe::{Prober, Received};
+use gate::{Counters, FrameDrop, Gate};
+use offload::{Coalescer, MAX_IP_PACKET, VNET_HDR_LEN, VnetHdr};
 use std::borrow::Cow;
 use std::fs::File;
 use std::io::{self, IoSlice, Read, Write};
@@ -30,16 +33,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 use tokio::sync::mpsc;
+use tokio::sync::watch;
 use weft_core::forward::Forward;
 use weft_core::seal::{SealNonce, Sealer, TAG_LEN};
 use weft_core::wire::{self, SleeveFrame};
-use weft_core::{PeerName, Router, Time};
-use weft_driver::{SharedRouter, lock};
+use weft_core::{Config, PeerName, Time, View};
 
-/// Its overhead (outer IPv4, UDP, frame header: 42 bytes) is below
-/// VXLAN's 50, so the pod MTU fits both; sealed frames add 32 more, so
-/// their TCP segments are cut smaller to fit the underlay.
-pub const DEVICE: &str = "weft-sleeve";
+pub use crate::names::SLEEVE_DEVICE as DEVICE;
 
 /// Control datagrams waiting for the driver loop; beyond that they are
 /// dropped, as a full socket buffer would.
@@ -118,7 +118,8 @@ struct Crypto {
 pub struct Sleeve {
     tun: Arc<File>,
     socket: Arc<UdpSocket>,
-    router: SharedRouter,
+    /// The router's newest view: every forwarding decision reads it.
+    views: watch::Receiver<Arc<View>>,
     crypto: Option<Arc<Crypto>>,
     /// Decides which received frames reach pods.
     gate: Arc<Gate>,
@@ -139,20 +140,29 @@ pub struct Sleeve {
 }
 
 impl Sleeve {
-    /// `secret`: seal every frame with a key derived from it;
-    /// `max_datagram`: the largest UDP payload the underlay carries
-    /// unfragmented; `prober`: fastdp's, when fastdp runs.
+    /// The router's newest view (the published value's lock is held only
+    /// to clone the handle).
+    fn view(&self) -> Arc<View> {
+        self.views.borrow().clone()
+    }
+
+    /// `views`: the router's, as published; `config`: the router's (its
+    /// liveness times bound the replay window); `secret`: seal every
+    /// frame with a key derived from it; `max_datagram`: the largest UDP
+    /// payload the underlay carries unfragmented; `prober`: fastdp's, when
+    /// fastdp runs.
     pub fn new(
         tun: Tun,
         socket: UdpSocket,
-        router: SharedRouter,
+        views: watch::Receiver<Arc<View>>,
+        config: &Config,
         secret: Option<&[u8]>,
         max_datagram: usize,
         prober: Option<Arc<Prober>>,
     ) -> Sleeve {
-        let (me, epoch, config) = {
-            let router = lock(&router);
-            (router.name(), router.epoch(), router.config().clone())
+        let (me, epoch) = {
+            let view = views.borrow();
+            (view.me, view.epoch)
         };
         // Apart from the control plane's key, so nonces never collide.
         let sealer = secret.map(|secret| Sealer::new(&[secret, b"/weft-sleeve"].concat()));
@@ -169,7 +179,7 @@ impl Sleeve {
         Sleeve {
             tun: Arc::new(tun.file),
             socket: Arc::new(socket),
-            router,
+            views,
             crypto,
             gate: Arc::new(gate),
             started: Instant::now(),
@@ -246,8 +256,7 @@ impl Sleeve {
     /// kernel allows; one router lookup serves them all.
     fn send_read(&self, read: &mut [u8], batch: &mut Batch, scratch: &mut Vec<u8>) {
         let dst = read.get(VNET_HDR_LEN..).and_then(destination);
-        let Some(Forward::Peer { underlay, .. }) = dst.map(|d| lock(&self.router).forward(d))
-        else {
+        let Some(Forward::Peer { underlay, .. }) = dst.map(|d| self.view().forward(d)) else {
             self.counters.count_drop(FrameDrop::NoRoute);
             return;
         };
@@ -365,12 +374,12 @@ impl Sleeve {
         if frames.is_empty() {
             return Vec::new();
         }
-        // One router lock for the batch (GRO coalesces only datagrams of
+        // One view for the batch (GRO coalesces only datagrams of
         // one source, so this is mostly one sender).
         let connected: Vec<Option<SocketAddr>> = {
-            let router = lock(&self.router);
+            let view = self.view();
             let senders = frames.iter().map(SleeveFrame::sender);
-            senders.map(|s| router.connected_address(s)).collect()
+            senders.map(|s| view.connected_address(s)).collect()
         };
         let now = Time::from_duration(self.started.elapsed());
         let mut packets = Vec::new();
@@ -387,7 +396,7 @@ impl Sleeve {
     }
 
     /// Writes received packets to local pods (coalesced) or relays them;
-    /// one router lock decides for the whole batch.
+    /// one view decides for the whole batch.
     fn deliver(
         &self,
         packets: Vec<Cow<'_, [u8]>>,
@@ -396,8 +405,8 @@ impl Sleeve {
         relay: &mut Vec<u8>,
     ) {
         let decisions: Vec<Action> = {
-            let router = lock(&self.router);
-            packets.iter().map(|p| decide(&router, p, from)).collect()
+            let view = self.view();
+            packets.iter().map(|p| decide(&view, p, from)).collect()
         };
         let mut write = |hdr: &VnetHdr, packet: &[u8]| self.write_tun(hdr, packet);
         for (packet, action) in packets.iter().zip(decisions) {
@@ -542,8 +551,8 @@ enum Action {
 
 /// What to do with a received packet: deliver it here, relay it to its
 /// next hop (never back where it came from), or drop it.
-fn decide(router: &Router, packet: &[u8], from: SocketAddr) -> Action {
-    match destination(packet).map(|d| router.forward(d)) {
+fn decide(view: &View, packet: &[u8], from: SocketAddr) -> Action {
+    match destination(packet).map(|d| view.forward(d)) {
         Some(Forward::Local) => Action::Local,
         Some(Forward::Peer { underlay, .. }) if underlay != from => Action::Relay(underlay),
         _ => Action::Drop,

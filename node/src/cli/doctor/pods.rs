@@ -121,9 +121,9 @@ fn short(container: &str) -> &str {
 }
 
 fn local_pods(socket: &Path) -> Result<Vec<LocalPod>, String> {
-    let answer =
-        crate::api_call(socket, &serde_json::json!({"op": "list"})).map_err(|e| e.to_string())?;
-    let list: Vec<crate::api::Attachment> =
+    let answer = crate::cli::api_call(socket, &serde_json::json!({"op": "list"}))
+        .map_err(|e| e.to_string())?;
+    let list: Vec<crate::serve::api::Attachment> =
         serde_json::from_value(answer["allocations"].clone()).map_err(|e| e.to_string())?;
     Ok(list
         .into_iter()
@@ -187,12 +187,12 @@ fn inspect(ns: &Path, pods: &[Ipv4Addr], targets: &[Target]) -> Option<(Ipv4Addr
     if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return None;
     }
-    let held = crate::underlay::interfaces()
+    let held = weft_dataplane::underlay::interfaces()
         .into_values()
         .flat_map(|i| i.addrs)
         .map(|a| a.addr())
         .find(|a| pods.contains(a))?;
-    let default_via = crate::underlay::routes_from("/proc/thread-self/net/route")
+    let default_via = weft_dataplane::underlay::routes_from("/proc/thread-self/net/route")
         .into_iter()
         .find(|r| r.destination.prefix_len() == 0)
         .and_then(|r| r.gateway);
@@ -272,7 +272,7 @@ fn is_echo_reply(datagram: &[u8], id: u16, seq: u16) -> bool {
 
 /// The Internet checksum (RFC 1071).
 fn checksum(bytes: &[u8]) -> u16 {
-    !crate::offload::fold(crate::offload::sum(bytes, 0))
+    !weft_dataplane::sleeve::offload::fold(weft_dataplane::sleeve::offload::sum(bytes, 0))
 }
 
 #[cfg(test)]

@@ -1,9 +1,9 @@
 //! `weft status`: the human report, in the shape of `weave status`.
 
-use crate::agent::DataplaneState;
 use std::fmt::Write;
 use weft_core::Status;
 use weft_core::connections::LinkState;
+use weft_dataplane::status::DataplaneState;
 
 pub fn text(status: &Status, dataplane: &DataplaneState) -> String {
     let mut s = String::new();

@@ -3,8 +3,8 @@
 //! [`Facts`], so every verdict is unit-tested without a node.
 
 use super::facts::{Agent, BridgeNetfilter, CniConfig, Facts, PortAnswer, Probe};
-use crate::underlay::Collision;
 use serde::Serialize;
+use weft_dataplane::underlay::Collision;
 
 /// How bad a finding is; the worst one sets the exit status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -185,7 +185,7 @@ fn unconnected(agent: &Agent, probes: &[Probe]) -> Vec<Check> {
                 "not connected ({how}); from here UDP {} {} and VXLAN (UDP {}) {}",
                 probe.address.port(),
                 probe.control,
-                crate::settings::PORT + 1,
+                weft_dataplane::VXLAN_PORT,
                 probe.vxlan
             );
             let fix = match probe.control {
@@ -393,7 +393,7 @@ fn mtu(facts: &Facts, agent: &Agent) -> Check {
     for name in [
         node.bridge.as_str(),
         weft_dataplane::VXLAN_NAME,
-        crate::sleeve::DEVICE,
+        weft_dataplane::names::SLEEVE_DEVICE,
     ] {
         if let Some(m) = device(name) {
             seen.push(format!("{name} {m}"));
@@ -522,7 +522,7 @@ fn cni_config(configs: &Result<Vec<CniConfig>, String>, dir: &std::path::Path) -
 }
 
 fn cni_plugin(facts: &Facts) -> Check {
-    let path = facts.cni_bin_dir.join(crate::install::PLUGIN_NAME);
+    let path = facts.cni_bin_dir.join(crate::cli::install::PLUGIN_NAME);
     let path = path.display();
     let ours = env!("CARGO_PKG_VERSION");
     match &facts.cni_plugin {

@@ -1,8 +1,6 @@
 //! `/metrics`: Prometheus metrics (OpenMetrics text), read off the router's
 //! status at scrape time.
 
-use crate::agent::DataplaneState;
-use crate::sleeve_gate::{Counters, FrameDrop};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -11,6 +9,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use weft_core::Status;
 use weft_core::connections::LinkState;
+use weft_dataplane::sleeve::gate::{Counters, FrameDrop};
+use weft_dataplane::status::DataplaneState;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct State {

@@ -2,14 +2,14 @@
 //! and the node's interfaces, routes, sysctls and CNI files. Gathering
 //! only; the verdicts are in `checks`.
 
-use crate::api::NodeStatus;
-use crate::underlay::{Collision, Interface, Route};
+use crate::serve::api::NodeStatus;
 use ipnet::Ipv4Net;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use weft_dataplane::underlay::{Collision, Interface, Route};
 
 /// Everything the checks need, gathered once.
 pub struct Facts {
@@ -47,7 +47,7 @@ impl Facts {
         let ours = [
             node.bridge.as_str(),
             weft_dataplane::VXLAN_NAME,
-            crate::sleeve::DEVICE,
+            weft_dataplane::names::SLEEVE_DEVICE,
         ];
         // Pods' host-side veths carry /32 routes into the range.
         let routes: Vec<Route> = self
@@ -56,7 +56,7 @@ impl Facts {
             .filter(|r| !r.device.starts_with("vethwf"))
             .cloned()
             .collect();
-        crate::underlay::collisions(
+        weft_dataplane::underlay::collisions(
             node.range,
             self.interfaces.values(),
             &routes,
@@ -215,7 +215,9 @@ pub struct CniConfig {
 
 impl CniConfig {
     pub fn is_weft(&self) -> bool {
-        self.types.iter().any(|t| t == crate::install::PLUGIN_NAME)
+        self.types
+            .iter()
+            .any(|t| t == crate::cli::install::PLUGIN_NAME)
     }
 }
 
@@ -262,7 +264,7 @@ fn plugin_types(conf: &serde_json::Value) -> Vec<String> {
 
 /// The installed plugin's version (`weft-cni --version`).
 pub fn cni_plugin_version(bin_dir: &Path) -> Result<String, String> {
-    let path = bin_dir.join(crate::install::PLUGIN_NAME);
+    let path = bin_dir.join(crate::cli::install::PLUGIN_NAME);
     if !path.exists() {
         return Err("not installed".into());
     }
@@ -307,7 +309,7 @@ pub fn ip_forwarding() -> Option<bool> {
 
 /// Reads the agent's status API.
 pub fn agent(addr: SocketAddr) -> Result<Agent, String> {
-    let get = |path: &str| crate::http_get(addr, path).map_err(|e| e.to_string());
+    let get = |path: &str| crate::cli::http_get(addr, path).map_err(|e| e.to_string());
     let json = |path: &str| -> Result<serde_json::Value, String> {
         serde_json::from_str(&get(path)?.1).map_err(|e| format!("{path}: {e}"))
     };
@@ -347,8 +349,8 @@ fn dropped(metrics: &str) -> BTreeMap<String, u64> {
 
 /// Asks the agent's local API (the CNI plugin's socket) for its status.
 pub fn node(socket: &Path) -> Result<NodeStatus, String> {
-    let answer =
-        crate::api_call(socket, &serde_json::json!({"op": "status"})).map_err(|e| e.to_string())?;
+    let answer = crate::cli::api_call(socket, &serde_json::json!({"op": "status"}))
+        .map_err(|e| e.to_string())?;
     serde_json::from_value(answer).map_err(|e| format!("unexpected answer: {e}"))
 }
 
@@ -410,7 +412,7 @@ pub fn probe_vxlan(
     from: Ipv4Addr,
     wait: Duration,
 ) -> PortAnswer {
-    use crate::fastdp_probe::{Encapsulation, encapsulate};
+    use weft_dataplane::probe::{Encapsulation, encapsulate};
     let Ok(socket) = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) else {
         return PortAnswer::Silent;
     };
@@ -427,20 +429,20 @@ pub fn probe_vxlan(
         },
         &probe_request(),
     );
-    let vxlan = SocketAddr::new(IpAddr::V4(*to.ip()), crate::settings::PORT + 1);
+    let vxlan = SocketAddr::new(IpAddr::V4(*to.ip()), weft_dataplane::VXLAN_PORT);
     if socket.set_read_timeout(Some(wait)).is_err() || socket.send_to(&frame, vxlan).is_err() {
         return PortAnswer::Silent;
     }
     let mut buf = [0u8; 1500];
     match socket.recv_from(&mut buf) {
-        Ok((n, _)) if crate::fastdp_probe::is_probe(&buf[..n]) => PortAnswer::Answers,
+        Ok((n, _)) if weft_dataplane::probe::is_probe(&buf[..n]) => PortAnswer::Answers,
         _ => PortAnswer::Silent,
     }
 }
 
 /// A probe request, which every agent answers on its control port.
 pub fn probe_request() -> Vec<u8> {
-    use crate::fastdp_probe::{Probe, ProbeKind};
+    use weft_dataplane::probe::{Probe, ProbeKind};
     let nonce = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);

@@ -1,56 +1,35 @@
 //! `weft router`: the agent. Loads the node's state, starts the driver
 //! loop over a UDP socket, serves the local API and the status server,
-//! and keeps the kernel dataplane in step with the router's routes.
+//! and starts the data path, which follows the router's published views.
+//! The driver loop owns the router; nothing else here mutates it.
 
-use crate::api::{self, Api};
-use crate::http::{self, StatusServer};
-use crate::kernel::{KernelSync, Overlay};
-use crate::metrics::Metrics;
-use crate::settings::{Datapath, IpamKind, RouterArgs};
-use crate::sleeve::{ControlSocket, Sleeve, Tun};
-use crate::store::{Store, StoreError};
-use serde::Serialize;
+pub mod kubernetes;
+pub mod settings;
+pub mod store;
+
+use crate::serve::api::{self, Api};
+use crate::serve::http::{self, StatusServer};
+use crate::serve::metrics::Metrics;
+use settings::{Datapath, IpamKind, RouterArgs};
 use std::io;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
-use tokio::sync::mpsc;
+use store::{Store, StoreError};
+use tokio::sync::{mpsc, watch};
 use weft_core::ipam::IpamInit;
-use weft_core::{Event, PersistedState, Router, Time};
+use weft_core::{Config, Event, PersistedState, Router, Time, View};
+use weft_dataplane::desired::{Overlay, Setup};
+use weft_dataplane::probe::{self, Prober, Received};
+use weft_dataplane::sleeve::{ControlSocket, Sleeve, Tun};
+use weft_dataplane::status::DataplaneState;
+use weft_dataplane::sync::{Follow, KernelSync};
 use weft_driver::{Datagrams, Driver, Host};
-
-use crate::fastdp_probe::{self, PeerDataplane, Prober, Received};
-
-/// Which dataplane carries pod traffic, and why not the one asked for.
-#[derive(Clone, Debug, Serialize)]
-pub struct DataplaneState {
-    pub requested: &'static str,
-    pub in_use: &'static str,
-    /// Why the requested dataplane is not in use.
-    pub fallback: Option<String>,
-    /// The last error programming the kernel, if the last attempt failed.
-    pub kernel_error: Option<String>,
-    /// Why pods cannot reach addresses outside the cluster, if they cannot.
-    pub egress_problem: Option<String>,
-    /// Per direct neighbour, with fastdp: whether VXLAN reaches it or its
-    /// pods' traffic fell back to the sleeve, and why. Filled in when
-    /// status is asked for.
-    pub peers: Vec<PeerDataplane>,
-}
-
-impl DataplaneState {
-    pub fn describe(&self) -> String {
-        match &self.fallback {
-            None => self.in_use.to_string(),
-            Some(why) => format!("{} (fell back from {}: {why})", self.in_use, self.requested),
-        }
-    }
-}
 
 /// Why the agent did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
-    Settings(#[from] crate::settings::SettingsError),
+    Settings(#[from] settings::SettingsError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("cannot start the router: {0}")]
@@ -95,7 +74,6 @@ pub enum StartError {
 /// The driver loop's surroundings on a real node.
 struct AgentHost {
     store: Store,
-    events: mpsc::UnboundedSender<Event>,
     /// Shared with the local API, which refuses requests while set.
     save_trouble: api::SaveTroubleCell,
 }
@@ -115,7 +93,6 @@ impl Host for AgentHost {
 
     fn event(&mut self, _now: Time, event: &Event) {
         log_event(event);
-        let _ = self.events.send(event.clone());
     }
 
     fn socket_error(&mut self, error: &io::Error) {
@@ -189,11 +166,7 @@ pub fn run(args: RouterArgs) -> Result<(), StartError> {
 async fn run_async(mut args: RouterArgs) -> Result<(), StartError> {
     let mut peers = args.peer_addresses()?;
     let kube = match args.use_kube() {
-        true => Some(
-            crate::kubernetes::connect()
-                .await
-                .map_err(StartError::Kube)?,
-        ),
+        true => Some(kubernetes::connect().await.map_err(StartError::Kube)?),
         false => None,
     };
     if let Some(nodes) = kube.as_ref().and_then(|k| k.nodes.as_ref()) {
@@ -253,13 +226,16 @@ async fn run_async(mut args: RouterArgs) -> Result<(), StartError> {
         ))
     });
     let probe_socket = std_socket.try_clone().map_err(listen_error)?;
+    let me = router.name();
+    let (views_tx, views) = watch::channel(Arc::new(router.view()));
+    let core_config = router.config().clone();
     let shared = Arc::new(Mutex::new(router));
     let sleeve_socket = std_socket.try_clone().map_err(listen_error)?;
     let (control, sleeve_counters) = start_sleeve(
         &args,
         sleeve_socket,
-        &shared,
-        &config_address,
+        views.clone(),
+        &core_config,
         prober.clone(),
     )
     .unzip();
@@ -275,9 +251,21 @@ async fn run_async(mut args: RouterArgs) -> Result<(), StartError> {
             AgentSocket::Tokio(socket, prober.clone())
         }
     };
-    let (events_tx, events) = mpsc::unbounded_channel();
     let (commands, commands_rx) = mpsc::unbounded_channel();
-    let (dataplane, kernel) = start_dataplane(&args)?;
+    let setup = Setup {
+        bridge: args.bridge.clone(),
+        mtu,
+        overlay: match args.datapath {
+            Datapath::Sleeve => Overlay::Sleeve,
+            _ => Overlay::Fastdp { sleeve },
+        },
+    };
+    let follow = Follow {
+        views: views.clone(),
+        setup,
+        prober: prober.clone(),
+    };
+    let (dataplane, kernel) = start_dataplane(&args, follow)?;
     let save_trouble = api::SaveTroubleCell::default();
     let api = Api {
         router: shared.clone(),
@@ -312,57 +300,32 @@ async fn run_async(mut args: RouterArgs) -> Result<(), StartError> {
     let ready_api = api.clone();
     tokio::task::spawn_local(api::serve(listener, api));
     tokio::task::spawn_local(http::serve(status_listener, server));
-    if let Some(kernel) = kernel {
-        let (router, bridge) = (shared.clone(), args.bridge.clone());
-        let overlay = match args.datapath {
-            Datapath::Sleeve => Overlay::Sleeve,
-            _ => Overlay::Fastdp { sleeve },
-        };
-        tokio::task::spawn_local(follow_routes(
-            kernel,
-            router,
-            events,
-            bridge,
-            mtu,
-            overlay,
-            prober.clone(),
-        ));
-    }
     if let Some(prober) = prober {
         // Not after a node-wide fallback: no VXLAN device, nothing to probe.
         let state = dataplane.clone();
-        let fastdp_up = move || {
-            let state = state.lock().unwrap_or_else(|p| p.into_inner());
-            state.fallback.is_none()
-        };
-        tokio::task::spawn_local(fastdp_probe::run(
-            prober,
-            shared.clone(),
-            probe_socket,
-            fastdp_up,
-        ));
+        let fastdp_up = move || state.borrow().fallback.is_none();
+        tokio::task::spawn_local(probe::run(prober, views, probe_socket, fastdp_up));
     }
     if let Some(kube) = kube {
-        let agent = crate::kubernetes::Agent {
+        let agent = kubernetes::Agent {
             node_name: args.kube_node_name(),
-            pod_cidr: (args.ipam == IpamKind::NodeCidr).then_some(crate::kubernetes::PodCidr {
+            pod_cidr: (args.ipam == IpamKind::NodeCidr).then_some(kubernetes::PodCidr {
                 current: args.pod_cidr,
                 range: args.ipalloc_range,
             }),
-            me: weft_driver::lock(&shared).name(),
+            me,
             own_address: config_address.ip(),
             port: args.listen.port(),
             commands: commands.clone(),
             ready: Box::new(move || ready_api.status().ready),
         };
-        crate::kubernetes::spawn(kube, agent);
+        kubernetes::spawn(kube, agent);
     }
     let host = AgentHost {
         store,
-        events: events_tx,
         save_trouble,
     };
-    let driver = Driver::new(shared, socket, host, epoch);
+    let driver = Driver::new(shared, socket, host, epoch).publish_views(views_tx);
     let result = tokio::select! {
         r = driver.run(commands_rx) => r.map_err(StartError::from),
         () = stop_signal() => {
@@ -394,7 +357,7 @@ fn adopt_nodes(
         args.ipalloc_init = IpamInit::Consensus(Some(nodes.node_names.len().max(1)));
     }
     if args.ipam == IpamKind::NodeCidr && args.pod_cidr.is_none() {
-        args.pod_cidr = crate::kubernetes::own_pod_cidr(&nodes.peers, &own);
+        args.pod_cidr = kubernetes::own_pod_cidr(&nodes.peers, &own);
     }
     let port = args.listen.port();
     for p in nodes.peers.iter().filter(|p| p.node_name != own) {
@@ -411,14 +374,17 @@ fn adopt_nodes(
 fn check_range(args: &RouterArgs) -> Result<(), StartError> {
     let (interfaces, routes) = match args.datapath {
         Datapath::None => (Default::default(), Vec::new()),
-        _ => (crate::underlay::interfaces(), crate::underlay::routes()),
+        _ => (
+            weft_dataplane::underlay::interfaces(),
+            weft_dataplane::underlay::routes(),
+        ),
     };
     let ours = [
         args.bridge.as_str(),
         weft_dataplane::VXLAN_NAME,
-        crate::sleeve::DEVICE,
+        weft_dataplane::names::SLEEVE_DEVICE,
     ];
-    let found = crate::underlay::collisions(
+    let found = weft_dataplane::underlay::collisions(
         args.ipalloc_range,
         interfaces.values(),
         &routes,
@@ -438,7 +404,7 @@ fn check_range(args: &RouterArgs) -> Result<(), StartError> {
 /// The MTU of the interface holding the advertised address, if found.
 fn underlay_mtu(address: &std::net::SocketAddr) -> Option<u32> {
     match address.ip() {
-        std::net::IpAddr::V4(ip) => crate::kernel::underlay_mtu(ip),
+        std::net::IpAddr::V4(ip) => weft_dataplane::underlay::mtu_holding(ip),
         std::net::IpAddr::V6(_) => None,
     }
 }
@@ -486,32 +452,31 @@ impl Datagrams for AgentSocket {
 fn start_sleeve(
     args: &RouterArgs,
     socket: std::net::UdpSocket,
-    router: &weft_driver::SharedRouter,
-    underlay: &std::net::SocketAddr,
+    views: watch::Receiver<Arc<View>>,
+    config: &Config,
     prober: Option<Arc<Prober>>,
-) -> Option<(ControlSocket, Arc<crate::sleeve_gate::Counters>)> {
+) -> Option<(ControlSocket, Arc<weft_dataplane::sleeve::gate::Counters>)> {
     if args.datapath == Datapath::None {
         return None;
     }
-    match Tun::create(crate::sleeve::DEVICE) {
+    let device = weft_dataplane::names::SLEEVE_DEVICE;
+    match Tun::create(device) {
         Ok(tun) => {
             let secret = args.secret().ok().flatten();
             let sleeve = Sleeve::new(
                 tun,
                 socket,
-                router.clone(),
+                views,
+                config,
                 secret.as_deref(),
-                max_datagram(underlay),
+                max_datagram(&config.address),
                 prober,
             );
             let counters = sleeve.counters.clone();
             Some((sleeve.start(), counters))
         }
         Err(e) => {
-            tracing::warn!(
-                "no sleeve: cannot create TUN device {}: {e}",
-                crate::sleeve::DEVICE
-            );
+            tracing::warn!("no sleeve: cannot create TUN device {device}: {e}");
             None
         }
     }
@@ -521,31 +486,26 @@ fn start_sleeve(
 /// (1500 when unknown) less the outer IP and UDP headers.
 fn max_datagram(underlay: &std::net::SocketAddr) -> usize {
     let (mtu, headers) = match underlay.ip() {
-        std::net::IpAddr::V4(ip) => (crate::kernel::underlay_mtu(ip), 28),
+        std::net::IpAddr::V4(ip) => (weft_dataplane::underlay::mtu_holding(ip), 28),
         std::net::IpAddr::V6(_) => (None, 48),
     };
     (mtu.unwrap_or(1500).min(65_535) as usize).saturating_sub(headers)
 }
 
-/// The dataplane asked for, or why it cannot be had.
+/// The dataplane asked for, or why it cannot be had: what it reports,
+/// and its kernel thread, which follows `follow`.
 fn start_dataplane(
     args: &RouterArgs,
-) -> Result<(Arc<Mutex<DataplaneState>>, Option<KernelSync>), StartError> {
+    follow: Follow,
+) -> Result<(watch::Receiver<DataplaneState>, Option<KernelSync>), StartError> {
     let requested = match args.datapath {
         Datapath::Fastdp => "fastdp",
         Datapath::Sleeve => "sleeve",
         Datapath::None => "none",
     };
-    let mut state = DataplaneState {
-        requested,
-        in_use: "none",
-        fallback: None,
-        kernel_error: None,
-        egress_problem: None,
-        peers: Vec::new(),
-    };
+    let mut state = DataplaneState::new(requested);
     if args.datapath == Datapath::None {
-        return Ok((Arc::new(Mutex::new(state)), None));
+        return Ok((watch::channel(state).1, None));
     }
     let linux = weft_dataplane::LinuxDataplane::new().map_err(StartError::Dataplane)?;
     if let Err(why) = weft_dataplane::nftables::install_masquerade(args.ipalloc_range) {
@@ -558,49 +518,8 @@ fn start_dataplane(
             weft_dataplane::sysctl::WITHOUT_BRIDGE_NETFILTER
         );
     }
-    let state = Arc::new(Mutex::new(state));
-    let kernel = KernelSync::start(Box::new(linux), state.clone());
-    Ok((state, Some(kernel)))
-}
-
-/// Re-applies the desired kernel state after route, prefix and address
-/// changes and peers falling back to the sleeve or recovering (coalesced
-/// over 100 ms), and every 30 s to repair drift.
-async fn follow_routes(
-    kernel: KernelSync,
-    router: weft_driver::SharedRouter,
-    mut events: mpsc::UnboundedReceiver<Event>,
-    bridge: String,
-    mtu: u32,
-    overlay: Overlay,
-    prober: Option<Arc<Prober>>,
-) {
-    let resync = std::time::Duration::from_secs(30);
-    loop {
-        let sleeved = prober.as_ref().map(|p| p.sleeved()).unwrap_or_default();
-        let desired = {
-            let router = weft_driver::lock(&router);
-            crate::kernel::desired(&router, &bridge, mtu, overlay, &sleeved)
-        };
-        kernel.update(desired);
-        let path_changed = async {
-            match &prober {
-                Some(prober) => prober.changed.notified().await,
-                None => std::future::pending().await,
-            }
-        };
-        // A change, or the periodic resync; the loop ends with the agent.
-        tokio::select! {
-            event = tokio::time::timeout(resync, events.recv()) => {
-                if let Ok(None) = event {
-                    return;
-                }
-            }
-            () = path_changed => {}
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        while events.try_recv().is_ok() {}
-    }
+    let kernel = KernelSync::start(Box::new(linux), state, follow);
+    Ok((kernel.status(), Some(kernel)))
 }
 
 async fn stop_signal() {

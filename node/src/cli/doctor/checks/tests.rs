@@ -1,11 +1,11 @@
 use super::*;
-use crate::api::NodeStatus;
-use crate::doctor::facts::{
+use crate::cli::doctor::facts::{
     ConnectionView, DataplaneView, IpamPeerView, IpamView, PeerDataplaneView, PeerView, TargetView,
 };
-use crate::underlay::Interface;
+use crate::serve::api::NodeStatus;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use weft_dataplane::underlay::Interface;
 
 fn peer(name: &str, nickname: &str, address: &str, hops: Option<u32>, reachable: bool) -> PeerView {
     PeerView {
@@ -243,7 +243,7 @@ fn a_conflist_sorting_before_weft_fails() {
 fn a_range_overlapping_the_services_or_a_route_fails() {
     let mut f = healthy();
     f.service_cidr = Some("10.32.0.0/16".parse().unwrap());
-    f.routes.push(crate::underlay::Route {
+    f.routes.push(weft_dataplane::underlay::Route {
         destination: "10.33.0.0/16".parse().unwrap(),
         device: "eth0".into(),
         gateway: Some("192.168.1.1".parse().unwrap()),
@@ -288,7 +288,7 @@ fn an_unseeded_ring_and_pending_allocations_are_explained() {
     agent_mut(&mut f)
         .ipam
         .pending
-        .push(crate::doctor::facts::PendingView {
+        .push(crate::cli::doctor::facts::PendingView {
             container: "c1".into(),
             reason: "awaiting a donation".into(),
         });

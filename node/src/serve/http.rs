@@ -4,9 +4,9 @@
 //! time to send it and to take the answer, at most
 //! [`MAX_CONNECTIONS`] connections at once.
 
-use crate::limit::{Admitted, ConnectionLimit};
-use crate::metrics::Metrics;
-use crate::report;
+use crate::serve::limit::{Admitted, ConnectionLimit};
+use crate::serve::metrics::Metrics;
+use crate::serve::report;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -23,13 +23,13 @@ pub const MAX_CONNECTIONS: usize = 64;
 pub struct StatusServer {
     pub router: SharedRouter,
     pub epoch: tokio::time::Instant,
-    pub api: crate::api::Api,
+    pub api: crate::serve::api::Api,
     pub metrics: std::rc::Rc<Metrics>,
-    pub dataplane: std::sync::Arc<std::sync::Mutex<crate::agent::DataplaneState>>,
+    pub dataplane: tokio::sync::watch::Receiver<weft_dataplane::status::DataplaneState>,
     /// fastdp's per-peer health, when fastdp runs.
-    pub prober: Option<std::sync::Arc<crate::fastdp_probe::Prober>>,
+    pub prober: Option<std::sync::Arc<weft_dataplane::probe::Prober>>,
     /// The sleeve's counters, when it runs.
-    pub sleeve: Option<std::sync::Arc<crate::sleeve_gate::Counters>>,
+    pub sleeve: Option<std::sync::Arc<weft_dataplane::sleeve::gate::Counters>>,
 }
 
 /// An HTTP answer: status code, content type, body.
@@ -142,12 +142,8 @@ impl StatusServer {
         Time::from_duration(self.epoch.elapsed())
     }
 
-    fn dataplane_state(&self) -> crate::agent::DataplaneState {
-        let mut state = self
-            .dataplane
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+    fn dataplane_state(&self) -> weft_dataplane::status::DataplaneState {
+        let mut state = self.dataplane.borrow().clone();
         if let Some(prober) = &self.prober {
             state.peers = prober.view();
         }

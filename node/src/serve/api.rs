@@ -16,7 +16,7 @@
 //! stopping, or cannot save its state right now: try again). Requests for
 //! one container ID are idempotent.
 
-use crate::limit::{Admitted, ConnectionLimit};
+use crate::serve::limit::{Admitted, ConnectionLimit};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
@@ -123,9 +123,9 @@ pub struct Api {
     /// The router's time zero.
     pub epoch: tokio::time::Instant,
     /// The kernel thread, when this agent programs the kernel.
-    pub kernel: Option<crate::kernel::KernelSync>,
+    pub kernel: Option<weft_dataplane::sync::KernelSync>,
     /// Which dataplane carries pods, and its problems.
-    pub dataplane: std::sync::Arc<std::sync::Mutex<crate::agent::DataplaneState>>,
+    pub dataplane: tokio::sync::watch::Receiver<weft_dataplane::status::DataplaneState>,
     /// Set while the node's state cannot be saved (the driver loop's host
     /// writes it).
     pub save_trouble: SaveTroubleCell,
@@ -330,8 +330,8 @@ impl Api {
     /// A peer this node has heard of, by its name, or by its nickname
     /// when that is unambiguous.
     fn peer_named(&self, peer: &str) -> Result<weft_core::PeerName, ApiError> {
-        let known = crate::known_peers::known_peers(&lock(&self.router), self.now());
-        crate::known_peers::find(peer, &known).map_err(refused_because)
+        let known = crate::serve::known_peers::known_peers(&lock(&self.router), self.now());
+        crate::serve::known_peers::find(peer, &known).map_err(refused_because)
     }
 
     fn send(&self, command: Command) -> Result<(), ApiError> {
@@ -428,12 +428,7 @@ impl Api {
     pub fn status(&self) -> NodeStatus {
         let router = lock(&self.router);
         let status = router.status(self.now());
-        let problem = self
-            .dataplane
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .kernel_error
-            .clone();
+        let problem = self.dataplane.borrow().kernel_error.clone();
         let reason = if let Some(trouble) = self.save_trouble() {
             Some(trouble.to_string())
         } else if let Some(p) = problem {
@@ -514,14 +509,18 @@ fn refused(e: weft_core::ipam::IpamError) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::DataplaneState;
-    use crate::kernel::{KernelSync, Overlay};
     use std::sync::{Arc, Mutex};
+    use tokio::sync::watch;
+    use weft_core::View;
+    use weft_dataplane::desired::{Overlay, Setup};
+    use weft_dataplane::status::DataplaneState;
+    use weft_dataplane::sync::{Follow, KernelSync};
 
     /// An agent API over a node-cidr router that has its space, with a
     /// kernel thread over an in-memory dataplane that has applied nothing
-    /// yet, and a stand-in driver that answers every allocation with .5.
-    fn agent_with_space() -> Api {
+    /// yet (its view shows no space), and a stand-in driver that answers
+    /// every allocation with .5. Publish on the sender to move the kernel.
+    fn agent_with_space() -> (Api, watch::Sender<Arc<View>>) {
         use weft_core::ipam::IpamMode;
         let mut config = weft_core::Config::new("node1", ([192, 168, 1, 11], 6783).into());
         config.ipam = IpamMode::NodeCidr(Some("10.32.1.0/24".parse().unwrap()));
@@ -529,17 +528,24 @@ mod tests {
             .expect("a valid configuration");
         router.handle_timeout(weft_core::Time::ZERO);
         assert!(router.gateway().is_some(), "the node has its space");
-        let dataplane = Arc::new(Mutex::new(DataplaneState {
-            requested: "sleeve",
-            in_use: "none",
-            fallback: None,
-            kernel_error: None,
-            egress_problem: None,
-            peers: Vec::new(),
-        }));
+        let before_space = View {
+            gateway: None,
+            ..router.view()
+        };
+        let (views_tx, views) = watch::channel(Arc::new(before_space));
+        let follow = Follow {
+            views,
+            setup: Setup {
+                bridge: "weft".into(),
+                mtu: 1400,
+                overlay: Overlay::Sleeve,
+            },
+            prober: None,
+        };
         let kernel = KernelSync::start(
             Box::new(weft_dataplane::MemoryDataplane::new()),
-            dataplane.clone(),
+            DataplaneState::new("sleeve"),
+            follow,
         );
         let (commands, mut driver) = mpsc::unbounded_channel();
         tokio::spawn(async move {
@@ -549,16 +555,17 @@ mod tests {
                 }
             }
         });
-        Api {
+        let api = Api {
             router: Arc::new(Mutex::new(router)),
             commands,
             bridge: "weft".into(),
             mtu: 1400,
             epoch: tokio::time::Instant::now(),
+            dataplane: kernel.status(),
             kernel: Some(kernel),
-            dataplane,
             save_trouble: Default::default(),
-        }
+        };
+        (api, views_tx)
     }
 
     fn allocate(container: &str, wait_ms: u64) -> Request {
@@ -579,7 +586,7 @@ mod tests {
             .build()
             .unwrap();
         rt.block_on(async {
-            let api = agent_with_space();
+            let (api, views) = agent_with_space();
             let status = api.status();
             assert!(!status.ready, "{status:?}");
             assert!(status.reason.unwrap().contains("bridge weft"));
@@ -588,11 +595,7 @@ mod tests {
             assert!(early.message.contains("10.32.1.5"), "{early:?}");
 
             let kernel = api.kernel.clone().unwrap();
-            let desired = {
-                let router = lock(&api.router);
-                crate::kernel::desired(&router, "weft", 1400, Overlay::Sleeve, &Default::default())
-            };
-            kernel.update(desired);
+            views.send_replace(Arc::new(lock(&api.router).view()));
             let Ok(Answer::Attachment(a)) = api.handle(allocate("c1", 60_000)).await else {
                 panic!("an address once the bridge is up");
             };

@@ -59,6 +59,19 @@ pub fn device_mtu(name: &str) -> Option<u32> {
         .ok()
 }
 
+/// The interface holding `ip`, if any holds it: the one VXLAN sends
+/// through, whose MTU bounds the pods'.
+pub fn holding(ip: Ipv4Addr) -> Option<Interface> {
+    interfaces()
+        .into_values()
+        .find(|i| i.addrs.iter().any(|a| a.addr() == ip))
+}
+
+/// The MTU of the interface holding `ip`, if any holds it.
+pub fn mtu_holding(ip: Ipv4Addr) -> Option<u32> {
+    holding(ip)?.mtu
+}
+
 /// The main IPv4 routing table (empty if it cannot be read).
 pub fn routes() -> Vec<Route> {
     routes_from("/proc/net/route")
@@ -175,6 +188,13 @@ pub fn collisions<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_loopback_mtu_is_found_by_address() {
+        let mtu = mtu_holding("127.0.0.1".parse().unwrap()).expect("lo holds 127.0.0.1");
+        assert!(mtu >= 1500, "{mtu}");
+        assert_eq!(mtu_holding("192.0.2.99".parse().unwrap()), None);
+    }
 
     fn net(s: &str) -> Ipv4Net {
         s.parse().unwrap()

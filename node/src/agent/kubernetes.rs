@@ -207,7 +207,7 @@ impl Own {
             return None;
         }
         if !state.range.contains(&cidr) {
-            let e = crate::settings::SettingsError::PodCidrOutsideRange {
+            let e = crate::agent::settings::SettingsError::PodCidrOutsideRange {
                 pod_cidr: cidr,
                 range: state.range,
             };

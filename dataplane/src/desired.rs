@@ -1,0 +1,279 @@
+//! What the kernel should hold for this node, from the router's view: the
+//! bridge, the VXLAN device, its FDB and neighbour entries, and the pod
+//! routes. Pure: the caller passes in everything it needs to know.
+
+use crate::{
+    BridgeSpec, Desired, PodRoute, RemotePeer, RouteDevice, SleeveSpec, VxlanSpec, names, vtep_mac,
+};
+use ipnet::Ipv4Net;
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use weft_core::forward::Forward;
+use weft_core::{PeerName, View};
+
+/// Which overlay carries pod traffic between nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Overlay {
+    /// Kernel VXLAN, with the sleeve as fallback when `sleeve` is set.
+    Fastdp {
+        sleeve: bool,
+    },
+    Sleeve,
+}
+
+/// How this node's data path is set up: fixed for the agent's life.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Setup {
+    /// The bridge pods attach to.
+    pub bridge: String,
+    /// The pods' MTU.
+    pub mtu: u32,
+    pub overlay: Overlay,
+}
+
+/// What the kernel should hold for `view`. `underlay_dev`: the interface
+/// holding this node's address, which VXLAN sends through. `sleeved`:
+/// peers VXLAN does not reach (see [`crate::probe`]); with fastdp and a
+/// sleeve, prefixes whose next hop is one of them go into the sleeve's TUN
+/// device, whose reader forwards them by the same table. Their FDB and
+/// neighbour entries stay: the probes that tell when VXLAN works again
+/// need them on the peer's side, and they cost nothing here.
+pub fn desired(
+    view: &View,
+    setup: &Setup,
+    underlay_dev: Option<String>,
+    sleeved: &BTreeSet<PeerName>,
+) -> Desired {
+    let bridge = view.gateway.map(|gateway| BridgeSpec {
+        name: setup.bridge.clone(),
+        gateway: Ipv4Net::new(gateway, view.range.prefix_len()).expect("prefix of a valid range"),
+        mtu: setup.mtu,
+    });
+    let IpAddr::V4(local) = view.address.ip() else {
+        return Desired {
+            bridge,
+            ..Desired::default()
+        };
+    };
+    let mut peers: Vec<RemotePeer> = direct_neighbours(view)
+        .into_iter()
+        .map(|(peer, control)| RemotePeer {
+            underlay: *control.ip(),
+            mac: vtep_mac(peer.0),
+        })
+        .collect();
+    peers.sort();
+    let overlay = setup.overlay;
+    let device = |next_hop: &PeerName| match overlay {
+        Overlay::Fastdp { sleeve: true } if sleeved.contains(next_hop) => RouteDevice::Sleeve,
+        Overlay::Fastdp { .. } => RouteDevice::Vxlan,
+        Overlay::Sleeve => RouteDevice::Sleeve,
+    };
+    let routes = view
+        .forwarding
+        .prefixes()
+        .iter()
+        .filter_map(|(prefix, forward)| match forward {
+            Forward::Peer {
+                underlay, next_hop, ..
+            } => match underlay.ip() {
+                IpAddr::V4(next_hop_ip) => Some(PodRoute {
+                    prefix: *prefix,
+                    next_hop: next_hop_ip,
+                    device: device(next_hop),
+                }),
+                IpAddr::V6(_) => None,
+            },
+            _ => None,
+        })
+        .collect();
+    let held = held_prefixes(view);
+    let sleeve = SleeveSpec {
+        name: names::SLEEVE_DEVICE.into(),
+        mtu: setup.mtu,
+    };
+    match overlay {
+        Overlay::Fastdp { sleeve: fallback } => Desired {
+            bridge,
+            vxlan: Some(VxlanSpec {
+                underlay_dev,
+                ..VxlanSpec::new(local, setup.mtu, vtep_mac(view.me.0))
+            }),
+            sleeve: fallback.then_some(sleeve),
+            peers,
+            routes,
+            held,
+        },
+        Overlay::Sleeve => Desired {
+            bridge,
+            vxlan: None,
+            sleeve: Some(sleeve),
+            peers: Vec::new(),
+            routes,
+            held,
+        },
+    }
+}
+
+/// Prefixes whose kernel routes stay as they are: those of remote owners
+/// that are unreachable right now. A peer's agent restarting (or ours,
+/// which starts from the saved ring with no connections yet) leaves the
+/// kernel path to it working, so its last route is better than none. The
+/// table holds only current owners' prefixes, disjoint from ours: a range
+/// that is donated, reclaimed after its owner's removal, or whose owner is
+/// forgotten is routed anew or dropped.
+fn held_prefixes(view: &View) -> Vec<Ipv4Net> {
+    view.forwarding
+        .prefixes()
+        .iter()
+        .filter(|(_, forward)| **forward == Forward::Unreachable)
+        .map(|(prefix, _)| *prefix)
+        .collect()
+}
+
+/// Direct neighbours over IPv4, with their control address.
+pub fn direct_neighbours(view: &View) -> Vec<(PeerName, SocketAddrV4)> {
+    view.neighbours
+        .iter()
+        .filter_map(|n| match n.control {
+            SocketAddr::V4(control) => Some((n.peer, control)),
+            SocketAddr::V6(_) => None,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::{Dataplane, MemoryDataplane};
+    use weft_core::Router;
+
+    pub fn desired_of(router: &Router, overlay: Overlay, sleeved: &BTreeSet<PeerName>) -> Desired {
+        let setup = Setup {
+            bridge: "weft".into(),
+            mtu: 1450,
+            overlay,
+        };
+        desired(&router.view(), &setup, None, sleeved)
+    }
+
+    /// Three routers in node-cidr mode (node i owns 10.32.i.0/24), fully
+    /// connected, datagrams delivered at once, run for `secs`.
+    pub fn three_routers(secs: u64) -> Vec<Router> {
+        use weft_core::ipam::IpamMode;
+        use weft_core::{Config, Time};
+        let address = |i: u8| std::net::SocketAddr::from(([192, 168, 1, 10 + i], 6783));
+        let mut routers: Vec<Router> = (1..=3u8)
+            .map(|i| {
+                let mut config = Config::new(format!("node{i}"), address(i));
+                config.ipam = IpamMode::NodeCidr(Some(format!("10.32.{i}.0/24").parse().unwrap()));
+                let mut seed = [0u8; 32];
+                seed[0] = i;
+                let mut r = Router::new(config, None, seed, Time::ZERO).unwrap();
+                for j in (1..=3u8).filter(|j| *j != i) {
+                    r.add_peer_address(Time::ZERO, address(j));
+                }
+                r
+            })
+            .collect();
+        run(&mut routers, 0, secs, None);
+        routers
+    }
+
+    /// Runs `routers` from second `from` for `secs`, with node `down`'s
+    /// datagrams (both ways) lost.
+    fn run(routers: &mut [Router], from: u64, secs: u64, down: Option<usize>) {
+        use weft_core::Time;
+        for step in from * 100..(from + secs) * 100 {
+            let now = Time::from_millis(step * 10);
+            for i in 0..routers.len() {
+                routers[i].handle_timeout(now);
+                while let Some(t) = routers[i].poll_transmit() {
+                    let to = (0..routers.len())
+                        .find(|j| routers[*j].config().address == t.destination)
+                        .filter(|j| down != Some(i) && down != Some(*j));
+                    if let Some(j) = to {
+                        let from = routers[i].config().address;
+                        routers[j].handle_datagram(now, from, &t.payload);
+                    }
+                }
+                while routers[i].poll_event().is_some() {}
+            }
+        }
+    }
+
+    /// While node2's agent is away, node1 holds node2's prefix (whatever
+    /// route the kernel has for it stays) instead of routing it; once node2
+    /// is back, the route is desired again and nothing is held.
+    #[test]
+    fn an_unreachable_owners_prefix_is_held_until_it_is_back() {
+        let mut routers = three_routers(10);
+        let fastdp = Overlay::Fastdp { sleeve: false };
+        let d = desired_of(&routers[0], fastdp, &BTreeSet::new());
+        assert!(d.held.is_empty(), "{d:?}");
+        run(&mut routers, 10, 30, Some(1));
+        let d = desired_of(&routers[0], fastdp, &BTreeSet::new());
+        let node2: Ipv4Net = "10.32.2.0/24".parse().unwrap();
+        assert_eq!(d.held, vec![node2], "{d:?}");
+        assert!(d.routes.iter().all(|r| r.prefix != node2), "{d:?}");
+        assert_eq!(d.routes.len(), 1, "node3's prefix is routed: {d:?}");
+        run(&mut routers, 40, 30, None);
+        let d = desired_of(&routers[0], fastdp, &BTreeSet::new());
+        assert!(d.held.is_empty(), "{d:?}");
+        assert!(d.routes.iter().any(|r| r.prefix == node2), "{d:?}");
+    }
+
+    #[test]
+    fn prefixes_of_a_fallen_back_peer_go_into_the_sleeve() {
+        let routers = three_routers(10);
+        let (r1, node2) = (&routers[0], routers[1].name());
+        let sleeved = BTreeSet::from([node2]);
+        let fastdp = Overlay::Fastdp { sleeve: true };
+        let d = desired_of(r1, fastdp, &sleeved);
+        let device = |d: &Desired, prefix: &str| {
+            let prefix: Ipv4Net = prefix.parse().unwrap();
+            d.routes
+                .iter()
+                .find(|r| r.prefix == prefix)
+                .map(|r| r.device)
+        };
+        assert_eq!(
+            device(&d, "10.32.2.0/24"),
+            Some(RouteDevice::Sleeve),
+            "{d:?}"
+        );
+        assert_eq!(
+            device(&d, "10.32.3.0/24"),
+            Some(RouteDevice::Vxlan),
+            "{d:?}"
+        );
+        // Node 2 keeps its FDB and neighbour entries, and the sleeve exists.
+        assert_eq!(d.peers.len(), 2);
+        assert!(d.sleeve.is_some() && d.vxlan.is_some());
+        // Nobody fell back: all VXLAN.
+        let all = desired_of(r1, fastdp, &BTreeSet::new());
+        assert!(all.routes.iter().all(|r| r.device == RouteDevice::Vxlan));
+        assert_eq!(all.routes.len(), 2);
+        // Without a sleeve there is nothing to fall back to.
+        let lone = desired_of(r1, Overlay::Fastdp { sleeve: false }, &sleeved);
+        assert!(lone.routes.iter().all(|r| r.device == RouteDevice::Vxlan));
+        // The sleeve dataplane carries everything.
+        let sleeve = desired_of(r1, Overlay::Sleeve, &BTreeSet::new());
+        assert!(
+            sleeve
+                .routes
+                .iter()
+                .all(|r| r.device == RouteDevice::Sleeve)
+        );
+        // The in-memory dataplane takes the mix, and refuses it without a
+        // sleeve device.
+        let mut memory = MemoryDataplane::new();
+        memory.reconcile(&d).unwrap();
+        assert_eq!(memory.state().routes, d.normalized().routes);
+        let no_device = Desired {
+            sleeve: None,
+            ..d.clone()
+        };
+        assert!(memory.reconcile(&no_device).is_err());
+    }
+}

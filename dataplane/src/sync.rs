@@ -1,0 +1,445 @@
+//! Keeps the kernel in step with the router: a thread of its own (netlink
+//! calls block) follows the router's published [`View`] and the fastdp
+//! probe's verdicts, turns them into a [`Desired`] state and applies it,
+//! and deletes pods' devices. It is the only writer of the kernel's weft
+//! state and of the [`DataplaneState`] the status pages read.
+
+use crate::desired::{Setup, desired};
+use crate::probe::Prober;
+use crate::status::DataplaneState;
+use crate::{Dataplane, DataplaneError, Desired, PodRoute, RouteDevice, sysctl, underlay};
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use weft_core::{PeerName, View};
+
+/// How often the kernel is checked even when nothing changed, to repair
+/// what others changed under it.
+pub const RESYNC: Duration = Duration::from_secs(30);
+
+/// What the kernel thread follows.
+pub struct Follow {
+    /// The router's views, as the driver loop publishes them.
+    pub views: watch::Receiver<Arc<View>>,
+    pub setup: Setup,
+    /// fastdp's per-peer verdicts, when fastdp runs.
+    pub prober: Option<Arc<Prober>>,
+}
+
+/// Handles on the kernel thread.
+#[derive(Clone)]
+pub struct KernelSync {
+    deletes: mpsc::UnboundedSender<String>,
+    /// The pods' gateway as the kernel's bridge holds it: set once a
+    /// desired state with that bridge is applied, so pods are wired only to
+    /// a bridge that exists.
+    bridge_gateway: watch::Receiver<Option<Ipv4Addr>>,
+    status: watch::Receiver<DataplaneState>,
+}
+
+/// Why the kernel thread woke.
+enum Wake {
+    Delete(String),
+    Changed,
+    Resync,
+    Stop,
+}
+
+impl KernelSync {
+    /// Starts the thread. A VXLAN device that cannot be set up makes it
+    /// fall back to the bridge alone, with the reason in the status.
+    pub fn start(
+        dataplane: Box<dyn Dataplane + Send>,
+        status: DataplaneState,
+        follow: Follow,
+    ) -> KernelSync {
+        let (deletes, deletes_rx) = mpsc::unbounded_channel();
+        let (bridge_tx, bridge_gateway) = watch::channel(None);
+        let (status_tx, status) = watch::channel(status);
+        let thread = Thread {
+            dataplane,
+            follow,
+            deletes: deletes_rx,
+            bridge: bridge_tx,
+            status: status_tx,
+            applied: None,
+            followed: None,
+        };
+        std::thread::Builder::new()
+            .name("weft-kernel".into())
+            .spawn(move || thread.run())
+            .expect("spawn the kernel dataplane thread");
+        KernelSync {
+            deletes,
+            bridge_gateway,
+            status,
+        }
+    }
+
+    /// Whether the kernel's bridge holds `gateway`.
+    pub fn bridge_holds(&self, gateway: Ipv4Addr) -> bool {
+        *self.bridge_gateway.borrow() == Some(gateway)
+    }
+
+    /// Returns once the kernel's bridge holds the gateway `gateway()` names
+    /// (asked again after every change the kernel thread applies).
+    pub async fn bridge_ready(&self, gateway: impl Fn() -> Option<Ipv4Addr>) {
+        let mut applied = self.bridge_gateway.clone();
+        loop {
+            if gateway().is_some_and(|g| *applied.borrow_and_update() == Some(g)) {
+                return;
+            }
+            if applied.changed().await.is_err() {
+                // The kernel thread is gone: nothing will change any more.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Deletes a pod's host-side veth in the background.
+    pub fn delete_device(&self, name: String) -> bool {
+        self.deletes.send(name).is_ok()
+    }
+
+    /// What the kernel thread last did.
+    pub fn status(&self) -> watch::Receiver<DataplaneState> {
+        self.status.clone()
+    }
+}
+
+struct Thread {
+    dataplane: Box<dyn Dataplane + Send>,
+    follow: Follow,
+    deletes: mpsc::UnboundedReceiver<String>,
+    bridge: watch::Sender<Option<Ipv4Addr>>,
+    status: watch::Sender<DataplaneState>,
+    /// The last state the kernel took.
+    applied: Option<Desired>,
+    /// What that state was computed from.
+    followed: Option<(Arc<View>, BTreeSet<PeerName>)>,
+}
+
+impl Thread {
+    fn run(mut self) {
+        let waiting = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("a runtime to wait on");
+        // The first state is wanted at once.
+        let mut wake = Wake::Changed;
+        loop {
+            match wake {
+                Wake::Stop => return,
+                Wake::Delete(name) => self.delete(&name),
+                Wake::Changed => self.follow(false),
+                Wake::Resync => self.follow(true),
+            }
+            wake = waiting.block_on(self.next());
+        }
+    }
+
+    async fn next(&mut self) -> Wake {
+        let prober = self.follow.prober.clone();
+        let path_changed = async {
+            match &prober {
+                Some(prober) => prober.changed.notified().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            name = self.deletes.recv() => name.map_or(Wake::Stop, Wake::Delete),
+            changed = self.follow.views.changed() => match changed {
+                Ok(()) => Wake::Changed,
+                Err(_) => Wake::Stop,
+            },
+            () = path_changed => Wake::Changed,
+            () = tokio::time::sleep(RESYNC) => Wake::Resync,
+        }
+    }
+
+    fn delete(&mut self, name: &str) {
+        if let Err(e) = self.dataplane.delete_device(name) {
+            tracing::warn!("{e}");
+        }
+    }
+
+    /// Applies the state the newest view asks for. An unchanged state is
+    /// not reconciled again; a failed one is tried again at the next wake
+    /// (at the latest the resync).
+    fn follow(&mut self, resync: bool) {
+        let view = self.follow.views.borrow_and_update().clone();
+        let sleeved: BTreeSet<PeerName> = self
+            .follow
+            .prober
+            .as_ref()
+            .map(|p| p.sleeved())
+            .unwrap_or_default();
+        // Most views differ from the last only in when peers were heard.
+        let same_input = self
+            .followed
+            .as_ref()
+            .is_some_and(|(v, s)| v.same_routing(&view) && *s == sleeved);
+        if same_input && !resync && self.applied.is_some() {
+            return;
+        }
+        let next = desired(&view, &self.follow.setup, underlay_dev(&view), &sleeved);
+        if self.applied.as_ref() == Some(&next) {
+            if resync {
+                // A node setting others may change back.
+                sysctl::let_iptables_see_bridged_traffic(&next);
+            }
+            return;
+        }
+        let mut status = self.status.borrow().clone();
+        let applied = apply(&mut *self.dataplane, &next, &mut status);
+        self.status.send_replace(status);
+        if applied {
+            self.bridge
+                .send_replace(next.bridge.as_ref().map(|b| b.gateway.addr()));
+            self.applied = Some(next);
+            self.followed = Some((view, sleeved));
+        }
+    }
+}
+
+/// The interface VXLAN sends through: the one holding our address.
+fn underlay_dev(view: &View) -> Option<String> {
+    match view.address.ip() {
+        IpAddr::V4(ip) => underlay::holding(ip).map(|i| i.name),
+        IpAddr::V6(_) => None,
+    }
+}
+
+/// Applies `desired`; true when the kernel now holds its bridge.
+fn apply(dataplane: &mut dyn Dataplane, desired: &Desired, state: &mut DataplaneState) -> bool {
+    let want = match state.fallback.is_some() {
+        true => without_vxlan(desired),
+        false => desired.clone(),
+    };
+    match dataplane.reconcile(&want) {
+        Ok(()) => {
+            state.kernel_error = None;
+            if let Some(bridge) = &want.bridge {
+                sysctl::answer_arp_for_remote_pods(&bridge.name);
+            }
+            sysctl::let_iptables_see_bridged_traffic(&want);
+            sysctl::no_rp_filter_on_overlays(&want);
+            state.in_use = in_use(&want);
+            true
+        }
+        Err(e @ DataplaneError::Vxlan { .. }) => {
+            let without_vxlan = without_vxlan(desired);
+            state.fallback = Some(e.to_string());
+            state.in_use = in_use(&without_vxlan);
+            tracing::warn!("fastdp unavailable, using {}: {e}", state.in_use);
+            match dataplane.reconcile(&without_vxlan) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!("kernel dataplane: {e}");
+                    state.kernel_error = Some(e.to_string());
+                    false
+                }
+            }
+        }
+        Err(e) => {
+            tracing::error!("kernel dataplane: {e}");
+            state.kernel_error = Some(e.to_string());
+            false
+        }
+    }
+}
+
+/// `desired` with the sleeve carrying everything (node-wide fallback).
+fn without_vxlan(desired: &Desired) -> Desired {
+    Desired {
+        vxlan: None,
+        peers: Vec::new(),
+        routes: desired
+            .routes
+            .iter()
+            .map(|r| PodRoute {
+                device: RouteDevice::Sleeve,
+                ..*r
+            })
+            .collect(),
+        ..desired.clone()
+    }
+}
+
+fn in_use(d: &Desired) -> &'static str {
+    match (&d.vxlan, &d.sleeve) {
+        (Some(_), _) => "fastdp",
+        (None, Some(_)) => "sleeve",
+        (None, None) => "none",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::desired::Overlay;
+    use crate::desired::tests::{desired_of, three_routers};
+    use crate::{BridgeSpec, MemoryDataplane, VxlanSpec};
+
+    fn state() -> DataplaneState {
+        DataplaneState::new("fastdp")
+    }
+
+    #[test]
+    fn a_vxlan_failure_falls_back_to_the_bridge_and_says_why() {
+        let mut memory = MemoryDataplane::new();
+        memory.fail_vxlan(Some("Operation not supported".into()));
+        let mut s = state();
+        let desired = Desired {
+            sleeve: None,
+            bridge: Some(BridgeSpec {
+                name: "weft".into(),
+                gateway: "10.32.0.1/12".parse().unwrap(),
+                mtu: 1450,
+            }),
+            vxlan: Some(VxlanSpec::new(
+                "192.168.1.11".parse().unwrap(),
+                1450,
+                [2; 6],
+            )),
+            peers: vec![],
+            routes: vec![],
+            held: vec![],
+        };
+        apply(&mut memory, &desired, &mut s);
+        assert_eq!(s.in_use, "none");
+        assert!(
+            s.fallback
+                .as_deref()
+                .unwrap()
+                .contains("Operation not supported"),
+            "{s:?}"
+        );
+        assert_eq!(memory.state().bridge, desired.bridge);
+        assert_eq!(memory.state().vxlan, None);
+    }
+
+    /// Fails its first reconcile, as a kernel busy with another change may.
+    struct FailsOnce(MemoryDataplane, bool);
+
+    impl Dataplane for FailsOnce {
+        fn reconcile(&mut self, desired: &Desired) -> Result<(), DataplaneError> {
+            if std::mem::replace(&mut self.1, false) {
+                return Err(DataplaneError::Injected("busy".into()));
+            }
+            self.0.reconcile(desired)
+        }
+        fn teardown(&mut self) -> Result<(), DataplaneError> {
+            self.0.teardown()
+        }
+        fn delete_device(&mut self, name: &str) -> Result<(), DataplaneError> {
+            self.0.delete_device(name)
+        }
+    }
+
+    /// A view with space (the gateway) and nothing else.
+    fn view_with_gateway(gateway: Ipv4Addr) -> View {
+        View {
+            me: PeerName(1),
+            epoch: 0,
+            address: "192.168.1.11:6783".parse().unwrap(),
+            range: "10.32.0.0/12".parse().unwrap(),
+            gateway: Some(gateway),
+            forwarding: Default::default(),
+            neighbours: Vec::new(),
+            connected: Default::default(),
+            heard: Default::default(),
+        }
+    }
+
+    /// The CNI plugin waits for the bridge to hold the gateway: a failed
+    /// apply is retried at the next wake, and only a bridge the kernel took
+    /// counts.
+    #[test]
+    fn a_failed_apply_is_retried_and_the_bridge_counts_once_applied() {
+        let gateway = Ipv4Addr::new(10, 32, 0, 1);
+        let (views_tx, views) = watch::channel(Arc::new(view_with_gateway(gateway)));
+        let setup = Setup {
+            bridge: "weft".into(),
+            mtu: 1450,
+            overlay: Overlay::Sleeve,
+        };
+        let follow = Follow {
+            views,
+            setup,
+            prober: None,
+        };
+        let kernel = KernelSync::start(
+            Box::new(FailsOnce(MemoryDataplane::new(), true)),
+            state(),
+            follow,
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let mut status = kernel.status();
+        rt.block_on(async {
+            // Once the failure is recorded, the bridge does not count.
+            while status.borrow_and_update().kernel_error.is_none() {
+                status.changed().await.unwrap();
+            }
+            assert!(!kernel.bridge_holds(gateway));
+            // The same view again wakes the thread, which tries again.
+            views_tx.send_modify(|_| {});
+            let retried = Duration::from_secs(60);
+            tokio::time::timeout(retried, kernel.bridge_ready(|| Some(gateway)))
+                .await
+                .expect("the same state, woken again, is applied");
+        });
+        assert!(kernel.bridge_holds(gateway));
+        assert_eq!(kernel.status().borrow().kernel_error, None);
+    }
+
+    #[test]
+    fn a_working_vxlan_is_reported_as_fastdp() {
+        let mut memory = MemoryDataplane::new();
+        let mut s = state();
+        let desired = Desired {
+            sleeve: None,
+            bridge: None,
+            vxlan: Some(VxlanSpec::new(
+                "192.168.1.11".parse().unwrap(),
+                1450,
+                [2; 6],
+            )),
+            peers: vec![],
+            routes: vec![],
+            held: vec![],
+        };
+        apply(&mut memory, &desired, &mut s);
+        assert_eq!(s.in_use, "fastdp");
+        assert_eq!(memory.state().vxlan, desired.vxlan);
+    }
+
+    #[test]
+    fn a_node_wide_fallback_puts_every_route_into_the_sleeve() {
+        let routers = three_routers(10);
+        let d = desired_of(
+            &routers[0],
+            Overlay::Fastdp { sleeve: true },
+            &BTreeSet::new(),
+        );
+        let mut memory = MemoryDataplane::new();
+        memory.fail_vxlan(Some("Operation not supported".into()));
+        let mut s = state();
+        apply(&mut memory, &d, &mut s);
+        assert_eq!(s.in_use, "sleeve");
+        assert_eq!(memory.state().routes.len(), 2);
+        assert!(
+            memory
+                .state()
+                .routes
+                .iter()
+                .all(|r| r.device == RouteDevice::Sleeve)
+        );
+    }
+}
