@@ -66,6 +66,7 @@ impl KernelSync {
             status: status_tx,
             applied: None,
             followed: None,
+            resync_at: tokio::time::Instant::now() + RESYNC,
         };
         std::thread::Builder::new()
             .name("weft-kernel".into())
@@ -119,6 +120,8 @@ struct Thread {
     applied: Option<Desired>,
     /// What that state was computed from.
     followed: Option<(Arc<View>, BTreeSet<PeerName>)>,
+    /// When the next resync is due, however often views wake the thread.
+    resync_at: tokio::time::Instant,
 }
 
 impl Thread {
@@ -134,7 +137,10 @@ impl Thread {
                 Wake::Stop => return,
                 Wake::Delete(name) => self.delete(&name),
                 Wake::Changed => self.follow(false),
-                Wake::Resync => self.follow(true),
+                Wake::Resync => {
+                    self.resync_at = tokio::time::Instant::now() + RESYNC;
+                    self.follow(true);
+                }
             }
             wake = waiting.block_on(self.next());
         }
@@ -156,7 +162,7 @@ impl Thread {
                 Err(_) => Wake::Stop,
             },
             () = path_changed => Wake::Changed,
-            () = tokio::time::sleep(RESYNC) => Wake::Resync,
+            () = tokio::time::sleep_until(self.resync_at) => Wake::Resync,
         }
     }
 
