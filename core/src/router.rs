@@ -1531,17 +1531,7 @@ impl Router {
         };
         self.traffic.sent_datagrams += 1;
         self.traffic.sent_bytes += payload.len() as u64;
-        let by_kind = &mut self.traffic.sent_bytes_by_kind;
-        let counter = match message {
-            Message::Heartbeat(_) => &mut by_kind.heartbeat,
-            Message::Gossip(_) => &mut by_kind.gossip,
-            Message::Digest(_) => &mut by_kind.digest,
-            Message::Request(_) => &mut by_kind.request,
-            Message::News(_) => &mut by_kind.news,
-            Message::Ring(_) => &mut by_kind.ring,
-            Message::Announcements(_) => &mut by_kind.announcements,
-        };
-        *counter += payload.len() as u64;
+        self.traffic.sent_bytes_by_kind[message.kind()] += payload.len() as u64;
         self.transmits.push_back(Transmit {
             destination,
             payload,
