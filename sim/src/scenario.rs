@@ -117,6 +117,25 @@ pub enum Action {
 }
 
 impl Action {
+    /// Whether it disturbs the cluster: convergence is timed from the last
+    /// disruption.
+    pub fn disrupts(&self) -> bool {
+        match self {
+            Action::AddPod { .. } | Action::DelPod(_) | Action::Backup(_) => false,
+            Action::Start(_)
+            | Action::Crash(_)
+            | Action::Restart(_)
+            | Action::Wipe(_)
+            | Action::Restore(_)
+            | Action::Remove(_)
+            | Action::Partition(_)
+            | Action::Cut(..)
+            | Action::Heal
+            | Action::Loss { .. }
+            | Action::Latency { .. } => true,
+        }
+    }
+
     /// The event as people read it, with node names ("cut node1 node3").
     pub fn describe(&self, scenario: &Scenario) -> String {
         let names = |list: &[usize]| {
@@ -513,7 +532,18 @@ impl Validator<'_> {
                         ));
                     }
                 }
-                _ => {}
+                Action::Start(_)
+                | Action::Crash(_)
+                | Action::Restart(_)
+                | Action::Wipe(_)
+                | Action::Remove(_)
+                | Action::Partition(_)
+                | Action::Cut(..)
+                | Action::Heal
+                | Action::Loss { .. }
+                | Action::Latency { .. }
+                | Action::AddPod { .. }
+                | Action::DelPod(_) => {}
             }
         }
         Ok(())
