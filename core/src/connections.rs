@@ -91,9 +91,6 @@ pub struct Connections {
     links: BTreeMap<PeerName, Link>,
     /// Address -> linked peer, kept in step with `links`.
     linked: BTreeMap<SocketAddr, PeerName>,
-    /// Earliest due attempt, as of the last refresh (it is asked for after
-    /// every input).
-    next_attempt: Option<Time>,
     /// When a node at its limit looks again for a peer it has no route to.
     reserve_check: Option<Time>,
     targets: BTreeMap<SocketAddr, Target>,
@@ -472,15 +469,11 @@ impl Connections {
         }
     }
 
-    /// Earliest due attempt, as of the last refresh (while slots are free).
-    pub fn next_attempt(&self) -> Option<Time> {
-        self.next_attempt
-    }
-
-    /// `reserve_open`: some known peer has no route, and a reserve link
-    /// is free for it.
-    pub fn refresh_next_attempt(&mut self, conn_limit: usize, reserve_open: bool) {
-        self.next_attempt = if self.links.len() >= conn_limit {
+    /// When the next attempt is due: the earliest scheduled target while
+    /// slots are free. `reserve_open`: some known peer has no route, and a
+    /// reserve link is free for it.
+    pub fn next_attempt(&self, conn_limit: usize, reserve_open: bool) -> Option<Time> {
+        if self.links.len() >= conn_limit {
             reserve_open.then(|| self.reserve_check.unwrap_or(Time::ZERO))
         } else if self.links.len() + self.in_flight.len() >= conn_limit {
             // Unanswered attempts hold the free slots: look again when the
@@ -488,7 +481,7 @@ impl Connections {
             self.in_flight.values().min().copied()
         } else {
             self.schedule.first().map(|(at, _, _)| *at)
-        };
+        }
     }
 
     pub fn state_of(&self, peer: PeerName, now: Time, dead_after: Duration) -> Option<LinkState> {
@@ -637,8 +630,7 @@ mod tests {
         for a in &first {
             c.attempted(Time::ZERO, *a, base, max, &mut rng);
         }
-        c.refresh_next_attempt(3, false);
-        assert_eq!(c.next_attempt(), Some(Time::from_millis(1000)));
+        assert_eq!(c.next_attempt(3, false), Some(Time::from_millis(1000)));
         assert!(
             c.due_targets(Time::from_millis(999), 3, &BTreeSet::new(), &mut rng)
                 .is_empty()

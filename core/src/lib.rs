@@ -41,8 +41,8 @@
 //! - [`routes`]: next hops and broadcast trees over confirmed links;
 //!   [`unreachable`]: peers without a route, oldest first.
 //! - [`wire`]: the datagram format; [`seal`]: encryption and replay refusal.
-//! - [`router`]: the state machine tying them together; [`status`]: its
-//!   serializable view.
+//! - [`router`]: the state machine tying them together, its timers in
+//!   one table (`timer`); [`status`]: its serializable view.
 
 pub mod config;
 pub mod connections;
@@ -56,6 +56,7 @@ pub mod routes;
 pub mod seal;
 pub mod status;
 pub mod time;
+mod timer;
 pub mod topology;
 pub mod unreachable;
 pub mod view;

@@ -16,6 +16,7 @@ use crate::status::{
     TargetStatus, Traffic,
 };
 use crate::time::Time;
+use crate::timer::{Timer, TimerTable};
 use crate::topology::{Merge, PeerEntry, Topology};
 use crate::unreachable::Unreachable;
 use crate::wire::{self, Announcement, Digest, Frame, Heartbeat, Message, WireError};
@@ -131,24 +132,18 @@ pub struct Router {
     /// Bumped whenever routes change (cheaper to compare than the routes).
     routes_generation: u64,
     /// Confirmed connections as last reported in events; announced in our
-    /// entry at `announce_at`.
+    /// entry when `Timer::Announce` fires.
     connections_seen: Vec<PeerName>,
-    announce_at: Option<Time>,
-    /// When the debounced routes / learnt addresses / IPAM work is due.
-    housekeeping_at: Option<Time>,
     /// A link may have become, or stopped being, established.
     links_changed: bool,
     /// Our ring summary and the tick that first saw it.
     ring_since: (u64, Time),
 
     rng: Random,
-    next_tick: Time,
-    /// When silent links are probed next, while there are any.
-    next_probe: Option<Time>,
+    timers: TimerTable,
     /// Where this tick's share of heartbeats starts among the links, when
     /// there are more links than heartbeats per interval.
     heartbeat_cursor: usize,
-    next_gossip: Option<Time>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     traffic: Traffic,
@@ -244,15 +239,11 @@ impl Router {
             forwarding_built_from: None,
             routes_generation: 0,
             connections_seen: Vec::new(),
-            announce_at: None,
-            housekeeping_at: None,
             links_changed: true,
 
             rng,
-            next_tick: now,
-            next_probe: None,
+            timers: TimerTable::default(),
             heartbeat_cursor: 0,
-            next_gossip: None,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             ring_since: (0, now),
@@ -266,6 +257,7 @@ impl Router {
         // prefixes are still others' (unreachable until they reconnect)
         // rather than find none.
         router.update_forwarding();
+        router.timers.set(Timer::Tick, now);
         Ok(router)
     }
 
@@ -328,8 +320,7 @@ impl Router {
         }
         // Tried at the next timeout, which is now: adding a thousand
         // addresses then costs one pass over them, not a thousand.
-        self.connections
-            .refresh_next_attempt(self.config.conn_limit, self.reserve_open(now));
+        self.refresh_attempt(self.reserve_open(now));
     }
 
     /// An address for `container` (a CNI container ID): the same one every
@@ -420,8 +411,7 @@ impl Router {
     pub fn remove_peer_address(&mut self, address: SocketAddr) {
         self.connections.remove_target(address);
         // The reserve is looked at again on the next input, which has a time.
-        self.connections
-            .refresh_next_attempt(self.config.conn_limit, false);
+        self.refresh_attempt(false);
     }
 
     /// A datagram from the network: untrusted bytes.
@@ -437,31 +427,35 @@ impl Router {
 
     /// Time has passed: run whatever is due.
     pub fn handle_timeout(&mut self, now: Time) {
-        if self.housekeeping_at.is_some_and(|t| now >= t) {
-            self.housekeeping_at = None;
-            self.housekeeping(now);
-        }
-        if self.announce_at.is_some_and(|t| now >= t) {
-            self.announce_at = None;
-            if self.connections_seen != self.own_entry().connections {
-                self.announce_links();
+        for timer in Timer::ALL {
+            if timer == Timer::Attempt {
+                // The timers before may have changed links, and whether a
+                // reserve link is open changes with time alone.
+                self.refresh_attempt(self.reserve_open(now));
+            }
+            if self.timers.is_expired(timer, now) {
+                self.timers.stop(timer);
+                self.on_timeout(timer, now);
             }
         }
-        if now >= self.next_tick {
-            self.tick(now);
-        }
-        if self.next_probe.is_some_and(|t| now >= t) {
-            self.probe_silent_links(now);
-        }
-        if self.next_gossip.is_some_and(|t| now >= t) {
-            self.push_news(now);
-        }
-        self.connections
-            .refresh_next_attempt(self.config.conn_limit, self.reserve_open(now));
-        if self.connections.next_attempt().is_some_and(|t| t <= now) {
-            self.attempt_due(now);
-        }
         self.settle(now);
+    }
+
+    /// Runs an expired (and stopped) timer's work, which arms it again if
+    /// there is more to do.
+    fn on_timeout(&mut self, timer: Timer, now: Time) {
+        match timer {
+            Timer::Housekeeping => self.housekeeping(now),
+            Timer::Announce => {
+                if self.connections_seen != self.own_entry().connections {
+                    self.announce_links();
+                }
+            }
+            Timer::Tick => self.tick(now),
+            Timer::Probe => self.probe_silent_links(now),
+            Timer::Gossip => self.push_news(now),
+            Timer::Attempt => self.attempt_due(now),
+        }
     }
 
     // ---- outputs ------------------------------------------------------
@@ -476,24 +470,8 @@ impl Router {
 
     /// When to call [`Router::handle_timeout`] next.
     pub fn poll_timeout(&self) -> Option<Time> {
-        // Settled after every input, so the cached attempt time is current.
-        let mut next = self.next_tick;
-        if let Some(g) = self.next_gossip {
-            next = next.min(g);
-        }
-        if let Some(a) = self.announce_at {
-            next = next.min(a);
-        }
-        if let Some(h) = self.housekeeping_at {
-            next = next.min(h);
-        }
-        if let Some(p) = self.next_probe {
-            next = next.min(p);
-        }
-        if let Some(a) = self.connections.next_attempt() {
-            next = next.min(a);
-        }
-        Some(next)
+        // Settled after every input, so the attempt timer is current.
+        self.timers.next_timeout()
     }
 
     // ---- receiving ----------------------------------------------------
@@ -886,8 +864,9 @@ impl Router {
             .retain(|(_, t)| now.saturating_since(*t) <= dead_after);
         self.tokens.push_back((self.rng.next_u64(), now));
         self.send_heartbeats();
-        if self.next_probe.is_none() && !self.silent_links(now).is_empty() {
-            self.next_probe = Some(now + self.config.heartbeat_interval / PROBES_PER_INTERVAL);
+        if !self.timers.is_armed(Timer::Probe) && !self.silent_links(now).is_empty() {
+            let at = now + self.config.heartbeat_interval / PROBES_PER_INTERVAL;
+            self.timers.set(Timer::Probe, at);
         }
         self.forget_stale(now);
         let lapse = self.config.gossip_interval * 2;
@@ -899,10 +878,10 @@ impl Router {
         self.links_changed = true;
         // ±10% jitter keeps a cluster restarted at once from ticking in step.
         let interval = self.config.heartbeat_interval;
-        self.next_tick = now
-            + self
-                .rng
-                .duration_between(interval * 9 / 10, interval * 11 / 10);
+        let jittered = self
+            .rng
+            .duration_between(interval * 9 / 10, interval * 11 / 10);
+        self.timers.set(Timer::Tick, now + jittered);
     }
 
     /// How far heartbeat intervals and dead times stretch: not at all up
@@ -956,13 +935,13 @@ impl Router {
     /// rarely end a link that still works (30% loss would otherwise drop
     /// some link every few seconds in a small cluster).
     fn probe_silent_links(&mut self, now: Time) {
-        self.next_probe = None;
         let silent = self.silent_links(now);
         for (address, token) in &silent {
             self.send_heartbeat(*address, Some(*token), Flag::Probe);
         }
         if !silent.is_empty() {
-            self.next_probe = Some(now + self.config.heartbeat_interval / PROBES_PER_INTERVAL);
+            let at = now + self.config.heartbeat_interval / PROBES_PER_INTERVAL;
+            self.timers.set(Timer::Probe, at);
         }
     }
 
@@ -1021,6 +1000,14 @@ impl Router {
     /// Peers [`Router::is_cut_off`] holds cut off, oldest first.
     fn cut_off_peers(&self, now: Time) -> impl Iterator<Item = PeerName> + '_ {
         self.unreachable.longer_than(now, self.apart())
+    }
+
+    /// Arms the attempt timer for when the next attempt is due, if any.
+    fn refresh_attempt(&mut self, reserve_open: bool) {
+        let at = self
+            .connections
+            .next_attempt(self.config.conn_limit, reserve_open);
+        self.timers.set_or_stop(Timer::Attempt, at);
     }
 
     /// Tries due addresses, within the connection limit (and the reserve,
@@ -1125,7 +1112,6 @@ impl Router {
 
     /// Pushes news to a few random connected peers.
     fn push_news(&mut self, now: Time) {
-        self.next_gossip = None;
         let established = self.connections.established(now, self.dead_after());
         let fanout = self.config.gossip_fanout;
         let targets = self.rng.pick(&established, fanout);
@@ -1224,14 +1210,16 @@ impl Router {
         // cluster, as each run costs more: 50 ms up to 100 peers, 500 ms
         // at 1,000.
         let dirty = self.routes_dirty || self.ipam_dirty || self.peers_dirty || self.open_dirty;
-        if dirty && self.housekeeping_at.is_none() {
+        if dirty && !self.timers.is_armed(Timer::Housekeeping) {
             let scale = self.stretch().max(self.topology.len() as f64 / 100.0);
-            self.housekeeping_at = Some(now + HOUSEKEEPING_DEBOUNCE.mul_f64(scale));
+            let at = now + HOUSEKEEPING_DEBOUNCE.mul_f64(scale);
+            self.timers.set(Timer::Housekeeping, at);
         }
-        self.connections
-            .refresh_next_attempt(self.config.conn_limit, self.reserve_open(now));
-        if (!self.news.is_empty() || self.ipam.has_ring_news()) && self.next_gossip.is_none() {
-            self.next_gossip = Some(now + self.config.gossip_interval);
+        self.refresh_attempt(self.reserve_open(now));
+        let news = !self.news.is_empty() || self.ipam.has_ring_news();
+        if news && !self.timers.is_armed(Timer::Gossip) {
+            self.timers
+                .set(Timer::Gossip, now + self.config.gossip_interval);
         }
     }
 
@@ -1257,8 +1245,9 @@ impl Router {
         // stretched like heartbeats: a starting node gains its links
         // one by one, and each announcement is a version of an entry
         // of up to 100 names that every peer fetches.
-        if self.announce_at.is_none() {
-            self.announce_at = Some(now + self.config.gossip_interval.mul_f64(self.stretch()));
+        if !self.timers.is_armed(Timer::Announce) {
+            let at = now + self.config.gossip_interval.mul_f64(self.stretch());
+            self.timers.set(Timer::Announce, at);
         }
     }
 
@@ -1474,7 +1463,11 @@ impl Router {
     /// it, or `None` when we have not heard from it).
     fn send_heartbeat(&mut self, to: SocketAddr, echo: Option<u64>, flag: Flag) {
         if self.tokens.is_empty() {
-            self.tokens.push_back((self.rng.next_u64(), self.next_tick));
+            // Before the first tick: the token counts from when it is due
+            // (the tick timer is stopped only while the tick runs, and the
+            // tick makes a token first).
+            let from = self.timers.get(Timer::Tick).unwrap_or(Time::ZERO);
+            self.tokens.push_back((self.rng.next_u64(), from));
         }
         let message = self.heartbeat(echo, flag);
         self.send(to, &message);
@@ -1531,17 +1524,7 @@ impl Router {
         };
         self.traffic.sent_datagrams += 1;
         self.traffic.sent_bytes += payload.len() as u64;
-        let by_kind = &mut self.traffic.sent_bytes_by_kind;
-        let counter = match message {
-            Message::Heartbeat(_) => &mut by_kind.heartbeat,
-            Message::Gossip(_) => &mut by_kind.gossip,
-            Message::Digest(_) => &mut by_kind.digest,
-            Message::Request(_) => &mut by_kind.request,
-            Message::News(_) => &mut by_kind.news,
-            Message::Ring(_) => &mut by_kind.ring,
-            Message::Announcements(_) => &mut by_kind.announcements,
-        };
-        *counter += payload.len() as u64;
+        self.traffic.sent_bytes_by_kind[message.kind()] += payload.len() as u64;
         self.transmits.push_back(Transmit {
             destination,
             payload,

@@ -5,7 +5,7 @@ use crate::harness::{Net, address};
 use crate::router::Event;
 use crate::status::DropReason;
 use crate::time::Time;
-use crate::wire::{Heartbeat, Message};
+use crate::wire::{Heartbeat, Message, MessageKind};
 use crate::{Config, PeerName, Router};
 use std::time::Duration;
 
@@ -348,7 +348,12 @@ fn an_ipam_only_change_travels_without_the_connection_list() {
     let sent = |net: &Net| {
         net.running()
             .map(|(_, r)| r.traffic().sent_bytes_by_kind)
-            .fold((0, 0), |(g, a), k| (g + k.gossip, a + k.announcements))
+            .fold((0, 0), |(g, a), k| {
+                (
+                    g + k[MessageKind::Gossip],
+                    a + k[MessageKind::Announcements],
+                )
+            })
     };
     let (gossip_before, announced_before) = sent(&net);
     // A pod changes node 0's free count, so its entry, not its links.
@@ -383,16 +388,26 @@ fn a_digest_is_answered_with_news_of_what_is_spreading_and_settled_entries_whole
     let before = kinds(&net, 0);
     net.inject(1, 0, &digest(&net));
     let after = kinds(&net, 0);
-    assert!(after.news > before.news, "answered with news");
-    assert_eq!(after.gossip, before.gossip, "no spreading entry pushed");
+    assert!(
+        after[MessageKind::News] > before[MessageKind::News],
+        "answered with news"
+    );
+    assert_eq!(
+        after[MessageKind::Gossip],
+        before[MessageKind::Gossip],
+        "no spreading entry pushed"
+    );
     // Once settled, what a peer lacks was lost on the way: it goes whole.
     net.run_for(secs(10));
     assert!(net.converged());
     let before = kinds(&net, 0);
     net.inject(1, 0, &digest(&net));
     let after = kinds(&net, 0);
-    assert!(after.gossip > before.gossip, "settled entries pushed whole");
-    assert_eq!(after.news, before.news);
+    assert!(
+        after[MessageKind::Gossip] > before[MessageKind::Gossip],
+        "settled entries pushed whole"
+    );
+    assert_eq!(after[MessageKind::News], before[MessageKind::News]);
 }
 
 #[test]
@@ -611,7 +626,7 @@ fn a_link_across_a_healed_partition_syncs_at_once() {
     net.run_for(secs(30));
     let digests = |net: &Net| -> Vec<u64> {
         (0..6)
-            .map(|i| net.router(i).traffic().sent_bytes_by_kind.digest)
+            .map(|i| net.router(i).traffic().sent_bytes_by_kind[MessageKind::Digest])
             .collect()
     };
     net.heal();
@@ -692,7 +707,8 @@ fn more_news_than_a_datagram_holds_goes_out_in_one_round() {
     }
     let after = net.router(0).traffic().sent_bytes_by_kind;
     assert_eq!(
-        after.digest, before.digest,
+        after[MessageKind::Digest],
+        before[MessageKind::Digest],
         "news, not a digest of every entry"
     );
 }

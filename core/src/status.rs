@@ -3,10 +3,12 @@
 
 use crate::connections::LinkState;
 use crate::peer::PeerName;
+use crate::wire::MessageKind;
 use ipnet::Ipv4Net;
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::ops::{AddAssign, Index, IndexMut};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Status {
@@ -103,16 +105,42 @@ pub struct Traffic {
     pub sent_bytes_by_kind: BytesByKind,
 }
 
-/// Bytes per message kind (see `wire::Message`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct BytesByKind {
-    pub heartbeat: u64,
-    pub gossip: u64,
-    pub digest: u64,
-    pub request: u64,
-    pub news: u64,
-    pub ring: u64,
-    pub announcements: u64,
+/// Bytes per message kind, serialized as an object keyed by kind name.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BytesByKind([u64; MessageKind::ALL.len()]);
+
+impl BytesByKind {
+    /// Every kind with its bytes, in `MessageKind::ALL`'s order.
+    pub fn iter(&self) -> impl Iterator<Item = (MessageKind, u64)> + '_ {
+        MessageKind::ALL.into_iter().map(|kind| (kind, self[kind]))
+    }
+}
+
+impl Index<MessageKind> for BytesByKind {
+    type Output = u64;
+    fn index(&self, kind: MessageKind) -> &u64 {
+        &self.0[kind.index()]
+    }
+}
+
+impl IndexMut<MessageKind> for BytesByKind {
+    fn index_mut(&mut self, kind: MessageKind) -> &mut u64 {
+        &mut self.0[kind.index()]
+    }
+}
+
+impl AddAssign for BytesByKind {
+    fn add_assign(&mut self, other: BytesByKind) {
+        for (kind, bytes) in other.iter() {
+            self[kind] += bytes;
+        }
+    }
+}
+
+impl Serialize for BytesByKind {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.iter().map(|(kind, bytes)| (kind.name(), bytes)))
+    }
 }
 
 /// Why an incoming datagram was refused.
@@ -137,4 +165,20 @@ pub enum DropReason {
     ConnectionLimit,
     /// From a peer removed from the cluster.
     RemovedPeer,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_by_kind_serialize_as_an_object_keyed_by_name_in_kind_order() {
+        let mut bytes = BytesByKind::default();
+        bytes[MessageKind::Digest] = 7;
+        bytes[MessageKind::Announcements] += 3;
+        assert_eq!(
+            serde_json::to_string(&bytes).unwrap(),
+            r#"{"heartbeat":0,"gossip":0,"digest":7,"request":0,"news":0,"ring":0,"announcements":3}"#
+        );
+    }
 }

@@ -152,6 +152,74 @@ pub enum Message {
     Announcements(Vec<Announcement>),
 }
 
+impl Message {
+    pub fn kind(&self) -> MessageKind {
+        match self {
+            Message::Heartbeat(_) => MessageKind::Heartbeat,
+            Message::Gossip(_) => MessageKind::Gossip,
+            Message::Digest(_) => MessageKind::Digest,
+            Message::Request(_) => MessageKind::Request,
+            Message::News(_) => MessageKind::News,
+            Message::Ring(_) => MessageKind::Ring,
+            Message::Announcements(_) => MessageKind::Announcements,
+        }
+    }
+}
+
+/// Which [`Message`] variant a message is: what traffic is counted by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MessageKind {
+    Heartbeat,
+    Gossip,
+    Digest,
+    Request,
+    News,
+    Ring,
+    Announcements,
+}
+
+impl MessageKind {
+    /// Every kind, in declaration order: the order status and reports list
+    /// them in. A new kind goes here too (the assertion below keeps the
+    /// order, and a test that every example message's kind is listed).
+    pub const ALL: [MessageKind; 7] = [
+        MessageKind::Heartbeat,
+        MessageKind::Gossip,
+        MessageKind::Digest,
+        MessageKind::Request,
+        MessageKind::News,
+        MessageKind::Ring,
+        MessageKind::Announcements,
+    ];
+
+    /// Its name in status, metrics and reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            MessageKind::Heartbeat => "heartbeat",
+            MessageKind::Gossip => "gossip",
+            MessageKind::Digest => "digest",
+            MessageKind::Request => "request",
+            MessageKind::News => "news",
+            MessageKind::Ring => "ring",
+            MessageKind::Announcements => "announcements",
+        }
+    }
+
+    /// Its position in [`MessageKind::ALL`].
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+// Counters index arrays by `index()`: `ALL` must list kinds in order.
+const _: () = {
+    let mut i = 0;
+    while i < MessageKind::ALL.len() {
+        assert!(MessageKind::ALL[i].index() == i);
+        i += 1;
+    }
+};
+
 /// A peer entry without its connection list, and the fingerprint of that
 /// list (see [`PeerEntry::links_fingerprint`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -643,6 +711,17 @@ mod tests {
                 Message::News(vec![(PeerName(1), 7), (PeerName(u64::MAX), u64::MAX)]),
             ),
         ]
+    }
+
+    #[test]
+    fn every_kind_is_listed_once_with_its_name() {
+        let examples = examples();
+        for (name, message) in &examples {
+            assert_eq!(message.kind().name(), *name);
+        }
+        let mut kinds: Vec<MessageKind> = examples.iter().map(|(_, m)| m.kind()).collect();
+        kinds.sort();
+        assert_eq!(kinds, MessageKind::ALL, "one example of each listed kind");
     }
 
     fn hex(bytes: &[u8]) -> String {

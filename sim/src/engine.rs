@@ -692,11 +692,7 @@ impl<'a> Sim<'a> {
         let what = event.action.describe(self.scenario);
         self.trace
             .line(self.now, "-", &format!("event line {}: {what}", event.line));
-        let quiet = matches!(
-            event.action,
-            Action::AddPod { .. } | Action::DelPod(_) | Action::Backup(_)
-        );
-        if !quiet {
+        if event.action.disrupts() {
             self.samples.disrupted(self.now);
         }
         match &event.action {
@@ -715,7 +711,15 @@ impl<'a> Sim<'a> {
                     self.pods.insert(pod.clone(), pod_state);
                 }
             }
-            _ => {}
+            // Applied to the nodes by the engine.
+            Action::Start(_)
+            | Action::Crash(_)
+            | Action::Restart(_)
+            | Action::Wipe(_)
+            | Action::Backup(_)
+            | Action::Restore(_)
+            | Action::Remove(_)
+            | Action::DelPod(_) => {}
         }
     }
 

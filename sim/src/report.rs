@@ -8,6 +8,8 @@ use crate::trace::Trace;
 use serde::Serialize;
 use std::collections::BTreeSet;
 use std::fmt::Write;
+use weft_core::status::BytesByKind;
+use weft_core::wire::MessageKind;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
@@ -27,7 +29,7 @@ pub struct Report {
     /// router's life: for finding where gossip goes, not for snapshots
     /// (a restart resets a router's counters).
     #[serde(skip)]
-    pub sent_by_kind: Vec<(&'static str, u64)>,
+    pub sent_by_kind: BytesByKind,
     /// The ring every running node holds, if they agree.
     pub ring_summary: Option<String>,
     pub nodes_running: usize,
@@ -146,30 +148,18 @@ fn report(sim: &Sim, engine: Engine) -> Report {
     }
 }
 
-fn sent_by_kind(sim: &Sim) -> Vec<(&'static str, u64)> {
-    let mut total = weft_core::status::BytesByKind::default();
+fn sent_by_kind(sim: &Sim) -> BytesByKind {
+    let mut total = BytesByKind::default();
     let mut running = 0u64;
     for router in sim.nodes.iter().filter_map(|n| n.router()) {
-        let k = router.traffic().sent_bytes_by_kind;
+        total += router.traffic().sent_bytes_by_kind;
         running += 1;
-        total.heartbeat += k.heartbeat;
-        total.gossip += k.gossip;
-        total.digest += k.digest;
-        total.request += k.request;
-        total.news += k.news;
-        total.ring += k.ring;
-        total.announcements += k.announcements;
     }
-    let per = |b: u64| b / running.max(1) / sim.now.since_epoch().as_secs().max(1);
-    vec![
-        ("heartbeat", per(total.heartbeat)),
-        ("gossip", per(total.gossip)),
-        ("digest", per(total.digest)),
-        ("request", per(total.request)),
-        ("news", per(total.news)),
-        ("ring", per(total.ring)),
-        ("announcements", per(total.announcements)),
-    ]
+    let seconds = sim.now.since_epoch().as_secs().max(1);
+    for kind in MessageKind::ALL {
+        total[kind] = total[kind] / running.max(1) / seconds;
+    }
+    total
 }
 
 impl Report {
@@ -213,7 +203,7 @@ impl Report {
         let kinds: Vec<String> = self
             .sent_by_kind
             .iter()
-            .map(|(kind, b)| format!("{kind} {b}"))
+            .map(|(kind, b)| format!("{} {b}", kind.name()))
             .collect();
         let _ = writeln!(
             s,

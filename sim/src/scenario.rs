@@ -117,6 +117,25 @@ pub enum Action {
 }
 
 impl Action {
+    /// Whether it disturbs the cluster: convergence is timed from the last
+    /// disruption.
+    pub fn disrupts(&self) -> bool {
+        match self {
+            Action::AddPod { .. } | Action::DelPod(_) | Action::Backup(_) => false,
+            Action::Start(_)
+            | Action::Crash(_)
+            | Action::Restart(_)
+            | Action::Wipe(_)
+            | Action::Restore(_)
+            | Action::Remove(_)
+            | Action::Partition(_)
+            | Action::Cut(..)
+            | Action::Heal
+            | Action::Loss { .. }
+            | Action::Latency { .. } => true,
+        }
+    }
+
     /// The event as people read it, with node names ("cut node1 node3").
     pub fn describe(&self, scenario: &Scenario) -> String {
         let names = |list: &[usize]| {
@@ -155,6 +174,97 @@ impl Action {
             ),
             Action::DelPod(p) => format!("del_pod {p}"),
         }
+    }
+}
+
+/// What an event does, as `do = "..."` names it, before its fields are
+/// read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ActionKind {
+    Start,
+    Crash,
+    Restart,
+    Wipe,
+    Backup,
+    Restore,
+    Remove,
+    Partition,
+    Cut,
+    Heal,
+    Loss,
+    Latency,
+    AddPod,
+    DelPod,
+}
+
+impl ActionKind {
+    const ALL: [ActionKind; 14] = [
+        ActionKind::Start,
+        ActionKind::Crash,
+        ActionKind::Restart,
+        ActionKind::Wipe,
+        ActionKind::Backup,
+        ActionKind::Restore,
+        ActionKind::Remove,
+        ActionKind::Partition,
+        ActionKind::Cut,
+        ActionKind::Heal,
+        ActionKind::Loss,
+        ActionKind::Latency,
+        ActionKind::AddPod,
+        ActionKind::DelPod,
+    ];
+
+    fn parse(name: &str) -> Option<ActionKind> {
+        ActionKind::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            ActionKind::Start => "start",
+            ActionKind::Crash => "crash",
+            ActionKind::Restart => "restart",
+            ActionKind::Wipe => "wipe",
+            ActionKind::Backup => "backup",
+            ActionKind::Restore => "restore",
+            ActionKind::Remove => "remove",
+            ActionKind::Partition => "partition",
+            ActionKind::Cut => "cut",
+            ActionKind::Heal => "heal",
+            ActionKind::Loss => "loss",
+            ActionKind::Latency => "latency",
+            ActionKind::AddPod => "add_pod",
+            ActionKind::DelPod => "del_pod",
+        }
+    }
+
+    /// The fields it takes besides `at` and `do`.
+    fn fields(self) -> &'static [&'static str] {
+        match self {
+            ActionKind::Start
+            | ActionKind::Crash
+            | ActionKind::Restart
+            | ActionKind::Wipe
+            | ActionKind::Backup
+            | ActionKind::Restore
+            | ActionKind::Remove => &["nodes"],
+            ActionKind::Partition => &["groups"],
+            ActionKind::Cut => &["a", "b"],
+            ActionKind::Heal => &[],
+            ActionKind::Loss => &["rate", "nodes"],
+            ActionKind::Latency => &["value", "nodes"],
+            ActionKind::AddPod => &["node", "pod", "count"],
+            ActionKind::DelPod => &["pod"],
+        }
+    }
+}
+
+/// "a, b or c".
+fn one_of(names: &[&str]) -> String {
+    match names.split_last() {
+        Some((last, [])) => last.to_string(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
     }
 }
 
@@ -513,7 +623,18 @@ impl Validator<'_> {
                         ));
                     }
                 }
-                _ => {}
+                Action::Start(_)
+                | Action::Crash(_)
+                | Action::Restart(_)
+                | Action::Wipe(_)
+                | Action::Remove(_)
+                | Action::Partition(_)
+                | Action::Cut(..)
+                | Action::Heal
+                | Action::Loss { .. }
+                | Action::Latency { .. }
+                | Action::AddPod { .. }
+                | Action::DelPod(_) => {}
             }
         }
         Ok(())
@@ -528,22 +649,14 @@ impl Validator<'_> {
         let e = spanned.get_ref();
         let at = self.duration(&e.at)?;
         let kind = e.action.get_ref().as_str();
-        let allowed: &[&str] = match kind {
-            "start" | "crash" | "restart" | "wipe" | "backup" | "restore" | "remove" => &["nodes"],
-            "partition" => &["groups"],
-            "cut" => &["a", "b"],
-            "heal" => &[],
-            "loss" => &["rate", "nodes"],
-            "latency" => &["value", "nodes"],
-            "add_pod" => &["node", "pod", "count"],
-            "del_pod" => &["pod"],
-            other => {
-                return Err(self.src.error(
-                    e.action.span(),
-                    format!("unknown event {other:?}: use start, crash, restart, wipe, backup, restore, remove, partition, cut, heal, loss, latency, add_pod or del_pod"),
-                ));
-            }
+        let Some(action_kind) = ActionKind::parse(kind) else {
+            let names = ActionKind::ALL.map(ActionKind::name);
+            return Err(self.src.error(
+                e.action.span(),
+                format!("unknown event {kind:?}: use {}", one_of(&names)),
+            ));
         };
+        let allowed = action_kind.fields();
         let present = [
             ("nodes", e.nodes.is_some()),
             ("groups", e.groups.is_some()),
@@ -566,20 +679,16 @@ impl Validator<'_> {
                     .map(|l| l.iter().map(|n| self.node(names, n)).collect())
                     .transpose()
             };
-        let action = match kind {
-            "start" | "crash" | "restart" | "wipe" | "backup" | "restore" | "remove" => {
-                let list = nodes(&e.nodes)?.ok_or_else(|| need("nodes"))?;
-                match kind {
-                    "start" => Action::Start(list),
-                    "crash" => Action::Crash(list),
-                    "restart" => Action::Restart(list),
-                    "wipe" => Action::Wipe(list),
-                    "backup" => Action::Backup(list),
-                    "restore" => Action::Restore(list),
-                    _ => Action::Remove(list),
-                }
-            }
-            "partition" => {
+        let node_list = || nodes(&e.nodes)?.ok_or_else(|| need("nodes"));
+        let action = match action_kind {
+            ActionKind::Start => Action::Start(node_list()?),
+            ActionKind::Crash => Action::Crash(node_list()?),
+            ActionKind::Restart => Action::Restart(node_list()?),
+            ActionKind::Wipe => Action::Wipe(node_list()?),
+            ActionKind::Backup => Action::Backup(node_list()?),
+            ActionKind::Restore => Action::Restore(node_list()?),
+            ActionKind::Remove => Action::Remove(node_list()?),
+            ActionKind::Partition => {
                 let groups = e.groups.as_ref().ok_or_else(|| need("groups"))?;
                 let groups: Vec<Vec<usize>> = groups
                     .iter()
@@ -593,7 +702,7 @@ impl Validator<'_> {
                 }
                 Action::Partition(groups)
             }
-            "cut" => {
+            ActionKind::Cut => {
                 let a = self.node(names, e.a.as_ref().ok_or_else(|| need("a"))?)?;
                 let b = self.node(names, e.b.as_ref().ok_or_else(|| need("b"))?)?;
                 if a == b {
@@ -603,16 +712,16 @@ impl Validator<'_> {
                 }
                 Action::Cut(a, b)
             }
-            "heal" => Action::Heal,
-            "loss" => Action::Loss {
+            ActionKind::Heal => Action::Heal,
+            ActionKind::Loss => Action::Loss {
                 rate: self.rate(e.rate.as_ref().ok_or_else(|| need("rate"))?)?,
                 nodes: nodes(&e.nodes)?,
             },
-            "latency" => Action::Latency {
+            ActionKind::Latency => Action::Latency {
                 value: self.latency(e.value.as_ref().ok_or_else(|| need("value"))?)?,
                 nodes: nodes(&e.nodes)?,
             },
-            "add_pod" => {
+            ActionKind::AddPod => {
                 let node = self.node(names, e.node.as_ref().ok_or_else(|| need("node"))?)?;
                 let pod = e.pod.as_ref().ok_or_else(|| need("pod"))?;
                 let base = pod.get_ref().clone();
@@ -635,7 +744,7 @@ impl Validator<'_> {
                 }
                 Action::AddPod { node, pods: list }
             }
-            _ => {
+            ActionKind::DelPod => {
                 let pod = e.pod.as_ref().ok_or_else(|| need("pod"))?;
                 if !pods.contains(pod.get_ref()) {
                     return Err(self.src.error(
@@ -1008,7 +1117,7 @@ expect = "converged"
         );
         assert!(
             err("\n[[events]]\nat = \"5s\"\ndo = \"explode\"\n")
-                .contains("unknown event \"explode\"")
+                .ends_with("unknown event \"explode\": use start, crash, restart, wipe, backup, restore, remove, partition, cut, heal, loss, latency, add_pod or del_pod")
         );
         assert!(
             err("\n[[events]]\nat = \"5s\"\ndo = \"heal\"\nnodes = [\"node1\"]\n")

@@ -213,17 +213,10 @@ impl Metrics {
             follow(&self.gossip_bytes.get_or_create(&label), bytes);
             follow(&self.gossip_datagrams.get_or_create(&label), datagrams);
         }
-        let k = t.sent_bytes_by_kind;
-        for (kind, bytes) in [
-            ("heartbeat", k.heartbeat),
-            ("gossip", k.gossip),
-            ("announcements", k.announcements),
-            ("digest", k.digest),
-            ("request", k.request),
-            ("news", k.news),
-            ("ring", k.ring),
-        ] {
-            let label = Kind { kind: kind.into() };
+        for (kind, bytes) in t.sent_bytes_by_kind.iter() {
+            let label = Kind {
+                kind: kind.name().into(),
+            };
             follow(&self.gossip_sent_by_kind.get_or_create(&label), bytes);
         }
         for (reason, n) in &status.dropped {
