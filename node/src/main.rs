@@ -10,7 +10,7 @@ mod agent;
 mod cli;
 mod serve;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,7 +30,7 @@ enum Command {
     /// or ipam as JSON.
     Status {
         #[arg(value_enum)]
-        view: Option<View>,
+        view: Option<cli::View>,
         /// The agent's status address.
         #[arg(long, env = "WEFT_STATUS_ADDR", default_value = "127.0.0.1:6784")]
         status_addr: SocketAddr,
@@ -55,13 +55,6 @@ enum Command {
     /// it: one line per check (ok / warn / FAIL); exit status 0 when all
     /// are ok, 1 with warnings, 2 with failures.
     Doctor(cli::doctor::DoctorArgs),
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-pub enum View {
-    Peers,
-    Connections,
-    Ipam,
 }
 
 fn main() -> ExitCode {

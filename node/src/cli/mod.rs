@@ -10,9 +10,16 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// What `weft status` shows besides the report.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum View {
+    Peers,
+    Connections,
+    Ipam,
+}
+
 /// `weft status [VIEW]`: the agent's report, or one view as JSON.
-pub fn status(status_addr: SocketAddr, view: Option<crate::View>) -> ExitCode {
-    use crate::View;
+pub fn status(status_addr: SocketAddr, view: Option<View>) -> ExitCode {
     let path = match view {
         None => "/status",
         Some(View::Peers) => "/status/peers",
