@@ -5,7 +5,8 @@
 #   - weft-driver, weft-kube and weft-dataplane depend on weft-core only;
 #   - weft-dataplane never names the shared router (it reads views);
 #   - the pure files of weft-dataplane make no system call;
-#   - in the weft binary nothing imports main.rs.
+#   - in the weft binary only agent/ holds the router (hands it to the
+#     driver loop); serve/ and cli/ read values; nothing imports main.rs.
 #
 # Usage: ci/crate-rules.sh [TREE]   checks TREE (default: this checkout)
 #        ci/crate-rules.sh --self-test
@@ -71,6 +72,11 @@ check() {
             say "dataplane/src/$f is pure and must not make system calls"
         fi
     done
+    for f in $(find "$tree/node/src" -name '*.rs' ! -path '*/agent/*' ! -name tests.rs); do
+        if code_of "$f" | grep -E 'SharedRouter|weft_driver::lock|Mutex<Router>|\bRouter::new'; then
+            say "only node/src/agent/ may hold the router; read through weft_driver::read or views"
+        fi
+    done
     if grep -rnE 'crate::main\b|super::main\b' "$tree/node/src"; then
         say "something imports main.rs"
     fi
@@ -94,7 +100,8 @@ self_test() {
         'echo "use weft_driver::SharedRouter;" >> dataplane/src/sync.rs' \
         'sed -i "1i fn peek() { let _ = std::fs::read(\"/x\"); }" dataplane/src/desired.rs' \
         'echo "use weft_dataplane::names;" >> core/src/lib.rs' \
-        'echo "use crate::main;" >> node/src/cli/mod.rs'; do
+        'echo "use crate::main;" >> node/src/cli/mod.rs' \
+        'sed -i "1i type Held = weft_driver::SharedRouter;" node/src/serve/http.rs'; do
         local one
         one=$(mktemp -d)
         cp -a "$copy/." "$one/"

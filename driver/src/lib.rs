@@ -67,9 +67,10 @@ pub trait Host {
     fn socket_error(&mut self, _error: &io::Error) {}
 }
 
-/// The router, shared with readers (status pages, simulator checks). Only
-/// the loop mutates it: everyone else sends a [`Command`], so that outputs
-/// are always drained and state always saved.
+/// The loop's router, as a simulator sees it between steps. Only the loop
+/// mutates it: everyone else sends a [`Command`], so that outputs are
+/// always drained and state always saved; the agent's readers get values
+/// ([`read`], [`Driver::publish_views`]).
 pub type SharedRouter = Arc<Mutex<Router>>;
 
 /// Locks the shared router; a panic elsewhere does not make it unusable.
@@ -115,6 +116,44 @@ pub enum Command {
     ForgetPeerAddress(SocketAddr),
     /// This node's podCIDR (node-cidr mode), once Kubernetes assigns it.
     SetPodCidr(Ipv4Net),
+    /// A question about the router, answered on the loop at once (also
+    /// while saves fail: it changes nothing). See [`read`].
+    Read(Read),
+}
+
+/// A question about the router: runs on the loop, with the router and the
+/// time, and sends its answer itself.
+pub struct Read(Question);
+
+type Question = Box<dyn FnOnce(&Router, Time) + Send>;
+
+impl Read {
+    /// Answers the question from `router` at `now` (what the loop does;
+    /// also for stand-in loops in tests).
+    pub fn answer(self, router: &Router, now: Time) {
+        (self.0)(router, now)
+    }
+}
+
+impl std::fmt::Debug for Read {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Read(..)")
+    }
+}
+
+/// Asks the loop behind `commands` for a value computed from its router:
+/// how readers get values instead of the router. `None` once the loop is
+/// gone.
+pub async fn read<T: Send + 'static>(
+    commands: &mpsc::UnboundedSender<Command>,
+    question: impl FnOnce(&Router, Time) -> T + Send + 'static,
+) -> Option<T> {
+    let (reply, answer) = oneshot::channel();
+    let read = Read(Box::new(move |router, now| {
+        let _ = reply.send(question(router, now));
+    }));
+    commands.send(Command::Read(read)).ok()?;
+    answer.await.ok()
 }
 
 /// Why the loop stopped.
@@ -157,11 +196,12 @@ pub struct Driver<D, H> {
 }
 
 impl<D: Datagrams, H: Host> Driver<D, H> {
-    /// `epoch` is the instant the router's time counts from (its `now` at
+    /// Takes `router` over: from now on only the loop changes it. `epoch`
+    /// is the instant the router's time counts from (its `now` at
     /// creation).
-    pub fn new(router: SharedRouter, socket: D, host: H, epoch: Instant) -> Driver<D, H> {
+    pub fn new(router: Router, socket: D, host: H, epoch: Instant) -> Driver<D, H> {
         Driver {
-            router,
+            router: Arc::new(Mutex::new(router)),
             socket,
             host,
             epoch,
@@ -185,6 +225,8 @@ impl<D: Datagrams, H: Host> Driver<D, H> {
         self
     }
 
+    /// The router, for a simulator that inspects it between steps; the
+    /// agent reads through [`read`] and published views instead.
     pub fn router(&self) -> &SharedRouter {
         &self.router
     }
@@ -299,6 +341,7 @@ impl<D: Datagrams, H: Host> Driver<D, H> {
             Command::AddPeer(address) => router.add_peer_address(now, address),
             Command::ForgetPeerAddress(address) => router.remove_peer_address(address),
             Command::SetPodCidr(cidr) => router.set_pod_cidr(now, cidr),
+            Command::Read(read) => read.answer(&router, now),
         }
     }
 

@@ -18,7 +18,6 @@ use std::cell::RefCell;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::rc::Rc;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use weft_core::ipam::IpamError;
@@ -463,11 +462,6 @@ impl NodeSetup {
             router.add_peer_address(Time::ZERO, *peer);
         }
         let socket = turmoil::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, PORT)).await?;
-        let shared = Arc::new(Mutex::new(router));
-        let (tx, rx) = mpsc::unbounded_channel();
-        self.notes
-            .borrow_mut()
-            .push(Note::Started(i, shared.clone(), tx));
         let socket = SimSocket {
             i,
             socket,
@@ -478,7 +472,11 @@ impl NodeSetup {
             disk: self.disk,
             notes: self.notes.clone(),
         };
-        let driver = Driver::new(shared, socket, host, tokio::time::Instant::now());
+        let driver = Driver::new(router, socket, host, tokio::time::Instant::now());
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.notes
+            .borrow_mut()
+            .push(Note::Started(i, driver.router().clone(), tx));
         if let Err(e) = driver.run(rx).await {
             self.notes
                 .borrow_mut()

@@ -74,10 +74,13 @@ struct RemovePeer {
 impl ReclaimAction for RemovePeer {
     async fn reclaim(&self, peer: u64) -> Result<(), weft_kube::BoxError> {
         let (reply, answer) = oneshot::channel();
-        self.commands.send(Command::RemovePeer {
+        let command = Command::RemovePeer {
             peer: PeerName(peer),
             reply,
-        })?;
+        };
+        if self.commands.send(command).is_err() {
+            return Err("the agent is stopping".into());
+        }
         let addresses = answer.await??;
         tracing::info!(peer = %PeerName(peer), addresses, "kube: reclaimed a removed Node's address space");
         Ok(())
@@ -124,7 +127,7 @@ pub struct Agent {
     pub port: u16,
     pub commands: mpsc::UnboundedSender<Command>,
     /// Whether the agent is ready (what /readyz says).
-    pub ready: Box<dyn Fn() -> bool>,
+    pub ready: Ready,
 }
 
 /// Starts the Kubernetes tasks on the current LocalSet.
@@ -265,9 +268,12 @@ async fn follow_nodes(
     }
 }
 
+/// Asks whether the agent is ready (what /readyz says).
+pub type Ready = Box<dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = bool>>>>;
+
 /// Sets `NetworkUnavailable=False` once the agent is ready.
-async fn report_ready(client: Client, node: String, ready: Box<dyn Fn() -> bool>) {
-    while !ready() {
+async fn report_ready(client: Client, node: String, ready: Ready) {
+    while !ready().await {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     retry("set the Node condition", || {

@@ -13,7 +13,7 @@ use crate::serve::metrics::Metrics;
 use settings::{Datapath, IpamKind, RouterArgs};
 use std::io;
 use std::rc::Rc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use store::{Store, StoreError};
 use tokio::sync::{mpsc, watch};
 use weft_core::ipam::IpamInit;
@@ -229,7 +229,6 @@ async fn run_async(mut args: RouterArgs) -> Result<(), StartError> {
     let me = router.name();
     let (views_tx, views) = watch::channel(Arc::new(router.view()));
     let core_config = router.config().clone();
-    let shared = Arc::new(Mutex::new(router));
     let sleeve_socket = std_socket.try_clone().map_err(listen_error)?;
     let (control, sleeve_counters) = start_sleeve(
         &args,
@@ -268,11 +267,10 @@ async fn run_async(mut args: RouterArgs) -> Result<(), StartError> {
     let (dataplane, kernel) = start_dataplane(&args, follow)?;
     let save_trouble = api::SaveTroubleCell::default();
     let api = Api {
-        router: shared.clone(),
         commands: commands.clone(),
+        views: views.clone(),
         bridge: args.bridge.clone(),
         mtu,
-        epoch,
         dataplane: dataplane.clone(),
         kernel: kernel.clone(),
         save_trouble: save_trouble.clone(),
@@ -289,8 +287,6 @@ async fn run_async(mut args: RouterArgs) -> Result<(), StartError> {
             source,
         })?;
     let server = StatusServer {
-        router: shared.clone(),
-        epoch,
         api: api.clone(),
         metrics: Rc::new(Metrics::default()),
         dataplane: dataplane.clone(),
@@ -317,7 +313,10 @@ async fn run_async(mut args: RouterArgs) -> Result<(), StartError> {
             own_address: config_address.ip(),
             port: args.listen.port(),
             commands: commands.clone(),
-            ready: Box::new(move || ready_api.status().ready),
+            ready: Box::new(move || {
+                let api = ready_api.clone();
+                Box::pin(async move { api.status().await.ready })
+            }),
         };
         kubernetes::spawn(kube, agent);
     }
@@ -325,7 +324,7 @@ async fn run_async(mut args: RouterArgs) -> Result<(), StartError> {
         store,
         save_trouble,
     };
-    let driver = Driver::new(shared, socket, host, epoch).publish_views(views_tx);
+    let driver = Driver::new(router, socket, host, epoch).publish_views(views_tx);
     let result = tokio::select! {
         r = driver.run(commands_rx) => r.map_err(StartError::from),
         () = stop_signal() => {

@@ -21,11 +21,13 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot};
-use weft_driver::{Command, SharedRouter, lock};
+use tokio::sync::{mpsc, oneshot, watch};
+use weft_core::{Router, Time, View};
+use weft_driver::Command;
 
 /// Longest request line accepted.
 pub const MAX_REQUEST: usize = 64 * 1024;
@@ -116,12 +118,13 @@ pub enum Answer {
 /// What the API needs of the agent.
 #[derive(Clone)]
 pub struct Api {
-    pub router: SharedRouter,
+    /// The driver loop, which owns the router: requests, and questions
+    /// about the router ([`weft_driver::read`]).
     pub commands: mpsc::UnboundedSender<Command>,
+    /// The router's views, as the driver loop publishes them.
+    pub views: watch::Receiver<Arc<View>>,
     pub bridge: String,
     pub mtu: u32,
-    /// The router's time zero.
-    pub epoch: tokio::time::Instant,
     /// The kernel thread, when this agent programs the kernel.
     pub kernel: Option<weft_dataplane::sync::KernelSync>,
     /// Which dataplane carries pods, and its problems.
@@ -219,6 +222,15 @@ async fn connection(stream: UnixStream, api: Api, admitted: Admitted) {
 
 use tokio::io::AsyncReadExt;
 
+/// The pods' allocations on this node, by container (the gateway's own
+/// entry left out).
+fn allocations(router: &Router) -> Vec<(String, Ipv4Addr)> {
+    let held = router.ipam().allocations().iter();
+    held.filter(|(id, _)| *id != weft_core::ipam::space::GATEWAY_ID)
+        .map(|(id, address)| (id.to_string(), address))
+        .collect()
+}
+
 fn bad(message: String) -> ApiError {
     ApiError {
         kind: ErrorKind::BadRequest,
@@ -270,31 +282,26 @@ impl Api {
                 }
             }
             Request::Check { container_id } => {
-                let router = lock(&self.router);
-                let held = router.ipam().allocations().get(&container_id);
+                let id = container_id.clone();
+                let held = self
+                    .read(move |router, _| router.ipam().allocations().get(&id))
+                    .await?;
                 match held {
-                    Some(address) => Ok(Answer::Attachment(self.attachment(
-                        &router,
-                        container_id,
-                        address,
-                    ))),
+                    Some(address) => Ok(Answer::Attachment(self.attachment(container_id, address))),
                     None => Err(refused_because(format!(
                         "container {container_id} holds no address on this node"
                     ))),
                 }
             }
             Request::List => {
-                let router = lock(&self.router);
-                let allocations = router
-                    .ipam()
-                    .allocations()
-                    .iter()
-                    .filter(|(id, _)| *id != weft_core::ipam::space::GATEWAY_ID)
-                    .map(|(id, a)| self.attachment(&router, id.to_string(), a))
+                let held = self.read(|router, _| allocations(router)).await?;
+                let allocations = held
+                    .into_iter()
+                    .map(|(id, a)| self.attachment(id, a))
                     .collect();
                 Ok(Answer::List { allocations })
             }
-            Request::Status => Ok(Answer::Status(self.status())),
+            Request::Status => Ok(Answer::Status(self.status().await)),
             Request::DeleteVeth { interface } => {
                 let valid = interface.starts_with("vethwf")
                     && interface.len() <= 15
@@ -312,7 +319,7 @@ impl Api {
                 }
             }
             Request::RemovePeer { peer } => {
-                let name = self.peer_named(&peer)?;
+                let name = self.peer_named(&peer).await?;
                 let (reply, answer) = oneshot::channel();
                 self.send(Command::RemovePeer { peer: name, reply })?;
                 match answer.await.map_err(|_| self.unavailable())? {
@@ -323,15 +330,22 @@ impl Api {
         }
     }
 
-    fn now(&self) -> weft_core::Time {
-        weft_core::Time::from_duration(self.epoch.elapsed())
+    /// A value computed from the router on the driver loop.
+    pub async fn read<T: Send + 'static>(
+        &self,
+        question: impl FnOnce(&Router, Time) -> T + Send + 'static,
+    ) -> Result<T, ApiError> {
+        weft_driver::read(&self.commands, question)
+            .await
+            .ok_or_else(|| self.unavailable())
     }
 
     /// A peer this node has heard of, by its name, or by its nickname
     /// when that is unambiguous.
-    fn peer_named(&self, peer: &str) -> Result<weft_core::PeerName, ApiError> {
-        let known = crate::serve::known_peers::known_peers(&lock(&self.router), self.now());
-        crate::serve::known_peers::find(peer, &known).map_err(refused_because)
+    async fn peer_named(&self, peer: &str) -> Result<weft_core::PeerName, ApiError> {
+        use crate::serve::known_peers::{find, known_peers};
+        let known = self.read(known_peers).await?;
+        find(peer, &known).map_err(refused_because)
     }
 
     fn send(&self, command: Command) -> Result<(), ApiError> {
@@ -375,17 +389,17 @@ impl Api {
             Err(_) => {
                 return Err(pending(format!(
                     "no address for {container} yet: {}",
-                    self.pending_reason(&container)
+                    self.pending_reason(&container).await
                 )));
             }
         };
         if let Some(kernel) = &self.kernel {
-            let gateway = || lock(&self.router).gateway();
+            let gateway = || self.views.borrow().gateway;
             if tokio::time::timeout_at(deadline, kernel.bridge_ready(gateway))
                 .await
                 .is_err()
             {
-                let reason = self.status().reason;
+                let reason = self.status().await.reason;
                 let reason = reason.unwrap_or_else(|| "it was just set up".into());
                 return Err(pending(format!(
                     "{container} holds {address}, but the bridge {} is not ready for pods yet: {reason}",
@@ -393,52 +407,59 @@ impl Api {
                 )));
             }
         }
-        let router = lock(&self.router);
-        Ok(Answer::Attachment(
-            self.attachment(&router, container, address),
-        ))
+        Ok(Answer::Attachment(self.attachment(container, address)))
     }
 
-    fn pending_reason(&self, container: &str) -> String {
-        let router = lock(&self.router);
-        let status = router.status(self.now());
-        status
-            .ipam
-            .pending
-            .iter()
-            .find(|p| p.container == container)
-            .map(|p| p.reason.clone())
+    async fn pending_reason(&self, container: &str) -> String {
+        let container = container.to_string();
+        let reason = self.read(move |router, now| {
+            let status = router.status(now);
+            let pending = status.ipam.pending.into_iter();
+            pending
+                .filter(|p| p.container == container)
+                .map(|p| p.reason)
+                .next()
+        });
+        reason
+            .await
+            .ok()
+            .flatten()
             .unwrap_or_else(|| "the request is still being processed".into())
     }
 
-    fn attachment(
-        &self,
-        router: &weft_core::Router,
-        container_id: String,
-        address: Ipv4Addr,
-    ) -> Attachment {
-        let prefix = router.ipam().range().prefix_len();
+    /// `address` as a pod wears it, from the newest view (published before
+    /// the answer that handed the address out).
+    fn attachment(&self, container_id: String, address: Ipv4Addr) -> Attachment {
+        let view = self.views.borrow();
         Attachment {
             container_id,
-            address: Ipv4Net::new(address, prefix).expect("prefix of a valid range"),
-            gateway: router.gateway(),
+            address: Ipv4Net::new(address, view.range.prefix_len())
+                .expect("prefix of a valid range"),
+            gateway: view.gateway,
         }
     }
 
-    pub fn status(&self) -> NodeStatus {
-        let router = lock(&self.router);
-        let status = router.status(self.now());
+    /// Whether the agent can wire pods now, and why not.
+    pub async fn status(&self) -> NodeStatus {
+        let ipam = self.read(|router, now| router.status(now).ipam).await;
+        let gateway = self.views.borrow().gateway;
+        let range = self.views.borrow().range;
         let problem = self.dataplane.borrow().kernel_error.clone();
         let reason = if let Some(trouble) = self.save_trouble() {
             Some(trouble.to_string())
         } else if let Some(p) = problem {
             Some(p)
-        } else if !status.ipam.seeded && status.ipam.mode != "node-cidr" {
+        } else if ipam.is_err() {
+            Some("the weft agent is stopping".into())
+        } else if ipam
+            .as_ref()
+            .is_ok_and(|i| !i.seeded && i.mode != "node-cidr")
+        {
             Some(
                 "the IPAM ring is not seeded yet: waiting for a quorum of peers (see `weft status ipam`)"
                     .into(),
             )
-        } else if let Some(gateway) = router.gateway() {
+        } else if let Some(gateway) = gateway {
             match &self.kernel {
                 Some(kernel) if !kernel.bridge_holds(gateway) => Some(format!(
                     "the bridge {} does not hold the gateway {gateway} yet",
@@ -454,8 +475,8 @@ impl Api {
             reason,
             bridge: self.bridge.clone(),
             mtu: self.mtu,
-            range: status.ipam.range,
-            gateway: router.gateway(),
+            range,
+            gateway,
         }
     }
 }
@@ -509,7 +530,6 @@ fn refused(e: weft_core::ipam::IpamError) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
     use tokio::sync::watch;
     use weft_core::View;
     use weft_dataplane::desired::{Overlay, Setup};
@@ -518,8 +538,9 @@ mod tests {
 
     /// An agent API over a node-cidr router that has its space, with a
     /// kernel thread over an in-memory dataplane that has applied nothing
-    /// yet (its view shows no space), and a stand-in driver that answers
-    /// every allocation with .5. Publish on the sender to move the kernel.
+    /// yet (the view it follows shows no space), and a stand-in driver
+    /// that answers every allocation with .5. Publish the router's view on
+    /// the sender to move the kernel.
     fn agent_with_space() -> (Api, watch::Sender<Arc<View>>) {
         use weft_core::ipam::IpamMode;
         let mut config = weft_core::Config::new("node1", ([192, 168, 1, 11], 6783).into());
@@ -532,9 +553,10 @@ mod tests {
             gateway: None,
             ..router.view()
         };
-        let (views_tx, views) = watch::channel(Arc::new(before_space));
+        let view = Arc::new(router.view());
+        let (kernel_views, followed) = watch::channel(Arc::new(before_space));
         let follow = Follow {
-            views,
+            views: followed,
             setup: Setup {
                 bridge: "weft".into(),
                 mtu: 1400,
@@ -550,22 +572,25 @@ mod tests {
         let (commands, mut driver) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Some(command) = driver.recv().await {
-                if let Command::Allocate { reply, .. } = command {
-                    let _ = reply.send(Ok(Ipv4Addr::new(10, 32, 1, 5)));
+                match command {
+                    Command::Allocate { reply, .. } => {
+                        let _ = reply.send(Ok(Ipv4Addr::new(10, 32, 1, 5)));
+                    }
+                    Command::Read(read) => read.answer(&router, weft_core::Time::ZERO),
+                    _ => {}
                 }
             }
         });
         let api = Api {
-            router: Arc::new(Mutex::new(router)),
             commands,
+            views: watch::channel(view).1,
             bridge: "weft".into(),
             mtu: 1400,
-            epoch: tokio::time::Instant::now(),
             dataplane: kernel.status(),
             kernel: Some(kernel),
             save_trouble: Default::default(),
         };
-        (api, views_tx)
+        (api, kernel_views)
     }
 
     fn allocate(container: &str, wait_ms: u64) -> Request {
@@ -587,7 +612,7 @@ mod tests {
             .unwrap();
         rt.block_on(async {
             let (api, views) = agent_with_space();
-            let status = api.status();
+            let status = api.status().await;
             assert!(!status.ready, "{status:?}");
             assert!(status.reason.unwrap().contains("bridge weft"));
             let early = api.handle(allocate("c1", 50)).await.unwrap_err();
@@ -595,13 +620,13 @@ mod tests {
             assert!(early.message.contains("10.32.1.5"), "{early:?}");
 
             let kernel = api.kernel.clone().unwrap();
-            views.send_replace(Arc::new(lock(&api.router).view()));
+            views.send_replace(api.views.borrow().clone());
             let Ok(Answer::Attachment(a)) = api.handle(allocate("c1", 60_000)).await else {
                 panic!("an address once the bridge is up");
             };
             assert_eq!(a.address.addr(), Ipv4Addr::new(10, 32, 1, 5));
             assert!(a.gateway.is_some_and(|g| kernel.bridge_holds(g)));
-            assert!(api.status().ready);
+            assert!(api.status().await.ready);
         });
     }
 

@@ -10,8 +10,6 @@ use crate::serve::report;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use weft_core::Time;
-use weft_driver::{SharedRouter, lock};
 
 const MAX_HEAD: usize = 8 * 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -21,8 +19,7 @@ pub const MAX_CONNECTIONS: usize = 64;
 
 #[derive(Clone)]
 pub struct StatusServer {
-    pub router: SharedRouter,
-    pub epoch: tokio::time::Instant,
+    /// The local API, through which pages read the router's status.
     pub api: crate::serve::api::Api,
     pub metrics: std::rc::Rc<Metrics>,
     pub dataplane: tokio::sync::watch::Receiver<weft_dataplane::status::DataplaneState>,
@@ -79,7 +76,7 @@ async fn connection(mut stream: TcpStream, server: StatusServer, admitted: Admit
     admitted.busy();
     let page = match head {
         Ok(Ok(head)) => match parse_request_line(&head) {
-            Ok(("GET", path)) => server.page(path),
+            Ok(("GET", path)) => server.page(path).await,
             Ok((_, _)) => Page::text(405, "only GET is served here\n".into()),
             Err(why) => Page::text(400, format!("{why}\n")),
         },
@@ -138,10 +135,6 @@ pub fn parse_request_line(head: &str) -> Result<(&str, &str), String> {
 }
 
 impl StatusServer {
-    fn now(&self) -> Time {
-        Time::from_duration(self.epoch.elapsed())
-    }
-
     fn dataplane_state(&self) -> weft_dataplane::status::DataplaneState {
         let mut state = self.dataplane.borrow().clone();
         if let Some(prober) = &self.prober {
@@ -150,26 +143,33 @@ impl StatusServer {
         state
     }
 
-    pub fn page(&self, path: &str) -> Page {
-        let now = self.now();
+    pub async fn page(&self, path: &str) -> Page {
+        let pages = [
+            "/status",
+            "/status/peers",
+            "/status/connections",
+            "/status/ipam",
+            "/metrics",
+        ];
+        if !pages.contains(&path) {
+            return self.probe_page(path).await;
+        }
+        let Ok(status) = self.api.read(|router, now| router.status(now)).await else {
+            return Page::text(503, "the weft agent is stopping\n".into());
+        };
         match path {
             "/status" => {
-                let status = lock(&self.router).status(now);
                 let dataplane = self.dataplane_state();
                 Page::text(200, report::text(&status, &dataplane))
             }
-            "/status/peers" => Page::json(&lock(&self.router).status(now).peers),
-            "/status/connections" => {
-                let status = lock(&self.router).status(now);
-                Page::json(&serde_json::json!({
-                    "connections": status.connections,
-                    "targets": status.targets,
-                    "dataplane": self.dataplane_state(),
-                }))
-            }
-            "/status/ipam" => Page::json(&lock(&self.router).status(now).ipam),
-            "/metrics" => {
-                let status = lock(&self.router).status(now);
+            "/status/peers" => Page::json(&status.peers),
+            "/status/connections" => Page::json(&serde_json::json!({
+                "connections": status.connections,
+                "targets": status.targets,
+                "dataplane": self.dataplane_state(),
+            })),
+            "/status/ipam" => Page::json(&status.ipam),
+            _ => {
                 let sleeve = self.sleeve.as_deref();
                 let body = self
                     .metrics
@@ -180,9 +180,15 @@ impl StatusServer {
                     body,
                 }
             }
+        }
+    }
+
+    /// The pages that need no status: probes, and what is not a page.
+    async fn probe_page(&self, path: &str) -> Page {
+        match path {
             "/healthz" => Page::text(200, "ok\n".into()),
             "/readyz" => {
-                let status = self.api.status();
+                let status = self.api.status().await;
                 match status.reason {
                     None => Page::text(200, "ready\n".into()),
                     Some(why) => Page::text(503, format!("not ready: {why}\n")),
