@@ -65,6 +65,7 @@ pub mod names;
 #[cfg(target_os = "linux")]
 pub mod nftables;
 pub mod plan;
+pub mod port;
 pub mod probe;
 pub mod sleeve;
 pub mod status;

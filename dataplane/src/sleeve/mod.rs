@@ -21,7 +21,8 @@ pub mod gate;
 pub mod offload;
 pub mod udp;
 
-use crate::probe::{Prober, Received};
+use crate::port::{self, Sorted};
+use crate::probe::Prober;
 use gate::{Counters, FrameDrop, Gate};
 use offload::{Coalescer, MAX_IP_PACKET, VNET_HDR_LEN, VnetHdr};
 use std::borrow::Cow;
@@ -351,22 +352,14 @@ impl Sleeve {
     ) -> Vec<Cow<'a, [u8]>> {
         let mut frames = Vec::new();
         for datagram in datagrams {
-            if let Some(prober) = &self.prober {
-                match prober.receive(datagram, from) {
-                    Received::NotProbe => {}
-                    Received::Taken => continue,
-                    Received::Answer(reply) => {
-                        // A plain datagram: the reply must not depend on
-                        // the VXLAN path it vouches for.
-                        let _ = self.socket.send_to(&reply, from);
-                        continue;
-                    }
+            match port::sort(datagram, from, self.prober.as_deref(), true) {
+                Sorted::Frame(frame) => frames.push(frame),
+                Sorted::Answer(reply) => {
+                    let _ = self.socket.send_to(&reply, from);
                 }
-            }
-            match wire::parse_sleeve(datagram) {
-                Some(frame) => frames.push(frame),
+                Sorted::Taken => {}
                 // A full queue drops, like a full socket buffer would.
-                None => {
+                Sorted::Control => {
                     let _ = control.try_send((datagram.to_vec(), from));
                 }
             }

@@ -19,7 +19,8 @@ use tokio::sync::{mpsc, watch};
 use weft_core::ipam::IpamInit;
 use weft_core::{Config, Event, PersistedState, Router, Time, View};
 use weft_dataplane::desired::{Overlay, Setup};
-use weft_dataplane::probe::{self, Prober, Received};
+use weft_dataplane::port::{self, Sorted};
+use weft_dataplane::probe::{self, Prober};
 use weft_dataplane::sleeve::{ControlSocket, Sleeve, Tun};
 use weft_dataplane::status::DataplaneState;
 use weft_dataplane::sync::{Follow, KernelSync};
@@ -408,9 +409,8 @@ fn underlay_mtu(address: &std::net::SocketAddr) -> Option<u32> {
     }
 }
 
-/// The driver loop's socket: tokio's (taking fastdp probes out of the
-/// stream first, as the sleeve does on its side), or the sleeve's
-/// hand-over.
+/// The driver loop's socket: tokio's (sorting out fastdp probes first,
+/// as the sleeve's reader does), or the sleeve's hand-over.
 enum AgentSocket {
     Tokio(tokio::net::UdpSocket, Option<Arc<Prober>>),
     Sleeve(ControlSocket),
@@ -428,13 +428,10 @@ impl Datagrams for AgentSocket {
         match self {
             AgentSocket::Tokio(s, prober) => loop {
                 let (n, from) = s.recv_from(buf).await?;
-                let Some(prober) = prober else {
-                    return Ok((n, from));
-                };
-                match prober.receive(&buf[..n], from) {
-                    Received::NotProbe => return Ok((n, from)),
-                    Received::Taken => {}
-                    Received::Answer(reply) => {
+                match port::sort(&buf[..n], from, prober.as_deref(), false) {
+                    Sorted::Control | Sorted::Frame(_) => return Ok((n, from)),
+                    Sorted::Taken => {}
+                    Sorted::Answer(reply) => {
                         let _ = s.try_send_to(&reply, from);
                     }
                 }
