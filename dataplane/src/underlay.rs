@@ -1,6 +1,7 @@
 //! The node's own network, as the kernel holds it: interfaces with their
-//! IPv4 networks and MTUs, and the IPv4 routing table. The agent refuses a
-//! pod range that collides with it, and `weft doctor` reports on it.
+//! IPv4 networks and MTUs, and the IPv4 routes of every routing table. The
+//! agent refuses a pod range that collides with it, and `weft doctor`
+//! reports on it.
 
 use ipnet::Ipv4Net;
 use std::collections::BTreeMap;
@@ -15,13 +16,21 @@ pub struct Interface {
     pub addrs: Vec<Ipv4Net>,
 }
 
-/// One IPv4 route of the main table.
+/// The main routing table's number (`ip route` shows it by default).
+pub const MAIN_TABLE: u32 = 254;
+/// The local table's: the kernel's routes for the node's own addresses.
+const LOCAL_TABLE: u32 = 255;
+
+/// One IPv4 route.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Route {
     pub destination: Ipv4Net,
     pub device: String,
     /// The next hop, for routes through a gateway.
     pub gateway: Option<Ipv4Addr>,
+    /// Its routing table: [`MAIN_TABLE`], or another one policy routing
+    /// (`ip rule`) sends traffic to.
+    pub table: u32,
 }
 
 /// The node's interfaces, by name (empty if they cannot be read).
@@ -72,43 +81,82 @@ pub fn mtu_holding(ip: Ipv4Addr) -> Option<u32> {
     holding(ip)?.mtu
 }
 
-/// The main IPv4 routing table (empty if it cannot be read).
+/// The IPv4 unicast routes of every table but the local one (policy
+/// routing keeps routes in tables of their own, which /proc/net/route
+/// does not show), read over rtnetlink in the calling thread's network
+/// namespace; empty if they cannot be read.
 pub fn routes() -> Vec<Route> {
-    routes_from("/proc/net/route")
+    // A thread of its own: the caller may be inside an async runtime, and
+    // a new thread keeps the caller's network namespace.
+    std::thread::scope(|s| s.spawn(dump_routes).join().unwrap_or_default())
 }
 
-/// The routes in a `/proc/net/route` file: the calling thread's network
-/// namespace's with `/proc/thread-self/net/route`.
-pub fn routes_from(path: &str) -> Vec<Route> {
-    std::fs::read_to_string(path)
-        .map(|text| parse_routes(&text))
-        .unwrap_or_default()
-}
-
-/// `/proc/net/route`: a header line, then per route the device,
-/// destination, gateway, flags, ..., mask, as little-endian hex.
-fn parse_routes(text: &str) -> Vec<Route> {
-    let hex = |s: &str| {
-        u32::from_str_radix(s, 16)
-            .ok()
-            .map(|v| Ipv4Addr::from(v.swap_bytes()))
+fn dump_routes() -> Vec<Route> {
+    use futures_util::TryStreamExt;
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+    else {
+        return Vec::new();
     };
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let device = fields.first()?.to_string();
-            let destination = hex(fields.get(1)?)?;
-            let gateway = hex(fields.get(2)?)?;
-            let mask = hex(fields.get(7)?)?;
-            let prefix = u32::from(mask).leading_ones() as u8;
-            Some(Route {
-                destination: Ipv4Net::new(destination, prefix).ok()?.trunc(),
-                device,
-                gateway: Some(gateway).filter(|g| !g.is_unspecified()),
-            })
-        })
-        .collect()
+    rt.block_on(async {
+        let Ok((connection, handle, _)) = rtnetlink::new_connection() else {
+            return Vec::new();
+        };
+        tokio::spawn(connection);
+        let query = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new().build();
+        let messages: Vec<_> = handle
+            .route()
+            .get(query)
+            .execute()
+            .try_collect()
+            .await
+            .unwrap_or_default();
+        messages.iter().filter_map(route).collect()
+    })
+}
+
+/// A unicast route of a table other than the local one, from its message.
+fn route(m: &rtnetlink::packet_route::route::RouteMessage) -> Option<Route> {
+    use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteType};
+    if m.header.kind != RouteType::Unicast {
+        return None;
+    }
+    let mut table = u32::from(m.header.table);
+    let (mut destination, mut gateway, mut device) = (Ipv4Addr::UNSPECIFIED, None, None);
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => destination = *ip,
+            RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gateway = Some(*ip),
+            RouteAttribute::Oif(index) => device = device_name(*index),
+            // Tables above 255 are only in the attribute.
+            RouteAttribute::Table(t) => table = *t,
+            _ => {}
+        }
+    }
+    if table == LOCAL_TABLE {
+        return None;
+    }
+    Some(Route {
+        destination: Ipv4Net::new(destination, m.header.destination_prefix_length).ok()?,
+        device: device.unwrap_or_default(),
+        gateway,
+        table,
+    })
+}
+
+/// The name of the interface with index `index`.
+fn device_name(index: u32) -> Option<String> {
+    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `name` has room for IF_NAMESIZE bytes, as if_indextoname
+    // requires; it writes a NUL-terminated name or returns NULL.
+    let found = unsafe { libc::if_indextoname(index, name.as_mut_ptr()) };
+    if found.is_null() {
+        return None;
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated string.
+    let name = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
 }
 
 /// Something of the node's own network inside the pod range.
@@ -117,7 +165,11 @@ pub enum Collision {
     /// An interface's address (with its prefix) overlaps the range.
     Address { device: String, net: Ipv4Net },
     /// A route (not weft's) for part of the range.
-    Route { device: String, net: Ipv4Net },
+    Route {
+        device: String,
+        net: Ipv4Net,
+        table: u32,
+    },
     /// The service range given with --service-cidr.
     Services(Ipv4Net),
 }
@@ -128,8 +180,12 @@ impl std::fmt::Display for Collision {
             Collision::Address { device, net } => {
                 write!(f, "{device} has address {net}, in or around it")
             }
-            Collision::Route { device, net } => {
-                write!(f, "the route {net} dev {device} overlaps it")
+            Collision::Route { device, net, table } => {
+                write!(f, "the route {net} dev {device}")?;
+                if *table != MAIN_TABLE {
+                    write!(f, " table {table}")?;
+                }
+                write!(f, " overlaps it")
             }
             Collision::Services(net) => write!(f, "the service range {net} overlaps it"),
         }
@@ -175,6 +231,7 @@ pub fn collisions<'a>(
             .map(|r| Collision::Route {
                 device: r.device.clone(),
                 net: r.destination,
+                table: r.table,
             }),
     );
     out.extend(
@@ -198,29 +255,6 @@ mod tests {
 
     fn net(s: &str) -> Ipv4Net {
         s.parse().unwrap()
-    }
-
-    #[test]
-    fn the_routing_table_is_read_from_proc() {
-        let text = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
-                    eth0\t00000000\t0101A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
-                    eth0\t0001A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
-                    garbage line\n";
-        assert_eq!(
-            parse_routes(text),
-            vec![
-                Route {
-                    destination: net("0.0.0.0/0"),
-                    device: "eth0".into(),
-                    gateway: Some("192.168.1.1".parse().unwrap()),
-                },
-                Route {
-                    destination: net("192.168.1.0/24"),
-                    device: "eth0".into(),
-                    gateway: None,
-                },
-            ]
-        );
     }
 
     #[test]
@@ -248,21 +282,25 @@ mod tests {
                 destination: net("0.0.0.0/0"),
                 device: "eth1".into(),
                 gateway: None,
+                table: MAIN_TABLE,
             },
             Route {
                 destination: net("10.40.0.0/16"),
                 device: "eth0".into(),
                 gateway: None,
+                table: MAIN_TABLE,
             },
             Route {
                 destination: net("10.33.0.0/16"),
                 device: "eth1".into(),
                 gateway: None,
+                table: 100,
             },
             Route {
                 destination: net("10.34.0.0/16"),
                 device: "weft-vxlan".into(),
                 gateway: None,
+                table: MAIN_TABLE,
             },
         ];
         let found = collisions(
@@ -281,7 +319,8 @@ mod tests {
                 },
                 Collision::Route {
                     device: "eth1".into(),
-                    net: net("10.33.0.0/16")
+                    net: net("10.33.0.0/16"),
+                    table: 100,
                 },
                 Collision::Services(net("10.32.0.0/16")),
             ]
@@ -289,6 +328,10 @@ mod tests {
         assert_eq!(
             found[0].to_string(),
             "eth0 has address 10.40.0.5/16, in or around it"
+        );
+        assert_eq!(
+            found[1].to_string(),
+            "the route 10.33.0.0/16 dev eth1 table 100 overlaps it"
         );
         let clear = collisions(net("10.96.0.0/12"), &interfaces, &routes, None, &[]);
         assert_eq!(clear, vec![]);

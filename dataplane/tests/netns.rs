@@ -584,3 +584,37 @@ fn masquerade_table_is_replaced_atomically_and_removed() {
     assert!(weft_objects(&objects, "table").is_empty());
     assert_eq!(other(&objects), 2);
 }
+
+/// Policy routing keeps routes in tables of their own: the underlay facts
+/// see them (the pod range check must), with their table, and skip the
+/// kernel's local table.
+#[test]
+fn routes_of_every_table_are_read() {
+    let Some(ns) = Netns::new() else { return };
+    ns.underlay();
+    ns.ip(&["route", "add", "10.33.0.0/16", "dev", "ul0", "table", "100"]);
+    ns.ip(&[
+        "route",
+        "add",
+        "10.34.0.0/16",
+        "via",
+        "192.168.77.2",
+        "dev",
+        "ul0",
+    ]);
+    let routes = ns.run_inside(weft_dataplane::underlay::routes);
+    let find = |net: &str| {
+        routes
+            .iter()
+            .find(|r| r.destination == net.parse::<ipnet::Ipv4Net>().unwrap())
+    };
+    let policy = find("10.33.0.0/16").expect("the table 100 route");
+    assert_eq!((policy.table, policy.device.as_str()), (100, "ul0"));
+    let main = find("10.34.0.0/16").expect("the main table route");
+    assert_eq!(main.table, weft_dataplane::underlay::MAIN_TABLE);
+    assert_eq!(main.gateway, Some(ul(2)));
+    assert!(
+        routes.iter().all(|r| !r.destination.addr().is_loopback()),
+        "{routes:?}"
+    );
+}

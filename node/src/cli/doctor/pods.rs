@@ -192,9 +192,11 @@ fn inspect(ns: &Path, pods: &[Ipv4Addr], targets: &[Target]) -> Option<(Ipv4Addr
         .flat_map(|i| i.addrs)
         .map(|a| a.addr())
         .find(|a| pods.contains(a))?;
-    let default_via = weft_dataplane::underlay::routes_from("/proc/thread-self/net/route")
+    let default_via = weft_dataplane::underlay::routes()
         .into_iter()
-        .find(|r| r.destination.prefix_len() == 0)
+        .find(|r| {
+            r.destination.prefix_len() == 0 && r.table == weft_dataplane::underlay::MAIN_TABLE
+        })
         .and_then(|r| r.gateway);
     let reached = targets
         .iter()

@@ -247,6 +247,7 @@ fn a_range_overlapping_the_services_or_a_route_fails() {
         destination: "10.33.0.0/16".parse().unwrap(),
         device: "eth0".into(),
         gateway: Some("192.168.1.1".parse().unwrap()),
+        table: weft_dataplane::underlay::MAIN_TABLE,
     });
     let c = find(&all(&f), "range").clone();
     assert_eq!(c.level, Level::Fail);
