@@ -33,7 +33,7 @@ for p in meta["packages"]:
 }
 
 # Files of weft-dataplane that decide without touching the system.
-PURE=(desired.rs plan.rs names.rs status.rs sleeve/gate.rs sleeve/offload.rs)
+PURE=(desired.rs plan.rs names.rs status.rs sleeve/gate.rs sleeve/offload.rs probe/wire.rs probe/health.rs)
 SYSCALLS='std::fs|std::net::(UdpSocket|TcpStream|TcpListener)|std::process|std::thread|libc::|nix::|tokio::net|rtnetlink|netlink_sys|Instant::now|SystemTime|getifaddrs'
 
 # FILE's lines above its tests (`#[cfg(test)]`), as FILE:LINE: TEXT.
