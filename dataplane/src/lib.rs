@@ -267,6 +267,12 @@ pub trait Dataplane {
     /// is gone. Deleting a device takes the kernel ~20 ms, which the agent
     /// spends off the CNI plugin's critical path.
     fn delete_device(&mut self, name: &str) -> Result<(), DataplaneError>;
+
+    /// Sets the node's sysctls that `applied`, the state just reconciled,
+    /// needs (see [`sysctl`]); asked again at every resync, as a node
+    /// setting others may change them back. A stand-in for the kernel has
+    /// none: the default does nothing.
+    fn tune(&mut self, _applied: &Desired) {}
 }
 
 impl<D: Dataplane + ?Sized> Dataplane for Box<D> {
@@ -278,6 +284,9 @@ impl<D: Dataplane + ?Sized> Dataplane for Box<D> {
     }
     fn delete_device(&mut self, name: &str) -> Result<(), DataplaneError> {
         (**self).delete_device(name)
+    }
+    fn tune(&mut self, applied: &Desired) {
+        (**self).tune(applied)
     }
 }
 
