@@ -3,8 +3,12 @@
 //! The agent computes a [`Desired`] state from weft-core's router (which peers
 //! are reachable directly, which pod prefixes they own, which peer relays for
 //! which) and hands it to a [`Dataplane`]. [`LinuxDataplane`] brings the
-//! kernel to that state; [`MemoryDataplane`] only records it, for the agent's
-//! tests and the simulator.
+//! kernel to that state; [`MemoryDataplane`] only records it: the agent's
+//! and this crate's tests use it, and weft-sim's turmoil engine gives each
+//! node one, which a [`sync::Follower`] keeps in step with the node's
+//! published views and whose routes the simulator's `reachable` and
+//! `unreachable` checks follow (its events engine follows the routers'
+//! `forward()`).
 //!
 //! # Design
 //!
