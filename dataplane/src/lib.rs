@@ -3,8 +3,12 @@
 //! The agent computes a [`Desired`] state from weft-core's router (which peers
 //! are reachable directly, which pod prefixes they own, which peer relays for
 //! which) and hands it to a [`Dataplane`]. [`LinuxDataplane`] brings the
-//! kernel to that state; [`MemoryDataplane`] only records it, for the agent's
-//! tests and the simulator.
+//! kernel to that state; [`MemoryDataplane`] only records it: the agent's
+//! and this crate's tests use it, and weft-sim's turmoil engine gives each
+//! node one, which a [`sync::Follower`] keeps in step with the node's
+//! published views and whose routes the simulator's `reachable` and
+//! `unreachable` checks follow (its events engine follows the routers'
+//! `forward()`).
 //!
 //! # Design
 //!
@@ -268,6 +272,12 @@ pub trait Dataplane {
     /// is gone. Deleting a device takes the kernel ~20 ms, which the agent
     /// spends off the CNI plugin's critical path.
     fn delete_device(&mut self, name: &str) -> Result<(), DataplaneError>;
+
+    /// Sets the node's sysctls that `applied`, the state just reconciled,
+    /// needs (see [`sysctl`]); asked again at every resync, as a node
+    /// setting others may change them back. A stand-in for the kernel has
+    /// none: the default does nothing.
+    fn tune(&mut self, _applied: &Desired) {}
 }
 
 impl<D: Dataplane + ?Sized> Dataplane for Box<D> {
@@ -279,6 +289,9 @@ impl<D: Dataplane + ?Sized> Dataplane for Box<D> {
     }
     fn delete_device(&mut self, name: &str) -> Result<(), DataplaneError> {
         (**self).delete_device(name)
+    }
+    fn tune(&mut self, applied: &Desired) {
+        (**self).tune(applied)
     }
 }
 

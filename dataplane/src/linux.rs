@@ -115,6 +115,14 @@ impl Dataplane for LinuxDataplane {
             }
         })
     }
+
+    fn tune(&mut self, applied: &Desired) {
+        if let Some(bridge) = &applied.bridge {
+            crate::sysctl::answer_arp_for_remote_pods(&bridge.name);
+        }
+        crate::sysctl::let_iptables_see_bridged_traffic(applied);
+        crate::sysctl::no_rp_filter_on_overlays(applied);
+    }
 }
 
 fn enable_forwarding() -> Result<(), DataplaneError> {

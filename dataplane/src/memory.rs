@@ -1,9 +1,13 @@
 //! An in-memory dataplane for the agent's tests and the simulator.
 
-use crate::{Dataplane, DataplaneError, Desired, RouteDevice};
+use crate::{Dataplane, DataplaneError, Desired, PodRoute, RemotePeer, RouteDevice};
 
 /// Records the last applied [`Desired`] (normalized: peers and routes sorted
 /// and de-duplicated) and counts the reconciliations that changed it.
+/// Held prefixes are kept as the Linux dataplane keeps them (see
+/// [`crate::plan::plan_routes`] and [`crate::plan::held_peers`]): the
+/// route the state had for exactly such a prefix stays, while its device
+/// does, with the peer entry of its VXLAN next hop.
 #[derive(Clone, Debug, Default)]
 pub struct MemoryDataplane {
     state: Desired,
@@ -47,6 +51,49 @@ impl MemoryDataplane {
     }
 }
 
+impl MemoryDataplane {
+    /// `desired` with the routes of its held prefixes that the state has,
+    /// and the peers their VXLAN next hops need.
+    fn keeping_held(&self, desired: &Desired) -> Desired {
+        let old = &self.state;
+        // Where the old state holds a route: everything is in the sleeve
+        // without VXLAN.
+        let device = |r: &PodRoute| match old.vxlan {
+            Some(_) => r.device,
+            None => RouteDevice::Sleeve,
+        };
+        let kept: Vec<PodRoute> = old
+            .routes
+            .iter()
+            .filter(|r| desired.held.contains(&r.prefix))
+            .filter(|r| match device(r) {
+                RouteDevice::Vxlan => desired.vxlan.is_some(),
+                RouteDevice::Sleeve => desired.sleeve.is_some(),
+            })
+            .copied()
+            .collect();
+        let peers: Vec<RemotePeer> = old
+            .peers
+            .iter()
+            .filter(|p| {
+                kept.iter()
+                    .any(|r| device(r) == RouteDevice::Vxlan && r.next_hop == p.underlay)
+            })
+            .filter(|p| {
+                !desired
+                    .peers
+                    .iter()
+                    .any(|d| d.underlay == p.underlay || d.mac == p.mac)
+            })
+            .copied()
+            .collect();
+        let mut next = desired.clone();
+        next.routes.extend(kept);
+        next.peers.extend(peers);
+        next
+    }
+}
+
 impl Dataplane for MemoryDataplane {
     fn reconcile(&mut self, desired: &Desired) -> Result<(), DataplaneError> {
         if let (Some(reason), Some(vxlan)) = (&self.fail_vxlan, &desired.vxlan) {
@@ -72,7 +119,7 @@ impl Dataplane for MemoryDataplane {
                 reason: "it should go into the sleeve, and there is no sleeve device".into(),
             });
         }
-        let next = desired.normalized();
+        let next = self.keeping_held(desired).normalized();
         if next != self.state {
             self.state = next;
             self.changes += 1;
@@ -97,7 +144,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::{RemotePeer, VxlanSpec, vtep_mac};
+    use crate::{VxlanSpec, vtep_mac};
 
     #[test]
     fn counts_only_real_changes() {
@@ -128,5 +175,59 @@ mod tests {
 
         dp.teardown().unwrap();
         assert_eq!(dp.state(), &Desired::default());
+    }
+
+    /// While a prefix's owner is unreachable, the route the state had for
+    /// it stays, with its next hop's peer entry, as in the kernel; a
+    /// prefix held without a route gets none, and the route goes once the
+    /// prefix is neither routed nor held.
+    #[test]
+    fn held_prefixes_keep_the_route_they_had() {
+        let mut dp = MemoryDataplane::new();
+        let ip = |n: u8| Ipv4Addr::new(192, 168, 1, n);
+        let peer = |n: u8| RemotePeer {
+            underlay: ip(n),
+            mac: vtep_mac(n.into()),
+        };
+        let route = |p: &str, n: u8| PodRoute {
+            prefix: p.parse().unwrap(),
+            next_hop: ip(n),
+            device: RouteDevice::Vxlan,
+        };
+        let vxlan = Some(VxlanSpec::new(ip(11), 1450, vtep_mac(11)));
+        let both = Desired {
+            vxlan: vxlan.clone(),
+            peers: vec![peer(12), peer(13)],
+            routes: vec![route("10.32.2.0/24", 12), route("10.32.3.0/24", 13)],
+            ..Default::default()
+        };
+        dp.reconcile(&both).unwrap();
+        let node2_away = Desired {
+            vxlan: vxlan.clone(),
+            peers: vec![peer(13)],
+            routes: vec![route("10.32.3.0/24", 13)],
+            held: vec![
+                "10.32.2.0/24".parse().unwrap(),
+                "10.32.9.0/24".parse().unwrap(),
+            ],
+            ..Default::default()
+        };
+        dp.reconcile(&node2_away).unwrap();
+        assert_eq!(dp.state().routes, both.routes);
+        assert_eq!(dp.state().peers, both.peers);
+        let forgotten = Desired {
+            held: Vec::new(),
+            ..node2_away.clone()
+        };
+        dp.reconcile(&forgotten).unwrap();
+        assert_eq!(dp.state(), &forgotten.normalized());
+        // Without its device, a held route is gone too.
+        dp.reconcile(&both).unwrap();
+        let no_vxlan = Desired {
+            vxlan: None,
+            ..node2_away
+        };
+        dp.reconcile(&no_vxlan).unwrap();
+        assert_eq!(dp.state().routes, vec![route("10.32.3.0/24", 13)]);
     }
 }

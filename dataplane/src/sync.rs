@@ -2,12 +2,14 @@
 //! calls block) follows the router's published [`View`] and the fastdp
 //! probe's verdicts, turns them into a [`Desired`] state and applies it,
 //! and deletes pods' devices. It is the only writer of the kernel's weft
-//! state and of the [`DataplaneState`] the status pages read.
+//! state and of the [`DataplaneState`] the status pages read. What it
+//! does with each view is a [`Follower`]'s, which the simulator runs
+//! without the thread.
 
 use crate::desired::{Setup, desired};
 use crate::probe::Prober;
 use crate::status::DataplaneState;
-use crate::{Dataplane, DataplaneError, Desired, PodRoute, RouteDevice, sysctl, underlay};
+use crate::{Dataplane, DataplaneError, Desired, PodRoute, RouteDevice, underlay};
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -57,15 +59,15 @@ impl KernelSync {
     ) -> KernelSync {
         let (deletes, deletes_rx) = mpsc::unbounded_channel();
         let (bridge_tx, bridge_gateway) = watch::channel(None);
+        let follower = Follower::new(dataplane, follow.setup, status.clone());
         let (status_tx, status) = watch::channel(status);
         let thread = Thread {
-            dataplane,
-            follow,
+            follower,
+            views: follow.views,
+            prober: follow.prober,
             deletes: deletes_rx,
             bridge: bridge_tx,
             status: status_tx,
-            applied: None,
-            followed: None,
             resync_at: tokio::time::Instant::now() + RESYNC,
         };
         std::thread::Builder::new()
@@ -111,15 +113,12 @@ impl KernelSync {
 }
 
 struct Thread {
-    dataplane: Box<dyn Dataplane + Send>,
-    follow: Follow,
+    follower: Follower<Box<dyn Dataplane + Send>>,
+    views: watch::Receiver<Arc<View>>,
+    prober: Option<Arc<Prober>>,
     deletes: mpsc::UnboundedReceiver<String>,
     bridge: watch::Sender<Option<Ipv4Addr>>,
     status: watch::Sender<DataplaneState>,
-    /// The last state the kernel took.
-    applied: Option<Desired>,
-    /// What that state was computed from.
-    followed: Option<(Arc<View>, BTreeSet<PeerName>)>,
     /// When the next resync is due, however often views wake the thread.
     resync_at: tokio::time::Instant,
 }
@@ -135,7 +134,7 @@ impl Thread {
         loop {
             match wake {
                 Wake::Stop => return,
-                Wake::Delete(name) => self.delete(&name),
+                Wake::Delete(name) => self.follower.delete_device(&name),
                 Wake::Changed => self.follow(false),
                 Wake::Resync => {
                     self.resync_at = tokio::time::Instant::now() + RESYNC;
@@ -147,7 +146,7 @@ impl Thread {
     }
 
     async fn next(&mut self) -> Wake {
-        let prober = self.follow.prober.clone();
+        let prober = self.prober.clone();
         let path_changed = async {
             match &prober {
                 Some(prober) => prober.changed.notified().await,
@@ -157,7 +156,7 @@ impl Thread {
         tokio::select! {
             biased;
             name = self.deletes.recv() => name.map_or(Wake::Stop, Wake::Delete),
-            changed = self.follow.views.changed() => match changed {
+            changed = self.views.changed() => match changed {
                 Ok(()) => Wake::Changed,
                 Err(_) => Wake::Stop,
             },
@@ -166,48 +165,123 @@ impl Thread {
         }
     }
 
-    fn delete(&mut self, name: &str) {
+    /// Follows the newest view and the probe's verdicts, and tells the
+    /// status pages and the CNI path what the kernel took.
+    fn follow(&mut self, resync: bool) {
+        let view = self.views.borrow_and_update().clone();
+        let sleeved: BTreeSet<PeerName> = self
+            .prober
+            .as_ref()
+            .map(|p| p.sleeved())
+            .unwrap_or_default();
+        let outcome = self.follower.follow(&view, sleeved, underlay_dev, resync);
+        if outcome == Outcome::Unchanged {
+            return;
+        }
+        self.status.send_replace(self.follower.status().clone());
+        if outcome == Outcome::Applied {
+            let applied = self.follower.applied();
+            let gateway = applied
+                .and_then(|a| a.bridge.as_ref())
+                .map(|b| b.gateway.addr());
+            self.bridge.send_replace(gateway);
+        }
+    }
+}
+
+/// What one [`Follower::follow`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The state asked for is the one applied: nothing was done.
+    Unchanged,
+    /// A new state was applied.
+    Applied,
+    /// Applying failed (see the status); tried again at the next follow.
+    Failed,
+}
+
+/// Follows the router's views into a [`Dataplane`]: the desired state of
+/// each view, applied when it changed. The agent's kernel thread runs one
+/// over the kernel; the simulator runs one per node, synchronously, over a
+/// [`crate::MemoryDataplane`].
+pub struct Follower<D> {
+    dataplane: D,
+    setup: Setup,
+    status: DataplaneState,
+    /// The last state the dataplane took.
+    applied: Option<Desired>,
+    /// What that state was computed from.
+    followed: Option<(Arc<View>, BTreeSet<PeerName>)>,
+}
+
+impl<D: Dataplane> Follower<D> {
+    /// A follower that has applied nothing yet.
+    pub fn new(dataplane: D, setup: Setup, status: DataplaneState) -> Follower<D> {
+        Follower {
+            dataplane,
+            setup,
+            status,
+            applied: None,
+            followed: None,
+        }
+    }
+
+    /// Applies the state `view` asks for, with the `sleeved` peers' routes
+    /// in the sleeve; `underlay_dev` names the interface VXLAN sends
+    /// through, asked only when a new state is computed. An unchanged
+    /// state is not reconciled again unless `resync`; a failed one is
+    /// tried again at the next follow.
+    pub fn follow(
+        &mut self,
+        view: &Arc<View>,
+        sleeved: BTreeSet<PeerName>,
+        underlay_dev: impl FnOnce(&View) -> Option<String>,
+        resync: bool,
+    ) -> Outcome {
+        // Most views differ from the last only in when peers were heard.
+        let same_input = self
+            .followed
+            .as_ref()
+            .is_some_and(|(v, s)| v.same_routing(view) && *s == sleeved);
+        if same_input && !resync && self.applied.is_some() {
+            return Outcome::Unchanged;
+        }
+        let next = desired(view, &self.setup, underlay_dev(view), &sleeved);
+        if self.applied.as_ref() == Some(&next) {
+            if resync {
+                // A node setting others may change back.
+                self.dataplane.tune(&next);
+            }
+            return Outcome::Unchanged;
+        }
+        if !apply(&mut self.dataplane, &next, &mut self.status) {
+            return Outcome::Failed;
+        }
+        self.applied = Some(next);
+        self.followed = Some((view.clone(), sleeved));
+        Outcome::Applied
+    }
+
+    /// Deletes a device (a pod's veth); a failure is logged.
+    pub fn delete_device(&mut self, name: &str) {
         if let Err(e) = self.dataplane.delete_device(name) {
             tracing::warn!("{e}");
         }
     }
 
-    /// Applies the state the newest view asks for. An unchanged state is
-    /// not reconciled again; a failed one is tried again at the next wake
-    /// (at the latest the resync).
-    fn follow(&mut self, resync: bool) {
-        let view = self.follow.views.borrow_and_update().clone();
-        let sleeved: BTreeSet<PeerName> = self
-            .follow
-            .prober
-            .as_ref()
-            .map(|p| p.sleeved())
-            .unwrap_or_default();
-        // Most views differ from the last only in when peers were heard.
-        let same_input = self
-            .followed
-            .as_ref()
-            .is_some_and(|(v, s)| v.same_routing(&view) && *s == sleeved);
-        if same_input && !resync && self.applied.is_some() {
-            return;
-        }
-        let next = desired(&view, &self.follow.setup, underlay_dev(&view), &sleeved);
-        if self.applied.as_ref() == Some(&next) {
-            if resync {
-                // A node setting others may change back.
-                sysctl::let_iptables_see_bridged_traffic(&next);
-            }
-            return;
-        }
-        let mut status = self.status.borrow().clone();
-        let applied = apply(&mut *self.dataplane, &next, &mut status);
-        self.status.send_replace(status);
-        if applied {
-            self.bridge
-                .send_replace(next.bridge.as_ref().map(|b| b.gateway.addr()));
-            self.applied = Some(next);
-            self.followed = Some((view, sleeved));
-        }
+    /// What the follower last did, for the status pages.
+    pub fn status(&self) -> &DataplaneState {
+        &self.status
+    }
+
+    /// The last desired state the dataplane took.
+    pub fn applied(&self) -> Option<&Desired> {
+        self.applied.as_ref()
+    }
+
+    /// The dataplane itself, to read what it holds.
+    pub fn dataplane(&self) -> &D {
+        &self.dataplane
     }
 }
 
@@ -228,11 +302,7 @@ fn apply(dataplane: &mut dyn Dataplane, desired: &Desired, state: &mut Dataplane
     match dataplane.reconcile(&want) {
         Ok(()) => {
             state.kernel_error = None;
-            if let Some(bridge) = &want.bridge {
-                sysctl::answer_arp_for_remote_pods(&bridge.name);
-            }
-            sysctl::let_iptables_see_bridged_traffic(&want);
-            sysctl::no_rp_filter_on_overlays(&want);
+            dataplane.tune(&want);
             state.in_use = in_use(&want);
             true
         }
@@ -403,6 +473,42 @@ mod tests {
         });
         assert!(kernel.bridge_holds(gateway));
         assert_eq!(kernel.status().borrow().kernel_error, None);
+    }
+
+    /// The follower without the thread, as the simulator runs it: a failed
+    /// apply is tried again at the next follow, a view that differs only
+    /// in when peers were heard is not applied again (nor is the underlay
+    /// asked for), and a resync of the same state reconciles nothing.
+    #[test]
+    fn a_follower_applies_each_new_state_once() {
+        let gateway = Ipv4Addr::new(10, 32, 0, 1);
+        let setup = Setup {
+            bridge: "weft".into(),
+            mtu: 1450,
+            overlay: Overlay::Sleeve,
+        };
+        let failing = FailsOnce(MemoryDataplane::new(), true);
+        let mut follower = Follower::new(failing, setup, state());
+        let view = Arc::new(view_with_gateway(gateway));
+        let follow = |f: &mut Follower<FailsOnce>, view: &Arc<View>, resync| {
+            f.follow(view, BTreeSet::new(), |_| None, resync)
+        };
+        assert_eq!(follow(&mut follower, &view, false), Outcome::Failed);
+        assert!(follower.status().kernel_error.is_some());
+        assert_eq!(follower.applied(), None);
+        assert_eq!(follow(&mut follower, &view, false), Outcome::Applied);
+        assert_eq!(follower.status().kernel_error, None);
+        let bridge = follower.dataplane().0.state().bridge.clone();
+        assert_eq!(bridge.map(|b| b.gateway.addr()), Some(gateway));
+        let mut heard = (*view).clone();
+        heard
+            .heard
+            .insert(PeerName(2), weft_core::Time::from_millis(5));
+        let unasked = |_: &View| -> Option<String> { panic!("the underlay is not asked for") };
+        let outcome = follower.follow(&Arc::new(heard), BTreeSet::new(), unasked, false);
+        assert_eq!(outcome, Outcome::Unchanged);
+        assert_eq!(follow(&mut follower, &view, true), Outcome::Unchanged);
+        assert_eq!(follower.dataplane().0.reconciles(), 1);
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! The checks of SCENARIOS.md, evaluated against a running simulation.
 
 use crate::engine::{Sim, TRAFFIC_WINDOW};
+use crate::kernel::Route;
 use crate::scenario::{CheckAt, Expect};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use weft_core::forward::Forward;
 
 /// Most hops a probe follows before it is declared looping.
@@ -243,8 +244,10 @@ fn reachable(sim: &Sim, from: Option<&str>, to: Option<&str>) -> Result<String, 
     }
 }
 
-/// Follows `forward()` hop by hop from the source pod's node, through the
-/// simulated network (relays included), to the node holding the target.
+/// Follows a probe hop by hop from the source pod's node, through the
+/// simulated network (relays included), to the node holding the target:
+/// by the routes the nodes' kernels hold where the engine programs them,
+/// else by each router's `forward()`.
 pub fn probe(sim: &Sim, from: &str, to: &str) -> Result<usize, String> {
     let src = sim
         .pods
@@ -260,42 +263,80 @@ pub fn probe(sim: &Sim, from: &str, to: &str) -> Result<usize, String> {
     let mut at = src.node;
     for hops in 0..=MAX_HOPS {
         let node = &sim.nodes[at];
-        let router = node
-            .router()
-            .ok_or_else(|| format!("{} is down", node.name))?;
-        match router.forward(addr) {
-            Forward::Local if at == dst.node => return Ok(hops),
-            Forward::Local => {
+        if !node.running() {
+            return Err(format!("{} is down", node.name));
+        }
+        let (underlay, named) = match hop(sim, at, dst.node, addr) {
+            Hop::Local if at == dst.node => return Ok(hops),
+            Hop::Local => {
                 return Err(format!(
                     "{} takes {addr} as local, but {to} is on {}",
                     node.name, sim.nodes[dst.node].name
                 ));
             }
-            Forward::Unreachable => return Err(format!("{} has no route to {addr}", node.name)),
-            Forward::Peer {
-                next_hop, underlay, ..
-            } => {
-                let next = sim
-                    .nodes
-                    .iter()
-                    .position(|n| n.address == underlay)
-                    .ok_or_else(|| {
-                        format!(
-                            "{} forwards to unknown underlay {underlay} ({next_hop})",
-                            node.name
-                        )
-                    })?;
-                if !sim.network.link_up(at, next) {
-                    return Err(format!(
-                        "{} forwards via {}, but that link is down",
-                        node.name, sim.nodes[next].name
-                    ));
-                }
-                at = next;
-            }
+            Hop::Unreachable => return Err(format!("{} has no route to {addr}", node.name)),
+            Hop::Peer { underlay, named } => (underlay, named),
+        };
+        let next = sim
+            .nodes
+            .iter()
+            .position(|n| n.address.ip() == underlay)
+            .ok_or_else(|| format!("{} forwards to unknown underlay {named}", node.name))?;
+        if !sim.network.link_up(at, next) {
+            return Err(format!(
+                "{} forwards via {}, but that link is down",
+                node.name, sim.nodes[next].name
+            ));
         }
+        at = next;
     }
     Err(format!("more than {MAX_HOPS} hops: a forwarding loop"))
+}
+
+/// What a running node does with a packet for a pod address.
+enum Hop {
+    Local,
+    /// To the node at `underlay`, `named` so in messages.
+    Peer {
+        underlay: IpAddr,
+        named: String,
+    },
+    Unreachable,
+}
+
+/// Node `at`'s hop for `addr`, which is on node `dst_node`. A kernel puts
+/// on its bridge what no pod route claims; a pod attached there answers,
+/// and for an address the node owns but has no pod of, it is taken as
+/// local (as `forward()` says), else there is no route.
+fn hop(sim: &Sim, at: usize, dst_node: usize, addr: Ipv4Addr) -> Hop {
+    let Some(kernels) = &sim.kernels else {
+        let Some(router) = sim.nodes[at].router() else {
+            return Hop::Unreachable;
+        };
+        return match router.forward(addr) {
+            Forward::Local => Hop::Local,
+            Forward::Unreachable => Hop::Unreachable,
+            Forward::Peer {
+                next_hop, underlay, ..
+            } => Hop::Peer {
+                underlay: underlay.ip(),
+                named: format!("{underlay} ({next_hop})"),
+            },
+        };
+    };
+    match kernels.route(at, addr) {
+        Route::Via(next_hop) => Hop::Peer {
+            underlay: next_hop.into(),
+            named: next_hop.to_string(),
+        },
+        Route::Bridge if at == dst_node || owns(sim, at, addr) => Hop::Local,
+        Route::Bridge | Route::None => Hop::Unreachable,
+    }
+}
+
+/// Whether node `i` owns the block `addr` is in.
+fn owns(sim: &Sim, i: usize, addr: Ipv4Addr) -> bool {
+    sim.owned[i].1.iter().any(|b| b.contains(&addr))
 }
 
 fn head(items: &[String]) -> String {

@@ -295,6 +295,9 @@ pub struct Sim<'a> {
     by_address: BTreeMap<SocketAddr, usize>,
     /// Every datagram sent, when `--pcap` asks for it.
     pub capture: Option<crate::pcap::Capture>,
+    /// The nodes' kernels, where the engine programs them (turmoil):
+    /// probes then follow their routes, else the routers' `forward()`.
+    pub kernels: Option<crate::kernel::Kernels>,
     /// Whether node steps may run in lookahead windows (see `window`):
     /// not when an `always` check other than `unique_ips` reads the
     /// routers after every step.
@@ -350,6 +353,7 @@ impl<'a> Sim<'a> {
             describing: String::new(),
             by_address: BTreeMap::new(),
             capture: None,
+            kernels: None,
             windows: scenario
                 .checks
                 .iter()

@@ -4,6 +4,7 @@
 pub mod checks;
 pub mod engine;
 pub mod html;
+pub mod kernel;
 pub mod network;
 pub mod pcap;
 pub mod report;

@@ -11,18 +11,24 @@
 //! loss (turmoil's `fail_rate` flaps whole links instead), and latency
 //! ranges are approximated by turmoil's own distribution between min and
 //! max.
+//!
+//! Each node's driver loop publishes its router's views, which the node's
+//! kernel ([`Kernels`]) follows as the agent's kernel thread does; the
+//! `reachable` and `unreachable` checks follow the routes it holds.
 
 use crate::engine::{PORT, Sim, Step, peer_addresses, router_seed};
+use crate::kernel::Kernels;
 use crate::scenario::{Action, EventDef, Scenario};
 use std::cell::RefCell;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use weft_core::ipam::IpamError;
 use weft_core::random::Random;
-use weft_core::{Event, PeerName, PersistedState, Router, Time, Transmit};
+use weft_core::{Event, PeerName, PersistedState, Router, Time, Transmit, View};
 use weft_driver::{Command, Datagrams, Driver, Host, SharedRouter};
 
 /// Turmoil's step: every host runs this much simulated time per step.
@@ -30,11 +36,19 @@ const TICK: Duration = Duration::from_millis(1);
 
 /// What the hosts tell the engine between steps.
 enum Note {
-    Started(usize, SharedRouter, mpsc::UnboundedSender<Command>),
+    Started(Started),
     Stopped(usize, String),
     Saved(usize, PersistedState),
     Event(usize, Event),
     Sent(usize, Transmit),
+}
+
+/// A node's driver loop is up.
+struct Started {
+    i: usize,
+    router: SharedRouter,
+    commands: mpsc::UnboundedSender<Command>,
+    views: watch::Receiver<Arc<View>>,
 }
 
 type Notes = Rc<RefCell<Vec<Note>>>;
@@ -58,6 +72,8 @@ pub struct TurmoilSim<'a> {
     /// What each node persisted: survives `crash`, not `wipe`.
     disks: Vec<Rc<RefCell<Option<PersistedState>>>>,
     commands: Vec<Option<mpsc::UnboundedSender<Command>>>,
+    /// The views each node's driver loop publishes, for its kernel.
+    views: Vec<Option<watch::Receiver<Arc<View>>>>,
     registered: Vec<bool>,
     allocations: Vec<(String, usize, Answer<Ipv4Addr>)>,
     reclaims: Vec<(usize, PeerName, Answer<u64>)>,
@@ -77,8 +93,10 @@ impl<'a> TurmoilSim<'a> {
         let mut loss_seed = [0u8; 32];
         loss_seed[..8].copy_from_slice(&seed.to_le_bytes());
         loss_seed[8..16].copy_from_slice(b"lossrate");
+        let mut sim = Sim::new(scenario, seed);
+        sim.kernels = Some(Kernels::new(n));
         TurmoilSim {
-            sim: Sim::new(scenario, seed),
+            sim,
             net,
             notes: Rc::default(),
             loss: Rc::new(RefCell::new(Loss {
@@ -90,6 +108,7 @@ impl<'a> TurmoilSim<'a> {
             })),
             disks: (0..n).map(|_| Rc::default()).collect(),
             commands: vec![None; n],
+            views: vec![None; n],
             registered: vec![false; n],
             allocations: Vec::new(),
             reclaims: Vec::new(),
@@ -155,7 +174,9 @@ impl<'a> TurmoilSim<'a> {
             }),
             Action::Wipe(list) => list.iter().for_each(|i| {
                 self.crash(*i);
+                // A reinstalled node: nothing on disk, nothing in the kernel.
                 *self.disks[*i].borrow_mut() = None;
+                self.kernels().reinstall(*i);
                 self.sim.nodes[*i].saved_mut().take();
                 self.sim.drop_pods_of(*i);
                 self.start(*i);
@@ -331,6 +352,7 @@ impl<'a> TurmoilSim<'a> {
         for note in notes {
             self.note(note);
         }
+        self.follow_views();
         self.collect_allocations();
         self.collect_reclaims();
         for i in 0..self.sim.nodes.len() {
@@ -344,11 +366,17 @@ impl<'a> TurmoilSim<'a> {
     fn note(&mut self, note: Note) {
         let now = self.sim.now;
         match note {
-            Note::Started(i, shared, commands) => {
-                let name = weft_driver::lock(&shared).name();
+            Note::Started(Started {
+                i,
+                router,
+                commands,
+                views,
+            }) => {
+                let name = weft_driver::lock(&router).name();
                 self.sim.name_node(i, name);
-                self.sim.nodes[i].shared = Some(shared);
+                self.sim.nodes[i].shared = Some(router);
                 self.commands[i] = Some(commands);
+                self.views[i] = Some(views);
                 // What kubelet would retry against a node that was down.
                 for pod in self.sim.releases.remove(&i).unwrap_or_default() {
                     self.release(i, &pod);
@@ -379,6 +407,33 @@ impl<'a> TurmoilSim<'a> {
                 }
             }
         }
+    }
+
+    /// Each node's kernel takes the view its driver loop published last.
+    fn follow_views(&mut self) {
+        for i in 0..self.views.len() {
+            let Some(views) = &mut self.views[i] else {
+                continue;
+            };
+            // A closed channel may still hold a view not followed yet.
+            let closed = match views.has_changed() {
+                Ok(false) => continue,
+                Ok(true) => false,
+                Err(_) => true,
+            };
+            let view = views.borrow_and_update().clone();
+            if closed {
+                self.views[i] = None;
+            }
+            self.kernels().follow(i, &view);
+        }
+    }
+
+    fn kernels(&mut self) -> &mut Kernels {
+        self.sim
+            .kernels
+            .as_mut()
+            .expect("the turmoil engine programs kernels")
     }
 
     fn collect_allocations(&mut self) {
@@ -472,11 +527,16 @@ impl NodeSetup {
             disk: self.disk,
             notes: self.notes.clone(),
         };
-        let driver = Driver::new(router, socket, host, tokio::time::Instant::now());
+        let (views_tx, views) = watch::channel(Arc::new(router.view()));
+        let driver =
+            Driver::new(router, socket, host, tokio::time::Instant::now()).publish_views(views_tx);
         let (tx, rx) = mpsc::unbounded_channel();
-        self.notes
-            .borrow_mut()
-            .push(Note::Started(i, driver.router().clone(), tx));
+        self.notes.borrow_mut().push(Note::Started(Started {
+            i,
+            router: driver.router().clone(),
+            commands: tx,
+            views,
+        }));
         if let Err(e) = driver.run(rx).await {
             self.notes
                 .borrow_mut()
