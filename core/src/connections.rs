@@ -10,7 +10,7 @@ use crate::peer::PeerName;
 use crate::random::Random;
 use crate::time::Time;
 use crate::wire::Heartbeat;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -111,7 +111,7 @@ pub struct Connections {
 }
 
 /// State of one connection as shown in status.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LinkState {
     /// Both ends hear each other: the link carries routes.

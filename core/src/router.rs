@@ -1673,7 +1673,8 @@ impl Router {
                 IpamMode::Ring(crate::ipam::IpamInit::Observer) => "observer",
                 IpamMode::Ring(_) => "ring",
                 IpamMode::NodeCidr(_) => "node-cidr",
-            },
+            }
+            .into(),
             range: ipam.range(),
             seeded: ring.is_seeded(),
             seed: ring.seed().map(|s| format!("{:016x}", s.id)),

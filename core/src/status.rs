@@ -5,12 +5,12 @@ use crate::connections::LinkState;
 use crate::peer::PeerName;
 use crate::wire::MessageKind;
 use ipnet::Ipv4Net;
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::ops::{AddAssign, Index, IndexMut};
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Status {
     pub name: PeerName,
     pub nickname: String,
@@ -29,10 +29,10 @@ pub struct Status {
 }
 
 /// Address management as this node sees it (`weave status ipam`).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct IpamStatus {
     /// "ring", "observer" or "node-cidr".
-    pub mode: &'static str,
+    pub mode: String,
     pub range: Ipv4Net,
     /// Whether the ring exists (ring modes); its seed id.
     pub seeded: bool,
@@ -46,7 +46,7 @@ pub struct IpamStatus {
     pub errors: Vec<String>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct IpamPeerStatus {
     pub name: PeerName,
     pub nickname: String,
@@ -57,13 +57,13 @@ pub struct IpamPeerStatus {
     pub prefixes: Vec<Ipv4Net>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PendingStatus {
     pub container: String,
     pub reason: String,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PeerStatus {
     pub name: PeerName,
     pub nickname: String,
@@ -77,7 +77,7 @@ pub struct PeerStatus {
     pub connections: usize,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ConnectionStatus {
     pub peer: PeerName,
     pub nickname: Option<String>,
@@ -86,7 +86,7 @@ pub struct ConnectionStatus {
     pub last_heard_ms_ago: u64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TargetStatus {
     pub address: SocketAddr,
     pub configured: bool,
@@ -95,7 +95,7 @@ pub struct TargetStatus {
 }
 
 /// Control-plane traffic since start.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Traffic {
     pub sent_datagrams: u64,
     pub sent_bytes: u64,
@@ -143,8 +143,23 @@ impl Serialize for BytesByKind {
     }
 }
 
+impl<'de> Deserialize<'de> for BytesByKind {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let named = BTreeMap::<String, u64>::deserialize(d)?;
+        let mut bytes = BytesByKind::default();
+        for (name, n) in named {
+            let kind = MessageKind::ALL
+                .into_iter()
+                .find(|k| k.name() == name)
+                .ok_or_else(|| serde::de::Error::custom(format!("unknown message kind {name:?}")))?;
+            bytes[kind] = n;
+        }
+        Ok(bytes)
+    }
+}
+
 /// Why an incoming datagram was refused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DropReason {
     /// Not a weft datagram, or a corrupt one.
@@ -180,5 +195,8 @@ mod tests {
             serde_json::to_string(&bytes).unwrap(),
             r#"{"heartbeat":0,"gossip":0,"digest":7,"request":0,"news":0,"ring":0,"announcements":3}"#
         );
+        let text = serde_json::to_string(&bytes).unwrap();
+        assert_eq!(serde_json::from_str::<BytesByKind>(&text).unwrap(), bytes);
+        assert!(serde_json::from_str::<BytesByKind>(r#"{"telepathy":1}"#).is_err());
     }
 }

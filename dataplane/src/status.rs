@@ -1,13 +1,14 @@
 //! What the data path tells the status pages: which overlay carries pod
 //! traffic, and what went wrong setting it up.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Which dataplane carries pod traffic, and why not the one asked for.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataplaneState {
-    pub requested: &'static str,
-    pub in_use: &'static str,
+    /// "fastdp", "sleeve" or "none".
+    pub requested: String,
+    pub in_use: String,
     /// Why the requested dataplane is not in use.
     pub fallback: Option<String>,
     /// The last error programming the kernel, if the last attempt failed.
@@ -22,10 +23,10 @@ pub struct DataplaneState {
 
 impl DataplaneState {
     /// Nothing in use yet.
-    pub fn new(requested: &'static str) -> DataplaneState {
+    pub fn new(requested: &str) -> DataplaneState {
         DataplaneState {
-            requested,
-            in_use: "none",
+            requested: requested.into(),
+            in_use: "none".into(),
             fallback: None,
             kernel_error: None,
             egress_problem: None,

@@ -303,13 +303,13 @@ fn apply(dataplane: &mut dyn Dataplane, desired: &Desired, state: &mut Dataplane
         Ok(()) => {
             state.kernel_error = None;
             dataplane.tune(&want);
-            state.in_use = in_use(&want);
+            state.in_use = in_use(&want).into();
             true
         }
         Err(e @ DataplaneError::Vxlan { .. }) => {
             let without_vxlan = without_vxlan(desired);
             state.fallback = Some(e.to_string());
-            state.in_use = in_use(&without_vxlan);
+            state.in_use = in_use(&without_vxlan).into();
             tracing::warn!("fastdp unavailable, using {}: {e}", state.in_use);
             match dataplane.reconcile(&without_vxlan) {
                 Ok(()) => true,

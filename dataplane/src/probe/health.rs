@@ -1,7 +1,7 @@
 //! The fastdp verdict per peer, from probe sends, replies and when the
 //! control plane last heard from the peer. Pure: time is passed in.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
@@ -71,13 +71,13 @@ struct PeerHealth {
 
 /// One peer's dataplane, for status (`/status/connections` under
 /// `dataplane.peers`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerDataplane {
     pub peer: PeerName,
     pub nickname: String,
     pub underlay: IpAddr,
     /// "fastdp" or "sleeve".
-    pub dataplane: &'static str,
+    pub dataplane: String,
     /// Why not fastdp (or, without a sleeve, why fastdp is failing).
     pub reason: Option<String>,
     pub last_reply_ms_ago: Option<u64>,
@@ -222,7 +222,7 @@ impl FastdpHealth {
                     peer,
                     nickname: h.nickname.clone(),
                     underlay: IpAddr::V4(*h.control.ip()),
-                    dataplane,
+                    dataplane: dataplane.into(),
                     reason,
                     last_reply_ms_ago: h
                         .last_reply

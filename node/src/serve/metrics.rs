@@ -269,8 +269,8 @@ mod tests {
         let config = Config::new("t", "127.0.0.1:6783".parse().unwrap());
         let router = Router::new(config, None, [0; 32], Time::ZERO).unwrap();
         let dataplane = DataplaneState {
-            requested: "sleeve",
-            in_use: "sleeve",
+            requested: "sleeve".into(),
+            in_use: "sleeve".into(),
             fallback: None,
             kernel_error: None,
             egress_problem: None,

@@ -90,7 +90,7 @@ pub fn text(status: &Status, dataplane: &DataplaneState) -> String {
         "awaiting consensus".into()
     };
     line(&mut s, "Status", state);
-    line(&mut s, "Mode", ipam.mode.into());
+    line(&mut s, "Mode", ipam.mode.clone());
     line(&mut s, "Range", ipam.range.to_string());
     if let Some(gw) = ipam.gateway {
         line(&mut s, "Gateway", gw.to_string());
