@@ -200,11 +200,13 @@ mod tests {
         let path = agent(dir.path(), |line| {
             let request: Request = serde_json::from_str(line).unwrap();
             let reply = match request {
-                Request::Allocate { container_id, .. } => Reply::Answer(Answer::Attachment(Attachment {
-                    container_id,
-                    address: "10.32.0.2/12".parse().unwrap(),
-                    gateway: None,
-                })),
+                Request::Allocate { container_id, .. } => {
+                    Reply::Answer(Answer::Attachment(Attachment {
+                        container_id,
+                        address: "10.32.0.2/12".parse().unwrap(),
+                        gateway: None,
+                    }))
+                }
                 Request::RemovePeer { .. } => Reply::Answer(Answer::Reclaimed { reclaimed: 7 }),
                 _ => Reply::Error(ApiError {
                     kind: ErrorKind::Pending,

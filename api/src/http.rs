@@ -18,7 +18,11 @@ pub enum StatusError {
     #[error("{0}")]
     Unreachable(#[from] std::io::Error),
     #[error("{path}: HTTP {code}: {}", body.trim())]
-    Status { path: String, code: u16, body: String },
+    Status {
+        path: String,
+        code: u16,
+        body: String,
+    },
     #[error("{path}: {error}")]
     Malformed {
         path: String,
@@ -153,7 +157,10 @@ mod tests {
 
     #[test]
     fn nothing_listening_is_unreachable() {
-        let addr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
         let e = StatusClient::new(addr).not_ready().unwrap_err();
         assert!(matches!(e, StatusError::Unreachable(_)), "{e:?}");
     }

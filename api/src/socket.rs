@@ -294,7 +294,11 @@ mod tests {
                 r#"{"container_id":"c1/eth0","op":"check"}"#,
             ),
             (Request::List {}, r#"{"op":"list"}"#, r#"{"op":"list"}"#),
-            (Request::Status {}, r#"{"op":"status"}"#, r#"{"op":"status"}"#),
+            (
+                Request::Status {},
+                r#"{"op":"status"}"#,
+                r#"{"op":"status"}"#,
+            ),
             (
                 Request::RemovePeer {
                     peer: "node2".into(),
@@ -446,7 +450,10 @@ mod tests {
             r#"{"ok":true,"container_id":"c1","gateway":null}"#,
             r#"{"ok":true,"released":"not an address"}"#,
         ] {
-            assert_eq!(Reply::parse(text).unwrap(), Reply::Answer(Answer::Accepted {}));
+            assert_eq!(
+                Reply::parse(text).unwrap(),
+                Reply::Answer(Answer::Accepted {})
+            );
         }
         let r = Reply::parse(r#"{"ok":true,"released":null}"#).unwrap();
         assert_eq!(r, Reply::Answer(Answer::Released { released: None }));

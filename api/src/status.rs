@@ -24,3 +24,25 @@ pub struct ConnectionsPage<D> {
     pub dropped: BTreeMap<DropReason, u64>,
     pub dataplane: D,
 }
+
+/// A drop reason's name, as status and metrics show it (`no_secret`).
+pub fn drop_reason_name(reason: DropReason) -> String {
+    match serde_json::to_value(reason) {
+        Ok(serde_json::Value::String(name)) => name,
+        _ => format!("{reason:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drop_reasons_are_named_as_in_status() {
+        assert_eq!(drop_reason_name(DropReason::NoSecret), "no_secret");
+        assert_eq!(
+            drop_reason_name(DropReason::Authentication),
+            "authentication"
+        );
+    }
+}

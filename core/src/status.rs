@@ -151,7 +151,9 @@ impl<'de> Deserialize<'de> for BytesByKind {
             let kind = MessageKind::ALL
                 .into_iter()
                 .find(|k| k.name() == name)
-                .ok_or_else(|| serde::de::Error::custom(format!("unknown message kind {name:?}")))?;
+                .ok_or_else(|| {
+                    serde::de::Error::custom(format!("unknown message kind {name:?}"))
+                })?;
             bytes[kind] = n;
         }
         Ok(bytes)

@@ -683,3 +683,56 @@ fn rmpeer_refuses_a_name_that_was_never_a_peer() {
         "tombstone written: {state}"
     );
 }
+
+/// A running agent's answers and status pages read back as the shared
+/// protocol types (weft-api), as weft-cni, `weft rmpeer` and `weft doctor`
+/// read them; refused datagrams show on the connections page.
+#[test]
+fn the_agent_answers_in_the_shared_protocol_types() {
+    use weft_api::status::DropReason;
+    use weft_api::{ClientError, ErrorKind};
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path());
+    let client = weft_api::Client::new(&agent.socket);
+    let a = client.allocate("typed", Duration::from_secs(10)).unwrap();
+    assert_eq!(a.container_id, "typed");
+    assert_eq!(client.check("typed").unwrap(), a);
+    assert!(client.list().unwrap().contains(&a));
+    let node = client.status().unwrap();
+    assert!(
+        node.ready && node.range.contains(&a.address.addr()),
+        "{node:?}"
+    );
+    assert_eq!(client.release("typed").unwrap(), Some(a.address.addr()));
+    for refused in [
+        client.remove_peer("dead:beef:0000:0001").unwrap_err(),
+        client.delete_veth("vethwf0").unwrap_err(),
+    ] {
+        match refused {
+            ClientError::Api(e) => assert_eq!(e.kind, ErrorKind::Refused, "{e}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    let status = weft_api::StatusClient::new(agent.status);
+    assert_eq!(status.not_ready().unwrap(), None);
+    let peers = status.peers().unwrap();
+    assert_eq!(peers.len(), 1);
+    assert_eq!(peers[0].hops, Some(0));
+    let ipam = status.ipam().unwrap();
+    assert!(ipam.seeded && ipam.mode == "ring", "{ipam:?}");
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.send_to(b"hello", agent.udp).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let page = status
+            .connections::<weft_dataplane::status::DataplaneState>()
+            .unwrap();
+        assert_eq!(page.dataplane.requested, "none");
+        if page.dropped.get(&DropReason::Malformed) == Some(&1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "drop not shown: {page:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,24 +1,11 @@
 //! The local API on the agent's Unix socket (owner only), for the CNI
-//! plugin: one JSON request per line, one JSON answer per line. Lines are
-//! at most [`MAX_REQUEST`] bytes; a connection idle for [`IDLE_TIMEOUT`]
-//! is closed; at most [`MAX_CONNECTIONS`] are held at once.
-//!
-//! ```text
-//! {"op":"allocate","container_id":"abc","wait_ms":10000}
-//! {"op":"release","container_id":"abc"}
-//! {"op":"check","container_id":"abc"}
-//! {"op":"list"}
-//! {"op":"status"}
-//! ```
-//! Answers are `{"ok":true,...}` or `{"ok":false,"error":{"kind":..,"message":..}}`
-//! where `kind` is `bad_request`, `pending` (try again later), `refused`
-//! (the request cannot succeed as asked) or `unavailable` (the agent is
-//! stopping, or cannot save its state right now: try again). Requests for
-//! one container ID are idempotent.
+//! plugin: one JSON request per line, one JSON reply per line, in the
+//! wire format of [`weft_api::socket`]. Lines are at most [`MAX_REQUEST`]
+//! bytes; a connection idle for [`IDLE_TIMEOUT`] is closed; at most
+//! [`MAX_CONNECTIONS`] are held at once.
 
 use crate::serve::limit::{Admitted, ConnectionLimit};
 use ipnet::Ipv4Net;
-use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::Arc;
@@ -26,6 +13,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
+use weft_api::{Answer, ApiError, Attachment, ErrorKind, NodeStatus, Reply, Request};
 use weft_core::{Router, Time, View};
 use weft_driver::Command;
 
@@ -39,81 +27,6 @@ pub const MAX_CONNECTIONS: usize = 256;
 /// How long an allocation waits for space unless the request says.
 const DEFAULT_WAIT: Duration = Duration::from_secs(10);
 const MAX_WAIT: Duration = Duration::from_secs(120);
-
-#[derive(Debug, Deserialize, PartialEq, Eq)]
-#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Request {
-    Allocate {
-        container_id: String,
-        #[serde(default)]
-        wait_ms: Option<u64>,
-    },
-    Release {
-        container_id: String,
-    },
-    Check {
-        container_id: String,
-    },
-    List,
-    Status,
-    /// Reclaims the space of a peer removed for good (`weft rmpeer`):
-    /// by peer name or nickname.
-    RemovePeer {
-        peer: String,
-    },
-    /// Deletes a pod's host-side veth (`vethwf…`) in the background, so
-    /// CNI DEL need not wait for the kernel.
-    DeleteVeth {
-        interface: String,
-    },
-}
-
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq, Clone, Copy)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorKind {
-    BadRequest,
-    Pending,
-    Refused,
-    Unavailable,
-}
-
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq, Clone)]
-pub struct ApiError {
-    pub kind: ErrorKind,
-    pub message: String,
-}
-
-/// An address and what a pod needs around it.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq, Clone)]
-pub struct Attachment {
-    pub container_id: String,
-    /// The pod address with the allocation range's prefix length.
-    pub address: Ipv4Net,
-    pub gateway: Option<Ipv4Addr>,
-}
-
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq, Clone)]
-pub struct NodeStatus {
-    /// The agent can give addresses now.
-    pub ready: bool,
-    /// Why not, when not ready.
-    pub reason: Option<String>,
-    pub bridge: String,
-    pub mtu: u32,
-    pub range: Ipv4Net,
-    pub gateway: Option<Ipv4Addr>,
-}
-
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq, Clone)]
-#[serde(untagged)]
-pub enum Answer {
-    Attachment(Attachment),
-    Released { released: Option<Ipv4Addr> },
-    List { allocations: Vec<Attachment> },
-    Status(NodeStatus),
-    Reclaimed { reclaimed: u64 },
-    Accepted {},
-}
 
 /// What the API needs of the agent.
 #[derive(Clone)]
@@ -199,22 +112,13 @@ async fn connection(stream: UnixStream, api: Api, admitted: Admitted) {
             },
             Ok(Err(e)) => Err(bad(format!("unreadable request: {e}"))),
         };
-        let text = match &answer {
-            Ok(a) => {
-                let mut v = serde_json::to_value(a).unwrap_or_default();
-                if let Some(o) = v.as_object_mut() {
-                    o.insert("ok".into(), true.into());
-                }
-                v.to_string()
-            }
-            Err(e) => serde_json::json!({"ok": false, "error": e}).to_string(),
-        };
-        let text = format!("{text}\n");
+        let reply = Reply::from(answer);
+        let text = reply.to_line();
         let sent = tokio::time::timeout(IDLE_TIMEOUT, write.write_all(text.as_bytes())).await;
         if !matches!(sent, Ok(Ok(()))) {
             return;
         }
-        if matches!(&answer, Err(e) if e.kind == ErrorKind::BadRequest) {
+        if matches!(&reply, Reply::Error(e) if e.kind == ErrorKind::BadRequest) {
             return;
         }
     }
@@ -293,7 +197,7 @@ impl Api {
                     ))),
                 }
             }
-            Request::List => {
+            Request::List {} => {
                 let held = self.read(|router, _| allocations(router)).await?;
                 let allocations = held
                     .into_iter()
@@ -301,7 +205,7 @@ impl Api {
                     .collect();
                 Ok(Answer::List { allocations })
             }
-            Request::Status => Ok(Answer::Status(self.status().await)),
+            Request::Status {} => Ok(Answer::Status(self.status().await)),
             Request::DeleteVeth { interface } => {
                 let valid = interface.starts_with("vethwf")
                     && interface.len() <= 15
@@ -481,26 +385,6 @@ impl Api {
     }
 }
 
-impl Request {
-    /// The container a request names.
-    fn container_id(&self) -> Option<&str> {
-        match self {
-            Request::Allocate { container_id, .. }
-            | Request::Release { container_id }
-            | Request::Check { container_id } => Some(container_id),
-            _ => None,
-        }
-    }
-
-    /// Whether answering needs the node's state saved.
-    fn saves(&self) -> bool {
-        matches!(
-            self,
-            Request::Allocate { .. } | Request::Release { .. } | Request::RemovePeer { .. }
-        )
-    }
-}
-
 /// Container IDs the agent uses for itself (the bridge gateway's address)
 /// are never a pod's: releasing one would take the node's gateway away.
 fn check_not_reserved(container_id: &str) -> Result<(), ApiError> {
@@ -628,27 +512,5 @@ mod tests {
             assert!(a.gateway.is_some_and(|g| kernel.bridge_holds(g)));
             assert!(api.status().await.ready);
         });
-    }
-
-    #[test]
-    fn requests_parse_and_unknown_fields_are_refused() {
-        let r: Request = serde_json::from_str(r#"{"op":"allocate","container_id":"c1"}"#).unwrap();
-        assert_eq!(
-            r,
-            Request::Allocate {
-                container_id: "c1".into(),
-                wait_ms: None
-            }
-        );
-        let r: Request = serde_json::from_str(r#"{"op":"list"}"#).unwrap();
-        assert_eq!(r, Request::List);
-        for bad in [
-            r#"{"op":"allocate"}"#,
-            r#"{"op":"format_disk"}"#,
-            r#"{"op":"release","container_id":"c","extra":1}"#,
-            "\u{0}\u{1}garbage",
-        ] {
-            assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
-        }
     }
 }

@@ -163,11 +163,12 @@ impl StatusServer {
                 Page::text(200, report::text(&status, &dataplane))
             }
             "/status/peers" => Page::json(&status.peers),
-            "/status/connections" => Page::json(&serde_json::json!({
-                "connections": status.connections,
-                "targets": status.targets,
-                "dataplane": self.dataplane_state(),
-            })),
+            "/status/connections" => Page::json(&weft_api::status::ConnectionsPage {
+                connections: status.connections,
+                targets: status.targets,
+                dropped: status.dropped,
+                dataplane: self.dataplane_state(),
+            }),
             "/status/ipam" => Page::json(&status.ipam),
             _ => {
                 let sleeve = self.sleeve.as_deref();

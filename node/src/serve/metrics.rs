@@ -220,10 +220,7 @@ impl Metrics {
             follow(&self.gossip_sent_by_kind.get_or_create(&label), bytes);
         }
         for (reason, n) in &status.dropped {
-            let label = serde_json::to_value(reason)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default();
+            let label = weft_api::status::drop_reason_name(*reason);
             follow(&self.dropped.get_or_create(&Reason { reason: label }), *n);
         }
         self.fallback.set(i64::from(dataplane.fallback.is_some()));

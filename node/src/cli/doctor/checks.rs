@@ -4,6 +4,7 @@
 
 use super::facts::{Agent, BridgeNetfilter, CniConfig, Facts, PortAnswer, Probe};
 use serde::Serialize;
+use weft_api::status::{DropReason, drop_reason_name};
 use weft_dataplane::underlay::Collision;
 
 /// How bad a finding is; the worst one sets the exit status.
@@ -281,7 +282,7 @@ fn ipam(agent: &Agent) -> Check {
         .filter(|p| !p.reachable && p.owned > 0)
         .map(|p| p.nickname.as_str())
         .collect();
-    let mine = i.peers.iter().find(|p| Some(p.name.as_str()) == agent.me());
+    let mine = i.peers.iter().find(|p| Some(p.name) == agent.me());
     let used = mine.map_or(0, |p| p.used);
     let free = mine.map_or(0, |p| p.free);
     let evidence = format!("{} mode, {used} addresses used, {free} free here", i.mode);
@@ -304,8 +305,11 @@ fn drops(agent: &Agent) -> Check {
         .iter()
         .filter(|(reason, _)| {
             matches!(
-                reason.as_str(),
-                "authentication" | "unencrypted" | "no_secret" | "unsupported_version"
+                reason,
+                DropReason::Authentication
+                    | DropReason::Unencrypted
+                    | DropReason::NoSecret
+                    | DropReason::UnsupportedVersion
             )
         })
         .map(|(_, n)| n)
@@ -313,7 +317,7 @@ fn drops(agent: &Agent) -> Check {
     let list = agent
         .dropped
         .iter()
-        .map(|(reason, n)| format!("{reason} {n}"))
+        .map(|(reason, n)| format!("{} {n}", drop_reason_name(*reason)))
         .collect::<Vec<_>>()
         .join(", ");
     // Counters run since the agent started: refusals matter while some

@@ -2,13 +2,17 @@
 //! and the node's interfaces, routes, sysctls and CNI files. Gathering
 //! only; the verdicts are in `checks`.
 
-use crate::serve::api::NodeStatus;
 use ipnet::Ipv4Net;
-use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use weft_api::NodeStatus;
+use weft_api::status::{
+    ConnectionStatus, DropReason, IpamStatus, LinkState, PeerStatus, TargetStatus,
+};
+use weft_core::PeerName;
+use weft_dataplane::status::DataplaneState;
 use weft_dataplane::underlay::{Collision, Interface, Route};
 
 /// Everything the checks need, gathered once.
@@ -67,81 +71,17 @@ impl Facts {
 }
 
 /// The agent's view, from its status API.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Agent {
     /// Why /readyz says not ready.
     pub not_ready: Option<String>,
-    pub peers: Vec<PeerView>,
-    pub connections: Vec<ConnectionView>,
-    pub targets: Vec<TargetView>,
-    pub dataplane: DataplaneView,
-    pub ipam: IpamView,
-    /// Datagrams refused, by reason (from /metrics).
-    pub dropped: BTreeMap<String, u64>,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-pub struct PeerView {
-    pub name: String,
-    pub nickname: String,
-    pub address: SocketAddr,
-    pub reachable: bool,
-    pub hops: Option<u32>,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-pub struct ConnectionView {
-    pub peer: String,
-    pub state: String,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-pub struct TargetView {
-    pub address: SocketAddr,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-pub struct DataplaneView {
-    pub requested: String,
-    pub in_use: String,
-    pub fallback: Option<String>,
-    pub kernel_error: Option<String>,
-    /// Per direct peer, when the agent reports it.
-    #[serde(default)]
-    pub peers: Vec<PeerDataplaneView>,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-pub struct PeerDataplaneView {
-    pub nickname: String,
-    pub dataplane: String,
-    pub reason: Option<String>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-pub struct IpamView {
-    pub mode: String,
-    pub seeded: bool,
-    pub peers: Vec<IpamPeerView>,
-    pub pending: Vec<PendingView>,
-    pub errors: Vec<String>,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-pub struct IpamPeerView {
-    pub name: String,
-    pub nickname: String,
-    pub reachable: bool,
-    pub owned: u64,
-    pub free: u64,
-    pub used: u64,
-    pub prefixes: Vec<Ipv4Net>,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-pub struct PendingView {
-    pub container: String,
-    pub reason: String,
+    pub peers: Vec<PeerStatus>,
+    pub connections: Vec<ConnectionStatus>,
+    pub targets: Vec<TargetStatus>,
+    pub dataplane: DataplaneState,
+    pub ipam: IpamStatus,
+    /// Datagrams refused, by reason.
+    pub dropped: BTreeMap<DropReason, u64>,
 }
 
 /// A peer the agent should be connected to.
@@ -150,20 +90,20 @@ pub struct ExpectedPeer {
     /// Nickname (and name), or the address for a peer not heard yet.
     pub label: String,
     /// Its peer name, once heard of.
-    pub name: Option<weft_core::PeerName>,
+    pub name: Option<PeerName>,
     pub address: SocketAddr,
     pub connected: bool,
     pub reachable: bool,
 }
 
 impl Agent {
-    fn own(&self) -> Option<&PeerView> {
+    fn own(&self) -> Option<&PeerStatus> {
         self.peers.iter().find(|p| p.hops == Some(0))
     }
 
     /// This node's peer name.
-    pub fn me(&self) -> Option<&str> {
-        self.own().map(|p| p.name.as_str())
+    pub fn me(&self) -> Option<PeerName> {
+        self.own().map(|p| p.name)
     }
 
     pub fn me_address(&self) -> Option<SocketAddr> {
@@ -173,10 +113,10 @@ impl Agent {
     /// Every other known peer, and every address being tried that no
     /// known peer has.
     pub fn expected(&self) -> Vec<ExpectedPeer> {
-        let established = |name: &str| {
+        let established = |name: PeerName| {
             self.connections
                 .iter()
-                .any(|c| c.peer == name && c.state == "established")
+                .any(|c| c.peer == name && c.state == LinkState::Established)
         };
         let mut out: Vec<ExpectedPeer> = self
             .peers
@@ -184,9 +124,9 @@ impl Agent {
             .filter(|p| p.hops != Some(0))
             .map(|p| ExpectedPeer {
                 label: format!("{} ({})", p.nickname, p.name),
-                name: p.name.parse().ok(),
+                name: Some(p.name),
                 address: p.address,
-                connected: established(&p.name),
+                connected: established(p.name),
                 reachable: p.reachable,
             })
             .collect();
@@ -309,49 +249,27 @@ pub fn ip_forwarding() -> Option<bool> {
 
 /// Reads the agent's status API.
 pub fn agent(addr: SocketAddr) -> Result<Agent, String> {
-    let get = |path: &str| crate::cli::http_get(addr, path).map_err(|e| e.to_string());
-    let json = |path: &str| -> Result<serde_json::Value, String> {
-        serde_json::from_str(&get(path)?.1).map_err(|e| format!("{path}: {e}"))
-    };
-    let (code, body) = get("/readyz")?;
-    let connections = json("/status/connections")?;
-    fn field<T: serde::de::DeserializeOwned>(
-        v: &serde_json::Value,
-        name: &str,
-    ) -> Result<T, String> {
-        serde_json::from_value(v[name].clone()).map_err(|e| format!("{name}: {e}"))
-    }
+    let status = weft_api::StatusClient::new(addr);
+    let not_ready = status.not_ready().map_err(|e| e.to_string())?;
+    let page = status
+        .connections::<DataplaneState>()
+        .map_err(|e| e.to_string())?;
     Ok(Agent {
-        not_ready: (code != 200).then(|| body.trim().to_string()),
-        peers: serde_json::from_value(json("/status/peers")?).map_err(|e| e.to_string())?,
-        connections: field(&connections, "connections")?,
-        targets: field(&connections, "targets")?,
-        dataplane: field(&connections, "dataplane")?,
-        ipam: serde_json::from_value(json("/status/ipam")?).map_err(|e| e.to_string())?,
-        dropped: get("/metrics")
-            .map(|(_, m)| dropped(&m))
-            .unwrap_or_default(),
+        not_ready,
+        peers: status.peers().map_err(|e| e.to_string())?,
+        connections: page.connections,
+        targets: page.targets,
+        dataplane: page.dataplane,
+        ipam: status.ipam().map_err(|e| e.to_string())?,
+        dropped: page.dropped,
     })
-}
-
-/// `datagrams_dropped_total{reason="…"} N` lines of the metrics.
-fn dropped(metrics: &str) -> BTreeMap<String, u64> {
-    metrics
-        .lines()
-        .filter_map(|line| {
-            let rest = line.split_once("datagrams_dropped_total{reason=\"")?.1;
-            let (reason, rest) = rest.split_once("\"}")?;
-            let n: f64 = rest.split_whitespace().next()?.parse().ok()?;
-            (n > 0.0).then(|| (reason.to_string(), n as u64))
-        })
-        .collect()
 }
 
 /// Asks the agent's local API (the CNI plugin's socket) for its status.
 pub fn node(socket: &Path) -> Result<NodeStatus, String> {
-    let answer = crate::cli::api_call(socket, &serde_json::json!({"op": "status"}))
-        .map_err(|e| e.to_string())?;
-    serde_json::from_value(answer).map_err(|e| format!("unexpected answer: {e}"))
+    weft_api::Client::new(socket)
+        .status()
+        .map_err(|e| e.to_string())
 }
 
 /// What a UDP port did with a probe.
@@ -458,18 +376,6 @@ pub fn probe_request() -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn refused_datagrams_are_read_from_the_metrics() {
-        let m = "# HELP datagrams_dropped Datagrams refused, by reason\n\
-                 datagrams_dropped_total{reason=\"authentication\"} 12\n\
-                 datagrams_dropped_total{reason=\"malformed\"} 0\n\
-                 datagrams_dropped_total{reason=\"bad\n";
-        assert_eq!(
-            dropped(m),
-            BTreeMap::from([("authentication".to_string(), 12)])
-        );
-    }
 
     #[test]
     fn cni_configs_are_listed_in_the_runtimes_order_with_their_types() {

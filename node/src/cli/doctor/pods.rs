@@ -121,10 +121,9 @@ fn short(container: &str) -> &str {
 }
 
 fn local_pods(socket: &Path) -> Result<Vec<LocalPod>, String> {
-    let answer = crate::cli::api_call(socket, &serde_json::json!({"op": "list"}))
+    let list = weft_api::Client::new(socket)
+        .list()
         .map_err(|e| e.to_string())?;
-    let list: Vec<crate::serve::api::Attachment> =
-        serde_json::from_value(answer["allocations"].clone()).map_err(|e| e.to_string())?;
     Ok(list
         .into_iter()
         .map(|a| LocalPod {

@@ -1,10 +1,11 @@
 //! The other nodes' pod networks, as seen from here: one address on each
 //! that answers ICMP through the overlay.
 
-use super::facts::{Facts, IpamPeerView};
+use super::facts::Facts;
 use super::pods::Target;
 use ipnet::Ipv4Net;
 use std::net::Ipv4Addr;
+use weft_api::status::IpamPeerStatus;
 
 /// One address per other reachable node: its bridge gateway.
 pub fn targets(facts: &Facts) -> Vec<Target> {
@@ -16,7 +17,7 @@ pub fn targets(facts: &Facts) -> Vec<Target> {
         .ipam
         .peers
         .iter()
-        .filter(|p| Some(p.name.as_str()) != agent.me() && p.reachable)
+        .filter(|p| Some(p.name) != agent.me() && p.reachable)
         .filter_map(|p| {
             Some(Target {
                 node: p.nickname.clone(),
@@ -30,7 +31,7 @@ pub fn targets(facts: &Facts) -> Vec<Target> {
 /// space, past the network address the range (ring mode) or its podCIDR
 /// (node-cidr mode) reserves. Space that moved later (a reclaim of lower
 /// blocks) can make this miss; the probe then names the address it tried.
-fn gateway_of(peer: &IpamPeerView, range: Ipv4Net, node_cidr: bool) -> Option<Ipv4Addr> {
+fn gateway_of(peer: &IpamPeerStatus, range: Ipv4Net, node_cidr: bool) -> Option<Ipv4Addr> {
     let lowest = peer.prefixes.iter().map(|p| p.network()).min()?;
     let reserved = node_cidr || lowest == range.network();
     Some(match reserved {
@@ -43,9 +44,9 @@ fn gateway_of(peer: &IpamPeerView, range: Ipv4Net, node_cidr: bool) -> Option<Ip
 mod tests {
     use super::*;
 
-    fn peer(prefixes: &[&str]) -> IpamPeerView {
-        IpamPeerView {
-            name: "a".into(),
+    fn peer(prefixes: &[&str]) -> IpamPeerStatus {
+        IpamPeerStatus {
+            name: weft_core::PeerName(1),
             nickname: "a".into(),
             reachable: true,
             owned: 0,

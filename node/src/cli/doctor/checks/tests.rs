@@ -1,19 +1,42 @@
 use super::*;
-use crate::cli::doctor::facts::{
-    ConnectionView, DataplaneView, IpamPeerView, IpamView, PeerDataplaneView, PeerView, TargetView,
-};
-use crate::serve::api::NodeStatus;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use weft_api::NodeStatus;
+use weft_api::status::{
+    ConnectionStatus, IpamPeerStatus, IpamStatus, LinkState, PeerStatus, PendingStatus,
+    TargetStatus,
+};
+use weft_core::PeerName;
+use weft_dataplane::probe::PeerDataplane;
+use weft_dataplane::status::DataplaneState;
 use weft_dataplane::underlay::Interface;
 
-fn peer(name: &str, nickname: &str, address: &str, hops: Option<u32>, reachable: bool) -> PeerView {
-    PeerView {
-        name: name.into(),
+fn peer(
+    name: u64,
+    nickname: &str,
+    address: &str,
+    hops: Option<u32>,
+    reachable: bool,
+) -> PeerStatus {
+    PeerStatus {
+        name: PeerName(name),
         nickname: nickname.into(),
         address: address.parse().unwrap(),
+        version: 1,
         reachable,
+        next_hop: None,
         hops,
+        connections: 2,
+    }
+}
+
+fn connection(name: u64) -> ConnectionStatus {
+    ConnectionStatus {
+        peer: PeerName(name),
+        nickname: None,
+        address: format!("192.168.1.1{name}:6783").parse().unwrap(),
+        state: LinkState::Established,
+        last_heard_ms_ago: 100,
     }
 }
 
@@ -22,30 +45,24 @@ fn healthy() -> Facts {
     let agent = Agent {
         not_ready: None,
         peers: vec![
-            peer("p1", "node1", "192.168.1.11:6783", Some(0), true),
-            peer("p2", "node2", "192.168.1.12:6783", Some(1), true),
-            peer("p3", "node3", "192.168.1.13:6783", Some(1), true),
+            peer(1, "node1", "192.168.1.11:6783", Some(0), true),
+            peer(2, "node2", "192.168.1.12:6783", Some(1), true),
+            peer(3, "node3", "192.168.1.13:6783", Some(1), true),
         ],
-        connections: ["p2", "p3"]
-            .iter()
-            .map(|p| ConnectionView {
-                peer: p.to_string(),
-                state: "established".into(),
-            })
-            .collect(),
+        connections: vec![connection(2), connection(3)],
         targets: Vec::new(),
-        dataplane: DataplaneView {
-            requested: "fastdp".into(),
+        dataplane: DataplaneState {
             in_use: "fastdp".into(),
-            fallback: None,
-            kernel_error: None,
-            peers: Vec::new(),
+            ..DataplaneState::new("fastdp")
         },
-        ipam: IpamView {
+        ipam: IpamStatus {
             mode: "ring".into(),
+            range: "10.32.0.0/12".parse().unwrap(),
             seeded: true,
-            peers: vec![IpamPeerView {
-                name: "p1".into(),
+            seed: Some("00000000000000aa".into()),
+            gateway: Some("10.32.0.1".parse().unwrap()),
+            peers: vec![IpamPeerStatus {
+                name: PeerName(1),
                 nickname: "node1".into(),
                 reachable: true,
                 owned: 100,
@@ -147,7 +164,7 @@ fn a_stopped_agent_fails_and_the_node_is_still_checked() {
 fn an_unconnected_peer_is_named_with_what_its_ports_did() {
     let mut f = healthy();
     let a = agent_mut(&mut f);
-    a.connections.retain(|c| c.peer != "p3");
+    a.connections.retain(|c| c.peer != PeerName(3));
     a.peers[2].reachable = false;
     f.probes = vec![Probe {
         address: "192.168.1.13:6783".parse().unwrap(),
@@ -156,7 +173,7 @@ fn an_unconnected_peer_is_named_with_what_its_ports_did() {
     }];
     let checks = all(&f);
     assert_eq!(find(&checks, "peers").level, Level::Fail);
-    let line = find(&checks, "peer node3 (p3)");
+    let line = find(&checks, "peer node3 (0000:0000:0000:0003)");
     assert_eq!(line.level, Level::Fail);
     assert!(
         line.evidence.contains("UDP 6783 gets no answer"),
@@ -169,8 +186,11 @@ fn an_unconnected_peer_is_named_with_what_its_ports_did() {
 #[test]
 fn a_target_never_heard_from_is_expected_too() {
     let mut f = healthy();
-    agent_mut(&mut f).targets.push(TargetView {
+    agent_mut(&mut f).targets.push(TargetStatus {
         address: "192.168.1.14:6783".parse().unwrap(),
+        configured: true,
+        attempts: 3,
+        next_try_in_ms: 1000,
     });
     f.probes = vec![Probe {
         address: "192.168.1.14:6783".parse().unwrap(),
@@ -189,10 +209,13 @@ fn a_target_never_heard_from_is_expected_too() {
 #[test]
 fn a_peer_on_the_sleeve_is_a_warning_with_the_reason() {
     let mut f = healthy();
-    agent_mut(&mut f).dataplane.peers = vec![PeerDataplaneView {
+    agent_mut(&mut f).dataplane.peers = vec![PeerDataplane {
+        peer: PeerName(2),
         nickname: "node2".into(),
+        underlay: "192.168.1.12".parse().unwrap(),
         dataplane: "sleeve".into(),
         reason: Some("no reply over VXLAN (UDP 6784)".into()),
+        last_reply_ms_ago: None,
     }];
     let checks = all(&f);
     let d = find(&checks, "dataplane");
@@ -266,7 +289,9 @@ fn forwarding_off_a_missing_plugin_and_refused_datagrams_are_reported() {
     let mut f = healthy();
     f.forwarding = Some(false);
     f.cni_plugin = Err("not installed".into());
-    agent_mut(&mut f).dropped.insert("authentication".into(), 3);
+    agent_mut(&mut f)
+        .dropped
+        .insert(weft_api::status::DropReason::Authentication, 3);
     let checks = all(&f);
     assert_eq!(find(&checks, "ip-forward").level, Level::Fail);
     assert_eq!(find(&checks, "cni-plugin").level, Level::Fail);
@@ -286,13 +311,10 @@ fn an_unseeded_ring_and_pending_allocations_are_explained() {
     agent_mut(&mut f).ipam.seeded = false;
     assert_eq!(find(&all(&f), "ipam").level, Level::Fail);
     let mut f = healthy();
-    agent_mut(&mut f)
-        .ipam
-        .pending
-        .push(crate::cli::doctor::facts::PendingView {
-            container: "c1".into(),
-            reason: "awaiting a donation".into(),
-        });
+    agent_mut(&mut f).ipam.pending.push(PendingStatus {
+        container: "c1".into(),
+        reason: "awaiting a donation".into(),
+    });
     let c = find(&all(&f), "ipam").clone();
     assert_eq!(c.level, Level::Warn);
     assert!(c.evidence.contains("c1 (awaiting a donation)"));
