@@ -1,104 +1,111 @@
-//! The weft agent's local API (its Unix socket), as the plugin uses it.
+//! The weft agent's local API (its Unix socket), as the plugin uses it:
+//! weft-api's client, its errors turned into CNI error codes.
 
 use crate::spec::{CniError, code};
-use serde_json::{Value, json};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
+use weft_api::{Attachment, Client, ClientError, ErrorKind, NodeStatus};
 
 /// How long ADD waits for an address before telling the runtime to retry.
-const ALLOCATE_WAIT_MS: u64 = 20_000;
+const ALLOCATE_WAIT: Duration = Duration::from_secs(20);
+/// DEL deletes the veth itself when the agent does not take it this fast.
+const DELETE_VETH_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub struct Agent<'a> {
-    pub socket: &'a Path,
+pub struct Agent {
+    client: Client,
 }
 
-impl Agent<'_> {
-    fn call(&self, request: Value, timeout: Duration) -> Result<Value, CniError> {
-        let unreachable = |e: std::io::Error| {
-            CniError::new(
-                code::TRY_AGAIN,
-                format!(
-                    "weft agent not reachable at {}: is the weft DaemonSet running on this node?",
-                    self.socket.display()
-                ),
-            )
-            .with_details(e.to_string())
-        };
-        let mut stream = UnixStream::connect(self.socket).map_err(unreachable)?;
-        stream
-            .set_read_timeout(Some(timeout))
-            .map_err(unreachable)?;
-        stream
-            .write_all(format!("{request}\n").as_bytes())
-            .map_err(unreachable)?;
-        let mut line = String::new();
-        BufReader::new(stream)
-            .read_line(&mut line)
-            .map_err(unreachable)?;
-        let answer: Value = serde_json::from_str(&line).map_err(|e| {
-            CniError::new(code::IO, format!("the weft agent answered nonsense: {e}"))
-        })?;
-        if answer["ok"] == true {
-            return Ok(answer);
+impl Agent {
+    pub fn new(socket: &Path) -> Agent {
+        Agent {
+            client: Client::new(socket),
         }
-        let message = answer["error"]["message"]
-            .as_str()
-            .unwrap_or("unknown error")
-            .to_string();
-        let code = match answer["error"]["kind"].as_str() {
-            Some("pending") | Some("unavailable") => code::TRY_AGAIN,
-            Some("bad_request") => code::IO,
-            _ => code::REFUSED,
-        };
-        Err(CniError::new(code, message))
     }
 
-    pub fn allocate(&self, attachment: &str) -> Result<Value, CniError> {
-        self.call(
-            json!({"op": "allocate", "container_id": attachment, "wait_ms": ALLOCATE_WAIT_MS}),
-            Duration::from_millis(ALLOCATE_WAIT_MS + 5_000),
-        )
+    pub fn allocate(&self, attachment: &str) -> Result<Attachment, CniError> {
+        self.client
+            .allocate(attachment, ALLOCATE_WAIT)
+            .map_err(cni_error)
     }
 
     pub fn release(&self, attachment: &str) -> Result<(), CniError> {
-        self.call(
-            json!({"op": "release", "container_id": attachment}),
-            Duration::from_secs(10),
-        )
-        .map(|_| ())
+        self.client.release(attachment).map(drop).map_err(cni_error)
     }
 
-    pub fn check(&self, attachment: &str) -> Result<Value, CniError> {
-        self.call(
-            json!({"op": "check", "container_id": attachment}),
-            Duration::from_secs(10),
-        )
+    pub fn check(&self, attachment: &str) -> Result<Attachment, CniError> {
+        self.client.check(attachment).map_err(cni_error)
     }
 
+    /// The attachments holding an address on this node.
     pub fn list(&self) -> Result<Vec<String>, CniError> {
-        let answer = self.call(json!({"op": "list"}), Duration::from_secs(10))?;
-        Ok(answer["allocations"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|x| x["container_id"].as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default())
+        let held = self.client.list().map_err(cni_error)?;
+        Ok(held.into_iter().map(|a| a.container_id).collect())
     }
 
     /// Asks the agent to delete a pod's host veth in the background.
     pub fn delete_veth(&self, interface: &str) -> Result<(), CniError> {
-        self.call(
-            json!({"op": "delete_veth", "interface": interface}),
-            Duration::from_secs(5),
-        )
-        .map(|_| ())
+        self.client
+            .clone()
+            .with_timeout(DELETE_VETH_TIMEOUT)
+            .delete_veth(interface)
+            .map_err(cni_error)
     }
 
-    pub fn status(&self) -> Result<Value, CniError> {
-        self.call(json!({"op": "status"}), Duration::from_secs(10))
+    pub fn status(&self) -> Result<NodeStatus, CniError> {
+        self.client.status().map_err(cni_error)
+    }
+}
+
+/// The agent away or busy is worth a retry; a bad request is ours.
+fn cni_error(e: ClientError) -> CniError {
+    match e {
+        ClientError::Unreachable { path, source } => CniError::new(
+            code::TRY_AGAIN,
+            format!(
+                "weft agent not reachable at {}: is the weft DaemonSet running on this node?",
+                path.display()
+            ),
+        )
+        .with_details(source.to_string()),
+        ClientError::Malformed(_) => CniError::new(code::IO, e.to_string()),
+        ClientError::Api(e) => {
+            let code = match e.kind {
+                ErrorKind::Pending | ErrorKind::Unavailable => code::TRY_AGAIN,
+                ErrorKind::BadRequest => code::IO,
+                ErrorKind::Refused | ErrorKind::Unknown => code::REFUSED,
+            };
+            CniError::new(code, e.message)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_api::ApiError;
+
+    #[test]
+    fn agent_errors_keep_their_cni_codes() {
+        let api = |kind| {
+            cni_error(ClientError::Api(ApiError {
+                kind,
+                message: "m".into(),
+            }))
+            .code
+        };
+        assert_eq!(api(ErrorKind::Pending), code::TRY_AGAIN);
+        assert_eq!(api(ErrorKind::Unavailable), code::TRY_AGAIN);
+        assert_eq!(api(ErrorKind::BadRequest), code::IO);
+        assert_eq!(api(ErrorKind::Refused), code::REFUSED);
+        assert_eq!(api(ErrorKind::Unknown), code::REFUSED);
+        let away = cni_error(ClientError::Unreachable {
+            path: "/run/weft/weft.sock".into(),
+            source: std::io::ErrorKind::NotFound.into(),
+        });
+        assert_eq!(away.code, code::TRY_AGAIN);
+        assert!(away.msg.contains("/run/weft/weft.sock"), "{}", away.msg);
+        let nonsense = cni_error(ClientError::Malformed("x".into()));
+        assert_eq!(nonsense.code, code::IO);
+        assert_eq!(nonsense.msg, "the weft agent answered nonsense: x");
     }
 }

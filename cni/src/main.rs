@@ -9,11 +9,9 @@ mod link;
 mod spec;
 
 use agent::Agent;
-use ipnet::Ipv4Net;
 use serde_json::{Value, json};
 use spec::{CniError, Command, Env, NetConf, code};
 use std::io::Write;
-use std::net::Ipv4Addr;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -58,9 +56,7 @@ fn run(env: &Env, stdin: &[u8]) -> Result<Option<Value>, CniError> {
     let conf = NetConf::parse(stdin)?;
     conf.allows(env.command)?;
     let log = Log::open(&conf);
-    let agent = Agent {
-        socket: &conf.socket,
-    };
+    let agent = Agent::new(&conf.socket);
     log.write(&format!(
         "{:?} network={} container={} ifname={} netns={:?}",
         env.command, conf.name, env.container_id, env.ifname, env.netns
@@ -100,18 +96,17 @@ fn add(env: &Env, conf: &NetConf, agent: &Agent) -> Result<Value, CniError> {
 fn allocate_and_attach(
     env: &Env,
     conf: &NetConf,
-    status: &Value,
+    status: &weft_api::NodeStatus,
     agent: &Agent,
     netns: &std::path::Path,
     attachment: &str,
 ) -> Result<Value, CniError> {
     let answer = agent.allocate(attachment)?;
-    let address: Ipv4Net = parse(&answer["address"], "address")?;
-    let gateway: Ipv4Addr = parse(&answer["gateway"], "gateway")?;
-    let mtu = conf
-        .mtu
-        .or_else(|| status["mtu"].as_u64().map(|m| m as u32))
-        .unwrap_or(1450);
+    let address = answer.address;
+    let gateway = answer
+        .gateway
+        .ok_or_else(|| CniError::new(code::IO, "the weft agent gave no valid gateway"))?;
+    let mtu = conf.mtu.unwrap_or(status.mtu);
     let plan = link::Plan {
         netns,
         bridge: &conf.bridge,
@@ -123,12 +118,6 @@ fn allocate_and_attach(
         hairpin: conf.hairpin_mode,
     };
     Ok(link::attach(&plan)?.result(&conf.cni_version))
-}
-
-fn parse<T: std::str::FromStr>(v: &Value, what: &str) -> Result<T, CniError> {
-    v.as_str()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| CniError::new(code::IO, format!("the weft agent gave no valid {what}")))
 }
 
 /// Idempotent: a gone namespace, interface or allocation is success.
@@ -156,8 +145,7 @@ fn check(env: &Env, conf: &NetConf, agent: &Agent) -> Result<(), CniError> {
             format!("prevResult has no IPv4 address for {}", env.ifname),
         )
     })?;
-    let held = agent.check(&env.attachment())?;
-    let held: Ipv4Net = parse(&held["address"], "address")?;
+    let held = agent.check(&env.attachment())?.address;
     if held != want {
         return Err(CniError::new(
             code::UNKNOWN_CONTAINER,
@@ -190,14 +178,14 @@ fn check(env: &Env, conf: &NetConf, agent: &Agent) -> Result<(), CniError> {
 fn status(agent: &Agent) -> Result<(), CniError> {
     let not_available = |e: CniError| CniError::new(code::NOT_AVAILABLE, e.msg);
     let status = agent.status().map_err(not_available)?;
-    if status["ready"] == true {
+    if status.ready {
         Ok(())
     } else {
         Err(CniError::new(
             code::NOT_AVAILABLE,
             format!(
                 "weft is not ready: {}",
-                status["reason"].as_str().unwrap_or("unknown reason")
+                status.reason.as_deref().unwrap_or("unknown reason")
             ),
         ))
     }
