@@ -2,7 +2,9 @@
 # The import rules between weft's crates and layers (README, "Layout"):
 #
 #   - weft-core depends on no other weft crate;
-#   - weft-driver, weft-kube and weft-dataplane depend on weft-core only;
+#   - weft-driver, weft-kube, weft-dataplane and weft-api depend on
+#     weft-core only (weft-api, the local protocol, also not on tokio or
+#     kube: the CNI plugin links it);
 #   - weft-dataplane never names the shared router (it reads views);
 #   - the pure files of weft-dataplane make no system call;
 #   - in the weft binary only agent/ holds the router (hands it to the
@@ -47,19 +49,28 @@ check() {
     local deps
     deps=$(weft_deps "$tree" weft-core)
     [ -z "$deps" ] || say "weft-core depends on $(echo $deps)"
-    for crate in weft-driver weft-kube weft-dataplane; do
+    for crate in weft-driver weft-kube weft-dataplane weft-api; do
         deps=$(weft_deps "$tree" "$crate" | grep -vx weft-core || true)
         [ -z "$deps" ] || say "$crate depends on $(echo $deps) (only weft-core is allowed)"
     done
     if grep -rnE 'weft_(driver|kube|dataplane|sim)\b' "$tree/core/src"; then
         say "weft-core sources name another weft crate"
     fi
-    for crate in driver kube dataplane; do
-        if grep -rnE 'weft_(driver|kube|dataplane|sim|cni)\b|\bweft::' "$tree/$crate/src" |
+    for crate in driver kube dataplane api; do
+        if grep -rnE 'weft_(driver|kube|dataplane|sim|cni|api)\b|\bweft::' "$tree/$crate/src" |
             grep -vE "^$tree/$crate/src/.*: *//"; then
             say "$crate/src names a weft crate other than weft-core"
         fi
     done
+    if cargo metadata --manifest-path "$tree/Cargo.toml" --format-version 1 --no-deps --offline |
+        python3 -c '
+import json, sys
+for p in json.load(sys.stdin)["packages"]:
+    if p["name"] == "weft-api" and any(d["name"] in ("tokio", "kube") for d in p["dependencies"] if d.get("kind") is None):
+        sys.exit(0)
+sys.exit(1)'; then
+        say "weft-api depends on tokio or kube (it is blocking and small: the CNI plugin links it)"
+    fi
     local f
     # Tests may build routers to get views from; the code may not.
     for f in $(find "$tree/dataplane/src" -name '*.rs' ! -name tests.rs); do
@@ -101,7 +112,10 @@ self_test() {
         'sed -i "1i fn peek() { let _ = std::fs::read(\"/x\"); }" dataplane/src/desired.rs' \
         'echo "use weft_dataplane::names;" >> core/src/lib.rs' \
         'echo "use crate::main;" >> node/src/cli/mod.rs' \
-        'sed -i "1i type Held = weft_driver::SharedRouter;" node/src/serve/http.rs'; do
+        'sed -i "1i type Held = weft_driver::SharedRouter;" node/src/serve/http.rs' \
+        'sed -i "s|^\[dependencies\]|[dependencies]\nweft-dataplane = { path = \"../dataplane\" }|" api/Cargo.toml' \
+        'echo "use weft_dataplane::status::DataplaneState;" >> api/src/status.rs' \
+        'sed -i "s|^\[dependencies\]|[dependencies]\ntokio.workspace = true|" api/Cargo.toml'; do
         local one
         one=$(mktemp -d)
         cp -a "$copy/." "$one/"
