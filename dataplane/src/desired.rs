@@ -3,23 +3,13 @@
 //! routes. Pure: the caller passes in everything it needs to know.
 
 use crate::{
-    BridgeSpec, Desired, PodRoute, RemotePeer, RouteDevice, SleeveSpec, VxlanSpec, names, vtep_mac,
+    BridgeSpec, Desired, Overlay, PodRoute, RemotePeer, SleeveSpec, VxlanSpec, names, vtep_mac,
 };
 use ipnet::Ipv4Net;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use weft_core::forward::Forward;
 use weft_core::{PeerName, View};
-
-/// Which overlay carries pod traffic between nodes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Overlay {
-    /// Kernel VXLAN, with the sleeve as fallback when `sleeve` is set.
-    Fastdp {
-        sleeve: bool,
-    },
-    Sleeve,
-}
 
 /// How this node's data path is set up: fixed for the agent's life.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,7 +18,11 @@ pub struct Setup {
     pub bridge: String,
     /// The pods' MTU.
     pub mtu: u32,
+    /// What carries pod traffic between nodes.
     pub overlay: Overlay,
+    /// With fastdp: whether a sleeve exists that peers VXLAN does not
+    /// reach fall back to.
+    pub sleeve_fallback: bool,
 }
 
 /// What the kernel should hold for `view`. `underlay_dev`: the interface
@@ -63,11 +57,9 @@ pub fn desired(
         })
         .collect();
     peers.sort();
-    let overlay = setup.overlay;
-    let device = |next_hop: &PeerName| match overlay {
-        Overlay::Fastdp { sleeve: true } if sleeved.contains(next_hop) => RouteDevice::Sleeve,
-        Overlay::Fastdp { .. } => RouteDevice::Vxlan,
-        Overlay::Sleeve => RouteDevice::Sleeve,
+    let device = |next_hop: &PeerName| match setup.overlay {
+        Overlay::Fastdp if setup.sleeve_fallback && sleeved.contains(next_hop) => Overlay::Sleeve,
+        overlay => overlay,
     };
     let routes = view
         .forwarding
@@ -92,14 +84,14 @@ pub fn desired(
         name: names::SLEEVE_DEVICE.into(),
         mtu: setup.mtu,
     };
-    match overlay {
-        Overlay::Fastdp { sleeve: fallback } => Desired {
+    match setup.overlay {
+        Overlay::Fastdp => Desired {
             bridge,
             vxlan: Some(VxlanSpec {
                 underlay_dev,
                 ..VxlanSpec::new(local, setup.mtu, vtep_mac(view.me.0))
             }),
-            sleeve: fallback.then_some(sleeve),
+            sleeve: setup.sleeve_fallback.then_some(sleeve),
             peers,
             routes,
             held,
@@ -148,11 +140,22 @@ pub(crate) mod tests {
     use crate::{Dataplane, MemoryDataplane};
     use weft_core::Router;
 
-    pub fn desired_of(router: &Router, overlay: Overlay, sleeved: &BTreeSet<PeerName>) -> Desired {
+    /// fastdp without a sleeve to fall back to.
+    pub const LONE_FASTDP: (Overlay, bool) = (Overlay::Fastdp, false);
+    /// fastdp with the sleeve as fallback.
+    pub const FASTDP: (Overlay, bool) = (Overlay::Fastdp, true);
+    pub const SLEEVE: (Overlay, bool) = (Overlay::Sleeve, false);
+
+    pub fn desired_of(
+        router: &Router,
+        (overlay, sleeve_fallback): (Overlay, bool),
+        sleeved: &BTreeSet<PeerName>,
+    ) -> Desired {
         let setup = Setup {
             bridge: "weft".into(),
             mtu: 1450,
             overlay,
+            sleeve_fallback,
         };
         desired(&router.view(), &setup, None, sleeved)
     }
@@ -208,7 +211,7 @@ pub(crate) mod tests {
     #[test]
     fn an_unreachable_owners_prefix_is_held_until_it_is_back() {
         let mut routers = three_routers(10);
-        let fastdp = Overlay::Fastdp { sleeve: false };
+        let fastdp = LONE_FASTDP;
         let d = desired_of(&routers[0], fastdp, &BTreeSet::new());
         assert!(d.held.is_empty(), "{d:?}");
         run(&mut routers, 10, 30, Some(1));
@@ -228,7 +231,7 @@ pub(crate) mod tests {
         let routers = three_routers(10);
         let (r1, node2) = (&routers[0], routers[1].name());
         let sleeved = BTreeSet::from([node2]);
-        let fastdp = Overlay::Fastdp { sleeve: true };
+        let fastdp = FASTDP;
         let d = desired_of(r1, fastdp, &sleeved);
         let device = |d: &Desired, prefix: &str| {
             let prefix: Ipv4Net = prefix.parse().unwrap();
@@ -237,34 +240,21 @@ pub(crate) mod tests {
                 .find(|r| r.prefix == prefix)
                 .map(|r| r.device)
         };
-        assert_eq!(
-            device(&d, "10.32.2.0/24"),
-            Some(RouteDevice::Sleeve),
-            "{d:?}"
-        );
-        assert_eq!(
-            device(&d, "10.32.3.0/24"),
-            Some(RouteDevice::Vxlan),
-            "{d:?}"
-        );
+        assert_eq!(device(&d, "10.32.2.0/24"), Some(Overlay::Sleeve), "{d:?}");
+        assert_eq!(device(&d, "10.32.3.0/24"), Some(Overlay::Fastdp), "{d:?}");
         // Node 2 keeps its FDB and neighbour entries, and the sleeve exists.
         assert_eq!(d.peers.len(), 2);
         assert!(d.sleeve.is_some() && d.vxlan.is_some());
         // Nobody fell back: all VXLAN.
         let all = desired_of(r1, fastdp, &BTreeSet::new());
-        assert!(all.routes.iter().all(|r| r.device == RouteDevice::Vxlan));
+        assert!(all.routes.iter().all(|r| r.device == Overlay::Fastdp));
         assert_eq!(all.routes.len(), 2);
         // Without a sleeve there is nothing to fall back to.
-        let lone = desired_of(r1, Overlay::Fastdp { sleeve: false }, &sleeved);
-        assert!(lone.routes.iter().all(|r| r.device == RouteDevice::Vxlan));
+        let lone = desired_of(r1, LONE_FASTDP, &sleeved);
+        assert!(lone.routes.iter().all(|r| r.device == Overlay::Fastdp));
         // The sleeve dataplane carries everything.
-        let sleeve = desired_of(r1, Overlay::Sleeve, &BTreeSet::new());
-        assert!(
-            sleeve
-                .routes
-                .iter()
-                .all(|r| r.device == RouteDevice::Sleeve)
-        );
+        let sleeve = desired_of(r1, SLEEVE, &BTreeSet::new());
+        assert!(sleeve.routes.iter().all(|r| r.device == Overlay::Sleeve));
         // The in-memory dataplane takes the mix, and refuses it without a
         // sleeve device.
         let mut memory = MemoryDataplane::new();

@@ -106,7 +106,7 @@ pub struct Desired {
     pub peers: Vec<RemotePeer>,
     /// Pod prefixes owned by other peers: `prefix via <next hop> dev
     /// weft-vxlan onlink`, or into the sleeve's TUN device for next hops
-    /// that VXLAN does not reach (see [`RouteDevice`]). Without `vxlan`
+    /// that VXLAN does not reach (see [`Overlay`]). Without `vxlan`
     /// every route goes into the sleeve, whatever its `device`.
     pub routes: Vec<PodRoute>,
     /// Pod prefixes owned by peers that are unreachable right now (an agent
@@ -200,20 +200,32 @@ pub struct PodRoute {
     /// Underlay IP of the owner, or of the peer relaying to it.
     pub next_hop: Ipv4Addr,
     /// The device carrying it.
-    pub device: RouteDevice,
+    pub device: Overlay,
 }
 
-/// Which of weft's devices a pod route leaves through. Per route, because
+/// How pod packets cross from node to node: the one name for the overlay
+/// kind, whether it is what a node runs, the path towards one peer, or the
+/// device a pod route leaves through. Per route and per peer, because
 /// fastdp can fail towards one peer only (a firewall dropping UDP 6784 on
 /// that node): its prefixes then go into the sleeve while the others stay
 /// on VXLAN.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum RouteDevice {
-    /// The VXLAN device (`via <next hop> dev weft-vxlan onlink`).
+pub enum Overlay {
+    /// Kernel VXLAN (`via <next hop> dev weft-vxlan onlink`).
     #[default]
-    Vxlan,
+    Fastdp,
     /// The sleeve's TUN device: the agent carries the packets.
     Sleeve,
+}
+
+impl Overlay {
+    /// As status, metrics and the `--datapath` flag spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Overlay::Fastdp => "fastdp",
+            Overlay::Sleeve => "sleeve",
+        }
+    }
 }
 
 /// The VTEP MAC of the peer named `peer_name`: `02:` followed by 40 bits of a

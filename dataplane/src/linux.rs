@@ -19,7 +19,7 @@ use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
 use crate::plan::{self, FdbEntry, NeighEntry, RouteEntry};
 use crate::{
-    BRIDGE_NAME, BridgeSpec, Dataplane, DataplaneError, Desired, ROUTE_PROTOCOL, RouteDevice,
+    BRIDGE_NAME, BridgeSpec, Dataplane, DataplaneError, Desired, Overlay, ROUTE_PROTOCOL,
     VXLAN_NAME, VxlanSpec, format_mac,
 };
 
@@ -159,7 +159,7 @@ async fn reconcile(h: &Handle, d: &Desired) -> Result<(), DataplaneError> {
         None => None,
     };
     if sleeve_index.is_none()
-        && let Some(r) = d.routes.iter().find(|r| r.device == RouteDevice::Sleeve)
+        && let Some(r) = d.routes.iter().find(|r| r.device == Overlay::Sleeve)
     {
         return Err(DataplaneError::Route {
             action: "add",
@@ -169,7 +169,7 @@ async fn reconcile(h: &Handle, d: &Desired) -> Result<(), DataplaneError> {
         });
     }
     let device_index = |device| match (device, sleeve_index) {
-        (RouteDevice::Sleeve, Some(i)) => i,
+        (Overlay::Sleeve, Some(i)) => i,
         _ => index,
     };
     let current_routes = list_routes(h).await?;
@@ -726,7 +726,7 @@ async fn ensure_sleeve(h: &Handle, sleeve: &crate::SleeveSpec) -> Result<u32, Da
 async fn set_routes(
     h: &Handle,
     routes: &[crate::PodRoute],
-    index: impl Fn(RouteDevice) -> u32,
+    index: impl Fn(Overlay) -> u32,
 ) -> Result<(), DataplaneError> {
     for r in routes {
         let msg = route_message(r.prefix, Some(r.next_hop), Some(index(r.device)), 0);

@@ -1,6 +1,6 @@
 //! An in-memory dataplane for the agent's tests and the simulator.
 
-use crate::{Dataplane, DataplaneError, Desired, PodRoute, RemotePeer, RouteDevice};
+use crate::{Dataplane, DataplaneError, Desired, Overlay, PodRoute, RemotePeer};
 
 /// Records the last applied [`Desired`] (normalized: peers and routes sorted
 /// and de-duplicated) and counts the reconciliations that changed it.
@@ -60,15 +60,15 @@ impl MemoryDataplane {
         // without VXLAN.
         let device = |r: &PodRoute| match old.vxlan {
             Some(_) => r.device,
-            None => RouteDevice::Sleeve,
+            None => Overlay::Sleeve,
         };
         let kept: Vec<PodRoute> = old
             .routes
             .iter()
             .filter(|r| desired.held.contains(&r.prefix))
             .filter(|r| match device(r) {
-                RouteDevice::Vxlan => desired.vxlan.is_some(),
-                RouteDevice::Sleeve => desired.sleeve.is_some(),
+                Overlay::Fastdp => desired.vxlan.is_some(),
+                Overlay::Sleeve => desired.sleeve.is_some(),
             })
             .copied()
             .collect();
@@ -77,7 +77,7 @@ impl MemoryDataplane {
             .iter()
             .filter(|p| {
                 kept.iter()
-                    .any(|r| device(r) == RouteDevice::Vxlan && r.next_hop == p.underlay)
+                    .any(|r| device(r) == Overlay::Fastdp && r.next_hop == p.underlay)
             })
             .filter(|p| {
                 !desired
@@ -107,10 +107,7 @@ impl Dataplane for MemoryDataplane {
         // the sleeve's device.
         if desired.vxlan.is_some()
             && desired.sleeve.is_none()
-            && let Some(r) = desired
-                .routes
-                .iter()
-                .find(|r| r.device == RouteDevice::Sleeve)
+            && let Some(r) = desired.routes.iter().find(|r| r.device == Overlay::Sleeve)
         {
             return Err(DataplaneError::Route {
                 action: "add",
@@ -192,7 +189,7 @@ mod tests {
         let route = |p: &str, n: u8| PodRoute {
             prefix: p.parse().unwrap(),
             next_hop: ip(n),
-            device: RouteDevice::Vxlan,
+            device: Overlay::Fastdp,
         };
         let vxlan = Some(VxlanSpec::new(ip(11), 1450, vtep_mac(11)));
         let both = Desired {

@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
-use crate::{PodRoute, RemotePeer, RouteDevice};
+use crate::{Overlay, PodRoute, RemotePeer};
 
 /// A VXLAN FDB entry: one remote of one MAC (the kernel allows several
 /// remotes per MAC; weft uses exactly one).
@@ -161,10 +161,10 @@ impl RoutePlan {
 pub fn plan_routes(
     desired: &[PodRoute],
     held: &[Ipv4Net],
-    index: impl Fn(RouteDevice) -> u32,
+    index: impl Fn(Overlay) -> u32,
     current: &[RouteEntry],
 ) -> RoutePlan {
-    let want: BTreeMap<Ipv4Net, (Ipv4Addr, RouteDevice)> = desired
+    let want: BTreeMap<Ipv4Net, (Ipv4Addr, Overlay)> = desired
         .iter()
         .map(|r| (r.prefix.trunc(), (r.next_hop, r.device)))
         .collect();
@@ -255,14 +255,14 @@ mod tests {
         PodRoute {
             prefix: net(p),
             next_hop: ip(nh),
-            device: RouteDevice::Vxlan,
+            device: Overlay::Fastdp,
         }
     }
     /// Interface indexes: VXLAN 7, sleeve 9.
-    fn idx(device: RouteDevice) -> u32 {
+    fn idx(device: Overlay) -> u32 {
         match device {
-            RouteDevice::Vxlan => 7,
-            RouteDevice::Sleeve => 9,
+            Overlay::Fastdp => 7,
+            Overlay::Sleeve => 9,
         }
     }
     fn cur(p: &str, nh: u8, oif: u32) -> RouteEntry {
@@ -386,7 +386,7 @@ mod tests {
     #[test]
     fn routes_move_between_vxlan_and_the_sleeve_in_place() {
         let mut sleeved = route("10.32.2.0/24", 13);
-        sleeved.device = RouteDevice::Sleeve;
+        sleeved.device = Overlay::Sleeve;
         let want = [route("10.32.1.0/24", 12), sleeved];
         // Both on VXLAN now: only the sleeved prefix is replaced, nothing
         // is removed (removal would take the replacement with it).

@@ -9,7 +9,7 @@
 use crate::desired::{Setup, desired};
 use crate::probe::Prober;
 use crate::status::DataplaneState;
-use crate::{Dataplane, DataplaneError, Desired, PodRoute, RouteDevice, underlay};
+use crate::{Dataplane, DataplaneError, Desired, Overlay, PodRoute, underlay};
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -337,7 +337,7 @@ fn without_vxlan(desired: &Desired) -> Desired {
             .routes
             .iter()
             .map(|r| PodRoute {
-                device: RouteDevice::Sleeve,
+                device: Overlay::Sleeve,
                 ..*r
             })
             .collect(),
@@ -347,8 +347,8 @@ fn without_vxlan(desired: &Desired) -> Desired {
 
 fn in_use(d: &Desired) -> &'static str {
     match (&d.vxlan, &d.sleeve) {
-        (Some(_), _) => "fastdp",
-        (None, Some(_)) => "sleeve",
+        (Some(_), _) => Overlay::Fastdp.name(),
+        (None, Some(_)) => Overlay::Sleeve.name(),
         (None, None) => "none",
     }
 }
@@ -356,8 +356,7 @@ fn in_use(d: &Desired) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::desired::Overlay;
-    use crate::desired::tests::{desired_of, three_routers};
+    use crate::desired::tests::{FASTDP, desired_of, three_routers};
     use crate::{BridgeSpec, MemoryDataplane, VxlanSpec};
 
     fn state() -> DataplaneState {
@@ -442,6 +441,7 @@ mod tests {
             bridge: "weft".into(),
             mtu: 1450,
             overlay: Overlay::Sleeve,
+            sleeve_fallback: false,
         };
         let follow = Follow {
             views,
@@ -486,6 +486,7 @@ mod tests {
             bridge: "weft".into(),
             mtu: 1450,
             overlay: Overlay::Sleeve,
+            sleeve_fallback: false,
         };
         let failing = FailsOnce(MemoryDataplane::new(), true);
         let mut follower = Follower::new(failing, setup, state());
@@ -535,11 +536,7 @@ mod tests {
     #[test]
     fn a_node_wide_fallback_puts_every_route_into_the_sleeve() {
         let routers = three_routers(10);
-        let d = desired_of(
-            &routers[0],
-            Overlay::Fastdp { sleeve: true },
-            &BTreeSet::new(),
-        );
+        let d = desired_of(&routers[0], FASTDP, &BTreeSet::new());
         let mut memory = MemoryDataplane::new();
         memory.fail_vxlan(Some("Operation not supported".into()));
         let mut s = state();
@@ -551,7 +548,7 @@ mod tests {
                 .state()
                 .routes
                 .iter()
-                .all(|r| r.device == RouteDevice::Sleeve)
+                .all(|r| r.device == Overlay::Sleeve)
         );
     }
 }

@@ -10,8 +10,8 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use weft_dataplane::{
-    BridgeSpec, Dataplane, DataplaneError, Desired, LinuxDataplane, PodRoute, ROUTE_PROTOCOL,
-    RemotePeer, RouteDevice, SleeveSpec, VxlanSpec, format_mac, vtep_mac,
+    BridgeSpec, Dataplane, DataplaneError, Desired, LinuxDataplane, Overlay, PodRoute,
+    ROUTE_PROTOCOL, RemotePeer, SleeveSpec, VxlanSpec, format_mac, vtep_mac,
 };
 
 /// A network namespace that is deleted when dropped.
@@ -138,7 +138,7 @@ fn route(prefix: &str, d: u8) -> PodRoute {
     PodRoute {
         prefix: prefix.parse().unwrap(),
         next_hop: ul(d),
-        device: RouteDevice::Vxlan,
+        device: Overlay::Fastdp,
     }
 }
 
@@ -422,7 +422,7 @@ fn routes_mix_vxlan_and_the_sleeve_per_prefix() {
         // Peer .2 stops answering over VXLAN: its prefixes (the relayed
         // one too) go into the sleeve; its FDB and neighbour entries stay.
         for r in d.routes.iter_mut().filter(|r| r.next_hop == ul(2)) {
-            r.device = RouteDevice::Sleeve;
+            r.device = Overlay::Sleeve;
         }
         dp.reconcile(&d).unwrap();
         // No process holds the TUN device here, so the kernel marks its
@@ -444,7 +444,7 @@ fn routes_mix_vxlan_and_the_sleeve_per_prefix() {
         assert!(ns.weft_routes().iter().all(|r| r.contains("weft-vxlan")));
         // A sleeve route without a sleeve device is refused.
         let mut d = desired();
-        d.routes[0].device = RouteDevice::Sleeve;
+        d.routes[0].device = Overlay::Sleeve;
         let err = dp.reconcile(&d).unwrap_err();
         assert!(matches!(err, DataplaneError::Route { .. }), "{err}");
         dp.teardown().unwrap();

@@ -13,7 +13,8 @@ use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use weft_core::View;
-use weft_dataplane::desired::{Overlay, Setup};
+use weft_dataplane::Overlay;
+use weft_dataplane::desired::Setup;
 use weft_dataplane::status::DataplaneState;
 use weft_dataplane::sync::Follower;
 use weft_dataplane::{BRIDGE_NAME, Desired, MemoryDataplane, overlay_mtu};
@@ -92,9 +93,11 @@ fn empty() -> Follower<MemoryDataplane> {
     let setup = Setup {
         bridge: BRIDGE_NAME.into(),
         mtu: overlay_mtu(UNDERLAY_MTU),
-        overlay: Overlay::Fastdp { sleeve: true },
+        overlay: Overlay::Fastdp,
+        sleeve_fallback: true,
     };
-    Follower::new(MemoryDataplane::new(), setup, DataplaneState::new("fastdp"))
+    let status = DataplaneState::new(Overlay::Fastdp.name());
+    Follower::new(MemoryDataplane::new(), setup, status)
 }
 
 #[cfg(test)]

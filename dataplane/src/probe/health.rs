@@ -1,6 +1,7 @@
 //! The fastdp verdict per peer, from probe sends, replies and when the
 //! control plane last heard from the peer. Pure: time is passed in.
 
+use crate::Overlay;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
@@ -26,13 +27,6 @@ const FORGET_AFTER: Duration = Duration::from_secs(10);
 /// Probes remembered per peer.
 const MAX_OUTSTANDING: usize = 8;
 
-/// Which path a peer's prefixes take.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Path {
-    Fastdp,
-    Sleeve,
-}
-
 /// A direct VXLAN neighbour to probe.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
@@ -56,7 +50,7 @@ pub struct ProbeSend {
 struct PeerHealth {
     nickname: String,
     control: SocketAddrV4,
-    path: Path,
+    path: Overlay,
     /// When `path` last changed.
     switched: Option<Time>,
     /// Probes sent and neither answered nor missed yet: (nonce, sent).
@@ -121,7 +115,7 @@ impl FastdpHealth {
             let h = self.peers.entry(t.peer).or_insert_with(|| PeerHealth {
                 nickname: t.nickname.clone(),
                 control: t.control,
-                path: Path::Fastdp,
+                path: Overlay::Fastdp,
                 switched: None,
                 outstanding: VecDeque::new(),
                 misses: 0,
@@ -191,15 +185,15 @@ impl FastdpHealth {
     }
 
     #[cfg(test)]
-    pub fn path(&self, peer: PeerName) -> Path {
-        self.peers.get(&peer).map_or(Path::Fastdp, |h| h.path)
+    pub fn path(&self, peer: PeerName) -> Overlay {
+        self.peers.get(&peer).map_or(Overlay::Fastdp, |h| h.path)
     }
 
     /// Peers whose VXLAN packets do not arrive.
     pub fn sleeved(&self) -> BTreeSet<PeerName> {
         self.peers
             .iter()
-            .filter(|(_, h)| h.path == Path::Sleeve)
+            .filter(|(_, h)| h.path == Overlay::Sleeve)
             .map(|(p, _)| *p)
             .collect()
     }
@@ -209,10 +203,10 @@ impl FastdpHealth {
             .iter()
             .map(|(&peer, h)| {
                 let (dataplane, reason) = match (h.path, self.sleeve) {
-                    (Path::Fastdp, _) => ("fastdp", None),
-                    (Path::Sleeve, true) => ("sleeve", h.reason.clone()),
-                    (Path::Sleeve, false) => (
-                        "fastdp",
+                    (Overlay::Fastdp, _) => (Overlay::Fastdp.name(), None),
+                    (Overlay::Sleeve, true) => (Overlay::Sleeve.name(), h.reason.clone()),
+                    (Overlay::Sleeve, false) => (
+                        Overlay::Fastdp.name(),
                         h.reason
                             .as_ref()
                             .map(|r| format!("{r}; there is no sleeve to fall back to")),
@@ -243,20 +237,20 @@ fn settle(h: &mut PeerHealth, now: Time) {
         return;
     }
     match h.path {
-        Path::Fastdp if h.misses >= FALL_BACK_AFTER => {
+        Overlay::Fastdp if h.misses >= FALL_BACK_AFTER => {
             let silent = now.saturating_since(h.failing_since.unwrap_or(now));
             h.reason = Some(format!(
                 "no reply over VXLAN (UDP 6784) for {} s while UDP 6783 works: a firewall between the nodes or on {} drops UDP 6784",
                 silent.as_secs().max(1),
                 h.nickname
             ));
-            h.path = Path::Sleeve;
+            h.path = Overlay::Sleeve;
             h.switched = Some(now);
             h.replies = 0;
             tracing::warn!(peer = %h.nickname, "fastdp: {}; using the sleeve", h.reason.as_deref().unwrap_or_default());
         }
-        Path::Sleeve if h.replies >= RECOVER_AFTER => {
-            h.path = Path::Fastdp;
+        Overlay::Sleeve if h.replies >= RECOVER_AFTER => {
+            h.path = Overlay::Fastdp;
             h.switched = Some(now);
             h.reason = None;
             h.misses = 0;
@@ -311,7 +305,7 @@ pub(crate) mod tests {
     #[test]
     fn three_misses_fall_back_and_two_replies_recover() {
         let mut h = FastdpHealth::new(0, true);
-        assert_eq!(h.path(B), Path::Fastdp, "never probed");
+        assert_eq!(h.path(B), Overlay::Fastdp, "never probed");
         // Healthy for 5 s, then VXLAN drops from t=5 s to t=20 s.
         let blocked = |t: u64| (5000..20_000).contains(&t);
         let switches = run(&mut h, 0, 30_000, |t| !blocked(t));
@@ -327,7 +321,7 @@ pub(crate) mod tests {
     fn the_reason_names_the_peer_and_the_port() {
         let mut h = FastdpHealth::new(0, true);
         run(&mut h, 0, 10_000, |t| t < 1000);
-        assert_eq!(h.path(B), Path::Sleeve);
+        assert_eq!(h.path(B), Overlay::Sleeve);
         assert_eq!(h.sleeved(), BTreeSet::from([B]));
         let v = &h.view(ms(10_000))[0];
         assert_eq!(v.dataplane, "sleeve");
@@ -352,11 +346,11 @@ pub(crate) mod tests {
             // Last heard long ago: the underlay is down, not VXLAN.
             h.tick(ms(t), &[target(B, 12, Some(0))]);
         }
-        assert_eq!(h.path(B), Path::Fastdp);
+        assert_eq!(h.path(B), Overlay::Fastdp);
         for t in (0..30_000).step_by(1000) {
             h.tick(ms(t), &[target(A, 13, None)]);
         }
-        assert_eq!(h.path(A), Path::Fastdp);
+        assert_eq!(h.path(A), Overlay::Fastdp);
     }
 
     #[test]
@@ -381,11 +375,11 @@ pub(crate) mod tests {
         assert!(!h.reply(ms(1), A, sends[0].nonce, from(12)));
         assert_eq!(h.view(ms(1))[0].last_reply_ms_ago, None);
         run(&mut h, 1000, 10_000, |_| false);
-        assert_eq!(h.path(B), Path::Sleeve);
+        assert_eq!(h.path(B), Overlay::Sleeve);
         // No longer a direct neighbour: forgotten, and fastdp if it returns.
         let (_, changed) = h.tick(ms(11_000), &[]);
         assert!(changed);
         assert!(h.view(ms(11_000)).is_empty());
-        assert_eq!(h.path(B), Path::Fastdp);
+        assert_eq!(h.path(B), Overlay::Fastdp);
     }
 }

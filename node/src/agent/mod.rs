@@ -18,7 +18,8 @@ use store::{Store, StoreError};
 use tokio::sync::{mpsc, watch};
 use weft_core::ipam::IpamInit;
 use weft_core::{Config, Event, PersistedState, Router, Time, View};
-use weft_dataplane::desired::{Overlay, Setup};
+use weft_dataplane::Overlay;
+use weft_dataplane::desired::Setup;
 use weft_dataplane::port::{self, Sorted};
 use weft_dataplane::probe::{self, Prober};
 use weft_dataplane::sleeve::{ControlSocket, Sleeve, Tun};
@@ -255,10 +256,8 @@ async fn run_async(mut args: RouterArgs) -> Result<(), StartError> {
     let setup = Setup {
         bridge: args.bridge.clone(),
         mtu,
-        overlay: match args.datapath {
-            Datapath::Sleeve => Overlay::Sleeve,
-            _ => Overlay::Fastdp { sleeve },
-        },
+        overlay: args.datapath.overlay().unwrap_or_default(),
+        sleeve_fallback: sleeve && args.datapath == Datapath::Fastdp,
     };
     let follow = Follow {
         views: views.clone(),
@@ -494,11 +493,7 @@ fn start_dataplane(
     args: &RouterArgs,
     follow: Follow,
 ) -> Result<(watch::Receiver<DataplaneState>, Option<KernelSync>), StartError> {
-    let requested = match args.datapath {
-        Datapath::Fastdp => "fastdp",
-        Datapath::Sleeve => "sleeve",
-        Datapath::None => "none",
-    };
+    let requested = args.datapath.overlay().map_or("none", Overlay::name);
     let mut state = DataplaneState::new(requested);
     if args.datapath == Datapath::None {
         return Ok((watch::channel(state).1, None));

@@ -97,11 +97,23 @@ pub struct RouterArgs {
     pub log_format: LogFormat,
 }
 
+/// `--datapath`: an overlay, or none (the control plane alone).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Datapath {
     Fastdp,
     Sleeve,
     None,
+}
+
+impl Datapath {
+    /// The overlay it names, if any.
+    pub fn overlay(self) -> Option<weft_dataplane::Overlay> {
+        match self {
+            Datapath::Fastdp => Some(weft_dataplane::Overlay::Fastdp),
+            Datapath::Sleeve => Some(weft_dataplane::Overlay::Sleeve),
+            Datapath::None => None,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -416,7 +416,8 @@ mod tests {
     use super::*;
     use tokio::sync::watch;
     use weft_core::View;
-    use weft_dataplane::desired::{Overlay, Setup};
+    use weft_dataplane::Overlay;
+    use weft_dataplane::desired::Setup;
     use weft_dataplane::status::DataplaneState;
     use weft_dataplane::sync::{Follow, KernelSync};
 
@@ -445,6 +446,7 @@ mod tests {
                 bridge: "weft".into(),
                 mtu: 1400,
                 overlay: Overlay::Sleeve,
+                sleeve_fallback: false,
             },
             prober: None,
         };
