@@ -6,7 +6,8 @@
 #     weft-core only (weft-api, the local protocol, also not on tokio or
 #     kube: the CNI plugin links it);
 #   - weft-dataplane never names the shared router (it reads views);
-#   - the pure files of weft-dataplane make no system call;
+#   - the pure files of weft-dataplane make no system call, and only its
+#     sysctl.rs writes node settings;
 #   - in the weft binary only agent/ holds the router (hands it to the
 #     driver loop); serve/ and cli/ read values; nothing imports main.rs.
 #
@@ -78,6 +79,12 @@ sys.exit(1)'; then
             say "weft-dataplane holds the router; it reads weft_core::View"
         fi
     done
+    # Node settings are written in one place.
+    for f in $(find "$tree/dataplane/src" -name '*.rs' ! -name sysctl.rs); do
+        if code_of "$f" | grep -vE '^[^:]+:[0-9]+: *//' | grep -E 'fs::write|"/proc/sys'; then
+            say "every /proc/sys write belongs in dataplane/src/sysctl.rs"
+        fi
+    done
     for f in "${PURE[@]}"; do
         if code_of "$tree/dataplane/src/$f" | grep -E "$SYSCALLS"; then
             say "dataplane/src/$f is pure and must not make system calls"
@@ -113,6 +120,7 @@ self_test() {
         'echo "use weft_dataplane::names;" >> core/src/lib.rs' \
         'echo "use crate::main;" >> node/src/cli/mod.rs' \
         'sed -i "1i type Held = weft_driver::SharedRouter;" node/src/serve/http.rs' \
+        'sed -i "1i fn on() { let _ = std::fs::write(\"/proc/sys/net/ipv4/ip_forward\", \"1\"); }" dataplane/src/linux.rs' \
         'sed -i "s|^\[dependencies\]|[dependencies]\nweft-dataplane = { path = \"../dataplane\" }|" api/Cargo.toml' \
         'echo "use weft_dataplane::status::DataplaneState;" >> api/src/status.rs' \
         'sed -i "s|^\[dependencies\]|[dependencies]\ntokio.workspace = true|" api/Cargo.toml'; do

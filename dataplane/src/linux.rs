@@ -84,7 +84,7 @@ impl Dataplane for LinuxDataplane {
         // Relayed prefixes arrive on weft-vxlan and leave through it again,
         // and pod traffic crosses from the bridge to weft-vxlan: both need
         // forwarding.
-        enable_forwarding()?;
+        crate::sysctl::enable_forwarding()?;
         self.rt.block_on(reconcile(&self.handle, desired))?;
         if let Some(b) = &desired.bridge {
             self.bridge_name = b.name.clone();
@@ -123,17 +123,6 @@ impl Dataplane for LinuxDataplane {
         crate::sysctl::let_iptables_see_bridged_traffic(applied);
         crate::sysctl::no_rp_filter_on_overlays(applied);
     }
-}
-
-fn enable_forwarding() -> Result<(), DataplaneError> {
-    let path = crate::sysctl::ip_forward();
-    let err = |source| DataplaneError::Forwarding { path, source };
-    // Only write when needed: the write needs a writable /proc/sys, which a
-    // node that already forwards may not give us.
-    if std::fs::read_to_string(path).map_err(err)?.trim() != "1" {
-        std::fs::write(path, "1").map_err(err)?;
-    }
-    Ok(())
 }
 
 async fn reconcile(h: &Handle, d: &Desired) -> Result<(), DataplaneError> {

@@ -112,6 +112,19 @@ pub fn answer_arp_for_remote_pods(bridge: &str) {
     }
 }
 
+/// Switches IPv4 forwarding on: relayed pod traffic and traffic between
+/// the bridge and the overlay are routed by this node.
+pub fn enable_forwarding() -> Result<(), crate::DataplaneError> {
+    let path = ip_forward();
+    let err = |source| crate::DataplaneError::Forwarding { path, source };
+    // Only write when needed: the write needs a writable /proc/sys, which a
+    // node that already forwards may not give us.
+    if std::fs::read_to_string(path).map_err(err)?.trim() != "1" {
+        std::fs::write(path, "1").map_err(err)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
