@@ -267,6 +267,11 @@ check_rollout() {
   node_a=$(pod_node "$a")
   node_b=$(pod_node "$b")
   before=$(kt get pods -o jsonpath='{range .items[*]}{.metadata.name}={.status.podIP} {end}')
+  # The baseline: the earlier checks restart agents, so the path between
+  # the two pods must work before the interruption is measured.
+  local since=$SECONDS
+  eventually 30 "$a reaches $b before the rollout" pexec "$a" ping -c1 -W1 "$(pod_ip "$b")"
+  log "$a reaches $b ($((SECONDS - since)) s after the check began)"
   in_machine "$node_b" nsenter --net="$ns_b" python3 "$ROOT/ci/cluster/stream.py" server 0.0.0.0 9400 "$stop" \
     >"$d/stream.json" 2>&1 &
   local server=$!
