@@ -252,6 +252,9 @@ impl<D: Dataplane> Follower<D> {
                 // A node setting others may change back.
                 self.dataplane.tune(&next);
             }
+            // The same state from other inputs: the next view like this
+            // one need not be computed again.
+            self.followed = Some((view.clone(), sleeved));
             return Outcome::Unchanged;
         }
         if !apply(&mut self.dataplane, &next, &mut self.status) {
@@ -369,20 +372,12 @@ mod tests {
         memory.fail_vxlan(Some("Operation not supported".into()));
         let mut s = state();
         let desired = Desired {
-            sleeve: None,
             bridge: Some(BridgeSpec {
                 name: "weft".into(),
                 gateway: "10.32.0.1/12".parse().unwrap(),
                 mtu: 1450,
             }),
-            vxlan: Some(VxlanSpec::new(
-                "192.168.1.11".parse().unwrap(),
-                1450,
-                [2; 6],
-            )),
-            peers: vec![],
-            routes: vec![],
-            held: vec![],
+            ..vxlan_only()
         };
         apply(&mut memory, &desired, &mut s);
         assert_eq!(s.in_use, "none");
@@ -395,6 +390,18 @@ mod tests {
         );
         assert_eq!(memory.state().bridge, desired.bridge);
         assert_eq!(memory.state().vxlan, None);
+    }
+
+    /// A VXLAN device and nothing else.
+    fn vxlan_only() -> Desired {
+        Desired {
+            vxlan: Some(VxlanSpec::new(
+                "192.168.1.11".parse().unwrap(),
+                1450,
+                [2; 6],
+            )),
+            ..Desired::default()
+        }
     }
 
     /// Fails its first reconcile, as a kernel busy with another change may.
@@ -516,18 +523,7 @@ mod tests {
     fn a_working_vxlan_is_reported_as_fastdp() {
         let mut memory = MemoryDataplane::new();
         let mut s = state();
-        let desired = Desired {
-            sleeve: None,
-            bridge: None,
-            vxlan: Some(VxlanSpec::new(
-                "192.168.1.11".parse().unwrap(),
-                1450,
-                [2; 6],
-            )),
-            peers: vec![],
-            routes: vec![],
-            held: vec![],
-        };
+        let desired = vxlan_only();
         apply(&mut memory, &desired, &mut s);
         assert_eq!(s.in_use, "fastdp");
         assert_eq!(memory.state().vxlan, desired.vxlan);

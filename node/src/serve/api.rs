@@ -346,8 +346,10 @@ impl Api {
     /// Whether the agent can wire pods now, and why not.
     pub async fn status(&self) -> NodeStatus {
         let ipam = self.read(|router, now| router.status(now).ipam).await;
-        let gateway = self.views.borrow().gateway;
-        let range = self.views.borrow().range;
+        let (gateway, range) = {
+            let view = self.views.borrow();
+            (view.gateway, view.range)
+        };
         let problem = self.dataplane.borrow().kernel_error.clone();
         let reason = if let Some(trouble) = self.save_trouble() {
             Some(trouble.to_string())
