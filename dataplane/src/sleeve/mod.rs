@@ -2,10 +2,10 @@
 //! hop's control port (6783), for nodes where kernel VXLAN cannot be used.
 //! Routes send remote pod prefixes into the TUN device `weft-sleeve`; a
 //! thread reads them, looks up `forward()` and sends each packet to its
-//! next hop; another thread is the only reader of the UDP socket: it
-//! writes received frames to the TUN device when the destination is
-//! local, relays them onwards, and passes every other datagram (the
-//! control plane's) to the driver loop through [`ControlSocket`].
+//! next hop; another thread reads the UDP socket: it writes received
+//! frames to the TUN device when the destination is local, relays them
+//! onwards, and hands every control datagram that reaches it over to the
+//! driver loop (see [`crate::port`] for which ones do).
 //!
 //! Both directions batch, as the kernel's own tunnels do: the TUN device
 //! carries a virtio-net header and TCP segmentation offload, so one read
@@ -21,7 +21,7 @@ pub mod gate;
 pub mod offload;
 pub mod udp;
 
-use crate::port::{self, Sorted};
+use crate::port::{self, HandedOver, Sorted};
 use crate::probe::Prober;
 use gate::{Counters, FrameDrop, Gate};
 use offload::{Coalescer, MAX_IP_PACKET, VNET_HDR_LEN, VnetHdr};
@@ -212,14 +212,14 @@ impl Sleeve {
         }
     }
 
-    /// Starts both threads; the returned socket is the driver loop's.
-    pub fn start(self) -> ControlSocket {
+    /// Starts both threads; returns the hand-over of the control
+    /// datagrams the receive thread reads, for the driver loop.
+    pub fn start(self) -> mpsc::Receiver<HandedOver> {
         udp::grow_buffers(&self.socket, SOCKET_BUFFER);
         if let Err(e) = udp::enable_gro(&self.socket) {
             tracing::warn!("sleeve: no UDP GRO, one datagram per system call: {e}");
         }
         let (control, rx) = mpsc::channel(CONTROL_QUEUE);
-        let socket = self.socket.clone();
         let outbound = self.clone();
         std::thread::Builder::new()
             .name("weft-sleeve-out".into())
@@ -229,10 +229,7 @@ impl Sleeve {
             .name("weft-sleeve-in".into())
             .spawn(move || self.inbound(control))
             .expect("spawn the sleeve thread");
-        ControlSocket {
-            socket,
-            rx: tokio::sync::Mutex::new(rx),
-        }
+        rx
     }
 
     fn outbound(&self) {
@@ -321,7 +318,7 @@ impl Sleeve {
         frames.try_for_each(|frame| self.socket.send_to(frame, to).map(drop))
     }
 
-    fn inbound(&self, control: mpsc::Sender<(Vec<u8>, SocketAddr)>) {
+    fn inbound(&self, control: mpsc::Sender<HandedOver>) {
         let mut buf = vec![0u8; 65_536];
         let mut coalescer = Coalescer::default();
         let mut relay = Vec::new();
@@ -348,7 +345,7 @@ impl Sleeve {
         &self,
         datagrams: impl Iterator<Item = &'a [u8]>,
         from: SocketAddr,
-        control: &mpsc::Sender<(Vec<u8>, SocketAddr)>,
+        control: &mpsc::Sender<HandedOver>,
     ) -> Vec<Cow<'a, [u8]>> {
         let mut frames = Vec::new();
         for datagram in datagrams {
@@ -454,32 +451,6 @@ impl Sleeve {
         if cut.is_err() {
             self.counters.count_drop(FrameDrop::Malformed);
         }
-    }
-}
-
-/// The driver loop's socket when the sleeve runs: it sends on the shared
-/// UDP socket and receives what the sleeve's receive thread passes on.
-pub struct ControlSocket {
-    socket: Arc<UdpSocket>,
-    rx: tokio::sync::Mutex<mpsc::Receiver<(Vec<u8>, SocketAddr)>>,
-}
-
-impl ControlSocket {
-    /// A blocking send: UDP blocks only while the socket buffer is full,
-    /// which lasts microseconds, and waiting beats dropping a heartbeat.
-    pub fn send_to(&self, payload: &[u8], to: SocketAddr) -> io::Result<usize> {
-        self.socket.send_to(payload, to)
-    }
-
-    pub async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-        let Some((datagram, from)) = self.rx.lock().await.recv().await else {
-            // The receive thread never stops; should it, there is nothing
-            // more to receive, and the loop must not spin on an error.
-            return std::future::pending().await;
-        };
-        let n = datagram.len().min(buf.len());
-        buf[..n].copy_from_slice(&datagram[..n]);
-        Ok((n, from))
     }
 }
 

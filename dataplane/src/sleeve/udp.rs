@@ -169,7 +169,7 @@ pub fn send_segments(
 /// One `recvmsg`: the bytes received, their sender, and the size of each
 /// datagram when the kernel coalesced several (UDP GRO), else `None`.
 pub fn recv_coalesced(
-    socket: &UdpSocket,
+    socket: &impl AsRawFd,
     buf: &mut [u8],
 ) -> io::Result<(usize, SocketAddr, Option<usize>)> {
     // SAFETY: sockaddr_storage and msghdr are plain old data.

@@ -17,12 +17,12 @@ use std::sync::Arc;
 use store::{Store, StoreError};
 use tokio::sync::{mpsc, watch};
 use weft_core::ipam::IpamInit;
-use weft_core::{Config, Event, PersistedState, Router, Time, View};
+use weft_core::{Event, PersistedState, Router, Time};
 use weft_dataplane::Overlay;
 use weft_dataplane::desired::Setup;
-use weft_dataplane::port::{self, Sorted};
+use weft_dataplane::port::{self, ControlSocket};
 use weft_dataplane::probe::{self, Prober};
-use weft_dataplane::sleeve::{ControlSocket, Sleeve, Tun};
+use weft_dataplane::sleeve::{Sleeve, Tun};
 use weft_dataplane::status::DataplaneState;
 use weft_dataplane::sync::{Follow, KernelSync};
 use weft_driver::{Datagrams, Driver, Host};
@@ -211,11 +211,11 @@ async fn run_async(mut args: RouterArgs) -> Result<(), StartError> {
         addr: args.listen,
         source,
     };
-    // One socket, the control port. With a sleeve, its receive thread is
-    // the only reader and passes control datagrams on to the driver loop;
-    // without, the loop reads it through tokio.
-    let std_socket = std::net::UdpSocket::bind(args.listen).map_err(listen_error)?;
-    // fastdp's per-peer health; whoever reads the socket hands it probes.
+    // UDP 6783. With a sleeve, its receive thread reads the port, and
+    // the kernel steers control datagrams to the driver loop's own socket
+    // (`weft_dataplane::port` says how).
+    let tun = open_tun(&args);
+    let port = port::bind(args.listen, tun.is_some()).map_err(listen_error)?;
     let prober = (args.datapath == Datapath::Fastdp).then(|| {
         let nonce_seed = os_seed().map_or(0, |s| {
             u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]])
@@ -227,31 +227,32 @@ async fn run_async(mut args: RouterArgs) -> Result<(), StartError> {
             true,
         ))
     });
-    let probe_socket = std_socket.try_clone().map_err(listen_error)?;
+    let probe_socket = port.main.try_clone().map_err(listen_error)?;
     let me = router.name();
     let (views_tx, views) = watch::channel(Arc::new(router.view()));
     let core_config = router.config().clone();
-    let sleeve_socket = std_socket.try_clone().map_err(listen_error)?;
-    let (control, sleeve_counters) = start_sleeve(
-        &args,
-        sleeve_socket,
-        views.clone(),
-        &core_config,
-        prober.clone(),
-    )
-    .unzip();
-    let sleeve = control.is_some();
+    let (handed, sleeve_counters) = match tun {
+        Some(tun) => {
+            let sleeve = Sleeve::new(
+                tun,
+                port.main.try_clone().map_err(listen_error)?,
+                views.clone(),
+                &core_config,
+                args.secret().ok().flatten().as_deref(),
+                max_datagram(&core_config.address),
+                prober.clone(),
+            );
+            let counters = sleeve.counters.clone();
+            (Some(sleeve.start()), Some(counters))
+        }
+        None => (None, None),
+    };
+    let sleeve = handed.is_some();
     if let Some(prober) = &prober {
         prober.set_sleeve(sleeve);
     }
-    let socket = match control {
-        Some(control) => AgentSocket::Sleeve(control),
-        None => {
-            std_socket.set_nonblocking(true).map_err(listen_error)?;
-            let socket = tokio::net::UdpSocket::from_std(std_socket).map_err(listen_error)?;
-            AgentSocket::Tokio(socket, prober.clone())
-        }
-    };
+    let socket = ControlSocket::new(port, handed, prober.clone()).map_err(listen_error)?;
+    let socket = AgentSocket(socket);
     let (commands, commands_rx) = mpsc::unbounded_channel();
     let setup = Setup {
         bridge: args.bridge.clone(),
@@ -408,73 +409,29 @@ fn underlay_mtu(address: &std::net::SocketAddr) -> Option<u32> {
     }
 }
 
-/// The driver loop's socket: tokio's (sorting out fastdp probes first,
-/// as the sleeve's reader does), or the sleeve's hand-over.
-enum AgentSocket {
-    Tokio(tokio::net::UdpSocket, Option<Arc<Prober>>),
-    Sleeve(ControlSocket),
-}
+/// The driver loop's side of UDP 6783.
+struct AgentSocket(ControlSocket);
 
 impl Datagrams for AgentSocket {
     async fn send_to(&self, payload: &[u8], to: std::net::SocketAddr) -> io::Result<usize> {
-        match self {
-            AgentSocket::Tokio(s, _) => s.send_to(payload, to).await,
-            AgentSocket::Sleeve(s) => s.send_to(payload, to),
-        }
+        self.0.send_to(payload, to).await
     }
 
     async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, std::net::SocketAddr)> {
-        match self {
-            AgentSocket::Tokio(s, prober) => loop {
-                let (n, from) = s.recv_from(buf).await?;
-                match port::sort(&buf[..n], from, prober.as_deref(), false) {
-                    Sorted::Control | Sorted::Frame(_) => return Ok((n, from)),
-                    Sorted::Taken => {}
-                    Sorted::Answer(reply) => {
-                        let _ = s.try_send_to(&reply, from);
-                    }
-                }
-            },
-            AgentSocket::Sleeve(s) => s.recv_from(buf).await,
-        }
+        self.0.recv_from(buf).await
     }
 }
 
-/// The sleeve's TUN device and threads, for `--datapath sleeve` and as
-/// fastdp's fallback, and its counters; `None` without a dataplane or
-/// without TUN support. The socket must be in blocking mode: the sleeve's
-/// threads wait on it.
-fn start_sleeve(
-    args: &RouterArgs,
-    socket: std::net::UdpSocket,
-    views: watch::Receiver<Arc<View>>,
-    config: &Config,
-    prober: Option<Arc<Prober>>,
-) -> Option<(ControlSocket, Arc<weft_dataplane::sleeve::gate::Counters>)> {
+/// The sleeve's TUN device, for `--datapath sleeve` and as fastdp's
+/// fallback; `None` without a dataplane or without TUN support.
+fn open_tun(args: &RouterArgs) -> Option<Tun> {
     if args.datapath == Datapath::None {
         return None;
     }
     let device = weft_dataplane::names::SLEEVE_DEVICE;
-    match Tun::create(device) {
-        Ok(tun) => {
-            let secret = args.secret().ok().flatten();
-            let sleeve = Sleeve::new(
-                tun,
-                socket,
-                views,
-                config,
-                secret.as_deref(),
-                max_datagram(&config.address),
-                prober,
-            );
-            let counters = sleeve.counters.clone();
-            Some((sleeve.start(), counters))
-        }
-        Err(e) => {
-            tracing::warn!("no sleeve: cannot create TUN device {device}: {e}");
-            None
-        }
-    }
+    Tun::create(device)
+        .inspect_err(|e| tracing::warn!("no sleeve: cannot create TUN device {device}: {e}"))
+        .ok()
 }
 
 /// The largest UDP payload the underlay carries unfragmented: its MTU
