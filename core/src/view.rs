@@ -68,24 +68,6 @@ impl View {
 impl Router {
     /// This router's routing facts, as a value.
     pub fn view(&self) -> View {
-        let neighbours = self
-            .routes()
-            .iter()
-            .filter(|(peer, hop)| peer == hop)
-            .filter_map(|(peer, _)| {
-                let entry = self.topology().get(peer)?;
-                Some(Neighbour {
-                    peer,
-                    nickname: entry.nickname.clone(),
-                    control: entry.address,
-                })
-            })
-            .collect();
-        let heard: BTreeMap<PeerName, Time> = self.last_heard().collect();
-        let connected = heard
-            .keys()
-            .filter_map(|peer| Some((*peer, self.connected_address(*peer)?)))
-            .collect();
         View {
             me: self.name(),
             epoch: self.epoch(),
@@ -93,10 +75,59 @@ impl Router {
             range: self.ipam().range(),
             gateway: self.gateway(),
             forwarding: self.forwarding().clone(),
-            neighbours,
-            connected,
-            heard,
+            neighbours: self
+                .neighbour_entries()
+                .map(|(peer, nickname, control)| Neighbour {
+                    peer,
+                    nickname: nickname.to_owned(),
+                    control,
+                })
+                .collect(),
+            connected: self.connected_entries().collect(),
+            heard: self.last_heard().collect(),
         }
+    }
+
+    /// Whether `view` holds this router's routing facts (all but `heard`).
+    /// Compared in place: an input that changed none of them (most
+    /// heartbeats) costs no copy of the forwarding table.
+    pub fn routing_is(&self, view: &View) -> bool {
+        self.name() == view.me
+            && self.epoch() == view.epoch
+            && self.config().address == view.address
+            && self.ipam().range() == view.range
+            && self.gateway() == view.gateway
+            && *self.forwarding() == view.forwarding
+            && self.neighbour_entries().eq(view
+                .neighbours
+                .iter()
+                .map(|n| (n.peer, n.nickname.as_str(), n.control)))
+            && self
+                .connected_entries()
+                .eq(view.connected.iter().map(|(p, a)| (*p, *a)))
+    }
+
+    /// Whether `view`'s `heard` times are this router's.
+    pub fn heard_is(&self, view: &View) -> bool {
+        self.last_heard()
+            .eq(view.heard.iter().map(|(p, t)| (*p, *t)))
+    }
+
+    /// Peers that are their own next hop, with nickname and address.
+    fn neighbour_entries(&self) -> impl Iterator<Item = (PeerName, &str, SocketAddr)> + '_ {
+        self.routes()
+            .iter()
+            .filter(|(peer, hop)| peer == hop)
+            .filter_map(|(peer, _)| {
+                let entry = self.topology().get(peer)?;
+                Some((peer, entry.nickname.as_str(), entry.address))
+            })
+    }
+
+    /// Peers with a link and a confirmed connection, by name.
+    fn connected_entries(&self) -> impl Iterator<Item = (PeerName, SocketAddr)> + '_ {
+        self.last_heard()
+            .filter_map(|(peer, _)| Some((peer, self.connected_address(peer)?)))
     }
 }
 
@@ -128,10 +159,21 @@ mod tests {
             let a = prefix.network();
             assert_eq!(view.forward(a), router.forward(a));
         }
+        assert!(router.routing_is(&view) && router.heard_is(&view));
         let mut later = view.clone();
         later.heard.clear();
         assert!(view.same_routing(&later));
+        assert!(router.routing_is(&later) && !router.heard_is(&later));
         later.gateway = None;
-        assert!(!view.same_routing(&later));
+        assert!(!view.same_routing(&later) && !router.routing_is(&later));
+        let mut later = view.clone();
+        later.neighbours.pop();
+        assert!(!view.same_routing(&later) && !router.routing_is(&later));
+        let mut later = view.clone();
+        later.connected.pop_first();
+        assert!(!router.routing_is(&later));
+        let mut later = view.clone();
+        later.forwarding = Default::default();
+        assert!(!router.routing_is(&later));
     }
 }

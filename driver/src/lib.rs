@@ -414,13 +414,13 @@ impl<D: Datagrams, H: Host> Driver<D, H> {
         let Some((views, refreshed)) = &mut self.views else {
             return;
         };
-        let view = lock(&self.router).view();
+        let router = lock(&self.router);
         let current = views.borrow().clone();
         let now = Instant::now();
-        let heard_due = view.heard != current.heard && now >= *refreshed + HEARD_REFRESH;
-        if !view.same_routing(&current) || heard_due {
+        let heard_due = now >= *refreshed + HEARD_REFRESH && !router.heard_is(&current);
+        if heard_due || !router.routing_is(&current) {
             *refreshed = now;
-            views.send_replace(Arc::new(view));
+            views.send_replace(Arc::new(router.view()));
         }
     }
 
