@@ -8,11 +8,16 @@
 #
 #   bash ci/bench-dataplane.sh [fastdp|sleeve ...]   (default: fastdp sleeve)
 #   RUNS=3 SECONDS_PER_RUN=5 WEFT_PASSWORD=... (also measures sealed sleeve)
+#   WEFT_BIN=/path/to/weft (weft-cni beside it; default: a release build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v iperf3 >/dev/null || { apt-get update -q >/dev/null; apt-get install -y -q iperf3 >/dev/null; }
-cargo build --release -q -p weft -p weft-cni
-export WEFT_BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/weft
+# WEFT_BIN (and weft-cni beside it): binaries to measure instead of a
+# fresh release build, e.g. an older commit's, for a side-by-side run.
+if [ -z "${WEFT_BIN:-}" ]; then
+    cargo build --release -q -p weft -p weft-cni
+    export WEFT_BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/weft
+fi
 RUNS=${RUNS:-3}
 T=${SECONDS_PER_RUN:-5}
 MODES=("$@")
