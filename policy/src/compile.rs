@@ -412,3 +412,6 @@ fn disjoint(by_ports: BTreeMap<Ports, AddrSet>) -> Vec<Grant> {
     }
     grants
 }
+
+#[cfg(test)]
+mod tests;

@@ -138,3 +138,166 @@ impl PortSpec {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Protocol, Rule};
+    use crate::selector::{Operator, Requirement};
+    use crate::testkit::*;
+
+    fn with_rule(rule: Rule) -> Policy {
+        let mut p = policy("prod", "p", &[]);
+        p.ingress = Some(vec![rule]);
+        p
+    }
+
+    fn problems(rule: Rule) -> Vec<Problem> {
+        with_rule(rule)
+            .problems()
+            .into_iter()
+            .map(|e| e.problem)
+            .collect()
+    }
+
+    fn one_port(spec: PortSpec) -> Rule {
+        rule(vec![], vec![spec])
+    }
+
+    fn one_block(cidr: &str, except: &[&str]) -> Rule {
+        rule(vec![block(cidr, except)], vec![])
+    }
+
+    #[test]
+    fn valid_policies_have_no_problems() {
+        let valid = [
+            one_block("10.0.0.0/8", &["10.1.0.0/16", "10.2.3.4/32"]),
+            one_block("10.0.0.1/8", &[]),
+            one_block("fd00::/8", &["fd00:1::/32"]),
+            one_port(port(Protocol::Tcp, Some(Port::Number(80)), Some(80))),
+            one_port(port(Protocol::Udp, Some(Port::Number(1)), Some(65535))),
+            one_port(port(
+                Protocol::Sctp,
+                Some(Port::Name("anything".into())),
+                None,
+            )),
+            rule(
+                vec![pods_peer(Some(&[]), None), pods_peer(None, Some(&[]))],
+                vec![],
+            ),
+            Rule::default(),
+        ];
+        for rule in valid {
+            assert_eq!(problems(rule.clone()), [], "{rule:?}");
+        }
+    }
+
+    #[test]
+    fn ip_block_except_must_lie_strictly_inside_cidr() {
+        for except in ["10.0.0.0/8", "11.0.0.0/16", "0.0.0.0/0", "fd00::/16"] {
+            assert!(
+                matches!(
+                    problems(one_block("10.0.0.0/8", &[except]))[..],
+                    [Problem::ExceptOutside { .. }]
+                ),
+                "{except}"
+            );
+        }
+    }
+
+    #[test]
+    fn ip_block_needs_cidrs() {
+        for (cidr, except) in [
+            ("10.0.0.0", &[][..]),
+            ("", &[]),
+            ("10.0.0.0/8", &["10.1.0.0"]),
+        ] {
+            assert!(matches!(
+                problems(one_block(cidr, except))[..],
+                [Problem::BadCidr(_)]
+            ));
+        }
+    }
+
+    #[test]
+    fn end_port_needs_a_number_not_below_port() {
+        let cases = [
+            (
+                port(Protocol::Tcp, Some(Port::Number(90)), Some(80)),
+                Problem::EndPortBelowPort {
+                    port: 90,
+                    end_port: 80,
+                },
+            ),
+            (
+                port(Protocol::Tcp, Some(Port::Name("http".into())), Some(80)),
+                Problem::EndPortWithoutNumber,
+            ),
+            (
+                port(Protocol::Tcp, None, Some(80)),
+                Problem::EndPortWithoutNumber,
+            ),
+            (
+                port(Protocol::Tcp, Some(Port::Number(0)), None),
+                Problem::PortZero,
+            ),
+        ];
+        for (spec, problem) in cases {
+            assert_eq!(problems(one_port(spec)), [problem]);
+        }
+    }
+
+    #[test]
+    fn a_peer_needs_a_selector_or_a_block() {
+        assert_eq!(
+            problems(rule(vec![pods_peer(None, None)], vec![])),
+            [Problem::EmptyPeer]
+        );
+    }
+
+    #[test]
+    fn problems_say_where_they_are() {
+        let bad = Requirement {
+            key: "app".into(),
+            operator: Operator::Exists,
+            values: vec!["x".into()],
+        };
+        let mut p = with_rule(rule(vec![pods_peer(None, Some(&[]))], vec![]));
+        if let Some(Peer::Pods {
+            namespace_selector: Some(s),
+            ..
+        }) = p
+            .ingress
+            .as_mut()
+            .and_then(|rules| rules[0].peers.as_mut())
+            .map(|peers| &mut peers[0])
+        {
+            s.match_expressions.push(bad.clone());
+        }
+        p.egress = Some(vec![
+            Rule::default(),
+            one_port(port(Protocol::Tcp, Some(Port::Number(0)), None)),
+        ]);
+        p.pod_selector.match_expressions.push(bad);
+        let text: Vec<String> = p.problems().iter().map(ToString::to_string).collect();
+        assert_eq!(
+            text,
+            [
+                "podSelector: Exists on \"app\" takes no values",
+                "ingress[0].from[0].namespaceSelector: Exists on \"app\" takes no values",
+                "egress[1].ports[0]: port 0 is not a port",
+            ]
+        );
+        assert!(p.fails_closed());
+    }
+
+    #[test]
+    fn host_network_pods_are_never_selected() {
+        let mut host = pod("prod", "agent", &[], "192.168.1.1");
+        host.host_network = true;
+        let p = policy("prod", "all", &[]);
+        assert!(!p.selects(&host));
+        host.host_network = false;
+        assert!(p.selects(&host));
+    }
+}
