@@ -73,6 +73,10 @@ impl AddrSet {
         AddrSet::from_ranges(self.0.iter().chain(&other.0).copied().collect())
     }
 
+    pub fn intersection(&self, other: &AddrSet) -> AddrSet {
+        self.minus(&AddrSet::all().minus(other))
+    }
+
     /// The addresses of self not in `holes`.
     pub fn minus(&self, holes: &AddrSet) -> AddrSet {
         let mut out = Vec::new();
@@ -225,6 +229,24 @@ mod tests {
             ]
         );
         assert!(AddrSet::all().minus(&AddrSet::all()).is_empty());
+    }
+
+    #[test]
+    fn intersection_keeps_what_both_hold() {
+        let a = AddrSet::from_ranges(vec![
+            range("10.0.0.0", "10.0.0.9"),
+            range("10.0.0.20", "10.0.0.29"),
+        ]);
+        let b = AddrSet::from_ranges(vec![range("10.0.0.5", "10.0.0.24")]);
+        assert_eq!(
+            a.intersection(&b).ranges(),
+            &[
+                range("10.0.0.5", "10.0.0.9"),
+                range("10.0.0.20", "10.0.0.24")
+            ]
+        );
+        assert!(a.intersection(&AddrSet::default()).is_empty());
+        assert_eq!(a.intersection(&AddrSet::all()), a);
     }
 
     #[test]

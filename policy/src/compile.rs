@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::addrs::{AddrRange, AddrSet, ip_at, position};
 use crate::model::{
-    Cluster, Labels, Peer, Pod, Policy, PolicyRef, PolicyType, Port, Protocol, Rule,
+    Cluster, ContainerPort, Labels, Peer, Pod, Policy, PolicyRef, PolicyType, Port, Protocol, Rule,
 };
 use crate::ports::{PortRange, Ports};
 use crate::reference::Packet;
@@ -59,21 +59,28 @@ impl RuleSet {
     }
 
     pub fn ingress_allows(&self, packet: &Packet) -> bool {
-        packet.from_node
-            || self.pods.get(&packet.dst).is_none_or(|pod| {
-                pod.ingress
-                    .as_ref()
-                    .is_none_or(|i| i.allows(packet.src, packet))
-            })
+        self.side_allows(packet.dst, packet.src, packet, |pod| &pod.ingress)
     }
 
     pub fn egress_allows(&self, packet: &Packet) -> bool {
+        self.side_allows(packet.src, packet.dst, packet, |pod| &pod.egress)
+    }
+
+    /// Whether `end`'s side lets it talk with `peer`; an address that is
+    /// no local pod, or a pod not isolated that way, lets everything pass.
+    fn side_allows(
+        &self,
+        end: Ipv4Addr,
+        peer: Ipv4Addr,
+        packet: &Packet,
+        side: impl Fn(&PodRules) -> &Option<Isolation>,
+    ) -> bool {
         packet.from_node
-            || self.pods.get(&packet.src).is_none_or(|pod| {
-                pod.egress
-                    .as_ref()
-                    .is_none_or(|i| i.allows(packet.dst, packet))
-            })
+            || self
+                .pods
+                .get(&end)
+                .and_then(|pod| side(pod).as_ref())
+                .is_none_or(|isolation| isolation.allows(peer, packet))
     }
 }
 
@@ -96,13 +103,17 @@ pub fn compile(cluster: &Cluster, local: impl Fn(&Pod) -> bool) -> RuleSet {
         .iter()
         .map(|policy| CompiledPolicy::new(&index, policy))
         .collect();
-    let mut by_namespace: BTreeMap<&str, Vec<&CompiledPolicy>> = BTreeMap::new();
-    for policy in &compiled {
+    let mut by_namespace: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, policy) in compiled.iter().enumerate() {
         by_namespace
             .entry(&policy.policy.namespace)
             .or_default()
-            .push(policy);
+            .push(i);
     }
+    // Replicas share their policies and container ports, and so their
+    // rules: each distinct (policies, direction, ports) is worked out once.
+    let mut known: BTreeMap<(Vec<usize>, PolicyType, &[ContainerPort]), Option<Isolation>> =
+        BTreeMap::new();
     let mut pods = BTreeMap::new();
     for (&ip, &pod) in &index.owners {
         if !local(pod) {
@@ -111,16 +122,31 @@ pub fn compile(cluster: &Cluster, local: impl Fn(&Pod) -> bool) -> RuleSet {
         let policies = by_namespace
             .get(pod.namespace.as_str())
             .map_or(&[][..], Vec::as_slice);
-        let selecting: Vec<&CompiledPolicy> = policies
+        let selecting: Vec<usize> = policies
             .iter()
             .copied()
-            .filter(|p| p.policy.selects(pod))
+            .filter(|&i| compiled[i].policy.selects(pod))
             .collect();
+        let mut side = |direction| {
+            // Only ingress reads the pod's own ports (its named ports).
+            let ports = match direction {
+                PolicyType::Ingress => pod.ports.as_slice(),
+                PolicyType::Egress => &[],
+            };
+            known
+                .entry((selecting.clone(), direction, ports))
+                .or_insert_with(|| {
+                    let selecting: Vec<&CompiledPolicy> =
+                        selecting.iter().map(|&i| &compiled[i]).collect();
+                    isolation(&selecting, direction, pod)
+                })
+                .clone()
+        };
         let rules = PodRules {
             namespace: pod.namespace.clone(),
             name: pod.name.clone(),
-            ingress: isolation(&selecting, PolicyType::Ingress, pod),
-            egress: isolation(&selecting, PolicyType::Egress, pod),
+            ingress: side(PolicyType::Ingress),
+            egress: side(PolicyType::Egress),
         };
         pods.insert(ip, rules);
     }
@@ -131,6 +157,9 @@ pub fn compile(cluster: &Cluster, local: impl Fn(&Pod) -> bool) -> RuleSet {
 struct Index<'a> {
     /// Each address's owning pod.
     owners: BTreeMap<Ipv4Addr, &'a Pod>,
+    /// The owners' addresses by their container ports, so an egress named
+    /// port is resolved once per distinct set of ports, not per pod.
+    by_ports: BTreeMap<&'a [ContainerPort], AddrSet>,
     namespaces: BTreeMap<&'a str, &'a Labels>,
 }
 
@@ -148,7 +177,19 @@ impl<'a> Index<'a> {
         for ns in &cluster.namespaces {
             namespaces.entry(ns.name.as_str()).or_insert(&ns.labels);
         }
-        Index { owners, namespaces }
+        let mut by_ports: BTreeMap<&[ContainerPort], Vec<Ipv4Addr>> = BTreeMap::new();
+        for (&ip, pod) in &owners {
+            by_ports.entry(&pod.ports).or_default().push(ip);
+        }
+        let by_ports = by_ports
+            .into_iter()
+            .map(|(ports, ips)| (ports, AddrSet::from_addrs(ips)))
+            .collect();
+        Index {
+            owners,
+            by_ports,
+            namespaces,
+        }
     }
 
     fn peer_addrs(&self, policy: &Policy, peer: &Peer) -> AddrSet {
@@ -290,29 +331,26 @@ fn destination_grants(
     peers: &AddrSet,
     names: &[(Protocol, &str)],
 ) -> Vec<(Ports, AddrSet)> {
-    let mut groups: BTreeMap<Ports, Vec<Ipv4Addr>> = BTreeMap::new();
-    for range in peers.ranges() {
-        for (&ip, pod) in index.owners.range(range.first..=range.last) {
-            let ports = resolve(pod, names);
-            if !ports.is_empty() {
-                groups.entry(ports).or_default().push(ip);
-            }
+    let mut groups: BTreeMap<Ports, AddrSet> = BTreeMap::new();
+    for (ports, addrs) in &index.by_ports {
+        let resolved = resolve(ports, names);
+        let reached = addrs.intersection(peers);
+        if !resolved.is_empty() && !reached.is_empty() {
+            let group = groups.entry(resolved).or_default();
+            *group = group.union(&reached);
         }
     }
-    groups
-        .into_iter()
-        .map(|(ports, ips)| (ports, AddrSet::from_addrs(ips)))
-        .collect()
+    groups.into_iter().collect()
 }
 
 /// A pod's numbers for named ports: container ports with that name and
 /// protocol; a name the pod lacks resolves to nothing.
-fn resolve(pod: &Pod, names: &[(Protocol, &str)]) -> Ports {
+fn resolve(ports: &[ContainerPort], names: &[(Protocol, &str)]) -> Ports {
     Ports::from_ranges(
         names
             .iter()
             .flat_map(|&(protocol, name)| {
-                pod.ports
+                ports
                     .iter()
                     .filter(move |c| !c.name.is_empty() && c.name == name && c.protocol == protocol)
                     .map(move |c| PortRange {
@@ -347,9 +385,10 @@ fn isolation(selecting: &[&CompiledPolicy], direction: PolicyType, pod: &Pod) ->
     for policy in isolating.iter().filter(|p| !p.fails_closed) {
         for rule in policy.rules(direction) {
             match direction {
-                PolicyType::Ingress => {
-                    add(rule.ports.union(&resolve(pod, &rule.names)), &rule.peers)
-                }
+                PolicyType::Ingress => add(
+                    rule.ports.union(&resolve(&pod.ports, &rule.names)),
+                    &rule.peers,
+                ),
                 PolicyType::Egress => {
                     add(rule.ports.clone(), &rule.peers);
                     for (ports, peers) in &rule.named_grants {

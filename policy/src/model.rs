@@ -45,7 +45,7 @@ pub struct Pod {
     pub ports: Vec<ContainerPort>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ContainerPort {
     /// Empty when the port has no name: a named port never matches it.
     #[serde(default)]

@@ -264,14 +264,17 @@ fn address() -> impl Strategy<Value = Ipv4Addr> {
     ]
 }
 
-/// A packet whose ends are mostly the cluster's own pods: `Index`es into
-/// its pod addresses, resolved by `Probe::packet`.
+/// A packet whose ends are mostly the cluster's own pods (`Index`es into
+/// its pod addresses) and whose port is often one of the destination's
+/// container ports (what named ports resolve to), resolved by
+/// `Probe::packet`.
 #[derive(Clone, Debug)]
 struct Probe {
     src: Result<prop::sample::Index, Ipv4Addr>,
     dst: Result<prop::sample::Index, Ipv4Addr>,
     protocol: u8,
     dst_port: u16,
+    container_port: Option<prop::sample::Index>,
     from_node: bool,
 }
 
@@ -284,15 +287,25 @@ fn probe() -> impl Strategy<Value = Probe> {
         0u16, 1, 2, 52, 53, 54, 79, 80, 81, 82, 442, 443, 444, 8079, 8080, 8081, 65534, 65535,
     ]);
     let protocol = prop::sample::select(vec![6u8, 6, 17, 132, 1]);
-    (end(), end(), protocol, port, prop::bool::weighted(0.1)).prop_map(
-        |(src, dst, protocol, dst_port, from_node)| Probe {
-            src,
-            dst,
-            protocol,
-            dst_port,
-            from_node,
-        },
+    let container_port = prop::option::of(any::<prop::sample::Index>());
+    (
+        end(),
+        end(),
+        protocol,
+        port,
+        container_port,
+        prop::bool::weighted(0.1),
     )
+        .prop_map(
+            |(src, dst, protocol, dst_port, container_port, from_node)| Probe {
+                src,
+                dst,
+                protocol,
+                dst_port,
+                container_port,
+                from_node,
+            },
+        )
 }
 
 impl Probe {
@@ -303,11 +316,25 @@ impl Probe {
             Ok(_) => Ipv4Addr::new(10, 32, 0, 1),
             Err(ip) => *ip,
         };
+        let dst = resolve(&self.dst);
+        let ports = cluster
+            .pods
+            .iter()
+            .filter(|p| p.ip == Some(dst))
+            .flat_map(|p| &p.ports);
+        let ports: Vec<&ContainerPort> = ports.collect();
+        let (protocol, dst_port) = match &self.container_port {
+            Some(index) if !ports.is_empty() => {
+                let port = index.get(&ports);
+                (port.protocol.number(), port.port)
+            }
+            _ => (self.protocol, self.dst_port),
+        };
         Packet {
             src: resolve(&self.src),
-            dst: resolve(&self.dst),
-            protocol: self.protocol,
-            dst_port: self.dst_port,
+            dst,
+            protocol,
+            dst_port,
             from_node: self.from_node,
         }
     }

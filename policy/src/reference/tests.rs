@@ -452,6 +452,21 @@ fn named_port_egress_resolves_on_the_destination_pod_weave_3785() {
 }
 
 #[test]
+fn named_port_egress_reaches_only_the_rules_peers() {
+    let mut p = egress(
+        policy("dev", "out", &[("app", "client")]),
+        vec![rule(
+            vec![pods_peer(None, Some(&[("team", "b")]))],
+            vec![named(Protocol::Tcp, "http")],
+        )],
+    );
+    p.policy_types = Some(vec![PolicyType::Egress]);
+    let c = cluster(vec![p]);
+    assert!(allows(&c, &tcp(DEV_CLIENT, DEV_WEB, 8080)));
+    assert!(!allows(&c, &tcp(DEV_CLIENT, WEB, 80)));
+}
+
+#[test]
 fn named_port_needs_the_same_protocol() {
     let c = cluster(vec![ingress(
         policy("prod", "p", &[]),
