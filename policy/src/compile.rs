@@ -112,8 +112,7 @@ pub fn compile(cluster: &Cluster, local: impl Fn(&Pod) -> bool) -> RuleSet {
     }
     // Replicas share their policies and container ports, and so their
     // rules: each distinct (policies, direction, ports) is worked out once.
-    let mut known: BTreeMap<(Vec<usize>, PolicyType, &[ContainerPort]), Option<Isolation>> =
-        BTreeMap::new();
+    let mut known: BTreeMap<SideKey, Option<Isolation>> = BTreeMap::new();
     let mut pods = BTreeMap::new();
     for (&ip, &pod) in &index.owners {
         if !local(pod) {
@@ -152,6 +151,10 @@ pub fn compile(cluster: &Cluster, local: impl Fn(&Pod) -> bool) -> RuleSet {
     }
     RuleSet { pods }
 }
+
+/// What one side of a pod's rules depends on: the policies selecting it
+/// (indices), the direction, and (ingress only) its container ports.
+type SideKey<'a> = (Vec<usize>, PolicyType, &'a [ContainerPort]);
 
 /// The lookups every policy needs, built once.
 struct Index<'a> {
