@@ -416,6 +416,60 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+
+    /// API objects are untrusted: any string where the API has one (CIDRs,
+    /// port names, label keys and values) is an error or a non-match,
+    /// never a panic, in validation, the reference and the compiler alike.
+    #[test]
+    fn arbitrary_strings_never_panic(
+        cidr in "\\PC{0,24}|[0-9./:]{0,24}",
+        except in prop::collection::vec("\\PC{0,24}|[0-9./:]{0,24}", 0..=2),
+        name in "\\PC{0,20}",
+        key in "\\PC{0,8}",
+        probes in prop::collection::vec(probe(), 8),
+    ) {
+        let mut pod_labels = BTreeMap::new();
+        pod_labels.insert(key.clone(), name.clone());
+        let pod = Pod {
+            namespace: "ns0".into(),
+            name: "p0".into(),
+            labels: pod_labels,
+            ip: Some(Ipv4Addr::new(10, 32, 0, 1)),
+            host_network: false,
+            ports: vec![ContainerPort { name: name.clone(), port: 80, protocol: Protocol::Tcp }],
+        };
+        let selector = LabelSelector {
+            match_labels: [(key.clone(), name.clone())].into(),
+            match_expressions: vec![Requirement { key, operator: Operator::NotIn, values: vec![name.clone()] }],
+        };
+        let rule = Rule {
+            peers: Some(vec![
+                Peer::IpBlock(IpBlock { cidr, except }),
+                Peer::Pods { pod_selector: Some(selector.clone()), namespace_selector: Some(selector.clone()) },
+            ]),
+            ports: Some(vec![PortSpec { protocol: Protocol::Tcp, port: Some(Port::Name(name)), end_port: None }]),
+        };
+        let policy = Policy {
+            namespace: "ns0".into(),
+            name: "np0".into(),
+            pod_selector: selector,
+            policy_types: None,
+            ingress: Some(vec![rule.clone()]),
+            egress: Some(vec![rule]),
+        };
+        let cluster = Cluster { namespaces: vec![], pods: vec![pod], policies: vec![policy] };
+        let rules = compile(&cluster, |_| true);
+        for probe in &probes {
+            let packet = probe.packet(&cluster);
+            let verdict = allowed(&cluster, &packet);
+            prop_assert_eq!(rules.egress_allows(&packet), verdict.egress.allowed);
+            prop_assert_eq!(rules.ingress_allows(&packet), verdict.ingress.allowed);
+        }
+    }
+}
+
 /// How much of what the generator makes is the interesting kind.
 #[test]
 fn the_generator_covers_the_clauses() {
