@@ -5,6 +5,9 @@
 #   - weft-driver, weft-kube, weft-dataplane and weft-api depend on
 #     weft-core only (weft-api, the local protocol, also not on tokio or
 #     kube: the CNI plugin links it);
+#   - weft-policy (NetworkPolicy decisions as pure data) depends on no
+#     weft crate and not on tokio or kube: the agent, the simulator and
+#     the tests all feed it plain values;
 #   - weft-dataplane never names the shared router (it reads views);
 #   - the pure files of weft-dataplane make no system call, and only its
 #     sysctl.rs writes node settings;
@@ -35,6 +38,19 @@ for p in meta["packages"]:
 ' "$crate"
 }
 
+# Whether CRATE has a normal dependency on tokio or kube (kube-*, k8s-*).
+uses_tokio_or_kube() {
+    cargo metadata --manifest-path "$1/Cargo.toml" --format-version 1 --no-deps --offline |
+        python3 -c '
+import json, sys
+crate = sys.argv[1]
+for p in json.load(sys.stdin)["packages"]:
+    if p["name"] == crate and any(d["name"] == "tokio" or d["name"].startswith(("kube", "k8s-"))
+                                  for d in p["dependencies"] if d.get("kind") is None):
+        sys.exit(0)
+sys.exit(1)' "$2"
+}
+
 # Files of weft-dataplane that decide without touching the system.
 PURE=(desired.rs plan.rs names.rs status.rs sleeve/gate.rs sleeve/offload.rs probe/wire.rs probe/health.rs)
 SYSCALLS='std::fs|std::net::(UdpSocket|TcpStream|TcpListener)|std::process|std::thread|libc::|nix::|tokio::net|rtnetlink|netlink_sys|Instant::now|SystemTime|getifaddrs'
@@ -63,14 +79,13 @@ check() {
             say "$crate/src names a weft crate other than weft-core"
         fi
     done
-    if cargo metadata --manifest-path "$tree/Cargo.toml" --format-version 1 --no-deps --offline |
-        python3 -c '
-import json, sys
-for p in json.load(sys.stdin)["packages"]:
-    if p["name"] == "weft-api" and any(d["name"] in ("tokio", "kube") for d in p["dependencies"] if d.get("kind") is None):
-        sys.exit(0)
-sys.exit(1)'; then
+    if uses_tokio_or_kube "$tree" weft-api; then
         say "weft-api depends on tokio or kube (it is blocking and small: the CNI plugin links it)"
+    fi
+    deps=$(weft_deps "$tree" weft-policy)
+    [ -z "$deps" ] || say "weft-policy depends on $(echo $deps) (it depends on no weft crate)"
+    if uses_tokio_or_kube "$tree" weft-policy; then
+        say "weft-policy depends on tokio or kube (its decisions are pure data)"
     fi
     local f
     # Tests may build routers to get views from; the code may not.
@@ -123,7 +138,9 @@ self_test() {
         'sed -i "1i fn on() { let _ = std::fs::write(\"/proc/sys/net/ipv4/ip_forward\", \"1\"); }" dataplane/src/linux.rs' \
         'sed -i "s|^\[dependencies\]|[dependencies]\nweft-dataplane = { path = \"../dataplane\" }|" api/Cargo.toml' \
         'echo "use weft_dataplane::status::DataplaneState;" >> api/src/status.rs' \
-        'sed -i "s|^\[dependencies\]|[dependencies]\ntokio.workspace = true|" api/Cargo.toml'; do
+        'sed -i "s|^\[dependencies\]|[dependencies]\ntokio.workspace = true|" api/Cargo.toml' \
+        'sed -i "s|^\[dependencies\]|[dependencies]\nweft-core = { path = \"../core\" }|" policy/Cargo.toml' \
+        'sed -i "s|^\[dependencies\]|[dependencies]\ntokio.workspace = true|" policy/Cargo.toml'; do
         local one
         one=$(mktemp -d)
         cp -a "$copy/." "$one/"
