@@ -7,7 +7,7 @@ use crate::{
 };
 use ipnet::Ipv4Net;
 use std::collections::BTreeSet;
-use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use weft_core::forward::Forward;
 use weft_core::{PeerName, View};
 
@@ -80,6 +80,7 @@ pub fn desired(
         })
         .collect();
     let held = held_prefixes(view);
+    let live = live_peers(view);
     let sleeve = SleeveSpec {
         name: names::SLEEVE_DEVICE.into(),
         mtu: setup.mtu,
@@ -95,6 +96,7 @@ pub fn desired(
             peers,
             routes,
             held,
+            live,
         },
         Overlay::Sleeve => Desired {
             bridge,
@@ -103,6 +105,7 @@ pub fn desired(
             peers: Vec::new(),
             routes,
             held,
+            live,
         },
     }
 }
@@ -121,6 +124,28 @@ fn held_prefixes(view: &View) -> Vec<Ipv4Net> {
         .filter(|(_, forward)| **forward == Forward::Unreachable)
         .map(|(prefix, _)| *prefix)
         .collect()
+}
+
+/// The underlay addresses of the peers reachable right now: the direct
+/// neighbours, and every routed prefix's next hop. A held route through
+/// one of them is not kept (see [`crate::plan::kept`]).
+fn live_peers(view: &View) -> Vec<Ipv4Addr> {
+    let neighbours = direct_neighbours(view)
+        .into_iter()
+        .map(|(_, control)| *control.ip());
+    let next_hops = view
+        .forwarding
+        .prefixes()
+        .iter()
+        .filter_map(|(_, forward)| match forward {
+            Forward::Peer {
+                underlay: SocketAddr::V4(underlay),
+                ..
+            } => Some(*underlay.ip()),
+            _ => None,
+        });
+    let live: BTreeSet<Ipv4Addr> = neighbours.chain(next_hops).collect();
+    live.into_iter().collect()
 }
 
 /// Direct neighbours over IPv4, with their control address.
@@ -179,13 +204,13 @@ pub(crate) mod tests {
                 r
             })
             .collect();
-        run(&mut routers, 0, secs, None);
+        run(&mut routers, 0, secs, |_, _| false);
         routers
     }
 
-    /// Runs `routers` from second `from` for `secs`, with node `down`'s
-    /// datagrams (both ways) lost.
-    fn run(routers: &mut [Router], from: u64, secs: u64, down: Option<usize>) {
+    /// Runs `routers` from second `from` for `secs`, with the datagrams
+    /// between nodes `lost` names (by index) lost.
+    fn run(routers: &mut [Router], from: u64, secs: u64, lost: impl Fn(usize, usize) -> bool) {
         use weft_core::Time;
         for step in from * 100..(from + secs) * 100 {
             let now = Time::from_millis(step * 10);
@@ -194,7 +219,7 @@ pub(crate) mod tests {
                 while let Some(t) = routers[i].poll_transmit() {
                     let to = (0..routers.len())
                         .find(|j| routers[*j].config().address == t.destination)
-                        .filter(|j| down != Some(i) && down != Some(*j));
+                        .filter(|j| !lost(i, *j));
                     if let Some(j) = to {
                         let from = routers[i].config().address;
                         routers[j].handle_datagram(now, from, &t.payload);
@@ -214,16 +239,63 @@ pub(crate) mod tests {
         let fastdp = LONE_FASTDP;
         let d = desired_of(&routers[0], fastdp, &BTreeSet::new());
         assert!(d.held.is_empty(), "{d:?}");
-        run(&mut routers, 10, 30, Some(1));
+        run(&mut routers, 10, 30, node2_away);
         let d = desired_of(&routers[0], fastdp, &BTreeSet::new());
         let node2: Ipv4Net = "10.32.2.0/24".parse().unwrap();
         assert_eq!(d.held, vec![node2], "{d:?}");
         assert!(d.routes.iter().all(|r| r.prefix != node2), "{d:?}");
         assert_eq!(d.routes.len(), 1, "node3's prefix is routed: {d:?}");
-        run(&mut routers, 40, 30, None);
+        run(&mut routers, 40, 30, |_, _| false);
         let d = desired_of(&routers[0], fastdp, &BTreeSet::new());
         assert!(d.held.is_empty(), "{d:?}");
         assert!(d.routes.iter().any(|r| r.prefix == node2), "{d:?}");
+    }
+
+    /// Node 2's datagrams, both ways, are lost: its agent is away.
+    fn node2_away(from: usize, to: usize) -> bool {
+        from == 1 || to == 1
+    }
+
+    /// Node1 reaches node2 only through node3 (their link is cut), then
+    /// node2's agent goes away. Node1's kernel routed node2's prefix
+    /// through node3, which is live: node3 has no route to node2 either,
+    /// or holds one back through node1, a forwarding loop. So that route
+    /// is not held, while node3's, straight to node2, is.
+    #[test]
+    fn a_held_prefix_keeps_no_route_through_a_live_peer() {
+        let mut routers = three_routers(10);
+        run(&mut routers, 10, 30, |a, b| a + b == 1);
+        let (node2, node3) = (
+            Ipv4Addr::new(192, 168, 1, 12),
+            Ipv4Addr::new(192, 168, 1, 13),
+        );
+        let prefix: Ipv4Net = "10.32.2.0/24".parse().unwrap();
+        let mut kernels = [MemoryDataplane::new(), MemoryDataplane::new()];
+        let follow = |kernels: &mut [MemoryDataplane; 2], routers: &[Router]| {
+            for (kernel, router) in kernels.iter_mut().zip([&routers[0], &routers[2]]) {
+                let d = desired_of(router, LONE_FASTDP, &BTreeSet::new());
+                kernel.reconcile(&d).unwrap();
+            }
+        };
+        let next_hop = |kernel: &MemoryDataplane| {
+            let routes = &kernel.state().routes;
+            routes
+                .iter()
+                .find(|r| r.prefix == prefix)
+                .map(|r| r.next_hop)
+        };
+        follow(&mut kernels, &routers);
+        assert_eq!(next_hop(&kernels[0]), Some(node3), "node1 relays");
+        assert_eq!(next_hop(&kernels[1]), Some(node2), "node3 is direct");
+        run(&mut routers, 40, 30, node2_away);
+        let d = desired_of(&routers[0], LONE_FASTDP, &BTreeSet::new());
+        assert_eq!(
+            (d.held.clone(), d.live.clone()),
+            (vec![prefix], vec![node3])
+        );
+        follow(&mut kernels, &routers);
+        assert_eq!(next_hop(&kernels[0]), None, "{:?}", kernels[0].state());
+        assert_eq!(next_hop(&kernels[1]), Some(node2), "held");
     }
 
     #[test]

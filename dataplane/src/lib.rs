@@ -116,6 +116,12 @@ pub struct Desired {
     /// added, only kept; disjoint from `routes` and from this node's own
     /// prefixes (see [`plan::plan_routes`]).
     pub held: Vec<Ipv4Net>,
+    /// The underlay addresses of the peers reachable right now. A held
+    /// prefix's route through one of them is not kept: that peer has no
+    /// route to the owner either, or holds one back through this node (a
+    /// forwarding loop); only a route to a peer that is away (the owner,
+    /// its agent restarting) is worth holding.
+    pub live: Vec<Ipv4Addr>,
 }
 
 impl Desired {
@@ -129,6 +135,8 @@ impl Desired {
         d.routes.dedup();
         d.held.sort();
         d.held.dedup();
+        d.live.sort();
+        d.live.dedup();
         d
     }
 }
