@@ -82,9 +82,10 @@ pub fn desired(
         })
         .collect();
     let live = live_peers(view);
-    // A held prefix whose owner was seen directly goes straight to it, with
-    // its entries: the last route may be through a relay that lost the
-    // owner too, which a route through a live peer must not be kept for.
+    // An unreachable owner this agent has seen directly gets its prefix
+    // straight, with its entries: the kernel's last route may go through a
+    // relay that lost the owner too, which is not kept (see plan::kept).
+    // Not at an address a live peer has now: that one is someone else.
     let mut held = Vec::new();
     for prefix in held_prefixes(view) {
         match owners
@@ -139,10 +140,9 @@ pub fn desired(
 /// Prefixes of remote owners that are unreachable right now. A peer's
 /// agent restarting (or ours, which starts from the saved ring with no
 /// connections yet) leaves the kernel path to it working, so a route to it
-/// is better than none. The
-/// table holds only current owners' prefixes, disjoint from ours: a range
-/// that is donated, reclaimed after its owner's removal, or whose owner is
-/// forgotten is routed anew or dropped.
+/// is better than none. The table holds only current owners' prefixes,
+/// disjoint from ours: a range that is donated, reclaimed after its
+/// owner's removal, or whose owner is forgotten is routed anew or dropped.
 fn held_prefixes(view: &View) -> Vec<Ipv4Net> {
     view.forwarding
         .prefixes()
