@@ -6,8 +6,8 @@ use crate::{
     BridgeSpec, Desired, Overlay, PodRoute, RemotePeer, SleeveSpec, VxlanSpec, names, vtep_mac,
 };
 use ipnet::Ipv4Net;
-use std::collections::BTreeSet;
-use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use weft_core::forward::Forward;
 use weft_core::{PeerName, View};
 
@@ -31,12 +31,14 @@ pub struct Setup {
 /// sleeve, prefixes whose next hop is one of them go into the sleeve's TUN
 /// device, whose reader forwards them by the same table. Their FDB and
 /// neighbour entries stay: the probes that tell when VXLAN works again
-/// need them on the peer's side, and they cost nothing here.
+/// need them on the peer's side, and they cost nothing here. `owners`:
+/// where the owners of unreachable prefixes were last seen.
 pub fn desired(
     view: &View,
     setup: &Setup,
     underlay_dev: Option<String>,
     sleeved: &BTreeSet<PeerName>,
+    owners: &Owners,
 ) -> Desired {
     let bridge = view.gateway.map(|gateway| BridgeSpec {
         name: setup.bridge.clone(),
@@ -61,7 +63,7 @@ pub fn desired(
         Overlay::Fastdp if setup.sleeve_fallback && sleeved.contains(next_hop) => Overlay::Sleeve,
         overlay => overlay,
     };
-    let routes = view
+    let mut routes: Vec<PodRoute> = view
         .forwarding
         .prefixes()
         .iter()
@@ -79,7 +81,33 @@ pub fn desired(
             _ => None,
         })
         .collect();
-    let held = held_prefixes(view);
+    let live = live_peers(view);
+    // An unreachable owner this agent has seen directly gets its prefix
+    // straight, with its entries: the kernel's last route may go through a
+    // relay that lost the owner too, which is not kept (see plan::kept).
+    // Not at an address a live peer has now: that one is someone else.
+    let mut held = Vec::new();
+    for prefix in held_prefixes(view) {
+        match owners
+            .last_seen(prefix)
+            .filter(|(_, at)| !live.contains(at))
+        {
+            Some((owner, underlay)) => {
+                routes.push(PodRoute {
+                    prefix,
+                    next_hop: underlay,
+                    device: device(&owner),
+                });
+                peers.push(RemotePeer {
+                    underlay,
+                    mac: vtep_mac(owner.0),
+                });
+            }
+            None => held.push(prefix),
+        }
+    }
+    peers.sort();
+    peers.dedup();
     let sleeve = SleeveSpec {
         name: names::SLEEVE_DEVICE.into(),
         mtu: setup.mtu,
@@ -95,6 +123,7 @@ pub fn desired(
             peers,
             routes,
             held,
+            live,
         },
         Overlay::Sleeve => Desired {
             bridge,
@@ -103,17 +132,17 @@ pub fn desired(
             peers: Vec::new(),
             routes,
             held,
+            live,
         },
     }
 }
 
-/// Prefixes whose kernel routes stay as they are: those of remote owners
-/// that are unreachable right now. A peer's agent restarting (or ours,
-/// which starts from the saved ring with no connections yet) leaves the
-/// kernel path to it working, so its last route is better than none. The
-/// table holds only current owners' prefixes, disjoint from ours: a range
-/// that is donated, reclaimed after its owner's removal, or whose owner is
-/// forgotten is routed anew or dropped.
+/// Prefixes of remote owners that are unreachable right now. A peer's
+/// agent restarting (or ours, which starts from the saved ring with no
+/// connections yet) leaves the kernel path to it working, so a route to it
+/// is better than none. The table holds only current owners' prefixes,
+/// disjoint from ours: a range that is donated, reclaimed after its
+/// owner's removal, or whose owner is forgotten is routed anew or dropped.
 fn held_prefixes(view: &View) -> Vec<Ipv4Net> {
     view.forwarding
         .prefixes()
@@ -121,6 +150,65 @@ fn held_prefixes(view: &View) -> Vec<Ipv4Net> {
         .filter(|(_, forward)| **forward == Forward::Unreachable)
         .map(|(prefix, _)| *prefix)
         .collect()
+}
+
+/// Where each remote prefix's owner was last seen directly: its name and
+/// underlay address. Learnt from the views one agent follows, so a
+/// restarted agent starts without (and keeps the kernel's routes).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Owners(BTreeMap<Ipv4Net, (PeerName, Ipv4Addr)>);
+
+impl Owners {
+    /// Learns from `view`: an owner that is its own next hop is seen at
+    /// that address; one relayed or unreachable stays where it was seen,
+    /// unless its prefix changed hands; a prefix that left the table, or
+    /// is ours, is forgotten.
+    pub fn learn(&mut self, view: &View) {
+        let table = view.forwarding.prefixes();
+        self.0.retain(|prefix, (seen, _)| match table.get(prefix) {
+            Some(Forward::Peer { owner, .. }) => owner == seen,
+            Some(Forward::Unreachable) => true,
+            Some(Forward::Local) | None => false,
+        });
+        for (prefix, forward) in table {
+            if let Forward::Peer {
+                owner,
+                next_hop,
+                underlay: SocketAddr::V4(underlay),
+            } = forward
+                && owner == next_hop
+            {
+                self.0.insert(*prefix, (*owner, *underlay.ip()));
+            }
+        }
+    }
+
+    /// The owner of exactly `prefix` and where it was last seen.
+    pub fn last_seen(&self, prefix: Ipv4Net) -> Option<(PeerName, Ipv4Addr)> {
+        self.0.get(&prefix).copied()
+    }
+}
+
+/// The underlay addresses of the peers reachable right now: the direct
+/// neighbours, and every routed prefix's next hop. A held route through
+/// one of them is not kept (see [`crate::plan::kept`]).
+fn live_peers(view: &View) -> Vec<Ipv4Addr> {
+    let neighbours = direct_neighbours(view)
+        .into_iter()
+        .map(|(_, control)| *control.ip());
+    let next_hops = view
+        .forwarding
+        .prefixes()
+        .values()
+        .filter_map(|forward| match forward {
+            Forward::Peer {
+                underlay: SocketAddr::V4(underlay),
+                ..
+            } => Some(*underlay.ip()),
+            _ => None,
+        });
+    let live: BTreeSet<Ipv4Addr> = neighbours.chain(next_hops).collect();
+    live.into_iter().collect()
 }
 
 /// Direct neighbours over IPv4, with their control address.
@@ -157,7 +245,7 @@ pub(crate) mod tests {
             overlay,
             sleeve_fallback,
         };
-        desired(&router.view(), &setup, None, sleeved)
+        desired(&router.view(), &setup, None, sleeved, &Owners::default())
     }
 
     /// Three routers in node-cidr mode (node i owns 10.32.i.0/24), fully
@@ -179,13 +267,13 @@ pub(crate) mod tests {
                 r
             })
             .collect();
-        run(&mut routers, 0, secs, None);
+        run(&mut routers, 0, secs, |_, _| false);
         routers
     }
 
-    /// Runs `routers` from second `from` for `secs`, with node `down`'s
-    /// datagrams (both ways) lost.
-    fn run(routers: &mut [Router], from: u64, secs: u64, down: Option<usize>) {
+    /// Runs `routers` from second `from` for `secs`, with the datagrams
+    /// between nodes `lost` names (by index) lost.
+    fn run(routers: &mut [Router], from: u64, secs: u64, lost: impl Fn(usize, usize) -> bool) {
         use weft_core::Time;
         for step in from * 100..(from + secs) * 100 {
             let now = Time::from_millis(step * 10);
@@ -194,7 +282,7 @@ pub(crate) mod tests {
                 while let Some(t) = routers[i].poll_transmit() {
                     let to = (0..routers.len())
                         .find(|j| routers[*j].config().address == t.destination)
-                        .filter(|j| down != Some(i) && down != Some(*j));
+                        .filter(|j| !lost(i, *j));
                     if let Some(j) = to {
                         let from = routers[i].config().address;
                         routers[j].handle_datagram(now, from, &t.payload);
@@ -214,16 +302,135 @@ pub(crate) mod tests {
         let fastdp = LONE_FASTDP;
         let d = desired_of(&routers[0], fastdp, &BTreeSet::new());
         assert!(d.held.is_empty(), "{d:?}");
-        run(&mut routers, 10, 30, Some(1));
+        run(&mut routers, 10, 30, node2_away);
         let d = desired_of(&routers[0], fastdp, &BTreeSet::new());
         let node2: Ipv4Net = "10.32.2.0/24".parse().unwrap();
         assert_eq!(d.held, vec![node2], "{d:?}");
         assert!(d.routes.iter().all(|r| r.prefix != node2), "{d:?}");
         assert_eq!(d.routes.len(), 1, "node3's prefix is routed: {d:?}");
-        run(&mut routers, 40, 30, None);
+        run(&mut routers, 40, 30, |_, _| false);
         let d = desired_of(&routers[0], fastdp, &BTreeSet::new());
         assert!(d.held.is_empty(), "{d:?}");
         assert!(d.routes.iter().any(|r| r.prefix == node2), "{d:?}");
+    }
+
+    /// Node 2's datagrams, both ways, are lost: its agent is away.
+    fn node2_away(from: usize, to: usize) -> bool {
+        from == 1 || to == 1
+    }
+
+    /// Node1 reaches node2 only through node3 (their link is cut), then
+    /// node2's agent goes away; node1's agent has not seen where node2 is
+    /// (it restarted, say). Node1's kernel routed node2's prefix through
+    /// node3, which is live: node3 has no route to node2 either, or holds
+    /// one back through node1, a forwarding loop. So that route is not
+    /// held, while node3's, straight to node2, is.
+    #[test]
+    fn a_held_prefix_keeps_no_route_through_a_live_peer() {
+        let mut routers = three_routers(10);
+        run(&mut routers, 10, 30, |a, b| a + b == 1);
+        let (node2, node3) = (
+            Ipv4Addr::new(192, 168, 1, 12),
+            Ipv4Addr::new(192, 168, 1, 13),
+        );
+        let prefix: Ipv4Net = "10.32.2.0/24".parse().unwrap();
+        let mut kernels = [MemoryDataplane::new(), MemoryDataplane::new()];
+        let follow = |kernels: &mut [MemoryDataplane; 2], routers: &[Router]| {
+            for (kernel, router) in kernels.iter_mut().zip([&routers[0], &routers[2]]) {
+                let d = desired_of(router, LONE_FASTDP, &BTreeSet::new());
+                kernel.reconcile(&d).unwrap();
+            }
+        };
+        let next_hop = |kernel: &MemoryDataplane| {
+            let routes = &kernel.state().routes;
+            routes
+                .iter()
+                .find(|r| r.prefix == prefix)
+                .map(|r| r.next_hop)
+        };
+        follow(&mut kernels, &routers);
+        assert_eq!(next_hop(&kernels[0]), Some(node3), "node1 relays");
+        assert_eq!(next_hop(&kernels[1]), Some(node2), "node3 is direct");
+        run(&mut routers, 40, 30, node2_away);
+        let d = desired_of(&routers[0], LONE_FASTDP, &BTreeSet::new());
+        assert_eq!(
+            (d.held.clone(), d.live.clone()),
+            (vec![prefix], vec![node3])
+        );
+        follow(&mut kernels, &routers);
+        assert_eq!(next_hop(&kernels[0]), None, "{:?}", kernels[0].state());
+        assert_eq!(next_hop(&kernels[1]), Some(node2), "held");
+    }
+
+    /// Node1 last routed node2's prefix through node3 when node2's agent
+    /// went away (here their link is cut; a node that loses the agent
+    /// first relays too, until the relay says it lost it as well). Having
+    /// seen node2 directly before, node1 routes the prefix straight there,
+    /// with node2's entries: the kernel path to a restarting agent's node
+    /// still works.
+    #[test]
+    fn a_held_prefix_goes_straight_to_where_its_owner_was_seen() {
+        let mut routers = three_routers(10);
+        let mut owners = Owners::default();
+        owners.learn(&routers[0].view());
+        run(&mut routers, 10, 30, |a, b| a + b == 1);
+        owners.learn(&routers[0].view());
+        run(&mut routers, 40, 30, node2_away);
+        owners.learn(&routers[0].view());
+        let setup = Setup {
+            bridge: "weft".into(),
+            mtu: 1450,
+            overlay: Overlay::Fastdp,
+            sleeve_fallback: false,
+        };
+        let d = desired(&routers[0].view(), &setup, None, &BTreeSet::new(), &owners);
+        let node2 = Ipv4Addr::new(192, 168, 1, 12);
+        let straight = PodRoute {
+            prefix: "10.32.2.0/24".parse().unwrap(),
+            next_hop: node2,
+            device: Overlay::Fastdp,
+        };
+        assert!(d.held.is_empty(), "{d:?}");
+        assert!(d.routes.contains(&straight), "{d:?}");
+        assert!(d.peers.iter().any(|p| p.underlay == node2), "{d:?}");
+    }
+
+    /// What is learnt of a prefix's owner is forgotten once the prefix
+    /// changes hands, becomes ours, or leaves the table.
+    #[test]
+    fn where_an_owner_was_seen_is_forgotten_with_its_prefix() {
+        let routers = three_routers(10);
+        let mut owners = Owners::default();
+        let view = routers[0].view();
+        owners.learn(&view);
+        let (node2, node3) = (
+            "10.32.2.0/24".parse().unwrap(),
+            "10.32.3.0/24".parse().unwrap(),
+        );
+        let at = |d| Ipv4Addr::new(192, 168, 1, d);
+        assert_eq!(owners.last_seen(node2), Some((routers[1].name(), at(12))));
+        assert_eq!(owners.last_seen(node3), Some((routers[2].name(), at(13))));
+        assert_eq!(owners.last_seen("10.32.1.0/24".parse().unwrap()), None);
+        // Node3's prefix now owned by node2 (relayed through node3); node2's
+        // prefix ours.
+        let owned = [(node2, view.me), (node3, routers[1].name())];
+        let (forwarding, _) =
+            weft_core::forward::ForwardingTable::build(owned, |owner| match owner == view.me {
+                true => Forward::Local,
+                false => Forward::Peer {
+                    owner,
+                    next_hop: routers[2].name(),
+                    underlay: routers[2].config().address,
+                },
+            });
+        owners.learn(&View {
+            forwarding,
+            ..view.clone()
+        });
+        assert_eq!(
+            (owners.last_seen(node2), owners.last_seen(node3)),
+            (None, None)
+        );
     }
 
     #[test]

@@ -110,12 +110,20 @@ pub struct Desired {
     /// every route goes into the sleeve, whatever its `device`.
     pub routes: Vec<PodRoute>,
     /// Pod prefixes owned by peers that are unreachable right now (an agent
-    /// restarting, ours or theirs): the kernel's route for exactly such a
-    /// prefix stays as it is, with the neighbour and FDB entries its VXLAN
-    /// next hop needs, because the kernel path usually still works. Never
+    /// restarting, ours or theirs) that this agent has not seen directly
+    /// (it routes the others straight to their owners, see
+    /// [`desired::Owners`]): the kernel's route for exactly such a prefix
+    /// stays as it is, with the neighbour and FDB entries its VXLAN next
+    /// hop needs, because the kernel path usually still works. Never
     /// added, only kept; disjoint from `routes` and from this node's own
     /// prefixes (see [`plan::plan_routes`]).
     pub held: Vec<Ipv4Net>,
+    /// The underlay addresses of the peers reachable right now. A held
+    /// prefix's route through one of them is not kept: that peer has no
+    /// route to the owner either, or holds one back through this node (a
+    /// forwarding loop); only a route to a peer that is away (the owner,
+    /// its agent restarting) is worth holding.
+    pub live: Vec<Ipv4Addr>,
 }
 
 impl Desired {
@@ -129,6 +137,8 @@ impl Desired {
         d.routes.dedup();
         d.held.sort();
         d.held.dedup();
+        d.live.sort();
+        d.live.dedup();
         d
     }
 }

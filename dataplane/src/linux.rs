@@ -131,7 +131,7 @@ async fn reconcile(h: &Handle, d: &Desired) -> Result<(), DataplaneError> {
     }
     let Some(vx) = &d.vxlan else {
         if let Some(sleeve) = &d.sleeve {
-            return reconcile_sleeve(h, sleeve, &d.routes, &d.held).await;
+            return reconcile_sleeve(h, sleeve, d).await;
         }
         // No overlay: every weft route is stale.
         for r in &list_routes(h).await? {
@@ -167,6 +167,7 @@ async fn reconcile(h: &Handle, d: &Desired) -> Result<(), DataplaneError> {
     let mut peers = d.peers.clone();
     peers.extend(plan::held_peers(
         &d.held,
+        &d.live,
         &d.peers,
         index,
         &current_routes,
@@ -174,7 +175,7 @@ async fn reconcile(h: &Handle, d: &Desired) -> Result<(), DataplaneError> {
     ));
     let fdb = plan::plan_fdb(&peers, &list_fdb(h, index).await?);
     let neigh = plan::plan_neighbours(&peers, &neighbours);
-    let routes = plan::plan_routes(&d.routes, &d.held, device_index, &current_routes);
+    let routes = plan::plan_routes(&d.routes, &d.held, &d.live, device_index, &current_routes);
 
     // Add before remove, so a route never points at a missing neighbour or
     // FDB entry while the plan is being applied.
@@ -678,12 +679,11 @@ fn neighbour_ip(attrs: &[NeighbourAttribute]) -> Option<Ipv4Addr> {
 async fn reconcile_sleeve(
     h: &Handle,
     sleeve: &crate::SleeveSpec,
-    routes: &[crate::PodRoute],
-    held: &[Ipv4Net],
+    d: &Desired,
 ) -> Result<(), DataplaneError> {
     let index = ensure_sleeve(h, sleeve).await?;
     let current = list_routes(h).await?;
-    let plan = plan::plan_routes(routes, held, |_| index, &current);
+    let plan = plan::plan_routes(&d.routes, &d.held, &d.live, |_| index, &current);
     set_routes(h, &plan.set, |_| index).await?;
     for r in &plan.remove {
         del_route(h, r).await?;

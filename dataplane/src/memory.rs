@@ -1,13 +1,15 @@
 //! An in-memory dataplane for the agent's tests and the simulator.
 
-use crate::{Dataplane, DataplaneError, Desired, Overlay, PodRoute, RemotePeer};
+use crate::plan::{self, NeighEntry, RouteEntry};
+use crate::{Dataplane, DataplaneError, Desired, Overlay, PodRoute, VxlanSpec};
 
 /// Records the last applied [`Desired`] (normalized: peers and routes sorted
 /// and de-duplicated) and counts the reconciliations that changed it.
-/// Held prefixes are kept as the Linux dataplane keeps them (see
+/// Held prefixes are kept by the plan the Linux dataplane follows (see
 /// [`crate::plan::plan_routes`] and [`crate::plan::held_peers`]): the
-/// route the state had for exactly such a prefix stays, while its device
-/// does, with the peer entry of its VXLAN next hop.
+/// route the state had for exactly such a prefix stays, unless it goes
+/// through a live peer, while its device does, with the peer entry of its
+/// VXLAN next hop.
 #[derive(Clone, Debug, Default)]
 pub struct MemoryDataplane {
     state: Desired,
@@ -51,42 +53,71 @@ impl MemoryDataplane {
     }
 }
 
+/// The interface indexes the state's devices stand for in a plan.
+const VXLAN_INDEX: u32 = 1;
+const SLEEVE_INDEX: u32 = 2;
+
 impl MemoryDataplane {
-    /// `desired` with the routes of its held prefixes that the state has,
-    /// and the peers their VXLAN next hops need.
+    /// `desired` with what the plan the Linux dataplane follows keeps of
+    /// the state: the routes [`crate::plan::kept`] for its held prefixes,
+    /// while their device stays, and the peers their VXLAN next hops need.
     fn keeping_held(&self, desired: &Desired) -> Desired {
         let old = &self.state;
-        // Where the old state holds a route: everything is in the sleeve
-        // without VXLAN.
-        let device = |r: &PodRoute| match old.vxlan {
-            Some(_) => r.device,
-            None => Overlay::Sleeve,
+        // Without VXLAN everything goes into the sleeve, as in the kernel.
+        let index = |device, vxlan: &Option<VxlanSpec>| match (device, vxlan) {
+            (Overlay::Fastdp, Some(_)) => VXLAN_INDEX,
+            _ => SLEEVE_INDEX,
         };
-        let kept: Vec<PodRoute> = old
+        let device_stays = |oif| match oif {
+            VXLAN_INDEX => desired.vxlan.is_some(),
+            _ => desired.sleeve.is_some(),
+        };
+        // The state's routes as the kernel lists them; a device that goes
+        // takes its routes with it.
+        let current: Vec<(PodRoute, RouteEntry)> = old
             .routes
             .iter()
-            .filter(|r| desired.held.contains(&r.prefix))
-            .filter(|r| match device(r) {
-                Overlay::Fastdp => desired.vxlan.is_some(),
-                Overlay::Sleeve => desired.sleeve.is_some(),
+            .map(|r| {
+                let entry = RouteEntry {
+                    prefix: r.prefix,
+                    next_hop: Some(r.next_hop),
+                    oif: Some(index(r.device, &old.vxlan)),
+                    onlink: true,
+                    metric: 0,
+                };
+                (*r, entry)
             })
-            .copied()
+            .filter(|(_, entry)| entry.oif.is_some_and(device_stays))
             .collect();
-        let peers: Vec<RemotePeer> = old
+        let entries: Vec<RouteEntry> = current.iter().map(|(_, entry)| *entry).collect();
+        let routes = plan::plan_routes(
+            &desired.routes,
+            &desired.held,
+            &desired.live,
+            |device| index(device, &desired.vxlan),
+            &entries,
+        );
+        let kept = current
+            .iter()
+            .filter(|(_, entry)| !routes.remove.contains(entry))
+            .filter(|(r, _)| !desired.routes.iter().any(|d| d.prefix == r.prefix))
+            .map(|(r, _)| *r);
+        let neighbours: Vec<NeighEntry> = old
             .peers
             .iter()
-            .filter(|p| {
-                kept.iter()
-                    .any(|r| device(r) == Overlay::Fastdp && r.next_hop == p.underlay)
+            .map(|p| NeighEntry {
+                ip: p.underlay,
+                mac: p.mac,
             })
-            .filter(|p| {
-                !desired
-                    .peers
-                    .iter()
-                    .any(|d| d.underlay == p.underlay || d.mac == p.mac)
-            })
-            .copied()
             .collect();
+        let peers = plan::held_peers(
+            &desired.held,
+            &desired.live,
+            &desired.peers,
+            VXLAN_INDEX,
+            &entries,
+            &neighbours,
+        );
         let mut next = desired.clone();
         next.routes.extend(kept);
         next.peers.extend(peers);
@@ -141,7 +172,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::{VxlanSpec, vtep_mac};
+    use crate::{RemotePeer, vtep_mac};
 
     #[test]
     fn counts_only_real_changes() {

@@ -153,14 +153,13 @@ impl RoutePlan {
 /// is also how a prefix moves between VXLAN and the sleeve without a gap.
 /// Several desired routes for one prefix: the last wins.
 ///
-/// A metric-0 route for exactly a `held` prefix (its owner is unreachable
-/// for now) stays as the kernel has it; a held prefix without such a route
-/// gets none. Only the exact prefix is kept: a wider route from before a
-/// split could cover a range that is now this node's own, and a narrower
-/// one a range that moved to someone else.
+/// A route [`kept`] for a `held` prefix (its owner is unreachable for now)
+/// stays as the kernel has it; a held prefix without such a route gets
+/// none.
 pub fn plan_routes(
     desired: &[PodRoute],
     held: &[Ipv4Net],
+    live: &[Ipv4Addr],
     index: impl Fn(Overlay) -> u32,
     current: &[RouteEntry],
 ) -> RoutePlan {
@@ -187,7 +186,8 @@ pub fn plan_routes(
     }
     let mut seen = BTreeSet::new();
     for c in current {
-        let stale = c.metric != 0 || !(want.contains_key(&c.prefix) || held.contains(&c.prefix));
+        let wanted = c.metric == 0 && want.contains_key(&c.prefix);
+        let stale = !(wanted || kept(held, live, c));
         if stale && seen.insert(*c) {
             plan.remove.push(*c);
         }
@@ -195,12 +195,26 @@ pub fn plan_routes(
     plan
 }
 
-/// The VXLAN next hops the kept routes of `held` prefixes go through (on
-/// the device with index `vxlan`), as peers whose neighbour entry
+/// Whether the kernel's `route` stays though nothing desires it: a
+/// metric-0 route for exactly a `held` prefix whose next hop is not one of
+/// the `live` peers. Only the exact prefix: a wider route from before a
+/// split could cover a range that is now this node's own, and a narrower
+/// one a range that moved to someone else. Not through a live peer: it has
+/// no route to the owner either, or holds one back through this node, and
+/// two nodes holding routes through each other loop every packet.
+pub fn kept(held: &[Ipv4Net], live: &[Ipv4Addr], route: &RouteEntry) -> bool {
+    route.metric == 0
+        && held.contains(&route.prefix)
+        && !route.next_hop.is_some_and(|hop| live.contains(&hop))
+}
+
+/// The VXLAN next hops the [`kept`] routes of `held` prefixes go through
+/// (on the device with index `vxlan`), as peers whose neighbour entry
 /// (`neighbours`, the kernel's) and FDB entry must stay too. A peer
 /// `desired` names by address or MAC is left to `desired`: it is current.
 pub fn held_peers(
     held: &[Ipv4Net],
+    live: &[Ipv4Addr],
     desired: &[RemotePeer],
     vxlan: u32,
     routes: &[RouteEntry],
@@ -208,7 +222,7 @@ pub fn held_peers(
 ) -> Vec<RemotePeer> {
     let next_hops: BTreeSet<Ipv4Addr> = routes
         .iter()
-        .filter(|r| r.metric == 0 && r.oif == Some(vxlan) && held.contains(&r.prefix))
+        .filter(|r| r.oif == Some(vxlan) && kept(held, live, r))
         .filter_map(|r| r.next_hop)
         .collect();
     neighbours
@@ -337,9 +351,9 @@ mod tests {
     #[test]
     fn routes_from_empty_and_in_sync() {
         let want = [route("10.32.1.0/24", 12), route("10.32.2.0/24", 13)];
-        assert_eq!(plan_routes(&want, &[], idx, &[]).set, want.to_vec());
+        assert_eq!(plan_routes(&want, &[], &[], idx, &[]).set, want.to_vec());
         let have = [cur("10.32.2.0/24", 13, 7), cur("10.32.1.0/24", 12, 7)];
-        assert!(plan_routes(&want, &[], idx, &have).is_empty());
+        assert!(plan_routes(&want, &[], &[], idx, &have).is_empty());
     }
 
     #[test]
@@ -351,7 +365,7 @@ mod tests {
             cur("10.32.2.0/24", 13, 7),
             stale,
         ];
-        let plan = plan_routes(&want, &[], idx, &have);
+        let plan = plan_routes(&want, &[], &[], idx, &have);
         // 10.32.2.0/24 now goes through the relay .12: replaced, not removed.
         assert_eq!(plan.set, vec![route("10.32.2.0/24", 12)]);
         assert_eq!(plan.remove, vec![stale]);
@@ -362,13 +376,13 @@ mod tests {
         let want = [route("10.32.1.0/24", 12)];
         // Old device index 5 (the VXLAN device was recreated as 7).
         assert_eq!(
-            plan_routes(&want, &[], idx, &[cur("10.32.1.0/24", 12, 5)]).set,
+            plan_routes(&want, &[], &[], idx, &[cur("10.32.1.0/24", 12, 5)]).set,
             want.to_vec()
         );
         let mut not_onlink = cur("10.32.1.0/24", 12, 7);
         not_onlink.onlink = false;
         assert_eq!(
-            plan_routes(&want, &[], idx, &[not_onlink]).set,
+            plan_routes(&want, &[], &[], idx, &[not_onlink]).set,
             want.to_vec()
         );
     }
@@ -378,7 +392,13 @@ mod tests {
         let mut other_metric = cur("10.32.1.0/24", 12, 7);
         other_metric.metric = 100;
         let want = [route("10.32.1.77/24", 12)];
-        let plan = plan_routes(&want, &[], idx, &[other_metric, cur("10.32.1.0/24", 12, 7)]);
+        let plan = plan_routes(
+            &want,
+            &[],
+            &[],
+            idx,
+            &[other_metric, cur("10.32.1.0/24", 12, 7)],
+        );
         assert!(plan.set.is_empty());
         assert_eq!(plan.remove, vec![other_metric]);
     }
@@ -391,16 +411,16 @@ mod tests {
         // Both on VXLAN now: only the sleeved prefix is replaced, nothing
         // is removed (removal would take the replacement with it).
         let have = [cur("10.32.1.0/24", 12, 7), cur("10.32.2.0/24", 13, 7)];
-        let plan = plan_routes(&want, &[], idx, &have);
+        let plan = plan_routes(&want, &[], &[], idx, &have);
         assert_eq!(plan.set, vec![sleeved]);
         assert!(plan.remove.is_empty());
         // Mixed and in sync: idempotent.
         let have = [cur("10.32.1.0/24", 12, 7), cur("10.32.2.0/24", 13, 9)];
-        assert!(plan_routes(&want, &[], idx, &have).is_empty());
+        assert!(plan_routes(&want, &[], &[], idx, &have).is_empty());
         // And back to VXLAN.
         let back = [route("10.32.1.0/24", 12), route("10.32.2.0/24", 13)];
         assert_eq!(
-            plan_routes(&back, &[], idx, &have).set,
+            plan_routes(&back, &[], &[], idx, &have).set,
             vec![route("10.32.2.0/24", 13)]
         );
     }
@@ -409,15 +429,46 @@ mod tests {
     fn a_held_prefix_keeps_its_route_and_its_next_hops_entries() {
         // 10.32.2.0/24's owner (.12) is unreachable: nothing desired for it.
         let kept = cur("10.32.2.0/24", 12, 7);
-        let plan = plan_routes(&[], &[net("10.32.2.0/24")], idx, &[kept]);
+        let plan = plan_routes(&[], &[net("10.32.2.0/24")], &[], idx, &[kept]);
         assert!(plan.is_empty(), "{plan:?}");
         // Its next hop's neighbour entry stays, and with it the FDB entry.
-        let held = held_peers(&[net("10.32.2.0/24")], &[], 7, &[kept], &[neigh(12, 12)]);
+        let held = held_peers(
+            &[net("10.32.2.0/24")],
+            &[],
+            &[],
+            7,
+            &[kept],
+            &[neigh(12, 12)],
+        );
         assert_eq!(held, vec![peer(12)]);
         assert!(plan_neighbours(&held, &[neigh(12, 12)]).is_empty());
         assert!(plan_fdb(&held, &[fdb(12, 12)]).is_empty());
         // Held is never added: a prefix without a route stays without.
-        assert!(plan_routes(&[], &[net("10.32.3.0/24")], idx, &[]).is_empty());
+        assert!(plan_routes(&[], &[net("10.32.3.0/24")], &[], idx, &[]).is_empty());
+    }
+
+    #[test]
+    fn a_held_route_through_a_live_peer_goes() {
+        // 10.32.3.0/24's owner (.13) is unreachable; the kernel last routed
+        // it through the relay .12, which is live: .12 has no route to .13
+        // either, or holds one back through this node (a loop). It goes.
+        let held = [net("10.32.3.0/24")];
+        let live = [ip(12)];
+        let want = [route("10.32.2.0/24", 12)];
+        let routed = cur("10.32.2.0/24", 12, 7);
+        let relayed = cur("10.32.3.0/24", 12, 7);
+        let plan = plan_routes(&want, &held, &live, idx, &[routed, relayed]);
+        assert!(plan.set.is_empty(), "{plan:?}");
+        assert_eq!(plan.remove, vec![relayed]);
+        let neighbours = [neigh(12, 12)];
+        assert!(held_peers(&held, &live, &[], 7, &[relayed], &neighbours).is_empty());
+        // Straight to the owner (its agent away), the route stays, with its
+        // next hop's entries.
+        let direct = cur("10.32.3.0/24", 13, 7);
+        assert!(plan_routes(&want, &held, &live, idx, &[routed, direct]).is_empty());
+        let neighbours = [neigh(12, 12), neigh(13, 13)];
+        let peers = held_peers(&held, &live, &[peer(12)], 7, &[direct], &neighbours);
+        assert_eq!(peers, vec![peer(13)]);
     }
 
     #[test]
@@ -425,11 +476,11 @@ mod tests {
         // The range went to .13 (donated, or reclaimed after .12's node was
         // removed): desired, no longer held, replaced in place.
         let kept = cur("10.32.2.0/24", 12, 7);
-        let plan = plan_routes(&[route("10.32.2.0/24", 13)], &[], idx, &[kept]);
+        let plan = plan_routes(&[route("10.32.2.0/24", 13)], &[], &[], idx, &[kept]);
         assert_eq!(plan.set, vec![route("10.32.2.0/24", 13)]);
         assert!(plan.remove.is_empty());
         // Once no held route needs .12, its entries go.
-        assert!(held_peers(&[], &[peer(13)], 7, &[kept], &[neigh(12, 12)]).is_empty());
+        assert!(held_peers(&[], &[], &[peer(13)], 7, &[kept], &[neigh(12, 12)]).is_empty());
         assert_eq!(
             plan_neighbours(&[peer(13)], &[neigh(12, 12)]).remove,
             vec![ip(12)]
@@ -443,23 +494,23 @@ mod tests {
         // old /24 would take the new local range over the VXLAN device: it
         // goes, and the held /25 has no route to keep.
         let wide = cur("10.32.2.0/24", 12, 7);
-        let plan = plan_routes(&[], &[net("10.32.2.0/25")], idx, &[wide]);
+        let plan = plan_routes(&[], &[net("10.32.2.0/25")], &[], idx, &[wide]);
         assert!(plan.set.is_empty());
         assert_eq!(plan.remove, vec![wide]);
         // The same range wholly ours now: the route goes.
-        assert_eq!(plan_routes(&[], &[], idx, &[wide]).remove, vec![wide]);
+        assert_eq!(plan_routes(&[], &[], &[], idx, &[wide]).remove, vec![wide]);
         // A narrower leftover of a merged range goes too.
         let narrow = cur("10.32.2.0/25", 12, 7);
-        let plan = plan_routes(&[], &[net("10.32.2.0/24")], idx, &[narrow]);
+        let plan = plan_routes(&[], &[net("10.32.2.0/24")], &[], idx, &[narrow]);
         assert_eq!(plan.remove, vec![narrow]);
     }
 
     #[test]
     fn a_forgotten_peers_route_and_entries_go() {
         let kept = cur("10.32.2.0/24", 12, 7);
-        let plan = plan_routes(&[], &[], idx, &[kept]);
+        let plan = plan_routes(&[], &[], &[], idx, &[kept]);
         assert_eq!(plan.remove, vec![kept]);
-        assert!(held_peers(&[], &[], 7, &[kept], &[neigh(12, 12)]).is_empty());
+        assert!(held_peers(&[], &[], &[], 7, &[kept], &[neigh(12, 12)]).is_empty());
         assert_eq!(plan_neighbours(&[], &[neigh(12, 12)]).remove, vec![ip(12)]);
         assert_eq!(
             plan_fdb(&[], &[fdb(12, 12)]).remove_macs,
@@ -472,17 +523,17 @@ mod tests {
         let held = [net("10.32.2.0/24")];
         let kept = cur("10.32.2.0/24", 12, 7);
         // .12 is a current peer with another MAC (a new name): desired wins.
-        assert!(held_peers(&held, &[peer(12)], 7, &[kept], &[neigh(12, 99)]).is_empty());
+        assert!(held_peers(&held, &[], &[peer(12)], 7, &[kept], &[neigh(12, 99)]).is_empty());
         // Another current peer took .12's MAC: desired wins too.
         let took = RemotePeer {
             underlay: ip(22),
             mac: vtep_mac(12),
         };
-        assert!(held_peers(&held, &[took], 7, &[kept], &[neigh(12, 12)]).is_empty());
+        assert!(held_peers(&held, &[], &[took], 7, &[kept], &[neigh(12, 12)]).is_empty());
         // A route into the sleeve (index 9) needs no VXLAN entries.
         let sleeved = cur("10.32.2.0/24", 12, 9);
-        assert!(held_peers(&held, &[], 7, &[sleeved], &[neigh(12, 12)]).is_empty());
+        assert!(held_peers(&held, &[], &[], 7, &[sleeved], &[neigh(12, 12)]).is_empty());
         // Without a neighbour entry there is nothing to keep.
-        assert!(held_peers(&held, &[], 7, &[kept], &[]).is_empty());
+        assert!(held_peers(&held, &[], &[], 7, &[kept], &[]).is_empty());
     }
 }

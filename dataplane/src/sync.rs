@@ -6,7 +6,7 @@
 //! does with each view is a [`Follower`]'s, which the simulator runs
 //! without the thread.
 
-use crate::desired::{Setup, desired};
+use crate::desired::{Owners, Setup, desired};
 use crate::probe::Prober;
 use crate::status::DataplaneState;
 use crate::{Dataplane, DataplaneError, Desired, Overlay, PodRoute, underlay};
@@ -212,6 +212,9 @@ pub struct Follower<D> {
     applied: Option<Desired>,
     /// What that state was computed from.
     followed: Option<(Arc<View>, BTreeSet<PeerName>)>,
+    /// Where the owners of remote prefixes were last seen, from the views
+    /// followed.
+    owners: Owners,
 }
 
 impl<D: Dataplane> Follower<D> {
@@ -223,6 +226,7 @@ impl<D: Dataplane> Follower<D> {
             status,
             applied: None,
             followed: None,
+            owners: Owners::default(),
         }
     }
 
@@ -246,7 +250,14 @@ impl<D: Dataplane> Follower<D> {
         if same_input && !resync && self.applied.is_some() {
             return Outcome::Unchanged;
         }
-        let next = desired(view, &self.setup, underlay_dev(view), &sleeved);
+        self.owners.learn(view);
+        let next = desired(
+            view,
+            &self.setup,
+            underlay_dev(view),
+            &sleeved,
+            &self.owners,
+        );
         if self.applied.as_ref() == Some(&next) {
             if resync {
                 // A node setting others may change back.

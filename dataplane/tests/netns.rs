@@ -165,6 +165,7 @@ fn desired() -> Desired {
             route("10.32.48.0/20", 2),
         ],
         held: vec![],
+        live: vec![],
     }
 }
 

@@ -52,6 +52,13 @@ impl Kernels {
         self.nodes[i].follow(view, BTreeSet::new(), |_| None, false);
     }
 
+    /// Node `i`'s agent starts: a new kernel thread, which remembers
+    /// nothing of the views the last one followed, over the same kernel.
+    pub fn agent_starts(&mut self, i: usize) {
+        let kernel = self.nodes[i].dataplane().clone();
+        self.nodes[i] = follower(kernel);
+    }
+
     /// Node `i` is reinstalled: its kernel holds nothing of weft's.
     pub fn reinstall(&mut self, i: usize) {
         self.nodes[i] = empty();
@@ -87,9 +94,14 @@ impl Kernels {
     }
 }
 
-/// A kernel as the agent's kernel thread sets it up: fastdp with the sleeve
-/// as fallback, the default bridge.
+/// A kernel that holds nothing of weft's yet.
 fn empty() -> Follower<MemoryDataplane> {
+    follower(MemoryDataplane::new())
+}
+
+/// A kernel thread as the agent sets it up: fastdp with the sleeve as
+/// fallback, the default bridge.
+fn follower(kernel: MemoryDataplane) -> Follower<MemoryDataplane> {
     let setup = Setup {
         bridge: BRIDGE_NAME.into(),
         mtu: overlay_mtu(UNDERLAY_MTU),
@@ -97,7 +109,7 @@ fn empty() -> Follower<MemoryDataplane> {
         sleeve_fallback: true,
     };
     let status = DataplaneState::new(Overlay::Fastdp.name());
-    Follower::new(MemoryDataplane::new(), setup, status)
+    Follower::new(kernel, setup, status)
 }
 
 #[cfg(test)]
@@ -217,19 +229,61 @@ mod tests {
         assert!(relayed > 0, "the scenario relays");
     }
 
-    /// While node2's agent is down, node1's kernel keeps its route to
-    /// node2's pods (held), so the probe goes to node2 and stops there;
-    /// `forward()` said node1 had no route.
-    #[test]
-    fn a_probe_follows_a_held_route_to_a_node_whose_agent_is_down() {
-        let scenario = library("crash-restart");
-        let (report, _) = report::run(&scenario, scenario.seed, Engine::Turmoil, false);
+    /// The detail of crash-restart's `unreachable` check (a-1 on node1 to
+    /// b-1 on node2, while node2 is down) on the turmoil engine.
+    fn probe_while_node2_is_down(scenario: &scenario::Scenario, seed: u64) -> String {
+        let (report, _) = report::run(scenario, seed, Engine::Turmoil, false);
         let check = report
             .checks
             .iter()
             .find(|c| c.expect == "unreachable")
             .expect("crash-restart checks a-1 -> b-1 while node2 is down");
-        assert!(check.passed, "{check:?}");
-        assert_eq!(check.detail, "a-1 -> b-1 not delivered: node2 is down");
+        assert!(check.passed, "seed {seed}: {check:?}");
+        check.detail.clone()
+    }
+
+    const AT_NODE2: &str = "a-1 -> b-1 not delivered: node2 is down";
+
+    /// While node2's agent is down, node1's kernel still routes node2's
+    /// pods to node2 (held), so the probe goes to node2 and stops there;
+    /// `forward()` said node1 had no route.
+    #[test]
+    fn a_probe_follows_a_held_route_to_a_node_whose_agent_is_down() {
+        let scenario = library("crash-restart");
+        assert_eq!(
+            probe_while_node2_is_down(&scenario, scenario.seed),
+            AT_NODE2
+        );
+    }
+
+    /// Seed 2: when node2 crashes, node1 and node3 each last route its
+    /// prefix through the other (node1 via node3 at 24.65 s, node3 via
+    /// node1 at 24.71 s). Holding those routes looped the probe between
+    /// them until node2 was back; both route it straight to where they
+    /// last saw node2 instead.
+    #[test]
+    fn two_live_nodes_hold_no_routes_through_each_other() {
+        let scenario = library("crash-restart");
+        assert_eq!(probe_while_node2_is_down(&scenario, 2), AT_NODE2);
+    }
+
+    /// Once node1 and node3 have both lost node2 (at 29.5 s; node2 is back
+    /// at 30 s), node1 still sends to node2's pods where its node is,
+    /// whichever of the two lost node2 first, over ten seeds.
+    #[test]
+    fn a_restarting_agents_node_stays_the_next_hop_of_its_prefix() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../scenarios/crash-restart.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let later = text.replace("at = \"25s\"", "at = \"29.5s\"");
+        assert_ne!(later, text);
+        let scenario = scenario::parse("crash-restart", &later).unwrap();
+        for seed in 1..=10 {
+            assert_eq!(
+                probe_while_node2_is_down(&scenario, seed),
+                AT_NODE2,
+                "seed {seed}"
+            );
+        }
     }
 }

@@ -376,6 +376,7 @@ impl<'a> TurmoilSim<'a> {
                 self.sim.name_node(i, name);
                 self.sim.nodes[i].shared = Some(router);
                 self.commands[i] = Some(commands);
+                self.kernels().agent_starts(i);
                 self.views[i] = Some(views);
                 // What kubelet would retry against a node that was down.
                 for pod in self.sim.releases.remove(&i).unwrap_or_default() {
