@@ -212,7 +212,7 @@ fn live_peers(view: &View) -> Vec<Ipv4Addr> {
 }
 
 /// Direct neighbours over IPv4, with their control address.
-pub fn direct_neighbours(view: &View) -> Vec<(PeerName, SocketAddrV4)> {
+fn direct_neighbours(view: &View) -> Vec<(PeerName, SocketAddrV4)> {
     view.neighbours
         .iter()
         .filter_map(|n| match n.control {
