@@ -96,19 +96,7 @@ impl Agent {
     }
 
     fn http(&self, request: &str) -> (u16, String) {
-        let Ok(mut s) = TcpStream::connect(self.status) else {
-            return (0, String::new());
-        };
-        s.write_all(request.as_bytes()).unwrap();
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        let code = out
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
-        (code, body.unwrap_or_default())
+        http_at(self.status, request)
     }
 
     fn api_raw(&self, line: &[u8]) -> serde_json::Value {
@@ -134,6 +122,23 @@ impl Agent {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
     }
+}
+
+/// One request to the HTTP server at `addr`: its status code and body.
+fn http_at(addr: SocketAddr, request: &str) -> (u16, String) {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let code = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string());
+    (code, body.unwrap_or_default())
 }
 
 /// The value of the Prometheus sample whose name and labels are `series`.
@@ -219,6 +224,31 @@ fn control_bytes_are_counted_by_message_kind() {
             "heartbeats not counted:\n{metrics}"
         );
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `--metrics-addr` serves metrics and probes for Prometheus, and none of
+/// the status pages, which stay on the status address.
+#[test]
+fn the_metrics_address_serves_metrics_and_probes_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let agent = Agent::ready(spawn(dir.path(), &["--metrics-addr", &metrics.to_string()]));
+    let get = |path: &str| http_at(metrics, &format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"));
+    let (code, body) = get("/metrics");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(metric(&body, "weft_peers "), 1, "{body}");
+    assert_eq!(get("/healthz").0, 200);
+    assert_eq!(get("/readyz").0, 200);
+    for page in [
+        "/status",
+        "/status/peers",
+        "/status/connections",
+        "/status/ipam",
+    ] {
+        let (code, body) = get(page);
+        assert_eq!(code, 404, "{page}: {body}");
+        assert_eq!(agent.get(page).0, 200, "{page} on the status address");
     }
 }
 

@@ -8,7 +8,7 @@ pub mod settings;
 pub mod store;
 
 use crate::serve::api::{self, Api};
-use crate::serve::http::{self, StatusServer};
+use crate::serve::http::{self, Scope, StatusServer};
 use crate::serve::metrics::Metrics;
 use settings::{Datapath, IpamKind, RouterArgs};
 use std::io;
@@ -48,8 +48,9 @@ pub enum StartError {
         #[source]
         source: io::Error,
     },
-    #[error("cannot serve status on {addr}: {source}")]
+    #[error("cannot serve {what} on {addr}: {source}")]
     Status {
+        what: &'static str,
         addr: std::net::SocketAddr,
         #[source]
         source: io::Error,
@@ -284,9 +285,22 @@ async fn run_async(mut args: RouterArgs) -> Result<(), StartError> {
     let status_listener = tokio::net::TcpListener::bind(args.status_addr)
         .await
         .map_err(|source| StartError::Status {
+            what: "status",
             addr: args.status_addr,
             source,
         })?;
+    let metrics_listener = match args.metrics_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Status {
+                    what: "metrics",
+                    addr,
+                    source,
+                })?,
+        ),
+        None => None,
+    };
     let server = StatusServer {
         api: api.clone(),
         metrics: Rc::new(Metrics::default()),
@@ -296,7 +310,10 @@ async fn run_async(mut args: RouterArgs) -> Result<(), StartError> {
     };
     let ready_api = api.clone();
     tokio::task::spawn_local(api::serve(listener, api));
-    tokio::task::spawn_local(http::serve(status_listener, server));
+    if let Some(listener) = metrics_listener {
+        tokio::task::spawn_local(http::serve(listener, server.clone(), Scope::Metrics));
+    }
+    tokio::task::spawn_local(http::serve(status_listener, server, Scope::Status));
     if let Some(prober) = prober {
         // Not after a node-wide fallback: no VXLAN device, nothing to probe.
         let state = dataplane.clone();

@@ -73,6 +73,11 @@ pub struct RouterArgs {
     /// HTTP address of /status, /metrics, /healthz and /readyz.
     #[arg(long, env = "WEFT_STATUS_ADDR", default_value = "127.0.0.1:6784")]
     pub status_addr: SocketAddr,
+    /// HTTP address serving only /metrics, /healthz and /readyz, for
+    /// Prometheus to scrape (e.g. the node's address, port 6782); the
+    /// status pages stay on --status-addr [default: none]
+    #[arg(long, env = "WEFT_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
     /// Where identity, ring and allocations are kept.
     #[arg(long, env = "WEFT_DATA_DIR", default_value = "/var/lib/weft")]
     pub data_dir: PathBuf,

@@ -1,5 +1,8 @@
 //! The status server on 127.0.0.1:6784: a human report, JSON views,
-//! Prometheus metrics and probes. A deliberately small HTTP/1.1 GET
+//! Prometheus metrics and probes; and, with `--metrics-addr`, a second
+//! listener that serves only metrics and probes, for Prometheus to scrape
+//! from the network (the status pages name peers, addresses and pods, so
+//! they stay on loopback). A deliberately small HTTP/1.1 GET
 //! server: one request per connection, bounded request head, bounded
 //! time to send it and to take the answer, at most
 //! [`MAX_CONNECTIONS`] connections at once.
@@ -29,6 +32,42 @@ pub struct StatusServer {
     pub sleeve: Option<std::sync::Arc<weft_dataplane::sleeve::gate::Counters>>,
 }
 
+/// What a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Every page.
+    Status,
+    /// Only /metrics, /healthz and /readyz.
+    Metrics,
+}
+
+impl Scope {
+    fn pages(self) -> &'static [&'static str] {
+        match self {
+            Scope::Status => &[
+                "/status",
+                "/status/peers",
+                "/status/connections",
+                "/status/ipam",
+                "/metrics",
+                "/healthz",
+                "/readyz",
+            ],
+            Scope::Metrics => &["/metrics", "/healthz", "/readyz"],
+        }
+    }
+
+    /// The answer to a path this listener does not serve.
+    fn not_found(self, path: &str) -> Page {
+        let pages = self.pages();
+        let (last, rest) = pages.split_last().unwrap_or((&"", &[]));
+        Page::text(
+            404,
+            format!("no page {path}; try {} or {last}\n", rest.join(", ")),
+        )
+    }
+}
+
 /// An HTTP answer: status code, content type, body.
 pub struct Page {
     pub code: u16,
@@ -54,14 +93,14 @@ impl Page {
     }
 }
 
-pub async fn serve(listener: TcpListener, server: StatusServer) {
+pub async fn serve(listener: TcpListener, server: StatusServer, scope: Scope) {
     let limit = ConnectionLimit::new(MAX_CONNECTIONS);
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let server = server.clone();
                 // Turned away: dropping the stream closes it.
-                limit.spawn(|admitted| connection(stream, server, admitted));
+                limit.spawn(|admitted| connection(stream, server, scope, admitted));
             }
             Err(e) => {
                 tracing::warn!("status server: accept failed: {e}");
@@ -71,12 +110,13 @@ pub async fn serve(listener: TcpListener, server: StatusServer) {
     }
 }
 
-async fn connection(mut stream: TcpStream, server: StatusServer, admitted: Admitted) {
+async fn connection(mut stream: TcpStream, server: StatusServer, scope: Scope, admitted: Admitted) {
     let head = tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await;
     admitted.busy();
     let page = match head {
         Ok(Ok(head)) => match parse_request_line(&head) {
-            Ok(("GET", path)) => server.page(path).await,
+            Ok(("GET", path)) if scope.pages().contains(&path) => server.page(path).await,
+            Ok(("GET", path)) => scope.not_found(path),
             Ok((_, _)) => Page::text(405, "only GET is served here\n".into()),
             Err(why) => Page::text(400, format!("{why}\n")),
         },
@@ -195,12 +235,7 @@ impl StatusServer {
                     Some(why) => Page::text(503, format!("not ready: {why}\n")),
                 }
             }
-            _ => Page::text(
-                404,
-                format!(
-                    "no page {path}; try /status, /status/peers, /status/connections, /status/ipam, /metrics, /healthz or /readyz\n"
-                ),
-            ),
+            _ => Scope::Status.not_found(path),
         }
     }
 }
@@ -208,6 +243,29 @@ impl StatusServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_metrics_listener_serves_no_status_page() {
+        for page in ["/metrics", "/healthz", "/readyz"] {
+            assert!(Scope::Metrics.pages().contains(&page));
+            assert!(Scope::Status.pages().contains(&page));
+        }
+        for page in [
+            "/status",
+            "/status/peers",
+            "/status/connections",
+            "/status/ipam",
+        ] {
+            assert!(!Scope::Metrics.pages().contains(&page));
+            assert!(Scope::Status.pages().contains(&page));
+        }
+        let page = Scope::Metrics.not_found("/status");
+        assert_eq!(page.code, 404);
+        assert_eq!(
+            page.body,
+            "no page /status; try /metrics, /healthz or /readyz\n"
+        );
+    }
 
     #[test]
     fn request_lines_parse_and_garbage_is_refused() {
