@@ -25,6 +25,8 @@ echo "== netns lab: sleeve, encrypted"
 DATAPATH=sleeve WEFT_PASSWORD=lab-secret bash ci/lab.sh test 3
 echo "== weft doctor in the netns lab: healthy, then each failure for its real cause"
 bash ci/doctor-lab.sh
+echo "== monitoring: alert rules and their tests (promtool), the metrics they name are served"
+bash ci/monitoring-test.sh
 echo "== CNI chain through libcni (cnitool): weft-cni, portmap, loopback"
 bash ci/cnitool.sh >/dev/null
 bash ci/cni-chain.sh weft

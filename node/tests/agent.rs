@@ -237,7 +237,10 @@ fn the_metrics_address_serves_metrics_and_probes_only() {
     let get = |path: &str| http_at(metrics, &format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"));
     let (code, body) = get("/metrics");
     assert_eq!(code, 200, "{body}");
+    // A lone node counts itself, reachable: the alert on unreachable
+    // peers (deploy/monitoring) subtracts one from the other.
     assert_eq!(metric(&body, "weft_peers "), 1, "{body}");
+    assert_eq!(metric(&body, "weft_peers_reachable "), 1, "{body}");
     assert_eq!(get("/healthz").0, 200);
     assert_eq!(get("/readyz").0, 200);
     for page in [
