@@ -376,6 +376,84 @@ check_doctor() {
   eventually 60 "doctor all ok again after the link is back" doctor node1 --cluster
 }
 
+# A real Prometheus (Debian's) on the control plane scrapes every weft pod
+# on its node's metrics port (as deploy/weft.yaml sets it) with
+# deploy/monitoring's rules; with one node's underlay link cut,
+# WeftPeerUnreachable fires on node1 and clears once the link is back. The
+# rules' `for` is shortened to 5 s so the check takes seconds, not minutes.
+check_monitoring() {
+  local dir node targets victim cut
+  command -v prometheus >/dev/null || {
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null
+  }
+  dir=$CLUSTER_DIR/prometheus
+  rm -rf "$dir" && mkdir -p "$dir"
+  targets=$(for node in $(nodes); do printf '"%s:6782",' "$(node_ip "$node")"; done)
+  sed 's/^\( *for: \).*/\15s/' "$ROOT/deploy/monitoring/weft.rules.yaml" >"$dir/weft.rules.yaml"
+  printf '%s\n' \
+    'global: {scrape_interval: 2s, evaluation_interval: 2s}' \
+    'rule_files: [weft.rules.yaml]' \
+    'scrape_configs:' \
+    "  - {job_name: weft, static_configs: [{targets: [${targets%,}]}]}" >"$dir/prometheus.yml"
+  in_machine "$CP" prometheus --config.file="$dir/prometheus.yml" --storage.tsdb.path="$dir/data" \
+    --web.listen-address=127.0.0.1:9090 >"$dir/log" 2>&1 &
+  echo $! >"$dir/pid"
+  wait_for 60 prometheus_targets_up "$(nodes | wc -l)" ||
+    stop_prometheus fail "Prometheus does not scrape every weft agent: $(prometheus_get /api/v1/targets)"
+  ok "Prometheus on the control plane scrapes every weft agent on its node's port 6782"
+  victim=$(nodes | tail -1)
+  cut="ul-$(node_ip "$victim" | cut -d. -f4)"
+  in_net "$UNDERLAY" ip link set "$cut" down
+  if ! wait_for 90 prometheus_alert_on node1; then
+    in_net "$UNDERLAY" ip link set "$cut" up
+    stop_prometheus fail "WeftPeerUnreachable did not fire on node1 with $victim cut off: $(prometheus_get /api/v1/alerts)"
+  fi
+  in_net "$UNDERLAY" ip link set "$cut" up
+  ok "with $victim's underlay link cut, WeftPeerUnreachable fires on node1"
+  wait_for 90 prometheus_alert_clear node1 ||
+    stop_prometheus fail "WeftPeerUnreachable still firing after $victim's link is back: $(prometheus_get /api/v1/alerts)"
+  stop_prometheus
+  ok "WeftPeerUnreachable clears once $victim's link is back"
+}
+
+# stop_prometheus [CMD...]: stops check_monitoring's Prometheus, then runs CMD.
+stop_prometheus() {
+  kill "$(cat "$CLUSTER_DIR/prometheus/pid")" 2>/dev/null || true
+  "$@"
+}
+
+# wait_for SECONDS CMD...: CMD succeeds within SECONDS (status 1 if not).
+wait_for() {
+  local deadline=$((SECONDS + $1))
+  shift
+  until "$@" >/dev/null 2>&1; do
+    [ $SECONDS -lt $deadline ] || return 1
+    sleep 1
+  done
+}
+
+# GET PATH from check_monitoring's Prometheus: its JSON answer.
+prometheus_get() {
+  in_machine "$CP" python3 -c 'import sys, urllib.request; print(urllib.request.urlopen("http://127.0.0.1:9090" + sys.argv[1], timeout=2).read().decode())' "$1"
+}
+
+prometheus_targets_up() { # N: N targets, all up
+  prometheus_get /api/v1/targets | python3 -c 'import json, sys
+t = json.load(sys.stdin)["data"]["activeTargets"]
+sys.exit(0 if len(t) == int(sys.argv[1]) and all(x["health"] == "up" for x in t) else 1)' "$1"
+}
+
+# NODE: whether WeftPeerUnreachable fires for NODE's agent.
+prometheus_firing() {
+  prometheus_get /api/v1/alerts | python3 -c 'import json, sys
+a = json.load(sys.stdin)["data"]["alerts"]
+print(any(x["labels"]["alertname"] == "WeftPeerUnreachable" and x["state"] == "firing"
+          and x["labels"]["instance"] == sys.argv[1] + ":6782" for x in a))' "$(node_ip "$1")"
+}
+prometheus_alert_on() { [ "$(prometheus_firing "$1")" = True ]; }
+prometheus_alert_clear() { [ "$(prometheus_firing "$1")" = False ]; }
+
 # The doctor on NODE fails the peer on VICTIM and says why: no answer on
 # weft's UDP ports from there.
 doctor_names() {
@@ -453,6 +531,7 @@ run_tests() {
   check_weft_pod_restart
   check_rollout
   check_doctor
+  check_monitoring
   check_node_removal
   check_reapply_and_uninstall
   kc delete namespace "$TEST_NS" --wait=false >/dev/null
