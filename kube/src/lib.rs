@@ -55,6 +55,20 @@
 //! # }
 //! ```
 //!
+//! # NetworkPolicy inputs
+//!
+//! ```no_run
+//! # async fn agent(client: weft_kube::Client) {
+//! let (tx, mut rx) = tokio::sync::watch::channel(None);
+//! tokio::spawn(weft_kube::publish_cluster(client, tx));
+//! while rx.changed().await.is_ok() {
+//!     let Some(cluster) = rx.borrow_and_update().clone() else { continue };
+//!     // weft_policy::compile(&cluster, ...) and apply the rules.
+//!     let _ = cluster;
+//! }
+//! # }
+//! ```
+//!
 //! Peer names are plain `u64` here (weft-core's `PeerName(u64)`), so this
 //! crate does not depend on the core.
 //!

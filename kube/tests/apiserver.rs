@@ -7,6 +7,12 @@
 //! `bash ci/kube-test.sh` sets all three. Run with `--test-threads=1`: one
 //! test stops and restarts the API server.
 //!
+//! `policy_inputs_latency_with_1000_pods` is a measurement (change ->
+//! published snapshot, p50/p99) and runs only with WEFT_KUBE_BENCH=1:
+//!   bash ci/kube-apiserver.sh up   # then, with the variables above:
+//!   WEFT_KUBE_BENCH=1 cargo test -p weft-kube --test apiserver policy_inputs_latency -- --nocapture
+//!   bash ci/kube-apiserver.sh down
+//!
 //! Setup applies the RBAC objects of deploy/weft.yaml as admin; everything
 //! the crate does then runs with the weft token, so the tests prove the
 //! RBAC is enough. Only test fixtures (Nodes and their status, a crashed
