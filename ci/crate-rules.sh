@@ -2,9 +2,11 @@
 # The import rules between weft's crates and layers (README, "Layout"):
 #
 #   - weft-core depends on no other weft crate;
-#   - weft-driver, weft-kube, weft-dataplane and weft-api depend on
-#     weft-core only (weft-api, the local protocol, also not on tokio or
-#     kube: the CNI plugin links it);
+#   - weft-driver, weft-dataplane and weft-api depend on weft-core only
+#     (weft-api, the local protocol, also not on tokio or kube: the CNI
+#     plugin links it);
+#   - weft-kube depends on weft-core and weft-policy only (it feeds the
+#     policy model from the API server);
 #   - weft-policy (NetworkPolicy decisions as pure data) depends on no
 #     weft crate and not on tokio or kube: the agent, the simulator and
 #     the tests all feed it plain values;
@@ -66,10 +68,12 @@ check() {
     local deps
     deps=$(weft_deps "$tree" weft-core)
     [ -z "$deps" ] || say "weft-core depends on $(echo $deps)"
-    for crate in weft-driver weft-kube weft-dataplane weft-api; do
+    for crate in weft-driver weft-dataplane weft-api; do
         deps=$(weft_deps "$tree" "$crate" | grep -vx weft-core || true)
         [ -z "$deps" ] || say "$crate depends on $(echo $deps) (only weft-core is allowed)"
     done
+    deps=$(weft_deps "$tree" weft-kube | grep -vxE 'weft-core|weft-policy' || true)
+    [ -z "$deps" ] || say "weft-kube depends on $(echo $deps) (only weft-core and weft-policy are allowed)"
     if grep -rnE 'weft_(driver|kube|dataplane|sim)\b' "$tree/core/src"; then
         say "weft-core sources name another weft crate"
     fi
@@ -139,6 +143,7 @@ self_test() {
         'sed -i "s|^\[dependencies\]|[dependencies]\nweft-dataplane = { path = \"../dataplane\" }|" api/Cargo.toml' \
         'echo "use weft_dataplane::status::DataplaneState;" >> api/src/status.rs' \
         'sed -i "s|^\[dependencies\]|[dependencies]\ntokio.workspace = true|" api/Cargo.toml' \
+        'sed -i "s|^\[dependencies\]|[dependencies]\nweft-driver = { path = \"../driver\" }|" kube/Cargo.toml' \
         'sed -i "s|^\[dependencies\]|[dependencies]\nweft-core = { path = \"../core\" }|" policy/Cargo.toml' \
         'sed -i "s|^\[dependencies\]|[dependencies]\ntokio.workspace = true|" policy/Cargo.toml'; do
         local one

@@ -55,6 +55,20 @@
 //! # }
 //! ```
 //!
+//! # NetworkPolicy inputs
+//!
+//! ```no_run
+//! # async fn agent(client: weft_kube::Client) {
+//! let (tx, mut rx) = tokio::sync::watch::channel(None);
+//! tokio::spawn(weft_kube::publish_cluster(client, tx));
+//! while rx.changed().await.is_ok() {
+//!     let Some(cluster) = rx.borrow_and_update().clone() else { continue };
+//!     // weft_policy::compile(&cluster, ...) and apply the rules.
+//!     let _ = cluster;
+//! }
+//! # }
+//! ```
+//!
 //! Peer names are plain `u64` here (weft-core's `PeerName(u64)`), so this
 //! crate does not depend on the core.
 //!
@@ -66,7 +80,9 @@
 //! | nodes/status | patch | [`set_network_available`] |
 //! | configmaps `weft/weft` (created by the manifest) | get, update | [`NameMap`] |
 //! | leases.coordination.k8s.io in namespace `weft` | get, create, update | [`Reclaimer`] |
-//! | pods in kube-system | list | [`cluster_health`] (`weft doctor --cluster`) |
+//! | pods | list, watch | [`publish_cluster`], [`cluster_health`] (`weft doctor --cluster`) |
+//! | namespaces | list, watch | [`publish_cluster`] |
+//! | networkpolicies.networking.k8s.io | list, watch | [`publish_cluster`] |
 //!
 //! Namespace `weft` holds only weft's objects: `create` cannot be limited
 //! by name in RBAC, so it is limited by namespace instead.
@@ -80,6 +96,7 @@ pub mod error;
 pub mod names;
 pub mod observed;
 pub mod peers;
+pub mod policy;
 pub mod reclaim;
 
 pub use client::{connect, connect_kubeconfig};
@@ -92,4 +109,6 @@ pub use names::NameMap;
 pub use peers::{
     NodeChange, NodeList, NodeTracker, Peer, list_nodes, node_changes, peer_of, peers_of,
 };
+pub use policy::watch::{COALESCE, Snapshot, publish_cluster};
+pub use policy::{Converted, namespace_of, pod_of, policy_of};
 pub use reclaim::{Claim, Decision, Outcome, ReclaimAction, ReclaimConfig, Reclaimer, decide};

@@ -7,6 +7,12 @@
 //! `bash ci/kube-test.sh` sets all three. Run with `--test-threads=1`: one
 //! test stops and restarts the API server.
 //!
+//! `policy_inputs_latency_with_1000_pods` is a measurement (change ->
+//! published snapshot, p50/p99) and runs only with WEFT_KUBE_BENCH=1:
+//!   bash ci/kube-apiserver.sh up   # then, with the variables above:
+//!   WEFT_KUBE_BENCH=1 cargo test -p weft-kube --test apiserver policy_inputs_latency -- --nocapture
+//!   bash ci/kube-apiserver.sh down
+//!
 //! Setup applies the RBAC objects of deploy/weft.yaml as admin; everything
 //! the crate does then runs with the weft token, so the tests prove the
 //! RBAC is enough. Only test fixtures (Nodes and their status, a crashed
@@ -671,6 +677,26 @@ async fn weft_token_has_no_more_than_it_needs() {
     let nodes: Api<Node> = Api::all(env.weft.clone());
     let denied = nodes.delete("no-such-node", &DeleteParams::default()).await;
     assert!(matches!(denied, Err(kube::Error::Api(s)) if s.code == 403));
+    // The NetworkPolicy inputs are read-only, and only listed and watched.
+    use k8s_openapi::api::core::v1::{Namespace, Pod};
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    let pods: Api<Pod> = Api::namespaced(env.weft.clone(), "default");
+    pods.list(&Default::default()).await.unwrap();
+    let denied = pods.get("no-such-pod").await;
+    assert!(matches!(denied, Err(kube::Error::Api(s)) if s.code == 403));
+    let denied = pods.delete("no-such-pod", &DeleteParams::default()).await;
+    assert!(matches!(denied, Err(kube::Error::Api(s)) if s.code == 403));
+    let namespaces: Api<Namespace> = Api::all(env.weft.clone());
+    let denied = namespaces.get("default").await;
+    assert!(matches!(denied, Err(kube::Error::Api(s)) if s.code == 403));
+    let policies: Api<NetworkPolicy> = Api::namespaced(env.weft.clone(), "default");
+    policies.list(&Default::default()).await.unwrap();
+    let np: NetworkPolicy = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "weft-may-not" }, "spec": { "podSelector": {} }
+    }))
+    .unwrap();
+    let denied = policies.create(&PostParams::default(), &np).await;
+    assert!(matches!(denied, Err(kube::Error::Api(s)) if s.code == 403));
 }
 
 fn kube_script(dir: &Path, verb: &str) -> impl Future<Output = ()> + use<> {
@@ -699,11 +725,15 @@ async fn watch_survives_api_server_restart() {
     };
     let before = unique("before");
     create_node(&env.admin, &before, "192.0.2.41").await;
+    policy_inputs::create_namespace(&env.admin, &before, "a").await;
     let mut changes = Box::pin(weft_kube::node_changes(env.weft.clone()));
     wait_for(&mut changes, Duration::from_secs(20), |c| {
         peers_have(c, &before)
     })
     .await;
+    let mut snapshots = policy_inputs::follow(&env.weft);
+    let has = |name: String| move |c: &weft_policy::Cluster| c.namespace_labels(&name).is_some();
+    policy_inputs::wait_cluster(&mut snapshots, Duration::from_secs(20), has(before.clone())).await;
 
     kube_script(&env.kube_dir, "stop-apiserver").await;
     // Keep polling while the server is gone: errors must not end the stream.
@@ -713,10 +743,326 @@ async fn watch_survives_api_server_restart() {
 
     let after = unique("after");
     create_node(&env.admin, &after, "192.0.2.42").await;
+    policy_inputs::create_namespace(&env.admin, &after, "a").await;
     wait_for(&mut changes, Duration::from_secs(90), |c| {
         peers_have(c, &after)
     })
     .await;
+    // The policy inputs resumed too (or relisted): the new namespace is in.
+    policy_inputs::wait_cluster(&mut snapshots, Duration::from_secs(90), has(after.clone())).await;
     delete_node(&env.admin, &before).await;
     delete_node(&env.admin, &after).await;
+}
+
+mod policy_inputs {
+    //! NetworkPolicies, Pods and Namespaces followed with the weft token,
+    //! written as admin (the fixtures) as a user would.
+
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use k8s_openapi::api::core::v1::{Namespace, Pod};
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+    use kube::{Api, Client};
+    use tokio::sync::watch;
+    use weft_kube::Snapshot;
+    use weft_policy::Cluster;
+
+    fn typed<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
+        serde_json::from_value(v).unwrap()
+    }
+
+    pub async fn create_namespace(admin: &Client, name: &str, team: &str) {
+        let ns: Namespace = typed(serde_json::json!({
+            "metadata": { "name": name, "labels": { "team": team } }
+        }));
+        let api: Api<Namespace> = Api::all(admin.clone());
+        api.create(&PostParams::default(), &ns).await.unwrap();
+    }
+
+    /// A pod as the kubelet would report it: Running at `ip`.
+    async fn create_pod(admin: &Client, ns: &str, name: &str, app: &str, ip: &str) {
+        let pod: Pod = typed(serde_json::json!({
+            "metadata": { "name": name, "labels": { "app": app } },
+            "spec": { "containers": [{
+                "name": "app", "image": "pause",
+                "ports": [{ "name": "http", "containerPort": 8080 }]
+            }] }
+        }));
+        let api: Api<Pod> = Api::namespaced(admin.clone(), ns);
+        api.create(&PostParams::default(), &pod).await.unwrap();
+        set_pod_status(admin, ns, name, "Running", Some(ip)).await;
+    }
+
+    async fn set_pod_status(admin: &Client, ns: &str, name: &str, phase: &str, ip: Option<&str>) {
+        let mut status = serde_json::json!({ "phase": phase });
+        if let Some(ip) = ip {
+            status["podIP"] = ip.into();
+            status["podIPs"] = serde_json::json!([{ "ip": ip }]);
+        }
+        let api: Api<Pod> = Api::namespaced(admin.clone(), ns);
+        let patch = Patch::Merge(serde_json::json!({ "status": status }));
+        api.patch_status(name, &PatchParams::default(), &patch)
+            .await
+            .unwrap();
+    }
+
+    /// Ingress to app=web from namespaces of team a, on the named port.
+    async fn create_policy(admin: &Client, ns: &str, name: &str) {
+        let np: NetworkPolicy = typed(serde_json::json!({
+            "metadata": { "name": name },
+            "spec": {
+                "podSelector": { "matchLabels": { "app": "web" } },
+                "ingress": [{
+                    "from": [{ "namespaceSelector": { "matchLabels": { "team": "a" } } }],
+                    "ports": [{ "port": "http" }]
+                }]
+            }
+        }));
+        let api: Api<NetworkPolicy> = Api::namespaced(admin.clone(), ns);
+        api.create(&PostParams::default(), &np).await.unwrap();
+    }
+
+    async fn relabel<K>(api: Api<K>, name: &str, key: &str, value: &str)
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        let patch = Patch::Merge(serde_json::json!({ "metadata": { "labels": { key: value } } }));
+        api.patch(name, &PatchParams::default(), &patch)
+            .await
+            .unwrap();
+    }
+
+    /// The first published snapshot for which `want` holds, and how long
+    /// it took.
+    pub async fn wait_cluster(
+        rx: &mut watch::Receiver<Snapshot>,
+        limit: Duration,
+        want: impl Fn(&Cluster) -> bool,
+    ) -> (Arc<Cluster>, Duration) {
+        let start = Instant::now();
+        let found = tokio::time::timeout(limit, async {
+            loop {
+                if let Some(c) = rx.borrow_and_update().clone()
+                    && want(&c)
+                {
+                    return c;
+                }
+                rx.changed().await.expect("publisher ended");
+            }
+        });
+        let cluster = found.await.expect("expected snapshot within the limit");
+        (cluster, start.elapsed())
+    }
+
+    /// Starts the publisher with `client`; it stops when `rx` is dropped.
+    pub fn follow(client: &Client) -> watch::Receiver<Snapshot> {
+        let (tx, rx) = watch::channel(None);
+        tokio::spawn(weft_kube::publish_cluster(client.clone(), tx));
+        rx
+    }
+
+    /// The part of a snapshot about one namespace, as JSON for comparison.
+    fn part(c: &Cluster, ns: &str) -> serde_json::Value {
+        let namespaces: Vec<_> = c.namespaces.iter().filter(|n| n.name == ns).collect();
+        let pods: Vec<_> = c.pods.iter().filter(|p| p.namespace == ns).collect();
+        let policies: Vec<_> = c.policies.iter().filter(|p| p.namespace == ns).collect();
+        serde_json::json!({ "namespaces": namespaces, "pods": pods, "policies": policies })
+    }
+
+    fn pod(ns: &str, name: &str, app: &str, ip: &str) -> serde_json::Value {
+        serde_json::json!({
+            "namespace": ns, "name": name, "labels": { "app": app }, "ip": ip,
+            "host_network": false,
+            "ports": [{ "name": "http", "port": 8080, "protocol": "Tcp" }]
+        })
+    }
+
+    /// 1,000 running pods and 200 policies; then pod label changes, each
+    /// timed from the API write to the snapshot that has it.
+    pub async fn latency_with_1000_pods(env: &super::Env) {
+        use futures_util::{StreamExt, stream};
+        let ns = super::unique("lat");
+        create_namespace(&env.admin, &ns, "a").await;
+        let writes = (0..1000u32).map(|i| {
+            let (admin, ns) = (env.admin.clone(), ns.clone());
+            async move {
+                let ip = format!("10.97.{}.{}", i / 250, i % 250 + 1);
+                create_pod(&admin, &ns, &format!("p{i}"), "web", &ip).await;
+            }
+        });
+        stream::iter(writes)
+            .buffer_unordered(8)
+            .collect::<Vec<()>>()
+            .await;
+        for i in 0..200 {
+            create_policy(&env.admin, &ns, &format!("np{i}")).await;
+        }
+        let mut rx = follow(&env.weft);
+        let full = |c: &Cluster| {
+            c.pods.iter().filter(|p| p.namespace == ns).count() == 1000
+                && c.policies.iter().filter(|p| p.namespace == ns).count() == 200
+        };
+        let (_, took) = wait_cluster(&mut rx, Duration::from_secs(60), full).await;
+        eprintln!("latency: first snapshot of 1000 pods, 200 policies after {took:?}");
+        let pods: Api<Pod> = Api::namespaced(env.admin.clone(), &ns);
+        let mut times = Vec::new();
+        for i in 0..50 {
+            let (name, value) = (format!("p{}", i * 7), format!("v{i}"));
+            let start = Instant::now();
+            relabel(pods.clone(), &name, "app", &value).await;
+            wait_cluster(&mut rx, Duration::from_secs(20), |c| {
+                c.pods.iter().any(|p| {
+                    p.namespace == ns && p.name == name && p.labels.get("app") == Some(&value)
+                })
+            })
+            .await;
+            times.push(start.elapsed());
+        }
+        times.sort();
+        let at = |q: usize| times[(times.len() * q / 100).min(times.len() - 1)];
+        eprintln!(
+            "latency: pod label change -> published snapshot over {} changes: p50 {:?} p99 {:?} max {:?}",
+            times.len(),
+            at(50),
+            at(99),
+            times[times.len() - 1]
+        );
+        let now = DeleteParams::default().grace_period(0);
+        let deletes = (0..1000u32).map(|i| {
+            let (pods, now) = (pods.clone(), now.clone());
+            async move { pods.delete(&format!("p{i}"), &now).await.map(|_| ()) }
+        });
+        stream::iter(deletes)
+            .buffer_unordered(8)
+            .collect::<Vec<_>>()
+            .await;
+    }
+
+    pub async fn converges_and_follows_changes(env: &super::Env) {
+        let ns = super::unique("pol");
+        create_namespace(&env.admin, &ns, "a").await;
+        create_pod(&env.admin, &ns, "web", "web", "10.99.0.5").await;
+        create_pod(&env.admin, &ns, "db", "db", "10.99.0.6").await;
+        create_policy(&env.admin, &ns, "web-from-a").await;
+
+        let mut rx = follow(&env.weft);
+        let policy = serde_json::json!({
+            "namespace": ns, "name": "web-from-a",
+            "pod_selector": { "match_labels": { "app": "web" }, "match_expressions": [] },
+            // The API server defaults an omitted policyTypes.
+            "policy_types": ["Ingress"],
+            "ingress": [{
+                "peers": [{ "Pods": {
+                    "pod_selector": null,
+                    "namespace_selector": { "match_labels": { "team": "a" }, "match_expressions": [] }
+                } }],
+                "ports": [{ "protocol": "Tcp", "port": { "Name": "http" }, "end_port": null }]
+            }],
+            "egress": null
+        });
+        let want = serde_json::json!({
+            "namespaces": [{ "name": ns, "labels": { "team": "a" } }],
+            "pods": [pod(&ns, "db", "db", "10.99.0.6"), pod(&ns, "web", "web", "10.99.0.5")],
+            "policies": [policy],
+        });
+        let limit = Duration::from_secs(20);
+        let (_, took) = wait_cluster(&mut rx, limit, |c| part(c, &ns) == want).await;
+        eprintln!("policy inputs: first snapshot after {took:?}");
+
+        // Each change, timed from the API write to the published snapshot.
+        let namespaces: Api<Namespace> = Api::all(env.admin.clone());
+        let pods: Api<Pod> = Api::namespaced(env.admin.clone(), &ns);
+        let policies: Api<NetworkPolicy> = Api::namespaced(env.admin.clone(), &ns);
+        let start = Instant::now();
+        relabel(namespaces.clone(), &ns, "team", "b").await;
+        wait_cluster(&mut rx, limit, |c| {
+            c.namespace_labels(&ns)
+                .and_then(|l| l.get("team"))
+                .map(String::as_str)
+                == Some("b")
+        })
+        .await;
+        eprintln!(
+            "policy inputs: namespace label -> snapshot {:?}",
+            start.elapsed()
+        );
+
+        let start = Instant::now();
+        relabel(pods.clone(), "db", "app", "web").await;
+        wait_cluster(&mut rx, limit, |c| {
+            c.pods
+                .iter()
+                .any(|p| p.namespace == ns && p.name == "db" && p.labels["app"] == "web")
+        })
+        .await;
+        eprintln!("policy inputs: pod label -> snapshot {:?}", start.elapsed());
+
+        let start = Instant::now();
+        set_pod_status(&env.admin, &ns, "db", "Succeeded", None).await;
+        wait_cluster(&mut rx, limit, |c| {
+            !c.pods.iter().any(|p| p.namespace == ns && p.name == "db")
+        })
+        .await;
+        eprintln!(
+            "policy inputs: pod finished -> snapshot {:?}",
+            start.elapsed()
+        );
+
+        let start = Instant::now();
+        policies
+            .delete("web-from-a", &DeleteParams::default())
+            .await
+            .unwrap();
+        let (c, _) = wait_cluster(&mut rx, limit, |c| {
+            !c.policies.iter().any(|p| p.namespace == ns)
+        })
+        .await;
+        eprintln!(
+            "policy inputs: policy deleted -> snapshot {:?}",
+            start.elapsed()
+        );
+        assert_eq!(
+            part(&c, &ns),
+            serde_json::json!({
+                "namespaces": [{ "name": ns, "labels": { "team": "b" } }],
+                "pods": [pod(&ns, "web", "web", "10.99.0.5")],
+                "policies": [],
+            })
+        );
+
+        let now = DeleteParams::default().grace_period(0);
+        for name in ["web", "db"] {
+            pods.delete(name, &now).await.unwrap();
+        }
+        let (c, _) = wait_cluster(&mut rx, limit, |c| {
+            !c.pods.iter().any(|p| p.namespace == ns)
+        })
+        .await;
+        assert!(c.namespace_labels(&ns).is_some());
+        // Without a namespace controller the namespace stays Terminating.
+        let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_inputs_converge_and_follow_changes() {
+    let Some(env) = env("policy_inputs_converge_and_follow_changes").await else {
+        return;
+    };
+    policy_inputs::converges_and_follows_changes(&env).await;
+}
+
+/// A measurement, not a check: skipped unless WEFT_KUBE_BENCH=1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_inputs_latency_with_1000_pods() {
+    if std::env::var("WEFT_KUBE_BENCH").as_deref() != Ok("1") {
+        eprintln!("policy_inputs_latency_with_1000_pods: skipped (set WEFT_KUBE_BENCH=1)");
+        return;
+    }
+    let Some(env) = env("policy_inputs_latency_with_1000_pods").await else {
+        return;
+    };
+    policy_inputs::latency_with_1000_pods(&env).await;
 }

@@ -54,22 +54,25 @@ fn rbac_grants_exactly_what_the_crate_uses() {
     let cluster = rules(d.cluster_roles[0].rules.as_deref().unwrap_or_default());
     assert_eq!(
         cluster,
-        set(&["/nodes[]: get,list,watch", "/nodes/status[]: patch"])
+        set(&[
+            "/nodes[]: get,list,watch",
+            "/nodes/status[]: patch",
+            // publish_cluster (NetworkPolicy inputs); cluster_health lists pods.
+            "/pods[]: list,watch",
+            "/namespaces[]: list,watch",
+            "networking.k8s.io/networkpolicies[]: list,watch",
+        ])
     );
     let by_ns = role_rules(&d);
-    let want: BTreeMap<String, BTreeSet<String>> = [
-        (
-            NAMESPACE.to_string(),
-            set(&[
-                // NameMap: read-modify-write of the one map.
-                "/configmaps[weft]: get,update",
-                // Reclaimer: create a claim, read it, renew/take over/mark done.
-                "coordination.k8s.io/leases[]: get,create,update",
-            ]),
-        ),
-        // `weft doctor --cluster` lists the weft pods.
-        ("kube-system".to_string(), set(&["/pods[]: list"])),
-    ]
+    let want: BTreeMap<String, BTreeSet<String>> = [(
+        NAMESPACE.to_string(),
+        set(&[
+            // NameMap: read-modify-write of the one map.
+            "/configmaps[weft]: get,update",
+            // Reclaimer: create a claim, read it, renew/take over/mark done.
+            "coordination.k8s.io/leases[]: get,create,update",
+        ]),
+    )]
     .into();
     assert_eq!(by_ns, want);
     let bindings = d.cluster_role_bindings.iter().map(|b| &b.subjects);
