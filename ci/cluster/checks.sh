@@ -399,19 +399,19 @@ check_monitoring() {
   in_machine "$CP" prometheus --config.file="$dir/prometheus.yml" --storage.tsdb.path="$dir/data" \
     --web.listen-address=127.0.0.1:9090 >"$dir/log" 2>&1 &
   echo $! >"$dir/pid"
-  wait_for 60 prometheus_targets_up "$(nodes | wc -l)" ||
+  within 60 prometheus_targets_up "$(nodes | wc -l)" ||
     stop_prometheus fail "Prometheus does not scrape every weft agent: $(prometheus_get /api/v1/targets)"
   ok "Prometheus on the control plane scrapes every weft agent on its node's port 6782"
   victim=$(nodes | tail -1)
   cut="ul-$(node_ip "$victim" | cut -d. -f4)"
   in_net "$UNDERLAY" ip link set "$cut" down
-  if ! wait_for 90 prometheus_alert_on node1; then
+  if ! within 90 prometheus_alert_on node1; then
     in_net "$UNDERLAY" ip link set "$cut" up
     stop_prometheus fail "WeftPeerUnreachable did not fire on node1 with $victim cut off: $(prometheus_get /api/v1/alerts)"
   fi
   in_net "$UNDERLAY" ip link set "$cut" up
   ok "with $victim's underlay link cut, WeftPeerUnreachable fires on node1"
-  wait_for 90 prometheus_alert_clear node1 ||
+  within 90 prometheus_alert_clear node1 ||
     stop_prometheus fail "WeftPeerUnreachable still firing after $victim's link is back: $(prometheus_get /api/v1/alerts)"
   stop_prometheus
   ok "WeftPeerUnreachable clears once $victim's link is back"
@@ -423,8 +423,8 @@ stop_prometheus() {
   "$@"
 }
 
-# wait_for SECONDS CMD...: CMD succeeds within SECONDS (status 1 if not).
-wait_for() {
+# within SECONDS CMD...: CMD succeeds within SECONDS (status 1 if not).
+within() {
   local deadline=$((SECONDS + $1))
   shift
   until "$@" >/dev/null 2>&1; do
