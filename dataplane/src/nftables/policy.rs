@@ -470,3 +470,360 @@ fn ct_established_or_related(buf: &mut Vec<u8>) {
         value(b, 3, &[0; 4]);
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+    use weft_policy::{Grant, Packet, PodRules, PolicyRef, Protocol};
+
+    use super::super::batch::{NLM_F_ACK, NLM_F_REQUEST, messages};
+    use super::*;
+
+    const NEWSET: u16 = 0xa00 | NFT_MSG_NEWSET;
+    const NEWSETELEM: u16 = 0xa00 | NFT_MSG_NEWSETELEM;
+
+    fn addr(last: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 0, 0, last)
+    }
+
+    fn isolation(grants: Vec<Grant>) -> Option<Isolation> {
+        Some(Isolation {
+            policies: vec![PolicyRef {
+                namespace: "ns".into(),
+                name: "p".into(),
+            }],
+            grants,
+        })
+    }
+
+    fn pod(ingress: Option<Isolation>, egress: Option<Isolation>) -> PodRules {
+        PodRules {
+            namespace: "ns".into(),
+            name: "pod".into(),
+            ingress,
+            egress,
+        }
+    }
+
+    fn tcp(first: u16, last: u16) -> PortRange {
+        PortRange {
+            protocol: Protocol::Tcp,
+            first,
+            last,
+        }
+    }
+
+    /// .1 takes TCP 80 and 8080-8090 from .0-.127 and anything from
+    /// .200; .2 sends nothing anywhere.
+    fn small() -> RuleSet {
+        let mut rules = RuleSet::default();
+        let grants = vec![
+            Grant {
+                peers: AddrRange {
+                    first: addr(0),
+                    last: addr(127),
+                },
+                ports: Ports::Only(vec![tcp(80, 80), tcp(8080, 8090)]),
+            },
+            Grant {
+                peers: AddrRange {
+                    first: addr(200),
+                    last: addr(200),
+                },
+                ports: Ports::Any,
+            },
+        ];
+        rules.pods.insert(addr(1), pod(isolation(grants), None));
+        rules.pods.insert(addr(2), pod(None, isolation(vec![])));
+        rules
+    }
+
+    /// (key, key end) of a set element as sent.
+    type Sent = (Vec<u8>, Option<Vec<u8>>);
+
+    /// The element lists of NEWSETELEM messages, by set name, read back
+    /// from the bytes.
+    fn sent_elements(batch: &Batch) -> BTreeMap<String, Vec<Sent>> {
+        let mut out: BTreeMap<String, Vec<_>> = BTreeMap::new();
+        for (ty, _, _, body) in messages(&batch.bytes) {
+            if ty != NEWSETELEM {
+                continue;
+            }
+            let attrs = attributes(&body[4..]);
+            let set = attrs.iter().find(|a| a.0 == 2).unwrap();
+            let name = String::from_utf8(set.1[..set.1.len() - 1].to_vec()).unwrap();
+            let list = attrs.iter().find(|a| a.0 == 3).unwrap();
+            for (_, element) in attributes(&list.1) {
+                let parts = attributes(&element);
+                let data = |ty: u16| {
+                    parts
+                        .iter()
+                        .find(|p| p.0 == ty)
+                        .map(|p| attributes(&p.1)[0].1.clone())
+                };
+                out.entry(name.clone())
+                    .or_default()
+                    .push((data(1).unwrap(), data(10)));
+            }
+        }
+        out
+    }
+
+    /// (type without flags, payload) of each attribute in `buf`.
+    fn attributes(mut buf: &[u8]) -> Vec<(u16, Vec<u8>)> {
+        let mut out = Vec::new();
+        while buf.len() >= 4 {
+            let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
+            let ty = u16::from_ne_bytes([buf[2], buf[3]]) & 0x7fff;
+            assert!(len >= 4 && len <= buf.len(), "bad attribute length {len}");
+            out.push((ty, buf[4..len].to_vec()));
+            buf = &buf[len.next_multiple_of(4).min(buf.len())..];
+        }
+        out
+    }
+
+    #[test]
+    fn the_batch_declares_six_sets_and_fills_them_from_the_rules() {
+        let b = policy_batch(&small());
+        let m = messages(&b.bytes);
+        assert_eq!(m.first().unwrap().0, 16);
+        assert_eq!(m.last().unwrap().0, 17);
+        for (_, flags, seq, _) in &m[1..m.len() - 1] {
+            assert_eq!(
+                flags & (NLM_F_REQUEST | NLM_F_ACK),
+                NLM_F_REQUEST | NLM_F_ACK
+            );
+            assert!(b.step(*seq).is_some());
+        }
+        // Replace the table: create, delete, create.
+        let types: Vec<u16> = m.iter().map(|m| m.0).collect();
+        assert_eq!(types[1..4], [0xa00, 0xa02, 0xa00]);
+        assert_eq!(types.iter().filter(|&&t| t == NEWSET).count(), 6);
+        // 2 chains + 2 base chains; 3 + 3 + 3 + 2 rules.
+        assert_eq!(types.iter().filter(|&&t| t == 0xa03).count(), 4);
+        assert_eq!(types.iter().filter(|&&t| t == 0xa06).count(), 11);
+
+        let sent = sent_elements(&b);
+        let names: Vec<&str> = sent.keys().map(String::as_str).collect();
+        // Empty sets get no element message.
+        assert_eq!(
+            names,
+            [
+                "egress_isolated",
+                "ingress_any",
+                "ingress_isolated",
+                "ingress_ports"
+            ]
+        );
+        assert_eq!(sent["ingress_isolated"], [(vec![10, 0, 0, 1], None)]);
+        assert_eq!(sent["egress_isolated"], [(vec![10, 0, 0, 2], None)]);
+        let port = |peer: u8, port: u16| {
+            let [hi, lo] = port.to_be_bytes();
+            vec![10, 0, 0, 1, 10, 0, 0, peer, 6, 0, 0, 0, hi, lo, 0, 0]
+        };
+        assert_eq!(
+            sent["ingress_ports"],
+            [
+                (port(0, 80), Some(port(127, 80))),
+                (port(0, 8080), Some(port(127, 8090)))
+            ]
+        );
+        assert_eq!(
+            sent["ingress_any"],
+            [(
+                vec![10, 0, 0, 1, 10, 0, 0, 200],
+                Some(vec![10, 0, 0, 1, 10, 0, 0, 200])
+            )]
+        );
+    }
+
+    #[test]
+    fn key_lengths_follow_the_fields_in_4_byte_slots() {
+        for d in [&INGRESS, &EGRESS] {
+            assert_eq!(d.isolated.key_len(), 4);
+            assert_eq!(d.ports.key_len(), 16);
+            assert_eq!(d.any.key_len(), 8);
+        }
+        let (ingress, _) = elements(&small());
+        assert!(ingress.ports.iter().all(|e| e.key.len() == 16));
+        assert!(ingress.any.iter().all(|e| e.key.len() == 8));
+    }
+
+    #[test]
+    fn many_elements_are_split_over_messages() {
+        let mut rules = RuleSet::default();
+        let ports: Vec<PortRange> = (0..2500).map(|p| tcp(2 * p, 2 * p)).collect();
+        let grant = Grant {
+            peers: AddrRange {
+                first: addr(0),
+                last: addr(9),
+            },
+            ports: Ports::Only(ports),
+        };
+        rules
+            .pods
+            .insert(addr(1), pod(isolation(vec![grant]), None));
+        let b = policy_batch(&rules);
+        let sizes: Vec<usize> = messages(&b.bytes)
+            .iter()
+            .filter(|m| m.0 == NEWSETELEM)
+            .map(|m| m.3.len())
+            .collect();
+        // One for the isolated pod, three for 2,500 port elements.
+        assert_eq!(sizes.len(), 4);
+        assert!(sizes.iter().all(|&s| s < 65_536), "{sizes:?}");
+        assert_eq!(sent_elements(&b)["ingress_ports"].len(), 2500);
+    }
+
+    #[test]
+    fn empty_ranges_are_left_out() {
+        let mut rules = RuleSet::default();
+        let grants = vec![
+            Grant {
+                peers: AddrRange {
+                    first: addr(9),
+                    last: addr(1),
+                },
+                ports: Ports::Any,
+            },
+            Grant {
+                peers: AddrRange {
+                    first: addr(10),
+                    last: addr(10),
+                },
+                ports: Ports::Only(vec![tcp(90, 80)]),
+            },
+        ];
+        rules.pods.insert(addr(1), pod(isolation(grants), None));
+        let (ingress, _) = elements(&rules);
+        assert_eq!(ingress.isolated.len(), 1);
+        assert!(ingress.ports.is_empty() && ingress.any.is_empty());
+    }
+
+    /// Whether `elements` hold a key `key` falls in, field by field, as
+    /// the kernel's interval lookup decides (bytes compared big-endian).
+    fn lookup_hit(elements: &[Element], fields: &[u32], key: &[u8]) -> bool {
+        elements.iter().any(|e| {
+            let end = e.key_end.as_ref().unwrap_or(&e.key);
+            let mut at = 0;
+            fields.iter().all(|&len| {
+                let slot = at..at + len as usize;
+                at += len.next_multiple_of(4) as usize;
+                e.key[slot.clone()] <= key[slot.clone()] && key[slot.clone()] <= end[slot]
+            })
+        })
+    }
+
+    /// The table's verdict on `p`, from the elements alone: the sets'
+    /// lookups as the chains make them.
+    fn table_allows(rules: &RuleSet, p: &Packet) -> bool {
+        let (ingress, egress) = elements(rules);
+        let side = |d: &Direction, e: &Elements, pod: Ipv4Addr, peer: Ipv4Addr| {
+            if !lookup_hit(&e.isolated, d.isolated.fields, &pod.octets()) {
+                return true;
+            }
+            let pair = [pod.octets(), peer.octets()].concat();
+            let [hi, lo] = p.dst_port.to_be_bytes();
+            let mut full = pair.clone();
+            full.extend_from_slice(&[p.protocol, 0, 0, 0, hi, lo, 0, 0]);
+            lookup_hit(&e.ports, d.ports.fields, &full) || lookup_hit(&e.any, d.any.fields, &pair)
+        };
+        side(&EGRESS, &egress, p.src, p.dst) && side(&INGRESS, &ingress, p.dst, p.src)
+    }
+
+    fn any_range() -> impl Strategy<Value = AddrRange> {
+        (0u8..24, 0u8..24).prop_map(|(a, b)| AddrRange {
+            first: addr(a),
+            last: addr(b),
+        })
+    }
+
+    fn any_ports() -> impl Strategy<Value = Ports> {
+        let range = (0usize..3, 0u16..12, 0u16..12).prop_map(|(p, first, last)| PortRange {
+            protocol: [Protocol::Tcp, Protocol::Udp, Protocol::Sctp][p],
+            first,
+            last,
+        });
+        prop_oneof![
+            Just(Ports::Any),
+            proptest::collection::vec(range, 0..4).prop_map(Ports::Only),
+        ]
+    }
+
+    fn any_isolation() -> impl Strategy<Value = Option<Isolation>> {
+        let grant = (any_range(), any_ports()).prop_map(|(peers, ports)| Grant { peers, ports });
+        proptest::option::of(
+            proptest::collection::vec(grant, 0..4).prop_map(|grants| isolation(grants).unwrap()),
+        )
+    }
+
+    fn any_rules() -> impl Strategy<Value = RuleSet> {
+        proptest::collection::btree_map(
+            (0u8..16).prop_map(addr),
+            (any_isolation(), any_isolation()).prop_map(|(i, e)| pod(i, e)),
+            0..6,
+        )
+        .prop_map(|pods| RuleSet { pods })
+    }
+
+    /// What `compile` guarantees: ranges sorted, disjoint and not empty,
+    /// port ranges merged, no grant without ports.
+    fn compiled_shape(mut rules: RuleSet) -> RuleSet {
+        for pod in rules.pods.values_mut() {
+            for isolation in [&mut pod.ingress, &mut pod.egress].into_iter().flatten() {
+                let mut grants: Vec<Grant> = Vec::new();
+                let mut raw = std::mem::take(&mut isolation.grants);
+                raw.retain(|g| g.peers.first <= g.peers.last);
+                raw.sort_by_key(|g| g.peers);
+                for mut g in raw {
+                    if let Ports::Only(r) = &g.ports {
+                        let valid = r.iter().filter(|r| r.first <= r.last).copied().collect();
+                        g.ports = Ports::from_ranges(valid);
+                    }
+                    let clear = grants.last().is_none_or(|l| l.peers.last < g.peers.first);
+                    if clear && !g.ports.is_empty() {
+                        grants.push(g);
+                    }
+                }
+                isolation.grants = grants;
+            }
+        }
+        rules
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        /// Any rule set renders, the same bytes every time, into messages
+        /// that parse and keys of their set's length.
+        #[test]
+        fn rendering_never_panics_and_is_deterministic(rules in any_rules()) {
+            let b = policy_batch(&rules);
+            prop_assert_eq!(&b.bytes, &policy_batch(&rules).bytes);
+            for (name, elements) in sent_elements(&b) {
+                let len = if name.ends_with("ports") { 16 } else if name.ends_with("any") { 8 } else { 4 };
+                for (key, end) in elements {
+                    prop_assert_eq!(key.len(), len);
+                    prop_assert_eq!(end.is_some(), len > 4);
+                }
+            }
+        }
+
+        /// The sets decide every packet as the compiled rules do.
+        #[test]
+        fn the_sets_decide_as_the_rule_set(
+            rules in any_rules().prop_map(compiled_shape),
+            packets in proptest::collection::vec(
+                (0u8..24, 0u8..24, prop_oneof![Just(1u8), Just(6), Just(17), Just(132)], 0u16..12),
+                1..24,
+            ),
+        ) {
+            for (src, dst, protocol, dst_port) in packets {
+                let p = Packet { src: addr(src), dst: addr(dst), protocol, dst_port, from_node: false };
+                prop_assert_eq!(table_allows(&rules, &p), rules.allows(&p), "{:?}", p);
+            }
+        }
+    }
+}
