@@ -878,8 +878,9 @@ mod policy {
     }
 
     /// A node namespace with bridge `br0` (10.32.0.1/24) and one veth per
-    /// pod namespace, the pods at 10.32.0.2, .3, ...
-    fn bridged_pods(node: &Netns, pods: &[&Netns]) {
+    /// pod namespace, the pods at 10.32.0.2, .3, ...; false (after a
+    /// note) when bridged packets would not pass nftables here.
+    fn bridged_pods(node: &Netns, pods: &[&Netns]) -> bool {
         node.ip(&["link", "add", "br0", "type", "bridge"]);
         node.ip(&["addr", "add", "10.32.0.1/24", "dev", "br0"]);
         node.ip(&["link", "set", "br0", "up"]);
@@ -893,14 +894,21 @@ mod policy {
             pod.ip(&["addr", "add", &addr, "dev", "eth0"]);
             pod.ip(&["link", "set", "eth0", "up"]);
         }
+        let call_iptables = node
+            .run_inside(|| std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables"));
+        let on = call_iptables.is_ok_and(|v| v.trim() == "1");
+        if !on {
+            eprintln!("note: no br_netfilter with bridge-nf-call-iptables=1 here, skipping");
+        }
+        on
     }
 
-    /// What the ingress chain's drop rule has counted.
-    fn ingress_drops(ns: &Netns) -> u64 {
+    /// What the drop rule of `chain` (ingress, egress) has counted.
+    fn drops(ns: &Netns, chain: &str) -> u64 {
         nft_objects(ns)
             .iter()
             .filter_map(|o| o.get("rule"))
-            .filter(|r| r["table"] == TABLE && r["chain"] == "ingress")
+            .filter(|r| r["table"] == TABLE && r["chain"] == chain)
             .filter_map(|r| r["expr"][0]["counter"]["packets"].as_u64())
             .sum()
     }
@@ -939,33 +947,20 @@ mod policy {
     #[test]
     fn bridged_pods_are_filtered_and_established_connections_survive() {
         use std::io::{Read, Write};
-        use std::net::{SocketAddr, TcpListener, TcpStream};
+        use std::net::TcpStream;
         use std::time::Duration;
         let (Some(node), Some(a), Some(b)) = (Netns::new(), Netns::new(), Netns::new()) else {
             return;
         };
-        bridged_pods(&node, &[&a, &b]);
-        let call_iptables = node
-            .run_inside(|| std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables"));
-        if !call_iptables.is_ok_and(|v| v.trim() == "1") {
-            eprintln!("note: no br_netfilter with bridge-nf-call-iptables=1 here, skipping");
+        if !bridged_pods(&node, &[&a, &b]) {
             return;
         }
         node.run_inside(|| install_policy(&b_takes_8080_from_a(None)).unwrap());
-        let listeners: Vec<TcpListener> = b.run_inside(|| {
-            [8080, 8081]
-                .map(|port| TcpListener::bind(("10.32.0.3", port)).unwrap())
-                .into()
-        });
-        let connect = |port: u16| {
-            a.run_inside(|| {
-                let to = SocketAddr::from((ip("10.32.0.3"), port));
-                TcpStream::connect_timeout(&to, Duration::from_secs(2))
-            })
-        };
-        assert_eq!(ingress_drops(&node), 0);
+        let listeners = [listen(&b, "10.32.0.3", 8080), listen(&b, "10.32.0.3", 8081)];
+        let connect = |port: u16| connect(&a, "10.32.0.3", port);
+        assert_eq!(drops(&node, "ingress"), 0);
         assert!(connect(8081).is_err(), "8081 is not granted");
-        assert!(ingress_drops(&node) > 0, "the refused SYN was counted");
+        assert!(drops(&node, "ingress") > 0, "the refused SYN was counted");
         let mut client = connect(8080).expect("8080 is granted");
         let (mut server, _) = listeners[0].accept().unwrap();
         for s in [&client, &server] {
@@ -986,6 +981,62 @@ mod policy {
         // Without the table everything connects again.
         node.run_inside(|| remove_policy().unwrap());
         assert!(connect(8081).is_ok());
+    }
+
+    /// TCP connect from `from` to `to`:`port`, given up after 2 s.
+    fn connect(from: &Netns, to: &str, port: u16) -> std::io::Result<std::net::TcpStream> {
+        let to = std::net::SocketAddr::from((ip(to), port));
+        from.run_inside(|| {
+            std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_secs(2))
+        })
+    }
+
+    fn listen(ns: &Netns, addr: &str, port: u16) -> std::net::TcpListener {
+        ns.run_inside(|| std::net::TcpListener::bind((ip(addr), port)).unwrap())
+    }
+
+    /// A pod isolated for egress reaches only its grant, through the
+    /// forward hook (another pod) and the input hook (its node), while
+    /// replies to connections others open to it pass (conntrack).
+    #[test]
+    fn egress_isolation_covers_pods_and_the_node_but_not_replies() {
+        let (Some(node), Some(a), Some(b)) = (Netns::new(), Netns::new(), Netns::new()) else {
+            return;
+        };
+        if !bridged_pods(&node, &[&a, &b]) {
+            return;
+        }
+        let mut rules = RuleSet::default();
+        rules.pods.insert(
+            ip("10.32.0.2"),
+            pod(
+                None,
+                isolation(vec![Grant {
+                    peers: range("10.32.0.3", "10.32.0.3"),
+                    ports: Ports::Only(vec![PortRange {
+                        protocol: Protocol::Tcp,
+                        first: 8080,
+                        last: 8080,
+                    }]),
+                }]),
+            ),
+        );
+        node.run_inside(|| install_policy(&rules).unwrap());
+        let _b = [listen(&b, "10.32.0.3", 8080), listen(&b, "10.32.0.3", 8081)];
+        let _node = listen(&node, "10.32.0.1", 8082);
+        let _a = listen(&a, "10.32.0.2", 8083);
+        assert!(connect(&a, "10.32.0.3", 8080).is_ok());
+        assert_eq!(drops(&node, "egress"), 0);
+        assert!(connect(&a, "10.32.0.3", 8081).is_err(), "not granted");
+        let after_pod = drops(&node, "egress");
+        assert!(after_pod > 0);
+        assert!(
+            connect(&a, "10.32.0.1", 8082).is_err(),
+            "the node is no grant"
+        );
+        assert!(drops(&node, "egress") > after_pod);
+        // B may open a connection to A: A's answers are replies.
+        assert!(connect(&b, "10.32.0.2", 8083).is_ok());
     }
 
     /// More elements than one message holds and a batch larger than the
