@@ -983,6 +983,41 @@ mod policy {
         assert!(connect(8081).is_ok());
     }
 
+    /// A batch the kernel refuses (overlapping intervals: no RuleSet from
+    /// `compile` has them) is a typed error naming the step, and leaves
+    /// the previous table whole: the batch is one transaction.
+    #[test]
+    fn a_refused_batch_leaves_the_previous_table_in_force() {
+        let Some(ns) = Netns::new() else { return };
+        ns.run_inside(|| install_policy(&sample()).unwrap());
+        let before = nft_text(&ns);
+        let mut overlapping = sample();
+        let grant = |first, last| Grant {
+            peers: range(first, last),
+            ports: Ports::Any,
+        };
+        overlapping.pods.insert(
+            ip("10.32.0.9"),
+            pod(
+                isolation(vec![
+                    grant("10.1.0.0", "10.1.0.9"),
+                    grant("10.1.0.5", "10.1.0.20"),
+                ]),
+                None,
+            ),
+        );
+        let refused = ns.run_inside(|| install_policy(&overlapping)).unwrap_err();
+        let DataplaneError::Nftables { table, step, .. } = &refused else {
+            panic!("{refused:?}")
+        };
+        assert_eq!(
+            (*table, *step),
+            (TABLE, "add the elements of set ingress_any"),
+            "{refused}"
+        );
+        assert_eq!(nft_text(&ns), before);
+    }
+
     /// TCP connect from `from` to `to`:`port`, given up after 2 s.
     fn connect(from: &Netns, to: &str, port: u16) -> std::io::Result<std::net::TcpStream> {
         let to = std::net::SocketAddr::from((ip(to), port));
