@@ -1,11 +1,15 @@
-//! Pod egress masquerade: weft's one nftables table, `ip weft`, programmed
-//! over nfnetlink with no `nft` program (the shipped image has none).
+//! weft's nftables tables, programmed over nfnetlink with no `nft`
+//! program (the shipped image has none): the pod egress masquerade, `ip
+//! weft`, here, and NetworkPolicy, `ip weft_policy`, in [`policy`]. The
+//! bytes are built in `batch.rs`; this module sends them and reads the
+//! answers.
 //!
-//! The table is replaced in one batch (create, delete, create again, then
-//! its chain and rule), which the kernel applies atomically: installing is
-//! idempotent and nothing else in the ruleset is touched. The batch is
-//! built by pure functions ([`masquerade_batch`], [`remove_batch`]) and
-//! sent by [`install_masquerade`] / [`remove_masquerade`].
+//! The masquerade table is replaced in one batch (create, delete, create
+//! again, then its chain and rule), which the kernel applies atomically:
+//! installing is idempotent and nothing else in the ruleset is touched.
+//! The batch is built by pure functions ([`masquerade_batch`],
+//! [`remove_batch`]) and sent by [`install_masquerade`] /
+//! [`remove_masquerade`].
 //!
 //! The batch is byte for byte what `nft` 1.0.6 sends for
 //!
@@ -217,6 +221,7 @@ fn explain(e: io::Error) -> String {
             "; the kernel lacks an nftables feature (CONFIG_NF_TABLES, nft_chain_nat, nft_masq, nft_ct, nft_set_pipapo)"
         }
         Some(libc::EAGAIN) => "; the kernel did not answer within 5 s",
+        Some(libc::EEXIST) => "; set elements overlap (rules not shaped by weft_policy::compile)",
         _ => "",
     };
     format!("{e}{hint}")
