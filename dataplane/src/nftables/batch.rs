@@ -288,3 +288,13 @@ pub(super) fn messages(mut buf: &[u8]) -> Vec<(u16, u16, u32, Vec<u8>)> {
     }
     out
 }
+
+/// Bytes from hex digits, whitespace ignored (captured batches; tests only).
+#[cfg(test)]
+pub(super) fn hex(s: &str) -> Vec<u8> {
+    let s: String = s.split_whitespace().collect();
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}

@@ -229,16 +229,8 @@ fn explain(e: io::Error) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::batch::{NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, messages};
+    use super::batch::{NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, hex, messages};
     use super::*;
-
-    fn hex(s: &str) -> Vec<u8> {
-        let s: String = s.split_whitespace().collect();
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
-    }
 
     #[test]
     fn the_batch_is_what_nft_sends_for_the_same_table() {

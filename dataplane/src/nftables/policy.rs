@@ -4,7 +4,10 @@
 //! kernel applies a batch as one transaction, so there is never a moment
 //! without rules, a refused batch leaves the previous table in force, and
 //! installing the same rules twice changes nothing. Pure: the batch is
-//! built here and sent by `super::install_policy`.
+//! built here and sent by `super::install_policy`. The sets are declared
+//! byte for byte as nft 1.0.6 declares them (so `nft list` reads them
+//! back); the rules are nft's too, without the no-op `byteorder` nft puts
+//! after `meta l4proto`, and the elements come before the chains.
 //!
 //! ```text
 //! table ip weft_policy {
@@ -478,7 +481,7 @@ mod tests {
     use proptest::prelude::*;
     use weft_policy::{Grant, Packet, PodRules, PolicyRef, Protocol};
 
-    use super::super::batch::{NLM_F_ACK, NLM_F_REQUEST, messages};
+    use super::super::batch::{NLM_F_ACK, NLM_F_REQUEST, hex, messages};
     use super::*;
 
     const NEWSET: u16 = 0xa00 | NFT_MSG_NEWSET;
@@ -637,6 +640,22 @@ mod tests {
                 Some(vec![10, 0, 0, 1, 10, 0, 0, 200])
             )]
         );
+    }
+
+    #[test]
+    fn the_sets_are_declared_as_nft_declares_them() {
+        // Captured from nft 1.0.6 (see testdata/README).
+        let nft = hex(include_str!("testdata/nft-policy-sets.hex"));
+        let sets = |bytes: &[u8]| -> Vec<Vec<u8>> {
+            messages(bytes)
+                .into_iter()
+                .filter(|m| m.0 == NEWSET)
+                .map(|m| m.3)
+                .collect()
+        };
+        let ours = sets(&policy_batch(&RuleSet::default()).bytes);
+        assert_eq!(ours.len(), 6);
+        assert_eq!(ours, sets(&nft));
     }
 
     #[test]
