@@ -2,11 +2,12 @@
 # The import rules between weft's crates and layers (README, "Layout"):
 #
 #   - weft-core depends on no other weft crate;
-#   - weft-driver, weft-dataplane and weft-api depend on weft-core only
+#   - weft-driver and weft-api depend on weft-core only
 #     (weft-api, the local protocol, also not on tokio or kube: the CNI
 #     plugin links it);
 #   - weft-kube depends on weft-core and weft-policy only (it feeds the
-#     policy model from the API server);
+#     policy model from the API server); weft-dataplane on weft-core and
+#     weft-policy (it renders compiled NetworkPolicy rules to nftables);
 #   - weft-policy (NetworkPolicy decisions as pure data) depends on no
 #     weft crate and not on tokio or kube: the agent, the simulator and
 #     the tests all feed it plain values;
@@ -54,7 +55,7 @@ sys.exit(1)' "$2"
 }
 
 # Files of weft-dataplane that decide without touching the system.
-PURE=(desired.rs plan.rs names.rs status.rs sleeve/gate.rs sleeve/offload.rs probe/wire.rs probe/health.rs)
+PURE=(desired.rs plan.rs names.rs status.rs nftables/batch.rs nftables/policy.rs sleeve/gate.rs sleeve/offload.rs probe/wire.rs probe/health.rs)
 SYSCALLS='std::fs|std::net::(UdpSocket|TcpStream|TcpListener)|std::process|std::thread|libc::|nix::|tokio::net|rtnetlink|netlink_sys|Instant::now|SystemTime|getifaddrs'
 
 # FILE's lines above its tests (`#[cfg(test)]`), as FILE:LINE: TEXT.
@@ -68,12 +69,14 @@ check() {
     local deps
     deps=$(weft_deps "$tree" weft-core)
     [ -z "$deps" ] || say "weft-core depends on $(echo $deps)"
-    for crate in weft-driver weft-dataplane weft-api; do
+    for crate in weft-driver weft-api; do
         deps=$(weft_deps "$tree" "$crate" | grep -vx weft-core || true)
         [ -z "$deps" ] || say "$crate depends on $(echo $deps) (only weft-core is allowed)"
     done
-    deps=$(weft_deps "$tree" weft-kube | grep -vxE 'weft-core|weft-policy' || true)
-    [ -z "$deps" ] || say "weft-kube depends on $(echo $deps) (only weft-core and weft-policy are allowed)"
+    for crate in weft-kube weft-dataplane; do
+        deps=$(weft_deps "$tree" "$crate" | grep -vxE 'weft-core|weft-policy' || true)
+        [ -z "$deps" ] || say "$crate depends on $(echo $deps) (only weft-core and weft-policy are allowed)"
+    done
     if grep -rnE 'weft_(driver|kube|dataplane|sim)\b' "$tree/core/src"; then
         say "weft-core sources name another weft crate"
     fi
@@ -134,6 +137,8 @@ self_test() {
     local plant failures=0
     for plant in \
         'sed -i "s|^\[dependencies\]|[dependencies]\nweft-driver = { path = \"../driver\" }|" dataplane/Cargo.toml' \
+        'sed -i "s|^\[dependencies\]|[dependencies]\nweft-kube = { path = \"../kube\" }|" dataplane/Cargo.toml' \
+        'sed -i "1i fn peek() { let _ = libc::getpid(); }" dataplane/src/nftables/policy.rs' \
         'echo "use weft_driver::SharedRouter;" >> dataplane/src/sync.rs' \
         'sed -i "1i fn peek() { let _ = std::fs::read(\"/x\"); }" dataplane/src/desired.rs' \
         'echo "use weft_dataplane::names;" >> core/src/lib.rs' \

@@ -373,9 +373,14 @@ pub enum DataplaneError {
     },
     #[error("cannot list {what}: {reason}")]
     Dump { what: &'static str, reason: String },
-    /// The masquerade table could not be programmed (nftables).
-    #[error("cannot {step} (nftables masquerade): {reason}")]
-    Nftables { step: &'static str, reason: String },
+    /// A weft nftables table (masquerade or NetworkPolicy) could not be
+    /// programmed.
+    #[error("cannot {step} (nftables table ip {table}): {reason}")]
+    Nftables {
+        table: &'static str,
+        step: &'static str,
+        reason: String,
+    },
     #[error("cannot enable IPv4 forwarding ({path}): {source}")]
     Forwarding {
         path: &'static str,
